@@ -1,0 +1,121 @@
+#pragma once
+// A World runs one function on each of N ranks inside this process, ranks as
+// OS threads or as Boost.Fiber fibers on one OS thread, and hands each rank a
+// process group over all ranks: the in-memory fake (real data moves between
+// ranks) or real Gloo over loopback (threads only).
+//
+// Failure contract: a rank that throws aborts the world; ranks blocked in a
+// fake collective wake with WorldAbortedError; a collective that not every
+// rank reaches within the timeout fails and names the missing ranks and where
+// each rank was. run() returns every rank's outcome and never deadlocks on a
+// fake backend (a rank stuck in its own code is the one thing it cannot end).
+//
+// Determinism: fiber ranks run on one OS thread under a scheduler that is
+// round-robin or seeded-random; the same seed and the same code give the same
+// interleaving, hence the same trace and bitwise-identical results.
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backends/process_group.h"
+
+namespace fsdpsim::sim {
+
+class TraceRecorder;
+class FakeWorldState;
+
+enum class RankKind { Threads, Fibers };
+enum class SchedulePolicy { RoundRobin, SeededRandom };
+enum class CommBackend { Fake, Gloo };
+
+const char* to_string(RankKind kind);
+const char* to_string(SchedulePolicy policy);
+const char* to_string(CommBackend backend);
+
+struct WorldOptions {
+  int world_size = 1;
+  RankKind rank_kind = RankKind::Threads;
+  CommBackend backend = CommBackend::Fake;
+  /// Fibers only: which ready fiber runs next.
+  SchedulePolicy schedule = SchedulePolicy::RoundRobin;
+  /// Seed of the SeededRandom schedule.
+  uint64_t seed = 0;
+  /// A collective that not every rank reaches within this fails.
+  std::chrono::milliseconds collective_timeout{60000};
+  /// Stack of each fiber rank (LibTorch ops need more than Boost's default).
+  size_t fiber_stack_bytes = 512 * 1024;
+  /// Stack of each thread rank.
+  size_t thread_stack_bytes = 4 * 1024 * 1024;
+  /// When set, every collective of every rank is recorded here.
+  std::shared_ptr<TraceRecorder> trace;
+  /// Checks the options; throws std::invalid_argument naming the bad one.
+  void validate() const;
+};
+
+/// What a rank function sees of its world.
+class RankContext {
+ public:
+  int rank() const { return rank_; }
+  int world_size() const { return world_size_; }
+  RankKind rank_kind() const { return kind_; }
+  /// This rank's group over every rank of the world (traced if the world is).
+  const ProcessGroupPtr& world_group() const { return world_group_; }
+
+  RankContext(int rank, int world_size, RankKind kind, ProcessGroupPtr world_group)
+      : rank_(rank), world_size_(world_size), kind_(kind), world_group_(std::move(world_group)) {}
+
+ private:
+  int rank_;
+  int world_size_;
+  RankKind kind_;
+  ProcessGroupPtr world_group_;
+};
+
+struct RankOutcome {
+  int rank = 0;
+  bool ok = true;
+  std::string error;  ///< what() of the exception the rank ended with
+};
+
+struct WorldResult {
+  std::vector<RankOutcome> ranks;
+  bool ok() const;
+  /// One line per failed rank: "rank 3: <error>".
+  std::string error_report() const;
+  /// Throws std::runtime_error with error_report() if any rank failed.
+  void throw_if_failed() const;
+};
+
+class World {
+ public:
+  explicit World(WorldOptions options);
+  ~World();
+  World(const World&) = delete;
+  World& operator=(const World&) = delete;
+
+  /// Runs rank_main on every rank and returns when all have ended.
+  WorldResult run(const std::function<void(RankContext&)>& rank_main);
+
+  const WorldOptions& options() const { return options_; }
+
+ private:
+  WorldResult run_threads(const std::function<void(RankContext&)>& rank_main);
+  WorldResult run_fibers(const std::function<void(RankContext&)>& rank_main);
+  ProcessGroupPtr make_world_group(int rank, void* gloo_store);
+
+  WorldOptions options_;
+  std::shared_ptr<FakeWorldState> fake_state_;
+};
+
+/// The rank the calling thread or fiber runs as, or nullptr outside a World.
+RankContext* current_rank();
+/// Sleeps without blocking other fiber ranks on the same OS thread.
+void sleep_for(std::chrono::nanoseconds duration);
+/// Lets other ranks run (a no-op for thread ranks).
+void yield();
+
+}  // namespace fsdpsim::sim

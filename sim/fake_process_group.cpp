@@ -1,1 +1,670 @@
-// placeholder
+#include "sim/fake_process_group.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <boost/fiber/condition_variable.hpp>
+#include <boost/fiber/mutex.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <optional>
+#include <set>
+#include <sstream>
+
+#include "backends/collective_checks.h"
+#include "backends/errors.h"
+
+namespace fsdpsim::sim {
+
+namespace {
+
+using Mutex = boost::fibers::mutex;
+using Lock = std::unique_lock<Mutex>;
+using Callbacks = std::vector<std::function<void()>>;
+
+void run_callbacks(Callbacks& callbacks) {
+  for (auto& callback : callbacks) callback();
+  callbacks.clear();
+}
+
+// Elements reduced per block: the block accumulator stays in L1 and the
+// inner loop over one source vectorises.
+constexpr int64_t kReduceBlock = 2048;
+
+template <typename T>
+T combine(T a, T b, ReduceOp op) {
+  using Math = at::opmath_type<T>;
+  Math x = static_cast<Math>(a);
+  Math y = static_cast<Math>(b);
+  switch (op) {
+    case ReduceOp::Sum:
+    case ReduceOp::Avg: return static_cast<T>(x + y);
+    case ReduceOp::Min:
+      if constexpr (std::is_floating_point_v<Math>) {
+        if (std::isnan(x) || std::isnan(y)) return static_cast<T>(std::nan(""));
+      }
+      return static_cast<T>(y < x ? y : x);
+    case ReduceOp::Max:
+      if constexpr (std::is_floating_point_v<Math>) {
+        if (std::isnan(x) || std::isnan(y)) return static_cast<T>(std::nan(""));
+      }
+      return static_cast<T>(y > x ? y : x);
+  }
+  return a;
+}
+
+// dst[i] = src_0[i] op src_1[i] op ... in rank order, each step rounded to T.
+// dst may alias one source at the same positions: every source element is
+// read before dst[i] is written (through the block accumulator).
+void reduce_into(void* dst, const std::vector<const char*>& sources, int64_t count, at::ScalarType dtype,
+                 ReduceOp op, double predivide) {
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fake_reduce", [&] {
+    using Math = at::opmath_type<scalar_t>;
+    const Math divisor = static_cast<Math>(predivide);
+    auto load = [&](const scalar_t* src, int64_t i) {
+      if (predivide == 1.0) return src[i];
+      return static_cast<scalar_t>(static_cast<Math>(src[i]) / divisor);
+    };
+    scalar_t block[kReduceBlock];
+    auto* out = static_cast<scalar_t*>(dst);
+    for (int64_t begin = 0; begin < count; begin += kReduceBlock) {
+      const int64_t n = std::min(kReduceBlock, count - begin);
+      const auto* first = reinterpret_cast<const scalar_t*>(sources[0]) + begin;
+      for (int64_t i = 0; i < n; ++i) block[i] = load(first, i);
+      for (size_t k = 1; k < sources.size(); ++k) {
+        const auto* src = reinterpret_cast<const scalar_t*>(sources[k]) + begin;
+        for (int64_t i = 0; i < n; ++i) block[i] = combine<scalar_t>(block[i], load(src, i), op);
+      }
+      std::memcpy(out + begin, block, n * sizeof(scalar_t));
+    }
+  });
+}
+
+const char* byte_ptr(const at::Tensor& t) { return static_cast<const char*>(t.data_ptr()); }
+char* mutable_byte_ptr(const at::Tensor& t) { return static_cast<char*>(t.data_ptr()); }
+
+bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const char* a0 = byte_ptr(a);
+  const char* b0 = byte_ptr(b);
+  return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
+}  // namespace
+
+std::string rank_set_string(const std::vector<int>& ranks_in) {
+  std::vector<int> ranks = ranks_in;
+  std::sort(ranks.begin(), ranks.end());
+  std::ostringstream out;
+  out << "{";
+  for (size_t i = 0; i < ranks.size();) {
+    size_t j = i;
+    while (j + 1 < ranks.size() && ranks[j + 1] == ranks[j] + 1) ++j;
+    out << (i ? "," : "") << ranks[i];
+    if (j > i) out << "-" << ranks[j];
+    i = j + 1;
+  }
+  out << "}";
+  return out.str();
+}
+
+enum class CollectiveState { Gathering, Ready, Done, Failed };
+
+struct Arrival {
+  CollectiveDesc desc;
+  at::Tensor input;
+  at::Tensor output;
+  int64_t issue_ns = 0;
+  std::chrono::steady_clock::time_point deadline;
+  Callbacks callbacks;
+};
+
+struct PendingCollective {
+  std::string group;
+  uint64_t seq = 0;
+  std::vector<int> global_ranks;
+  std::vector<std::optional<Arrival>> arrivals;
+  int arrived = 0;
+  int first = -1;
+  CollectiveState state = CollectiveState::Gathering;
+  std::exception_ptr error;
+  // Data movement: tasks [phase_ends[p-1], phase_ends[p]) form phase p; a
+  // phase starts only when the one before finished (all-reduce reads every
+  // input in phase 0 and writes them in phase 1).
+  std::vector<size_t> phase_ends;
+  size_t phase = 0;
+  size_t next_task = 0;
+  size_t tasks_done = 0;
+  int64_t chunk_elements = 0;
+  at::Tensor scratch;
+  int64_t start_ns = 0;
+  int64_t end_ns = 0;
+  boost::fibers::condition_variable cv;
+
+  const CollectiveDesc& first_desc() const { return arrivals[first]->desc; }
+  std::vector<int> missing_global_ranks() const {
+    std::vector<int> missing;
+    for (size_t r = 0; r < arrivals.size(); ++r) {
+      if (!arrivals[r]) missing.push_back(global_ranks[r]);
+    }
+    return missing;
+  }
+  std::string header() const { return "group " + group + " seq " + std::to_string(seq); }
+};
+
+class FakeGroupState {
+ public:
+  FakeGroupState(std::string name, std::vector<int> global_ranks)
+      : name(std::move(name)), global_ranks(std::move(global_ranks)) {}
+  const std::string name;
+  const std::vector<int> global_ranks;
+  std::map<uint64_t, std::shared_ptr<PendingCollective>> gathering;
+  std::map<int, std::vector<std::vector<int>>> splits;  // split index -> partition
+};
+
+struct RankWhere {
+  enum class Kind { Running, Waiting, Exited, Failed } kind = Kind::Running;
+  std::string collective;  // "all_gather group world seq 3"
+  std::string error;
+  std::string describe() const {
+    switch (kind) {
+      case Kind::Running:
+        return collective.empty() ? "running, no collective issued yet"
+                                  : "running, last issued " + collective;
+      case Kind::Waiting: return "waiting in " + collective;
+      case Kind::Exited: return "exited normally";
+      case Kind::Failed: return "failed: " + error.substr(0, error.find('\n'));
+    }
+    return "";
+  }
+};
+
+struct FakeWorldState::Impl {
+  mutable Mutex mutex;
+  std::map<std::string, std::shared_ptr<FakeGroupState>> groups;
+  bool aborted = false;
+  std::string abort_reason;
+  std::vector<RankWhere> where;
+  std::vector<bool> exited;
+
+  std::shared_ptr<FakeGroupState> group_locked(const std::string& name, const std::vector<int>& ranks) {
+    auto& slot = groups[name];
+    if (!slot) slot = std::make_shared<FakeGroupState>(name, ranks);
+    return slot;
+  }
+
+  std::string where_locked() const {
+    std::map<std::string, std::vector<int>> by_state;
+    for (size_t r = 0; r < where.size(); ++r) by_state[where[r].describe()].push_back(static_cast<int>(r));
+    std::ostringstream out;
+    bool first = true;
+    for (const auto& [state, ranks] : by_state) {
+      out << (first ? "" : "; ") << (ranks.size() == 1 ? "rank " + std::to_string(ranks[0])
+                                                       : "ranks " + rank_set_string(ranks))
+          << ": " << state;
+      first = false;
+    }
+    return out.str();
+  }
+
+  // Marks `pending` failed and returns the callbacks to run once unlocked.
+  Callbacks fail_locked(PendingCollective& pending, std::exception_ptr error) {
+    Callbacks callbacks;
+    if (pending.state == CollectiveState::Done || pending.state == CollectiveState::Failed) return callbacks;
+    pending.state = CollectiveState::Failed;
+    pending.error = std::move(error);
+    for (auto& arrival : pending.arrivals) {
+      if (!arrival) continue;
+      for (auto& cb : arrival->callbacks) callbacks.push_back(std::move(cb));
+      arrival->callbacks.clear();
+    }
+    pending.cv.notify_all();
+    return callbacks;
+  }
+
+  Callbacks complete_locked(PendingCollective& pending, int64_t now_ns) {
+    Callbacks callbacks;
+    pending.state = CollectiveState::Done;
+    pending.end_ns = now_ns;
+    for (auto& arrival : pending.arrivals) {
+      for (auto& cb : arrival->callbacks) callbacks.push_back(std::move(cb));
+      arrival->callbacks.clear();
+    }
+    pending.cv.notify_all();
+    return callbacks;
+  }
+
+  // The collective can never complete: a member rank ended without calling it.
+  std::optional<std::string> exited_member_locked(const PendingCollective& pending) const {
+    for (size_t r = 0; r < pending.arrivals.size(); ++r) {
+      int global = pending.global_ranks[r];
+      if (!pending.arrivals[r] && exited[global]) {
+        return "rank " + std::to_string(global) + " " + where[global].describe() +
+               " without calling this collective";
+      }
+    }
+    return std::nullopt;
+  }
+};
+
+FakeWorldState::FakeWorldState(int world_size, std::chrono::milliseconds timeout, const Clock& clock)
+    : world_size_(world_size), timeout_(timeout), clock_(clock), impl_(std::make_unique<Impl>()) {
+  impl_->where.resize(world_size);
+  impl_->exited.assign(world_size, false);
+}
+
+FakeWorldState::~FakeWorldState() = default;
+
+bool FakeWorldState::aborted() const {
+  Lock lock(impl_->mutex);
+  return impl_->aborted;
+}
+
+std::string FakeWorldState::where_ranks_are() const {
+  Lock lock(impl_->mutex);
+  return impl_->where_locked();
+}
+
+void FakeWorldState::abort(const std::string& reason) {
+  Callbacks callbacks;
+  {
+    Lock lock(impl_->mutex);
+    if (impl_->aborted) return;
+    impl_->aborted = true;
+    impl_->abort_reason = reason;
+    for (auto& [name, group] : impl_->groups) {
+      for (auto& [seq, pending] : group->gathering) {
+        auto error = std::make_exception_ptr(WorldAbortedError(
+            pending->header() + " " + to_string(pending->first_desc().op) + ": world aborted: " + reason));
+        auto more = impl_->fail_locked(*pending, error);
+        callbacks.insert(callbacks.end(), more.begin(), more.end());
+      }
+    }
+  }
+  run_callbacks(callbacks);
+}
+
+void FakeWorldState::rank_exited(int global_rank, bool failed, const std::string& error) {
+  Callbacks callbacks;
+  {
+    Lock lock(impl_->mutex);
+    impl_->exited[global_rank] = true;
+    auto& where = impl_->where[global_rank];
+    where.kind = failed ? RankWhere::Kind::Failed : RankWhere::Kind::Exited;
+    where.error = error;
+    for (auto& [name, group] : impl_->groups) {
+      for (auto& [seq, pending] : group->gathering) {
+        if (auto why = impl_->exited_member_locked(*pending)) {
+          auto err = std::make_exception_ptr(CommError(
+              pending->header() + " " + to_string(pending->first_desc().op) + ": can never complete: " + *why +
+              "; where each rank is: " + impl_->where_locked()));
+          auto more = impl_->fail_locked(*pending, err);
+          callbacks.insert(callbacks.end(), more.begin(), more.end());
+        }
+      }
+    }
+  }
+  run_callbacks(callbacks);
+}
+
+// ---------------------------------------------------------------------------
+
+class FakeWork final : public Work {
+ public:
+  FakeWork(std::shared_ptr<FakeWorldState> world, std::shared_ptr<PendingCollective> pending, int group_rank)
+      : world_(std::move(world)), pending_(std::move(pending)), group_rank_(group_rank),
+        desc_(pending_->arrivals[group_rank_]->desc) {}
+
+  void wait() override;
+  bool is_completed() const override {
+    Lock lock(world_->impl_->mutex);
+    return pending_->state == CollectiveState::Done || pending_->state == CollectiveState::Failed;
+  }
+  std::exception_ptr exception() const override {
+    Lock lock(world_->impl_->mutex);
+    return pending_->error;
+  }
+  const CollectiveDesc& desc() const override { return desc_; }
+  WorkTimes times() const override {
+    Lock lock(world_->impl_->mutex);
+    WorkTimes times;
+    times.issue_ns = pending_->arrivals[group_rank_]->issue_ns;
+    times.start_ns = pending_->start_ns;
+    times.end_ns = pending_->end_ns;
+    return times;
+  }
+  void on_completion(std::function<void()> callback) override {
+    {
+      Lock lock(world_->impl_->mutex);
+      if (pending_->state != CollectiveState::Done && pending_->state != CollectiveState::Failed) {
+        pending_->arrivals[group_rank_]->callbacks.push_back(std::move(callback));
+        return;
+      }
+    }
+    callback();
+  }
+
+ private:
+  void run_task(size_t task);
+
+  std::shared_ptr<FakeWorldState> world_;
+  std::shared_ptr<PendingCollective> pending_;
+  int group_rank_;
+  CollectiveDesc desc_;
+};
+
+void FakeWork::run_task(size_t task) {
+  PendingCollective& p = *pending_;
+  const auto& a = p.arrivals;
+  const int n = static_cast<int>(a.size());
+  const CollectiveDesc& desc = p.first_desc();
+  switch (desc.op) {
+    case CollectiveOp::AllGather: {
+      const auto& out = a[task]->output;
+      const size_t bytes = a[task]->input.nbytes();
+      if (bytes == 0) return;
+      char* base = mutable_byte_ptr(out);
+      for (int k = 0; k < n; ++k) {
+        const char* src = byte_ptr(a[k]->input);
+        char* dst = base + k * bytes;
+        if (src != dst) std::memcpy(dst, src, bytes);
+      }
+      return;
+    }
+    case CollectiveOp::Broadcast: {
+      if (static_cast<int>(task) == desc.root || a[task]->output.numel() == 0) return;
+      std::memcpy(mutable_byte_ptr(a[task]->output), byte_ptr(a[desc.root]->input), a[task]->output.nbytes());
+      return;
+    }
+    case CollectiveOp::ReduceScatter: {
+      const auto& out = a[task]->output;
+      const int64_t count = out.numel();
+      if (count == 0) return;
+      const size_t offset = task * out.nbytes();
+      std::vector<const char*> sources(n);
+      for (int k = 0; k < n; ++k) sources[k] = byte_ptr(a[k]->input) + offset;
+      reduce_into(out.data_ptr(), sources, count, desc.dtype, desc.reduce_op, desc.predivide_factor);
+      if (desc.reduce_op == ReduceOp::Avg) out.div_(n);
+      if (desc.postdivide_factor != 1.0) out.div_(desc.postdivide_factor);
+      return;
+    }
+    case CollectiveOp::AllReduce: {
+      const size_t chunks = p.phase_ends[0];
+      if (task < chunks) {
+        const int64_t numel = p.scratch.numel();
+        const int64_t begin = static_cast<int64_t>(task) * p.chunk_elements;
+        const int64_t count = std::min(p.chunk_elements, numel - begin);
+        if (count <= 0) return;
+        const size_t offset = begin * p.scratch.element_size();
+        std::vector<const char*> sources(n);
+        for (int k = 0; k < n; ++k) sources[k] = byte_ptr(a[k]->input) + offset;
+        reduce_into(mutable_byte_ptr(p.scratch) + offset, sources, count, desc.dtype, desc.reduce_op, 1.0);
+        if (desc.reduce_op == ReduceOp::Avg) p.scratch.narrow(0, begin, count).div_(n);
+      } else {
+        const auto& out = a[task - chunks]->output;
+        if (out.numel() > 0) std::memcpy(mutable_byte_ptr(out), byte_ptr(p.scratch), out.nbytes());
+      }
+      return;
+    }
+    case CollectiveOp::Barrier: return;
+  }
+}
+
+void FakeWork::wait() {
+  auto& impl = *world_->impl_;
+  PendingCollective& p = *pending_;
+  const int global_rank = p.global_ranks[group_rank_];
+  const std::string label = std::string(to_string(desc_.op)) + " " + p.header();
+  Callbacks callbacks;
+  Lock lock(impl.mutex);
+  impl.where[global_rank] = RankWhere{RankWhere::Kind::Waiting, label, ""};
+  const auto deadline = p.arrivals[group_rank_]->deadline;
+  std::exception_ptr error;
+  while (true) {
+    if (p.state == CollectiveState::Done) break;
+    if (p.state == CollectiveState::Failed) {
+      error = p.error;
+      break;
+    }
+    if (p.state == CollectiveState::Ready && p.next_task < p.phase_ends[p.phase]) {
+      const size_t task = p.next_task++;
+      lock.unlock();
+      std::exception_ptr task_error;
+      try {
+        run_task(task);
+      } catch (const std::exception& e) {
+        task_error = std::make_exception_ptr(
+            CommError(p.header() + " " + to_string(desc_.op) + ": data movement failed: " + e.what()));
+      }
+      lock.lock();
+      if (task_error) {
+        callbacks = impl.fail_locked(p, task_error);
+        continue;
+      }
+      if (++p.tasks_done == p.phase_ends[p.phase]) {
+        ++p.phase;
+        if (p.phase == p.phase_ends.size()) {
+          callbacks = impl.complete_locked(p, world_->clock().now_ns());
+        } else {
+          p.cv.notify_all();  // the next phase's tasks are open
+        }
+      }
+      continue;
+    }
+    if (p.state != CollectiveState::Gathering) {
+      p.cv.wait(lock);  // other ranks are finishing the last tasks
+      continue;
+    }
+    if (p.cv.wait_until(lock, deadline) == boost::fibers::cv_status::timeout &&
+        p.state == CollectiveState::Gathering) {
+      std::ostringstream msg;
+      msg << p.header() << " " << to_string(desc_.op) << ": timed out after " << world_->timeout().count()
+          << " ms waiting for ranks " << rank_set_string(p.missing_global_ranks()) << " ("
+          << p.first_desc().call_string() << "); where each rank is: " << impl.where_locked();
+      callbacks = impl.fail_locked(p, std::make_exception_ptr(CollectiveTimeoutError(msg.str())));
+    }
+  }
+  impl.where[global_rank] = RankWhere{RankWhere::Kind::Running, label + (error ? " (failed)" : ""), ""};
+  lock.unlock();
+  run_callbacks(callbacks);
+  if (error) std::rethrow_exception(error);
+}
+
+// ---------------------------------------------------------------------------
+
+class FakeProcessGroup final : public ProcessGroup {
+ public:
+  FakeProcessGroup(std::shared_ptr<FakeWorldState> world, std::shared_ptr<FakeGroupState> group, int rank)
+      : world_(std::move(world)), group_(std::move(group)), rank_(rank) {}
+
+  int rank() const override { return rank_; }
+  int size() const override { return static_cast<int>(group_->global_ranks.size()); }
+  const std::string& name() const override { return group_->name; }
+  const std::vector<int>& global_ranks() const override { return group_->global_ranks; }
+  uint64_t sequence_number() const override { return seq_; }
+
+  WorkPtr all_gather_into_tensor(const at::Tensor& output, const at::Tensor& input) override {
+    auto desc = check_all_gather(*this, output, input);
+    if (overlaps(input, output) &&
+        byte_ptr(input) != byte_ptr(output) + static_cast<size_t>(rank_) * input.nbytes()) {
+      fail_local(desc, "input overlaps output but is not this rank's chunk of it");
+    }
+    return issue(std::move(desc), input, output);
+  }
+  WorkPtr reduce_scatter_tensor(const at::Tensor& output, const at::Tensor& input,
+                                const ReduceScatterOptions& options) override {
+    auto desc = check_reduce_scatter(*this, output, input, options);
+    if (overlaps(input, output) &&
+        byte_ptr(output) != byte_ptr(input) + static_cast<size_t>(rank_) * output.nbytes()) {
+      fail_local(desc, "output overlaps input but is not this rank's chunk of it");
+    }
+    return issue(std::move(desc), input, output);
+  }
+  WorkPtr all_reduce(const at::Tensor& tensor, const AllReduceOptions& options) override {
+    return issue(check_all_reduce(*this, tensor, options), tensor, tensor);
+  }
+  WorkPtr broadcast(const at::Tensor& tensor, const BroadcastOptions& options) override {
+    return issue(check_broadcast(*this, tensor, options), tensor, tensor);
+  }
+  WorkPtr barrier() override { return issue(describe_barrier(*this), at::Tensor(), at::Tensor()); }
+
+  ProcessGroupPtr split(const std::vector<std::vector<int>>& partition) override;
+
+ private:
+  [[noreturn]] void fail_local(const CollectiveDesc& desc, const std::string& what) {
+    throw CommError(desc.to_string() + ": " + what);
+  }
+  WorkPtr issue(CollectiveDesc desc, const at::Tensor& input, const at::Tensor& output);
+  void setup_tasks_locked(PendingCollective& pending);
+
+  std::shared_ptr<FakeWorldState> world_;
+  std::shared_ptr<FakeGroupState> group_;
+  int rank_;
+  uint64_t seq_ = 0;
+  int splits_ = 0;
+};
+
+void FakeProcessGroup::setup_tasks_locked(PendingCollective& p) {
+  const int n = size();
+  const CollectiveDesc& desc = p.first_desc();
+  switch (desc.op) {
+    case CollectiveOp::AllGather:
+    case CollectiveOp::ReduceScatter:
+    case CollectiveOp::Broadcast: p.phase_ends = {static_cast<size_t>(n)}; break;
+    case CollectiveOp::AllReduce: {
+      const int64_t numel = desc.input_numel();
+      // Enough chunks for every waiting rank to help; none smaller than a block.
+      const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(n, (numel + kReduceBlock - 1) / kReduceBlock));
+      p.chunk_elements = (numel + chunks - 1) / chunks;
+      p.scratch = at::empty({numel}, p.arrivals[p.first]->input.options());
+      p.phase_ends = {static_cast<size_t>(chunks), static_cast<size_t>(chunks + n)};
+      break;
+    }
+    case CollectiveOp::Barrier: p.phase_ends.clear(); break;
+  }
+}
+
+WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, const at::Tensor& output) {
+  for (const at::Tensor* t : {&input, &output}) {
+    if (t->defined() && !t->device().is_cpu()) fail_local(desc, "the fake backend moves CPU tensors only");
+  }
+  auto& impl = *world_->impl_;
+  const int global_rank = group_->global_ranks[rank_];
+  Callbacks callbacks;
+  std::shared_ptr<PendingCollective> pending;
+  std::exception_ptr failed_now;
+  {
+    Lock lock(impl.mutex);
+    if (impl.aborted) {
+      throw WorldAbortedError(desc.to_string() + ": world aborted: " + impl.abort_reason);
+    }
+    seq_ = desc.seq;
+    const std::string label = std::string(to_string(desc.op)) + " group " + desc.group + " seq " +
+                              std::to_string(desc.seq);
+    impl.where[global_rank] = RankWhere{RankWhere::Kind::Running, label, ""};
+
+    auto& slot = group_->gathering[desc.seq];
+    if (!slot) {
+      slot = std::make_shared<PendingCollective>();
+      slot->group = group_->name;
+      slot->seq = desc.seq;
+      slot->global_ranks = group_->global_ranks;
+      slot->arrivals.resize(size());
+    }
+    pending = slot;
+    PendingCollective& p = *pending;
+    const bool was_failed = p.state == CollectiveState::Failed;
+    const bool mismatch = !was_failed && p.first >= 0 && !desc.matches(p.first_desc());
+
+    Arrival arrival;
+    arrival.desc = desc;
+    arrival.input = input;
+    arrival.output = output;
+    arrival.issue_ns = world_->clock().now_ns();
+    arrival.deadline = std::chrono::steady_clock::now() + world_->timeout();
+    p.arrivals[rank_] = std::move(arrival);
+    ++p.arrived;
+    if (p.first < 0) p.first = rank_;
+    if (p.arrived == size()) group_->gathering.erase(desc.seq);
+
+    if (mismatch) {
+      std::map<std::string, std::vector<int>> by_call;
+      for (size_t r = 0; r < p.arrivals.size(); ++r) {
+        if (p.arrivals[r]) by_call[p.arrivals[r]->desc.call_string()].push_back(p.global_ranks[r]);
+      }
+      std::ostringstream msg;
+      msg << "collective mismatch in " << p.header() << ":";
+      for (const auto& [call, ranks] : by_call) {
+        msg << (ranks.size() == 1 ? " rank " + std::to_string(ranks[0]) : " ranks " + rank_set_string(ranks))
+            << " called " << call << ";";
+      }
+      auto missing = p.missing_global_ranks();
+      if (!missing.empty()) msg << " ranks " << rank_set_string(missing) << " have not called it yet;";
+      msg << " where each rank is: " << impl.where_locked();
+      callbacks = impl.fail_locked(p, std::make_exception_ptr(CollectiveMismatchError(msg.str())));
+    } else if (!was_failed) {
+      if (p.arrived == size()) {
+        p.state = CollectiveState::Ready;
+        p.start_ns = world_->clock().now_ns();
+        setup_tasks_locked(p);
+        if (p.phase_ends.empty()) {
+          callbacks = impl.complete_locked(p, p.start_ns);
+        } else {
+          p.cv.notify_all();
+        }
+      } else if (auto why = impl.exited_member_locked(p)) {
+        callbacks = impl.fail_locked(
+            p, std::make_exception_ptr(CommError(p.header() + " " + to_string(desc.op) + ": can never complete: " +
+                                                 *why + "; where each rank is: " + impl.where_locked())));
+      }
+    }
+    if (p.state == CollectiveState::Failed) failed_now = p.error;
+  }
+  run_callbacks(callbacks);
+  // This rank fails at once too, with the error the others see.
+  if (failed_now) std::rethrow_exception(failed_now);
+  return std::make_shared<FakeWork>(world_, pending, rank_);
+}
+
+ProcessGroupPtr FakeProcessGroup::split(const std::vector<std::vector<int>>& partition) {
+  check_partition(*this, partition);
+  const int index = splits_++;
+  std::shared_ptr<FakeGroupState> sub;
+  {
+    auto& impl = *world_->impl_;
+    Lock lock(impl.mutex);
+    auto [it, inserted] = group_->splits.emplace(index, partition);
+    if (!inserted && it->second != partition) {
+      throw CommError("split " + std::to_string(index) + " of group " + group_->name + ": rank " +
+                      std::to_string(rank_) + " passed a different partition than an earlier rank");
+    }
+    for (size_t g = 0; g < partition.size(); ++g) {
+      const auto& ranks = partition[g];
+      if (std::find(ranks.begin(), ranks.end(), rank_) == ranks.end()) continue;
+      std::vector<int> global;
+      for (int r : ranks) global.push_back(group_->global_ranks[r]);
+      sub = impl.group_locked(group_->name + "/split" + std::to_string(index) + "." + std::to_string(g), global);
+    }
+  }
+  if (!sub) return nullptr;
+  const auto& members = sub->global_ranks;
+  const int sub_rank = static_cast<int>(
+      std::find(members.begin(), members.end(), group_->global_ranks[rank_]) - members.begin());
+  return std::make_shared<FakeProcessGroup>(world_, std::move(sub), sub_rank);
+}
+
+ProcessGroupPtr FakeWorldState::world_group(int rank) {
+  std::shared_ptr<FakeGroupState> group;
+  {
+    Lock lock(impl_->mutex);
+    std::vector<int> ranks(world_size_);
+    for (int r = 0; r < world_size_; ++r) ranks[r] = r;
+    group = impl_->group_locked("world", ranks);
+  }
+  return std::make_shared<FakeProcessGroup>(shared_from_this(), std::move(group), rank);
+}
+
+}  // namespace fsdpsim::sim

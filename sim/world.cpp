@@ -1,1 +1,203 @@
-// placeholder
+#include "sim/world.h"
+
+#include <ATen/Parallel.h>
+#include <boost/fiber/all.hpp>
+#include <pthread.h>
+
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+#include "backends/gloo_process_group.h"
+#include "sim/fake_process_group.h"
+#include "sim/fiber_scheduler.h"
+#include "sim/trace.h"
+
+namespace fsdpsim::sim {
+
+const char* to_string(RankKind kind) { return kind == RankKind::Threads ? "threads" : "fibers"; }
+const char* to_string(SchedulePolicy policy) {
+  return policy == SchedulePolicy::RoundRobin ? "round-robin" : "seeded-random";
+}
+const char* to_string(CommBackend backend) { return backend == CommBackend::Fake ? "fake" : "gloo"; }
+
+void WorldOptions::validate() const {
+  if (world_size < 1) throw std::invalid_argument("world_size must be >= 1, got " + std::to_string(world_size));
+  if (backend == CommBackend::Gloo && rank_kind == RankKind::Fibers) {
+    throw std::invalid_argument("Gloo ranks run as threads or processes, not fibers (Gloo blocks its OS thread)");
+  }
+  if (backend == CommBackend::Gloo && world_size > 64) {
+    throw std::invalid_argument("Gloo thread ranks open world_size^2 sockets; world_size " +
+                                std::to_string(world_size) + " is over the limit of 64");
+  }
+  if (rank_kind == RankKind::Threads && world_size > 8192) {
+    throw std::invalid_argument("thread ranks are limited to 8192, got " + std::to_string(world_size));
+  }
+  if (collective_timeout.count() <= 0) throw std::invalid_argument("collective_timeout must be positive");
+  if (fiber_stack_bytes < 64 * 1024) throw std::invalid_argument("fiber_stack_bytes must be >= 64 KiB");
+  if (thread_stack_bytes < 256 * 1024) throw std::invalid_argument("thread_stack_bytes must be >= 256 KiB");
+}
+
+bool WorldResult::ok() const {
+  for (const auto& rank : ranks) {
+    if (!rank.ok) return false;
+  }
+  return true;
+}
+
+std::string WorldResult::error_report() const {
+  std::ostringstream out;
+  for (const auto& rank : ranks) {
+    if (!rank.ok) out << "rank " << rank.rank << ": " << rank.error << "\n";
+  }
+  return out.str();
+}
+
+void WorldResult::throw_if_failed() const {
+  if (!ok()) throw std::runtime_error("world failed:\n" + error_report());
+}
+
+RankContext* current_rank() { return detail::current_rank_slot(); }
+
+void sleep_for(std::chrono::nanoseconds duration) { boost::this_fiber::sleep_for(duration); }
+
+void yield() { boost::this_fiber::yield(); }
+
+World::World(WorldOptions options) : options_(std::move(options)) { options_.validate(); }
+
+World::~World() = default;
+
+namespace {
+
+std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+// Runs one rank's function; never throws.
+class RankRunner {
+ public:
+  RankRunner(int rank, const WorldOptions& options, FakeWorldState* fake_state,
+             const std::function<ProcessGroupPtr(int)>& make_group,
+             const std::function<void(RankContext&)>& rank_main, RankOutcome& outcome)
+      : rank_(rank), options_(options), fake_state_(fake_state), make_group_(make_group),
+        rank_main_(rank_main), outcome_(outcome) {}
+
+  void operator()() {
+    outcome_.rank = rank_;
+    std::string error;
+    try {
+      RankContext context(rank_, options_.world_size, options_.rank_kind, make_group_(rank_));
+      detail::current_rank_slot() = &context;
+      rank_main_(context);
+    } catch (const std::exception& e) {
+      error = e.what();
+    } catch (...) {
+      error = "unknown exception";
+    }
+    detail::current_rank_slot() = nullptr;
+    outcome_.ok = error.empty();
+    outcome_.error = error;
+    if (fake_state_ != nullptr) {
+      if (!outcome_.ok) fake_state_->abort("rank " + std::to_string(rank_) + " failed: " + first_line(error));
+      fake_state_->rank_exited(rank_, !outcome_.ok, error);
+    }
+  }
+
+ private:
+  int rank_;
+  const WorldOptions& options_;
+  FakeWorldState* fake_state_;
+  const std::function<ProcessGroupPtr(int)>& make_group_;
+  const std::function<void(RankContext&)>& rank_main_;
+  RankOutcome& outcome_;
+};
+
+void* run_runner(void* arg) {
+  at::set_num_threads(1);  // one intra-op thread per rank: ranks already fill the cores
+  (*static_cast<RankRunner*>(arg))();
+  return nullptr;
+}
+
+}  // namespace
+
+WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
+  const int n = options_.world_size;
+  WorldResult result;
+  result.ranks.resize(n);
+
+  std::function<ProcessGroupPtr(int)> make_group;
+  c10::intrusive_ptr<c10d::Store> master_store;
+  fake_state_.reset();
+  if (options_.backend == CommBackend::Fake) {
+    fake_state_ = std::make_shared<FakeWorldState>(n, options_.collective_timeout, SteadyClock::instance());
+    make_group = [this](int rank) { return fake_state_->world_group(rank); };
+  } else {
+    master_store = make_tcp_store("127.0.0.1", 0, n, /*is_master=*/true, options_.collective_timeout);
+    const int port = tcp_store_port(master_store);
+    make_group = [this, port](int rank) {
+      GlooOptions gloo;
+      gloo.store = make_tcp_store("127.0.0.1", port, options_.world_size, /*is_master=*/false,
+                                  options_.collective_timeout);
+      gloo.rank = rank;
+      gloo.size = options_.world_size;
+      gloo.timeout = options_.collective_timeout;
+      return make_gloo_process_group(gloo);
+    };
+  }
+  if (options_.trace) {
+    make_group = [inner = make_group, trace = options_.trace](int rank) -> ProcessGroupPtr {
+      return std::make_shared<TracedProcessGroup>(inner(rank), trace, rank);
+    };
+  }
+
+  std::vector<std::unique_ptr<RankRunner>> runners;
+  runners.reserve(n);
+  for (int r = 0; r < n; ++r) {
+    runners.push_back(std::make_unique<RankRunner>(r, options_, fake_state_.get(), make_group, rank_main,
+                                                   result.ranks[r]));
+  }
+
+  if (options_.rank_kind == RankKind::Threads) {
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, options_.thread_stack_bytes);
+    std::vector<pthread_t> threads;
+    threads.reserve(n);
+    std::string spawn_error;
+    for (int r = 0; r < n; ++r) {
+      pthread_t thread;
+      int rc = pthread_create(&thread, &attr, &run_runner, runners[r].get());
+      if (rc != 0) {
+        spawn_error = "could not start rank thread " + std::to_string(r) + ": " + std::strerror(rc);
+        for (int q = r; q < n; ++q) {
+          result.ranks[q] = RankOutcome{q, false, spawn_error};
+          if (fake_state_) fake_state_->abort(spawn_error);
+        }
+        break;
+      }
+      threads.push_back(thread);
+    }
+    pthread_attr_destroy(&attr);
+    for (auto& thread : threads) pthread_join(thread, nullptr);
+  } else {
+    // All fibers on one fresh OS thread: the caller's thread keeps its own
+    // scheduler, and one thread makes the interleaving deterministic.
+    std::thread host([&] {
+      at::set_num_threads(1);
+      boost::fibers::use_scheduling_algorithm<RankScheduler>(options_.schedule, options_.seed);
+      std::vector<boost::fibers::fiber> fibers;
+      fibers.reserve(n);
+      for (int r = 0; r < n; ++r) {
+        fibers.emplace_back(std::allocator_arg, boost::fibers::protected_fixedsize_stack(options_.fiber_stack_bytes),
+                            [runner = runners[r].get()] {
+                              (*runner)();
+                              if (auto* scheduler = RankScheduler::current()) scheduler->fiber_finishing();
+                            });
+      }
+      for (auto& fiber : fibers) fiber.join();
+    });
+    host.join();
+  }
+  return result;
+}
+
+}  // namespace fsdpsim::sim

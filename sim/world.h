@@ -103,10 +103,6 @@ class World {
   const WorldOptions& options() const { return options_; }
 
  private:
-  WorldResult run_threads(const std::function<void(RankContext&)>& rank_main);
-  WorldResult run_fibers(const std::function<void(RankContext&)>& rank_main);
-  ProcessGroupPtr make_world_group(int rank, void* gloo_store);
-
   WorldOptions options_;
   std::shared_ptr<FakeWorldState> fake_state_;
 };

@@ -1,0 +1,78 @@
+#pragma once
+// The in-memory fake backend: ranks of one process (threads or fibers) move
+// real data between their tensors.
+//
+// How a collective runs: each rank's call posts an arrival (its desc and
+// tensors) under (group, seq) and returns a Work at once. Each arrival is
+// checked against the first one, so a mismatch (op, dtype, shape, reduce op,
+// root) fails the collective for every rank as soon as it happens. When the
+// last rank arrives the collective is ready and its data movement is split
+// into tasks (one per destination rank, or per element chunk for
+// all-reduce); any rank waiting on it claims and runs unclaimed tasks, so the
+// copies run in parallel on thread ranks and nothing depends on one rank
+// doing everybody's work. A rank's Work completes once all tasks finished,
+// i.e. once no rank reads its input any more.
+//
+// Arithmetic: reductions run in rank order (in_0 op in_1 op ... op in_{n-1})
+// element by element in the tensor's dtype (half/bf16 through float, rounded
+// after each step, as ATen's CPU kernels do), so results are bitwise
+// reproducible whatever the schedule. Avg and the post-divide factor divide
+// the sum with at::div_; the pre-divide factor divides each input in the
+// dtype's compute type (float or double). Tensors must live on the CPU.
+//
+// Thread-safety: one FakeWorldState per world, shared by all ranks; its state
+// is guarded by one fiber-aware mutex (Boost.Fiber primitives work for
+// thread ranks too). A FakeProcessGroup belongs to one rank.
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backends/clock.h"
+#include "backends/process_group.h"
+
+namespace fsdpsim::sim {
+
+class FakeGroupState;
+struct PendingCollective;
+
+class FakeWorldState : public std::enable_shared_from_this<FakeWorldState> {
+ public:
+  FakeWorldState(int world_size, std::chrono::milliseconds timeout, const Clock& clock);
+  ~FakeWorldState();
+
+  int world_size() const { return world_size_; }
+  std::chrono::milliseconds timeout() const { return timeout_; }
+  const Clock& clock() const { return clock_; }
+
+  /// The group over every rank, as seen by `rank`.
+  ProcessGroupPtr world_group(int rank);
+
+  /// Fails every collective still gathering ranks and every later call with
+  /// WorldAbortedError(reason). The first reason wins.
+  void abort(const std::string& reason);
+  bool aborted() const;
+
+  /// Called when a rank's function returned (failed = it threw). Collectives
+  /// that still wait for this rank fail at once instead of timing out.
+  void rank_exited(int global_rank, bool failed, const std::string& error);
+
+  /// "ranks {0,1}: waiting in all_gather group world seq 3; rank 2: exited".
+  std::string where_ranks_are() const;
+
+ private:
+  friend class FakeProcessGroup;
+  friend class FakeWork;
+  struct Impl;
+  const int world_size_;
+  const std::chrono::milliseconds timeout_;
+  const Clock& clock_;
+  std::unique_ptr<Impl> impl_;
+};
+
+/// Formats rank sets compactly: "{0-3,5}".
+std::string rank_set_string(const std::vector<int>& ranks);
+
+}  // namespace fsdpsim::sim

@@ -1,0 +1,372 @@
+// The collective matrix (every collective x dtype x world size on fake
+// thread ranks, fake fiber ranks and Gloo thread ranks), sub-groups, and the
+// fake backend's validation, abort and timeout paths.
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+
+#include <atomic>
+#include <mutex>
+
+#include "backends/errors.h"
+#include "backends/mesh.h"
+#include "sim/world.h"
+#include "tests/collective_suite.h"
+
+namespace fsdpsim::sim {
+namespace {
+
+using ::testing::HasSubstr;
+
+struct WorldKind {
+  const char* name;
+  RankKind rank_kind;
+  CommBackend backend;
+};
+
+const WorldKind kWorldKinds[] = {
+    {"FakeThreads", RankKind::Threads, CommBackend::Fake},
+    {"FakeFibers", RankKind::Fibers, CommBackend::Fake},
+    {"GlooThreads", RankKind::Threads, CommBackend::Gloo},
+};
+
+WorldOptions options_for(const WorldKind& kind, int world_size) {
+  WorldOptions options;
+  options.world_size = world_size;
+  options.rank_kind = kind.rank_kind;
+  options.backend = kind.backend;
+  options.collective_timeout = std::chrono::seconds(60);
+  return options;
+}
+
+using MatrixParam = std::tuple<WorldKind, int, at::ScalarType>;
+
+class CollectiveMatrix : public ::testing::TestWithParam<MatrixParam> {};
+
+TEST_P(CollectiveMatrix, EveryCollectiveIsExact) {
+  const auto& [kind, world_size, dtype] = GetParam();
+  World world(options_for(kind, world_size));
+  auto result = world.run([dtype = dtype](RankContext& ctx) {
+    for (int64_t count : testing::kSuiteCounts) testing::check_all_collectives(*ctx.world_group(), dtype, count);
+  });
+  EXPECT_TRUE(result.ok()) << result.error_report();
+}
+
+std::string matrix_name(const ::testing::TestParamInfo<MatrixParam>& info) {
+  return std::string(std::get<0>(info.param).name) + "_world" + std::to_string(std::get<1>(info.param)) + "_" +
+         c10::toString(std::get<2>(info.param));
+}
+
+INSTANTIATE_TEST_SUITE_P(All, CollectiveMatrix,
+                         ::testing::Combine(::testing::ValuesIn(kWorldKinds), ::testing::Values(1, 2, 3, 5, 8),
+                                            ::testing::Values(at::kFloat, at::kDouble, at::kBFloat16, at::kHalf,
+                                                              at::kLong)),
+                         matrix_name);
+
+class SubGroups : public ::testing::TestWithParam<WorldKind> {};
+
+TEST_P(SubGroups, MeshAxesAndSelfGroupsMoveTheRightData) {
+  World world(options_for(GetParam(), 6));
+  auto result = world.run([](RankContext& ctx) {
+    auto& group = *ctx.world_group();
+    Mesh2D mesh = make_mesh_2d(group, /*replicate=*/2, /*shard=*/3);
+    ASSERT_EQ(mesh.shard_group->size(), 3);
+    ASSERT_EQ(mesh.replicate_group->size(), 2);
+    EXPECT_EQ(mesh.shard_group->rank(), ctx.rank() % 3);
+    EXPECT_EQ(mesh.replicate_group->rank(), ctx.rank() / 3);
+    EXPECT_EQ(mesh.shard_group->global_ranks(), (std::vector<int>{ctx.rank() / 3 * 3, ctx.rank() / 3 * 3 + 1,
+                                                                  ctx.rank() / 3 * 3 + 2}));
+    // Each axis gathers the global ranks of its members.
+    auto mine = at::full({1}, static_cast<double>(ctx.rank()), at::kDouble);
+    auto row = at::empty({3}, at::kDouble);
+    mesh.shard_group->all_gather_into_tensor(row, mine)->wait();
+    auto column = at::empty({2}, at::kDouble);
+    mesh.replicate_group->all_gather_into_tensor(column, mine)->wait();
+    for (int j = 0; j < 3; ++j) EXPECT_EQ(row[j].item<double>(), mesh.shard_group->global_ranks()[j]);
+    for (int i = 0; i < 2; ++i) EXPECT_EQ(column[i].item<double>(), mesh.replicate_group->global_ranks()[i]);
+    testing::check_all_collectives(*mesh.shard_group, at::kFloat, 7);
+    testing::check_all_collectives(*mesh.replicate_group, at::kFloat, 7);
+
+    auto self = make_self_group(group);
+    ASSERT_EQ(self->size(), 1);
+    EXPECT_EQ(self->global_ranks(), std::vector<int>{ctx.rank()});
+    testing::check_all_collectives(*self, at::kFloat, 7);
+    // Sequence numbers are per group: the world group saw no collective.
+    EXPECT_EQ(group.sequence_number(), 0u);
+    EXPECT_GT(mesh.shard_group->sequence_number(), 0u);
+
+    // Ranks outside every list get no group.
+    auto partial = group.split({{0, 1}});
+    EXPECT_EQ(partial != nullptr, ctx.rank() < 2);
+    if (partial) testing::check_all_collectives(*partial, at::kFloat, 3);
+  });
+  EXPECT_TRUE(result.ok()) << result.error_report();
+}
+
+INSTANTIATE_TEST_SUITE_P(All, SubGroups, ::testing::ValuesIn(kWorldKinds),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+// ---------------------------------------------------------------------------
+// Validation and failure paths of the fake backend, on threads and fibers.
+
+class FakeFailures : public ::testing::TestWithParam<RankKind> {
+ protected:
+  WorldOptions options(int world_size, std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
+    WorldOptions options;
+    options.world_size = world_size;
+    options.rank_kind = GetParam();
+    options.collective_timeout = timeout;
+    return options;
+  }
+};
+
+TEST_P(FakeFailures, OpMismatchFailsEveryRankNamingGroupSeqOpsAndShapes) {
+  World world(options(4));
+  auto result = world.run([](RankContext& ctx) {
+    auto& group = *ctx.world_group();
+    group.barrier()->wait();
+    if (ctx.rank() == 2) {
+      auto in = at::zeros({8}, at::kFloat);
+      auto out = at::zeros({2}, at::kFloat);
+      group.reduce_scatter_tensor(out, in, ReduceScatterOptions{})->wait();
+    } else {
+      auto in = at::zeros({2}, at::kFloat);
+      auto out = at::zeros({8}, at::kFloat);
+      group.all_gather_into_tensor(out, in)->wait();
+    }
+  });
+  ASSERT_FALSE(result.ok());
+  for (const auto& rank : result.ranks) {
+    ASSERT_FALSE(rank.ok) << "rank " << rank.rank << " should have failed";
+    // Whatever rank reached the mismatch first, every rank reports it whole.
+    EXPECT_THAT(rank.error, HasSubstr("collective mismatch in group world seq 2"));
+    EXPECT_THAT(rank.error, HasSubstr("rank 2 called reduce_scatter float in [8] out [2] op sum"));
+    EXPECT_THAT(rank.error, HasSubstr("called all_gather float in [2] out [8]"));
+  }
+}
+
+TEST_P(FakeFailures, DtypeShapeReduceOpAndRootMismatchesAreCaught) {
+  struct Case {
+    const char* what;
+    std::function<void(ProcessGroup&, int)> call;
+    const char* expect;
+  };
+  const std::vector<Case> cases = {
+      {"dtype",
+       [](ProcessGroup& g, int r) {
+         g.all_reduce(at::zeros({3}, r == 1 ? at::kDouble : at::kFloat), AllReduceOptions{})->wait();
+       },
+       "rank 1 called all_reduce double in [3]"},
+      {"shape",
+       [](ProcessGroup& g, int r) { g.all_reduce(at::zeros({r == 1 ? 4 : 3}), AllReduceOptions{})->wait(); },
+       "rank 1 called all_reduce float in [4]"},
+      {"reduce op",
+       [](ProcessGroup& g, int r) {
+         AllReduceOptions options;
+         options.reduce_op = r == 1 ? ReduceOp::Max : ReduceOp::Sum;
+         g.all_reduce(at::zeros({3}), options)->wait();
+       },
+       "op max"},
+      {"root",
+       [](ProcessGroup& g, int r) {
+         BroadcastOptions options;
+         options.root = r == 1 ? 1 : 0;
+         g.broadcast(at::zeros({3}), options)->wait();
+       },
+       "root 1"},
+  };
+  for (const auto& c : cases) {
+    World world(options(3));
+    auto result = world.run([&](RankContext& ctx) { c.call(*ctx.world_group(), ctx.rank()); });
+    ASSERT_FALSE(result.ok()) << c.what;
+    for (const auto& rank : result.ranks) {
+      EXPECT_THAT(rank.error, HasSubstr("collective mismatch in group world seq 1")) << c.what;
+      EXPECT_THAT(rank.error, HasSubstr(c.expect)) << c.what;
+    }
+  }
+}
+
+TEST_P(FakeFailures, ThrowingRankAbortsTheWorldAndWakesBlockedRanks) {
+  // A long timeout: the blocked ranks must wake because of the abort, not time out.
+  World world(options(3, std::chrono::seconds(120)));
+  auto result = world.run([](RankContext& ctx) {
+    if (ctx.rank() == 1) throw std::runtime_error("boom in rank 1");
+    auto t = at::ones({4});
+    ctx.world_group()->all_reduce(t, AllReduceOptions{})->wait();
+  });
+  ASSERT_EQ(result.ranks.size(), 3u);
+  EXPECT_THAT(result.ranks[1].error, HasSubstr("boom in rank 1"));
+  for (int r : {0, 2}) {
+    EXPECT_FALSE(result.ranks[r].ok);
+    EXPECT_THAT(result.ranks[r].error, HasSubstr("group world seq 1 all_reduce"));
+    EXPECT_THAT(result.ranks[r].error, HasSubstr("rank 1 failed: boom in rank 1"));
+    EXPECT_THAT(result.ranks[r].error, ::testing::Not(HasSubstr("timed out")));
+  }
+  EXPECT_THAT(result.error_report(), HasSubstr("rank 1: boom in rank 1"));
+}
+
+TEST_P(FakeFailures, RankThatExitsWithoutCallingFailsTheCollectiveAtOnce) {
+  World world(options(3, std::chrono::seconds(120)));
+  auto result = world.run([](RankContext& ctx) {
+    auto t = at::ones({4});
+    ctx.world_group()->all_reduce(t, AllReduceOptions{})->wait();
+    if (ctx.rank() == 2) return;  // skips the second collective
+    ctx.world_group()->all_reduce(t, AllReduceOptions{})->wait();
+  });
+  EXPECT_TRUE(result.ranks[2].ok);
+  for (int r : {0, 1}) {
+    EXPECT_THAT(result.ranks[r].error, HasSubstr("group world seq 2 all_reduce: can never complete: rank 2 "
+                                                 "exited normally without calling this collective"));
+  }
+}
+
+TEST_P(FakeFailures, TimeoutNamesMissingRanksAndWhereEachRankIs) {
+  World world(options(3, std::chrono::milliseconds(300)));
+  auto result = world.run([](RankContext& ctx) {
+    auto& group = *ctx.world_group();
+    auto t = at::ones({4});
+    group.barrier()->wait();
+    if (ctx.rank() == 2) {
+      sleep_for(std::chrono::seconds(2));  // alive, but late
+    }
+    group.all_reduce(t, AllReduceOptions{})->wait();
+  });
+  for (int r : {0, 1}) {
+    const auto& error = result.ranks[r].error;
+    EXPECT_THAT(error, HasSubstr("group world seq 2 all_reduce: timed out after 300 ms waiting for ranks {2}"));
+    EXPECT_THAT(error, HasSubstr("ranks {0-1}: waiting in all_reduce group world seq 2"));
+    EXPECT_THAT(error, HasSubstr("rank 2: running, last issued barrier group world seq 1"));
+  }
+  // The late rank then finds the world aborted instead of hanging.
+  EXPECT_FALSE(result.ranks[2].ok);
+  EXPECT_THAT(result.ranks[2].error, HasSubstr("world aborted"));
+}
+
+TEST_P(FakeFailures, LocalArgumentErrorsCarryRankGroupSeqAndShapes) {
+  World world(options(2));
+  auto result = world.run([](RankContext& ctx) {
+    auto& group = *ctx.world_group();
+    try {
+      group.all_gather_into_tensor(at::zeros({5}), at::zeros({2}));
+      ADD_FAILURE() << "wrong output size accepted";
+    } catch (const CommError& e) {
+      EXPECT_THAT(e.what(), HasSubstr("rank " + std::to_string(ctx.rank()) + " group world seq 1 all_gather"));
+      EXPECT_THAT(e.what(), HasSubstr("output has 5 elements, expected 2 ranks x 2"));
+    }
+    auto base = at::zeros({8});
+    EXPECT_THROW(group.all_gather_into_tensor(base, base.narrow(0, 1, 4)), CommError);  // misaligned in place
+    EXPECT_THROW(group.broadcast(at::zeros({2}), BroadcastOptions{5}), CommError);
+    EXPECT_THROW(group.all_gather_into_tensor(at::zeros({4, 2}).t(), at::zeros({4})), CommError);  // strided
+    ReduceScatterOptions bad_factor;
+    bad_factor.reduce_op = ReduceOp::Max;
+    bad_factor.predivide_factor = 2;
+    EXPECT_THROW(group.reduce_scatter_tensor(at::zeros({2}), at::zeros({4}), bad_factor), CommError);
+    EXPECT_THROW(group.split({{0, 0}}), CommError);
+    // Nothing was issued: the sequence did not move.
+    EXPECT_EQ(group.sequence_number(), 0u);
+  });
+  EXPECT_TRUE(result.ok()) << result.error_report();
+}
+
+INSTANTIATE_TEST_SUITE_P(All, FakeFailures, ::testing::Values(RankKind::Threads, RankKind::Fibers),
+                         [](const auto& info) { return std::string(to_string(info.param)); });
+
+TEST(WorldOptionsTest, BadOptionsAreRejectedWithTheirName) {
+  WorldOptions options;
+  options.world_size = 0;
+  EXPECT_THROW({ World world(options); }, std::invalid_argument);
+  options.world_size = 2;
+  options.backend = CommBackend::Gloo;
+  options.rank_kind = RankKind::Fibers;
+  try {
+    World world(options);
+    FAIL() << "gloo fibers accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_THAT(e.what(), HasSubstr("Gloo"));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Fiber ranks: scale, determinism, per-fiber LibTorch state.
+
+TEST(FiberWorld, FourThousandNinetySixRanksCompleteARound) {
+  WorldOptions options;
+  options.world_size = 4096;
+  options.rank_kind = RankKind::Fibers;
+  options.fiber_stack_bytes = 128 * 1024;
+  World world(options);
+  std::atomic<int> correct{0};
+  auto result = world.run([&](RankContext& ctx) {
+    auto& group = *ctx.world_group();
+    const int n = ctx.world_size();
+    group.barrier()->wait();
+    auto mine = at::full({1}, static_cast<float>(ctx.rank()), at::kFloat);
+    auto all = at::empty({n}, at::kFloat);
+    group.all_gather_into_tensor(all, mine)->wait();
+    auto grads = at::ones({n}, at::kFloat);
+    auto shard = at::empty({1}, at::kFloat);
+    group.reduce_scatter_tensor(shard, grads, ReduceScatterOptions{})->wait();
+    bool ok = shard.item<float>() == static_cast<float>(n) &&
+              at::equal(all, at::arange(n, at::kFloat));
+    if (ok) ++correct;
+  });
+  EXPECT_TRUE(result.ok()) << result.error_report().substr(0, 2000);
+  EXPECT_EQ(correct.load(), 4096);
+}
+
+std::vector<int> interleaving(SchedulePolicy policy, uint64_t seed) {
+  WorldOptions options;
+  options.world_size = 6;
+  options.rank_kind = RankKind::Fibers;
+  options.schedule = policy;
+  options.seed = seed;
+  std::vector<int> order;  // one OS thread runs all fibers: no lock needed
+  World world(options);
+  auto result = world.run([&](RankContext& ctx) {
+    for (int step = 0; step < 5; ++step) {
+      order.push_back(ctx.rank());
+      yield();
+    }
+    auto t = at::ones({2});
+    ctx.world_group()->all_reduce(t, AllReduceOptions{})->wait();
+    order.push_back(100 + ctx.rank());
+  });
+  EXPECT_TRUE(result.ok()) << result.error_report();
+  return order;
+}
+
+TEST(FiberWorld, SeededScheduleIsReproducibleAndSeedsDiffer) {
+  EXPECT_EQ(interleaving(SchedulePolicy::SeededRandom, 7), interleaving(SchedulePolicy::SeededRandom, 7));
+  std::set<std::vector<int>> distinct;
+  for (uint64_t seed = 0; seed < 4; ++seed) distinct.insert(interleaving(SchedulePolicy::SeededRandom, seed));
+  EXPECT_GT(distinct.size(), 1u) << "the seed does not change the interleaving";
+  // Round-robin: rank order at every step.
+  auto rr = interleaving(SchedulePolicy::RoundRobin, 0);
+  EXPECT_EQ(std::vector<int>(rr.begin(), rr.begin() + 6), (std::vector<int>{0, 1, 2, 3, 4, 5}));
+}
+
+TEST(FiberWorld, GradModeDoesNotLeakBetweenFibers) {
+  WorldOptions options;
+  options.world_size = 4;
+  options.rank_kind = RankKind::Fibers;
+  World world(options);
+  std::vector<int> recorded(4, -1);
+  auto result = world.run([&](RankContext& ctx) {
+    auto w = at::ones({3}).set_requires_grad(true);
+    if (ctx.rank() % 2 == 0) {
+      at::NoGradGuard no_grad;
+      yield();  // the odd ranks run while this one sits in no_grad
+      recorded[ctx.rank()] = (w * 2).requires_grad();
+    } else {
+      yield();
+      recorded[ctx.rank()] = (w * 2).requires_grad();
+    }
+  });
+  ASSERT_TRUE(result.ok()) << result.error_report();
+  EXPECT_EQ(recorded, (std::vector<int>{0, 1, 0, 1}));
+}
+
+}  // namespace
+}  // namespace fsdpsim::sim

@@ -1,0 +1,713 @@
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/sequential.h>
+
+#include <algorithm>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "backends/errors.h"
+#include "fsdp/fully_shard.h"
+
+namespace fsdpsim::fsdp {
+
+const char* to_string(ShardingStrategy strategy) {
+  switch (strategy) {
+    case ShardingStrategy::FullShard: return "full_shard";
+    case ShardingStrategy::ShardGradOp: return "shard_grad_op";
+    case ShardingStrategy::NoShard: return "no_shard";
+    case ShardingStrategy::HybridShard: return "hybrid_shard";
+  }
+  return "unknown";
+}
+
+const char* to_string(TrainingState state) {
+  switch (state) {
+    case TrainingState::Idle: return "idle";
+    case TrainingState::Forward: return "forward";
+    case TrainingState::PreBackward: return "pre_backward";
+    case TrainingState::PostBackward: return "post_backward";
+  }
+  return "unknown";
+}
+
+namespace detail {
+namespace {
+// Which engine sharded a module. Modules are per rank, so entries of
+// different ranks never collide; the mutex only guards the map itself.
+struct Registry {
+  std::mutex mutex;
+  std::unordered_map<const torch::nn::Module*, Engine*> engines;
+};
+Registry& registry() {
+  static Registry instance;
+  return instance;
+}
+}  // namespace
+
+Engine* engine_of(const torch::nn::Module* module) {
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  auto it = r.engines.find(module);
+  return it == r.engines.end() ? nullptr : it->second;
+}
+}  // namespace detail
+
+namespace {
+
+std::string shape_of(at::IntArrayRef sizes) {
+  std::ostringstream out;
+  out << sizes;
+  return out.str();
+}
+
+// One parameter: its dim-0 shard (padded to rows_per_rank rows) and, while
+// gathered, its full tensor.
+struct ShardedParam {
+  std::string fqn;
+  at::Tensor param;  // the module's Tensor: identity kept, data swapped
+  std::vector<int64_t> full_shape;
+  int64_t dim0 = 0;
+  int64_t rows_per_rank = 0;  // c = ceil(dim0 / world)
+  int64_t row_numel = 1;      // elements per dim-0 row
+  int64_t my_rows = 0;        // rows this rank owns (0..c)
+  int64_t offset = 0;         // in the unit's per-rank flat chunk
+  at::Tensor padded_shard;    // (c, rest...)
+  at::Tensor shard_view;      // padded_shard rows [0, my_rows): the param's data between steps
+  at::Tensor full;            // the gathered param, while unsharded
+  at::Tensor stashed_grad;    // the sharded grad, set aside while the param is full-size
+
+  int64_t chunk_numel() const { return rows_per_rank * row_numel; }
+  std::vector<int64_t> rows_shape(int64_t rows) const {
+    std::vector<int64_t> shape = full_shape;
+    shape[0] = rows;
+    return shape;
+  }
+};
+
+void stash_grad(ShardedParam& p) {
+  const at::Tensor& grad = p.param.grad();
+  if (!grad.defined()) return;
+  p.stashed_grad = grad;
+  p.param.mutable_grad() = at::Tensor();
+}
+
+struct PendingReduction {
+  WorkPtr reduce_scatter;     // null when the shard group has one rank
+  at::Tensor input;           // kept alive until the collective is done
+  at::Tensor output;          // this rank's reduced chunk, flat
+  std::vector<size_t> params; // indices of the params reduced, with their offsets in `output`
+  std::vector<int64_t> offsets;
+};
+
+}  // namespace
+
+struct Unit::Impl {
+  Engine::Impl* engine = nullptr;
+  std::shared_ptr<torch::nn::Module> module;
+  FullyShardOptions options;
+  std::string fqn;
+  bool is_root = false;
+  bool reshard_after_forward = true;
+  std::vector<ShardedParam> params;
+  int64_t chunk_total = 0;  // per-rank flat elements
+  int shard_world = 1;
+  int shard_rank = 0;
+  at::TensorOptions tensor_options;
+
+  bool unsharded = false;
+  TrainingState state = TrainingState::Idle;
+  WorkPtr gather_work;
+  at::Tensor gather_buffer;
+  bool needs_post_backward = false;
+  std::vector<PendingReduction> pending;
+};
+
+struct Engine::Impl {
+  Engine* self = nullptr;
+  EngineOptions options;
+  std::vector<std::unique_ptr<Unit>> units;
+  std::unordered_map<const torch::nn::Module*, Unit::Impl*> by_module;
+  std::unordered_set<const c10::TensorImpl*> managed;
+  Unit::Impl* root = nullptr;
+  int forward_depth = 0;
+  bool final_callback_queued = false;
+  std::vector<Unit::Impl*> forward_order;  // units in the order their forward started
+  int64_t unsharded_bytes = 0;
+  int64_t peak_unsharded_bytes = 0;
+
+  template <typename Method>
+  void emit(Method method, const Unit::Impl& unit) {
+    for (auto& hooks : options.hooks) ((*hooks).*method)(unit.fqn, unit.state);
+  }
+
+  void lazy_init_root(Unit::Impl& unit);
+  void check_shards(Unit::Impl& unit);
+  void unshard(Unit::Impl& unit);
+  void wait_unshard(Unit::Impl& unit);
+  void reshard(Unit::Impl& unit);
+  void pre_forward(Unit::Impl& unit);
+  void post_forward(Unit::Impl& unit, const std::vector<at::Tensor>& outputs, bool grad_enabled);
+  void pre_backward(Unit::Impl& unit);
+  void post_backward(Unit::Impl& unit);
+  void finish_reductions(Unit::Impl& unit);
+  void final_callback();
+  void queue_final_callback();
+};
+
+// ---------------------------------------------------------------------------
+// Post-backward: an identity on the unit's forward inputs whose backward runs
+// once the gradient w.r.t. those inputs exists, i.e. after the unit's own
+// gradient computation (AccumulateGrad nodes run before it: the ready queue
+// puts them first).
+
+struct PostBackwardFunction : public torch::autograd::Function<PostBackwardFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                torch::autograd::variable_list inputs, int64_t unit_address) {
+    ctx->saved_data["unit"] = unit_address;
+    return inputs;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto* unit = reinterpret_cast<Unit::Impl*>(ctx->saved_data["unit"].toInt());
+    unit->engine->post_backward(*unit);
+    grads.emplace_back();  // no gradient for unit_address
+    return grads;
+  }
+};
+
+// ---------------------------------------------------------------------------
+
+void Engine::Impl::lazy_init_root(Unit::Impl& unit) {
+  if (root != nullptr) return;
+  root = &unit;
+  unit.is_root = true;
+  unit.reshard_after_forward = false;  // backward needs the root's params first: keep them
+  std::unordered_map<const torch::nn::Module*, std::string> module_names;
+  for (const auto& item : unit.module->named_modules()) module_names[item.value().get()] = item.key();
+  std::unordered_map<const c10::TensorImpl*, std::string> param_names;
+  for (const auto& item : unit.module->named_parameters()) {
+    param_names.emplace(item.value().unsafeGetTensorImpl(), item.key());
+  }
+  for (auto& u : units) {
+    auto& impl = u->impl();
+    auto it = module_names.find(impl.module.get());
+    impl.fqn = it == module_names.end() ? "<outside root>" : it->second;
+    for (auto& p : impl.params) {
+      auto name = param_names.find(p.param.unsafeGetTensorImpl());
+      if (name != param_names.end()) p.fqn = name->second;
+    }
+  }
+}
+
+void Engine::Impl::check_shards(Unit::Impl& unit) {
+  // Writes between steps must land in the shard: in-place ones do; a
+  // set_data/assignment replaced the data, so copy it back (or refuse).
+  for (auto& p : unit.params) {
+    const at::Tensor data = p.param.data();
+    const bool same = data.data_ptr() == p.shard_view.data_ptr() && data.sizes() == p.shard_view.sizes();
+    if (!same) {
+      if (data.sizes() != p.shard_view.sizes()) {
+        throw std::runtime_error("Cannot writeback: param '" + p.fqn + "' of unit '" + unit.fqn + "' now has shape " +
+                                 shape_of(data.sizes()) + ", its shard has shape " +
+                                 shape_of(p.shard_view.sizes()));
+      }
+      p.shard_view.copy_(data);
+      p.param.set_data(p.shard_view);
+    }
+    const at::Tensor& grad = p.param.grad();
+    if (grad.defined() && grad.sizes() != p.shard_view.sizes()) {
+      throw std::runtime_error("Cannot writeback: grad of param '" + p.fqn + "' of unit '" + unit.fqn +
+                               "' has shape " + shape_of(grad.sizes()) + ", its shard has shape " +
+                               shape_of(p.shard_view.sizes()));
+    }
+  }
+}
+
+void Engine::Impl::unshard(Unit::Impl& unit) {
+  if (unit.unsharded || unit.gather_work) return;  // a no-op unshard is not an event
+  if (unit.shard_world == 1) {
+    // The shard is the whole param: nothing to gather, but the sharded grad
+    // still steps aside so this backward's grad is reduced on its own.
+    for (auto& p : unit.params) stash_grad(p);
+    unit.unsharded = true;
+    return;
+  }
+  check_shards(unit);
+  const int64_t total = unit.chunk_total;
+  unit.gather_buffer = at::empty({unit.shard_world * total}, unit.tensor_options);
+  at::Tensor mine = unit.gather_buffer.narrow(0, unit.shard_rank * total, total);
+  for (auto& p : unit.params) mine.narrow(0, p.offset, p.chunk_numel()).copy_(p.padded_shard.view(-1));
+  unit.gather_work = unit.options.shard_group->all_gather_into_tensor(unit.gather_buffer, mine);
+  emit(&EngineHooks::on_unshard, unit);
+}
+
+void Engine::Impl::wait_unshard(Unit::Impl& unit) {
+  if (unit.unsharded) return;
+  if (!unit.gather_work) unshard(unit);
+  if (unit.unsharded) return;
+  unit.gather_work->wait();
+  unit.gather_work.reset();
+  const int world = unit.shard_world;
+  at::Tensor by_rank = unit.gather_buffer.view({world, unit.chunk_total});
+  for (auto& p : unit.params) {
+    std::vector<int64_t> padded_shape = p.rows_shape(world * p.rows_per_rank);
+    // reshape copies the strided column block into one contiguous tensor
+    at::Tensor full = by_rank.narrow(1, p.offset, p.chunk_numel()).reshape(padded_shape).narrow(0, 0, p.dim0);
+    stash_grad(p);
+    p.full = full;
+    p.param.set_data(full);
+    unsharded_bytes += full.nbytes();
+  }
+  peak_unsharded_bytes = std::max(peak_unsharded_bytes, unsharded_bytes);
+  unit.gather_buffer = at::Tensor();
+  unit.unsharded = true;
+}
+
+void Engine::Impl::reshard(Unit::Impl& unit) {
+  if (unit.gather_work) wait_unshard(unit);  // never free a buffer a collective still writes
+  if (!unit.unsharded) return;
+  unit.unsharded = false;
+  for (auto& p : unit.params) {
+    if (unit.shard_world > 1) {
+      unsharded_bytes -= p.full.nbytes();
+      p.param.set_data(p.shard_view);
+      p.full = at::Tensor();
+    }
+    if (p.stashed_grad.defined()) {
+      p.param.mutable_grad() = p.stashed_grad;
+      p.stashed_grad = at::Tensor();
+    }
+  }
+  if (unit.shard_world > 1) emit(&EngineHooks::on_reshard, unit);
+}
+
+void Engine::Impl::pre_forward(Unit::Impl& unit) {
+  if (forward_depth == 0) {
+    lazy_init_root(unit);
+    if (&unit == root) forward_order.clear();
+  }
+  ++forward_depth;
+  unit.state = TrainingState::Forward;
+  if (std::find(forward_order.begin(), forward_order.end(), &unit) == forward_order.end()) {
+    forward_order.push_back(&unit);
+  }
+  if (!unit.unsharded) check_shards(unit);
+  unshard(unit);
+  wait_unshard(unit);
+}
+
+void Engine::Impl::post_forward(Unit::Impl& unit, const std::vector<at::Tensor>& outputs, bool grad_enabled) {
+  --forward_depth;
+  if (grad_enabled) {
+    Engine::Impl* engine = this;
+    Unit::Impl* target = &unit;
+    for (const auto& output : outputs) {
+      if (!output.defined() || !output.requires_grad()) continue;
+      const_cast<at::Tensor&>(output).register_hook(
+          [engine, target](const at::Tensor&) { engine->pre_backward(*target); });
+    }
+  }
+  // Without grad there is no backward to keep params for: free them all.
+  if ((unit.reshard_after_forward && !unit.is_root) || !grad_enabled) reshard(unit);
+  unit.state = TrainingState::Idle;
+}
+
+void Engine::Impl::queue_final_callback() {
+  if (final_callback_queued) return;
+  final_callback_queued = true;
+  auto callback = [this] { final_callback(); };
+  if (options.queue_backward_callback) {
+    options.queue_backward_callback(callback);
+  } else {
+    torch::autograd::Engine::get_default_engine().queue_callback(callback);
+  }
+}
+
+void Engine::Impl::pre_backward(Unit::Impl& unit) {
+  queue_final_callback();
+  if (unit.needs_post_backward) return;  // this unit's backward already began
+  unit.state = TrainingState::PreBackward;
+  unit.needs_post_backward = true;
+  emit(&EngineHooks::on_pre_backward, unit);
+  if (unit.unsharded) {
+    for (auto& p : unit.params) {
+      if (unit.shard_world > 1 && (p.param.data_ptr() != p.full.data_ptr() || p.param.sizes() != p.full.sizes())) {
+        throw std::runtime_error("param '" + p.fqn + "' of unit '" + unit.fqn +
+                                 "' was replaced between forward and backward without resharding");
+      }
+    }
+  }
+  unshard(unit);
+  wait_unshard(unit);
+  for (auto& p : unit.params) {
+    if (p.param.sizes() != at::IntArrayRef(p.full_shape)) {
+      throw std::runtime_error("param '" + p.fqn + "' of unit '" + unit.fqn + "' has shape " +
+                               shape_of(p.param.sizes()) + " in backward, " + shape_of(p.full_shape) +
+                               " in forward");
+    }
+  }
+}
+
+void Engine::Impl::post_backward(Unit::Impl& unit) {
+  if (!unit.unsharded) return;  // nothing was computed with gathered params
+  unit.state = TrainingState::PostBackward;
+  unit.needs_post_backward = false;
+  // Take the full-size grads aside, free the gathered params (reshard first,
+  // as PyTorch's FSDP does), then reduce-scatter the grads.
+  std::vector<std::pair<size_t, at::Tensor>> grads;
+  for (size_t i = 0; i < unit.params.size(); ++i) {
+    auto& p = unit.params[i];
+    const at::Tensor& grad = p.param.grad();
+    if (!grad.defined()) continue;
+    if (grad.sizes() != at::IntArrayRef(p.full_shape)) {
+      throw std::runtime_error("grad of param '" + p.fqn + "' of unit '" + unit.fqn + "' has shape " +
+                               shape_of(grad.sizes()) + ", expected the full shape " + shape_of(p.full_shape));
+    }
+    grads.emplace_back(i, grad);
+    p.param.mutable_grad() = at::Tensor();
+  }
+  reshard(unit);
+  if (grads.empty()) {
+    unit.state = TrainingState::Idle;
+    return;
+  }
+  const int world = unit.shard_world;
+  int64_t total = 0;
+  PendingReduction reduction;
+  for (const auto& [index, grad] : grads) {
+    reduction.params.push_back(index);
+    reduction.offsets.push_back(total);
+    total += unit.params[index].chunk_numel();
+  }
+  reduction.input = at::zeros({world * total}, unit.tensor_options);
+  at::Tensor by_rank = reduction.input.view({world, total});
+  for (size_t k = 0; k < grads.size(); ++k) {
+    const auto& p = unit.params[grads[k].first];
+    const at::Tensor flat_rows = grads[k].second.reshape({p.dim0, p.row_numel});
+    for (int r = 0; r < world; ++r) {
+      const int64_t begin = r * p.rows_per_rank;
+      const int64_t rows = std::max<int64_t>(0, std::min(p.rows_per_rank, p.dim0 - begin));
+      if (rows == 0) continue;
+      by_rank[r].narrow(0, reduction.offsets[k], rows * p.row_numel).copy_(flat_rows.narrow(0, begin, rows).reshape(-1));
+    }
+  }
+  if (world == 1) {
+    reduction.output = reduction.input;
+  } else {
+    reduction.output = at::empty({total}, unit.tensor_options);
+    ReduceScatterOptions scatter;
+    const double factor = unit.options.gradient_predivide_factor;
+    if (factor == 1.0) {
+      scatter.reduce_op = ReduceOp::Avg;
+    } else {
+      scatter.predivide_factor = factor;
+      scatter.postdivide_factor = static_cast<double>(world) / factor;
+    }
+    reduction.reduce_scatter = unit.options.shard_group->reduce_scatter_tensor(reduction.output, reduction.input, scatter);
+  }
+  unit.pending.push_back(std::move(reduction));
+  emit(&EngineHooks::on_post_backward, unit);
+  unit.state = TrainingState::Idle;
+}
+
+void Engine::Impl::finish_reductions(Unit::Impl& unit) {
+  for (auto& reduction : unit.pending) {
+    if (reduction.reduce_scatter) reduction.reduce_scatter->wait();
+    if (unit.options.replicate_group && unit.options.replicate_group->size() > 1) {
+      AllReduceOptions average;
+      average.reduce_op = ReduceOp::Avg;
+      unit.options.replicate_group->all_reduce(reduction.output, average)->wait();
+    }
+    for (size_t k = 0; k < reduction.params.size(); ++k) {
+      auto& p = unit.params[reduction.params[k]];
+      at::Tensor reduced =
+          reduction.output.narrow(0, reduction.offsets[k], p.chunk_numel()).view(p.rows_shape(p.rows_per_rank))
+              .narrow(0, 0, p.my_rows);
+      at::Tensor& grad = p.param.mutable_grad();
+      if (grad.defined()) {
+        grad.add_(reduced);
+      } else {
+        grad = reduced.clone();
+      }
+    }
+  }
+  unit.pending.clear();
+}
+
+void Engine::Impl::final_callback() {
+  final_callback_queued = false;
+  // Units whose inputs needed no grad have no post-backward hook: reduce
+  // them here, innermost (last to run forward) first.
+  for (auto it = forward_order.rbegin(); it != forward_order.rend(); ++it) {
+    if ((*it)->needs_post_backward) post_backward(**it);
+  }
+  for (auto& unit : units) {
+    auto& impl = unit->impl();
+    if (impl.needs_post_backward) post_backward(impl);
+  }
+  for (auto it = forward_order.rbegin(); it != forward_order.rend(); ++it) finish_reductions(**it);
+  for (auto& unit : units) {
+    auto& impl = unit->impl();
+    finish_reductions(impl);
+    reshard(impl);
+    impl.state = TrainingState::Idle;
+  }
+  if (root != nullptr) emit(&EngineHooks::on_final_callback, *root);
+}
+
+// ---------------------------------------------------------------------------
+
+namespace {
+
+class UnitForwardScope final : public Engine::ForwardScope {
+ public:
+  UnitForwardScope(Engine::Impl& engine, Unit::Impl& unit)
+      : engine_(engine), unit_(unit), grad_enabled_(at::GradMode::is_enabled()) {
+    engine_.pre_forward(unit_);
+  }
+  ~UnitForwardScope() override {
+    if (!finished_) {  // the forward threw: leave the engine consistent
+      --engine_.forward_depth;
+      unit_.state = TrainingState::Idle;
+    }
+  }
+  std::vector<at::Tensor> wrap_inputs(std::vector<at::Tensor> inputs) override {
+    if (!grad_enabled_) return inputs;
+    std::vector<size_t> positions;
+    torch::autograd::variable_list needing_grad;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      if (inputs[i].defined() && inputs[i].requires_grad()) {
+        positions.push_back(i);
+        needing_grad.push_back(inputs[i]);
+      }
+    }
+    if (needing_grad.empty()) return inputs;  // the final callback reduces this unit
+    auto wrapped = PostBackwardFunction::apply(needing_grad, reinterpret_cast<int64_t>(&unit_));
+    for (size_t k = 0; k < positions.size(); ++k) inputs[positions[k]] = wrapped[k];
+    return inputs;
+  }
+  void finish(const std::vector<at::Tensor>& outputs) override {
+    finished_ = true;
+    engine_.post_forward(unit_, outputs, grad_enabled_);
+  }
+
+ private:
+  Engine::Impl& engine_;
+  Unit::Impl& unit_;
+  bool grad_enabled_;
+  bool finished_ = false;
+};
+
+}  // namespace
+
+Engine::Engine(EngineOptions options) : impl_(std::make_unique<Impl>()) {
+  impl_->self = this;
+  impl_->options = std::move(options);
+  for (const auto& hooks : impl_->options.hooks) {
+    if (!hooks) throw std::invalid_argument("EngineOptions::hooks holds a null entry");
+  }
+}
+
+Engine::~Engine() {
+  auto& r = detail::registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  for (const auto& [module, unit] : impl_->by_module) r.engines.erase(module);
+}
+
+void Engine::fully_shard(const std::shared_ptr<torch::nn::Module>& module, const FullyShardOptions& options) {
+  if (!module) throw std::invalid_argument("fully_shard: module is null");
+  const std::string name = module->name();
+  if (detail::engine_of(module.get()) != nullptr) {
+    throw std::invalid_argument("fully_shard: module " + name + " is already sharded");
+  }
+  if (!options.shard_group) throw std::invalid_argument("fully_shard(" + name + "): shard_group is null");
+  const bool replicated = options.strategy == ShardingStrategy::NoShard ||
+                          options.strategy == ShardingStrategy::HybridShard;
+  if (replicated && !options.replicate_group) {
+    throw std::invalid_argument(std::string("fully_shard(") + name + "): strategy " + to_string(options.strategy) +
+                                " needs a replicate_group");
+  }
+  if (!replicated && options.replicate_group) {
+    throw std::invalid_argument(std::string("fully_shard(") + name + "): strategy " + to_string(options.strategy) +
+                                " takes no replicate_group");
+  }
+  if (options.strategy == ShardingStrategy::NoShard && options.shard_group->size() != 1) {
+    throw std::invalid_argument("fully_shard(" + name + "): no_shard needs a shard_group of size 1 (make_self_group)");
+  }
+  if (!(options.gradient_predivide_factor > 0.0)) {
+    throw std::invalid_argument("fully_shard(" + name + "): gradient_predivide_factor must be positive");
+  }
+
+  auto unit_impl = std::make_unique<Unit::Impl>();
+  Unit::Impl& unit = *unit_impl;
+  unit.engine = impl_.get();
+  unit.module = module;
+  unit.options = options;
+  unit.shard_world = options.shard_group->size();
+  unit.shard_rank = options.shard_group->rank();
+  unit.reshard_after_forward = options.strategy == ShardingStrategy::FullShard ||
+                               options.strategy == ShardingStrategy::HybridShard;
+
+  if (options.sync_module_states) {
+    torch::NoGradGuard no_grad;
+    for (const auto& group : {options.shard_group, options.replicate_group}) {
+      if (!group || group->size() == 1) continue;
+      for (auto& tensor : module->parameters()) {
+        if (impl_->managed.count(tensor.unsafeGetTensorImpl())) continue;
+        at::Tensor data = tensor.data();
+        at::Tensor contiguous = data.contiguous();
+        group->broadcast(contiguous, BroadcastOptions{})->wait();
+        if (!contiguous.is_same(data)) data.copy_(contiguous);
+      }
+      for (auto& buffer : module->buffers()) {
+        at::Tensor contiguous = buffer.contiguous();
+        group->broadcast(contiguous, BroadcastOptions{})->wait();
+        if (!contiguous.is_same(buffer)) buffer.copy_(contiguous);
+      }
+    }
+  }
+
+  std::unordered_set<const c10::TensorImpl*> seen;
+  c10::optional<at::Device> device;
+  c10::optional<at::ScalarType> dtype;
+  for (const auto& item : module->named_parameters()) {
+    const at::Tensor& param = item.value();
+    const c10::TensorImpl* key = param.unsafeGetTensorImpl();
+    if (impl_->managed.count(key) || !seen.insert(key).second) continue;  // a nested unit's, or tied
+    if (device && param.device() != *device) {
+      throw std::invalid_argument("fully_shard(" + name + "): param '" + item.key() + "' is on " +
+                                  param.device().str() + ", other params of the unit on " + device->str());
+    }
+    if (dtype && param.scalar_type() != *dtype) {
+      throw std::invalid_argument("fully_shard(" + name + "): param '" + item.key() + "' is " +
+                                  c10::toString(param.scalar_type()) + ", other params of the unit " +
+                                  c10::toString(*dtype));
+    }
+    if (param.dim() == 0) {
+      throw std::invalid_argument("fully_shard(" + name + "): param '" + item.key() + "' is 0-dim; shard it as [1]");
+    }
+    device = param.device();
+    dtype = param.scalar_type();
+
+    ShardedParam p;
+    p.fqn = item.key();
+    p.param = param;
+    p.full_shape = param.sizes().vec();
+    p.dim0 = p.full_shape[0];
+    p.row_numel = 1;
+    for (size_t d = 1; d < p.full_shape.size(); ++d) p.row_numel *= p.full_shape[d];
+    p.rows_per_rank = (p.dim0 + unit.shard_world - 1) / unit.shard_world;
+    const int64_t begin = unit.shard_rank * p.rows_per_rank;
+    p.my_rows = std::max<int64_t>(0, std::min(p.rows_per_rank, p.dim0 - begin));
+    p.offset = unit.chunk_total;
+    unit.chunk_total += p.chunk_numel();
+    {
+      torch::NoGradGuard no_grad;
+      p.padded_shard = at::zeros(p.rows_shape(p.rows_per_rank), param.options().requires_grad(false));
+      p.shard_view = p.padded_shard.narrow(0, 0, p.my_rows);
+      if (p.my_rows > 0) p.shard_view.copy_(param.detach().narrow(0, begin, p.my_rows));
+      const at::Tensor& grad = param.grad();
+      at::Tensor sharded_grad;
+      if (grad.defined()) sharded_grad = grad.narrow(0, begin, p.my_rows).clone();
+      p.param.mutable_grad() = at::Tensor();
+      p.param.set_data(p.shard_view);
+      if (sharded_grad.defined()) p.param.mutable_grad() = sharded_grad;
+    }
+    unit.params.push_back(std::move(p));
+  }
+  unit.tensor_options = at::TensorOptions().dtype(dtype.value_or(at::kFloat)).device(device.value_or(at::kCPU));
+
+  for (const auto& p : unit.params) impl_->managed.insert(p.param.unsafeGetTensorImpl());
+  impl_->by_module[module.get()] = &unit;
+  {
+    auto& r = detail::registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    r.engines[module.get()] = this;
+  }
+  impl_->units.push_back(std::make_unique<Unit>(std::move(unit_impl)));
+}
+
+std::unique_ptr<Engine::ForwardScope> Engine::begin_forward(const torch::nn::Module* module) {
+  auto it = impl_->by_module.find(module);
+  if (it == impl_->by_module.end()) throw std::logic_error("fsdp: module is not a unit of this engine");
+  return std::make_unique<UnitForwardScope>(*impl_, *it->second);
+}
+
+const Unit* Engine::root() const {
+  if (impl_->root == nullptr) return nullptr;
+  for (const auto& unit : impl_->units) {
+    if (&unit->impl() == impl_->root) return unit.get();
+  }
+  return nullptr;
+}
+
+std::vector<const Unit*> Engine::units() const {
+  std::vector<const Unit*> result;
+  for (const auto& unit : impl_->units) result.push_back(unit.get());
+  return result;
+}
+
+void Engine::unshard_all() {
+  for (auto& unit : impl_->units) impl_->unshard(unit->impl());
+  for (auto& unit : impl_->units) impl_->wait_unshard(unit->impl());
+}
+
+void Engine::reshard_all() {
+  for (auto& unit : impl_->units) impl_->reshard(unit->impl());
+}
+
+int64_t Engine::unsharded_bytes() const { return impl_->unsharded_bytes; }
+int64_t Engine::peak_unsharded_bytes() const { return impl_->peak_unsharded_bytes; }
+void Engine::reset_peak_unsharded_bytes() { impl_->peak_unsharded_bytes = impl_->unsharded_bytes; }
+
+// ---------------------------------------------------------------------------
+
+Unit::Unit(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Unit::~Unit() = default;
+const std::string& Unit::fqn() const { return impl_->fqn; }
+std::vector<std::string> Unit::param_fqns() const {
+  std::vector<std::string> names;
+  for (const auto& p : impl_->params) names.push_back(p.fqn);
+  return names;
+}
+bool Unit::is_root() const { return impl_->is_root; }
+bool Unit::is_unsharded() const { return impl_->unsharded; }
+TrainingState Unit::state() const { return impl_->state; }
+bool Unit::reshard_after_forward() const { return impl_->reshard_after_forward; }
+const FullyShardOptions& Unit::options() const { return impl_->options; }
+std::vector<int64_t> Unit::shard_rows() const {
+  std::vector<int64_t> rows;
+  for (const auto& p : impl_->params) rows.push_back(p.rows_per_rank);
+  return rows;
+}
+
+at::Tensor forward_sequential(torch::nn::Sequential& sequential, at::Tensor input) {
+  auto run_children = [&](at::Tensor x) {
+    for (auto& child : *sequential) {
+      const torch::nn::Module* raw = child.ptr().get();
+      Engine* engine = detail::engine_of(raw);
+      if (engine == nullptr) {
+        x = child.forward(x);
+        continue;
+      }
+      auto scope = engine->begin_forward(raw);
+      x = child.forward(scope->wrap_inputs({x})[0]);
+      scope->finish({x});
+    }
+    return x;
+  };
+  Engine* engine = detail::engine_of(sequential.ptr().get());
+  if (engine == nullptr) return run_children(std::move(input));
+  auto scope = engine->begin_forward(sequential.ptr().get());
+  at::Tensor output = run_children(scope->wrap_inputs({std::move(input)})[0]);
+  scope->finish({output});
+  return output;
+}
+
+}  // namespace fsdpsim::fsdp

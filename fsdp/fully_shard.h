@@ -1,0 +1,243 @@
+#pragma once
+// fully_shard for LibTorch modules: per-parameter sharding on dim 0 (the
+// design of PyTorch's newer FSDP), one engine per rank.
+//
+//   fsdp::Engine engine(engine_options);                 // one per rank
+//   for (auto& layer : model->layers) engine.fully_shard(layer.ptr(), options);
+//   engine.fully_shard(model.ptr(), options);             // the root last
+//   torch::optim::SGD optimizer(model->parameters(), ...);  // sees the shards
+//   auto out = fsdp::call(model, input);                  // forward through units
+//   loss.backward();  // (sim::backward on fiber ranks) re-gathers, reduce-scatters
+//   optimizer.step();
+//
+// Forward interception: the C++ frontend has no forward hooks, so a unit's
+// forward runs through fsdp::call(module, args...) (or fsdp::forward_sequential
+// for a torch::nn::Sequential), which gathers the unit's parameters before
+// and frees them after. Inside a user module's forward, call sharded children
+// the same way: `x = fsdp::call(block, x);`. Calling an unsharded module
+// through fsdp::call is a plain forward.
+//
+// Parameters: each rank owns a dim-0 chunk of every parameter, padded to
+// ceil(dim0 / world) rows (ranks past the end own an empty chunk). The
+// module's parameter Tensors keep their identity and names; their data is
+// swapped (Tensor::set_data) between the rank's shard (between steps) and the
+// full tensor (inside forward/backward), so optimisers built on
+// module->parameters() step on shards, and param.grad is the sharded grad.
+//
+// Thread-safety: an Engine and its modules belong to one rank (one thread or
+// fiber). Different ranks' engines share nothing but the process groups.
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/sequential.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "backends/process_group.h"
+
+namespace fsdpsim::fsdp {
+
+enum class ShardingStrategy {
+  FullShard,    ///< shard params, grads and optimiser state; reshard after forward
+  ShardGradOp,  ///< like FullShard but keep params gathered from forward to backward
+  NoShard,      ///< replicate params; all-reduce grads (DDP)
+  HybridShard,  ///< shard within shard_group, all-reduce grads across replicate_group
+};
+const char* to_string(ShardingStrategy strategy);
+
+enum class TrainingState { Idle, Forward, PreBackward, PostBackward };
+const char* to_string(TrainingState state);
+
+/// Engine events, for tests (GoogleMock) and traces. Every call names the
+/// unit by its FQN ("" for the root) and the unit's training state.
+class EngineHooks {
+ public:
+  virtual ~EngineHooks() = default;
+  /// All-gather of the unit's params issued (not recorded when already gathered).
+  virtual void on_unshard(const std::string& unit, TrainingState state) = 0;
+  /// The unit's gathered params freed.
+  virtual void on_reshard(const std::string& unit, TrainingState state) = 0;
+  /// The first gradient for one of the unit's outputs arrived.
+  virtual void on_pre_backward(const std::string& unit, TrainingState state) = 0;
+  /// The unit's gradient reduction issued.
+  virtual void on_post_backward(const std::string& unit, TrainingState state) = 0;
+  /// The end-of-backward step ran (once per backward pass, root unit).
+  virtual void on_final_callback(const std::string& unit, TrainingState state) = 0;
+};
+
+/// Does nothing; derive to observe a few events only.
+class NoEngineHooks : public EngineHooks {
+ public:
+  void on_unshard(const std::string&, TrainingState) override {}
+  void on_reshard(const std::string&, TrainingState) override {}
+  void on_pre_backward(const std::string&, TrainingState) override {}
+  void on_post_backward(const std::string&, TrainingState) override {}
+  void on_final_callback(const std::string&, TrainingState) override {}
+};
+
+/// Runs `callback` at the end of the backward pass in flight on this thread
+/// or fiber. The default uses LibTorch's engine; fiber ranks, whose backward
+/// runs through sim::backward, pass sim::queue_backward_callback.
+using QueueBackwardCallback = std::function<void(std::function<void()>)>;
+
+struct EngineOptions {
+  QueueBackwardCallback queue_backward_callback;  ///< empty: LibTorch's engine
+  std::vector<std::shared_ptr<EngineHooks>> hooks;
+};
+
+struct FullyShardOptions {
+  /// Params are sharded over this group (HybridShard: the shard axis).
+  ProcessGroupPtr shard_group;
+  /// HybridShard: grads are all-reduced (averaged) across this group after the
+  /// reduce-scatter. NoShard: the group grads are all-reduced over (the params
+  /// are then "sharded" over a size-1 group).
+  ProcessGroupPtr replicate_group;
+  ShardingStrategy strategy = ShardingStrategy::FullShard;
+  /// Gradients are summed over ranks and divided by the number of ranks they
+  /// were reduced over (the DDP mean). With a predivide factor f, each rank's
+  /// grad is divided by f before the sum and the sum by world / f after.
+  double gradient_predivide_factor = 1.0;
+  /// Broadcast params and buffers from rank 0 of the world before sharding.
+  bool sync_module_states = false;
+};
+
+class Engine;
+class Unit;
+
+/// Runs `module->forward(args...)` as a unit's forward when `module` is
+/// sharded (gather before, free after, backward hooks on inputs and outputs),
+/// as a plain forward otherwise. Tensor arguments and results (a Tensor, a
+/// tuple or vector of them) are what the backward hooks attach to.
+template <typename ModuleHolder, typename... Args>
+auto call(ModuleHolder& module, Args&&... args);
+
+/// forward through every element of `sequential`, each through fsdp::call.
+at::Tensor forward_sequential(torch::nn::Sequential& sequential, at::Tensor input);
+
+class Engine {
+ public:
+  explicit Engine(EngineOptions options = {});
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  /// Makes `module` a unit: shards every parameter of it and its descendants
+  /// that no unit manages yet. Shard children first and the root last.
+  /// Throws std::invalid_argument for a module sharded twice, params on
+  /// different devices, a missing group, or a strategy/group mismatch.
+  void fully_shard(const std::shared_ptr<torch::nn::Module>& module, const FullyShardOptions& options);
+
+  /// The root unit (the outermost one run by fsdp::call), once a forward ran.
+  const Unit* root() const;
+  /// Every unit, in the order fully_shard made them.
+  std::vector<const Unit*> units() const;
+  /// Gathers (or frees) every unit's params outside forward/backward.
+  void unshard_all();
+  void reshard_all();
+
+  /// Bytes of gathered (full) params alive right now, and the peak since
+  /// construction or the last reset.
+  int64_t unsharded_bytes() const;
+  int64_t peak_unsharded_bytes() const;
+  void reset_peak_unsharded_bytes();
+
+  // Used by fsdp::call; not for users.
+  struct ForwardScope;
+  std::unique_ptr<ForwardScope> begin_forward(const torch::nn::Module* module);
+  struct Impl;  // engine.cpp's
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+/// What one unit manages: read-only view for tests and tools.
+class Unit {
+ public:
+  const std::string& fqn() const;
+  /// FQNs of the params this unit manages (relative to the root).
+  std::vector<std::string> param_fqns() const;
+  bool is_root() const;
+  bool is_unsharded() const;
+  TrainingState state() const;
+  bool reshard_after_forward() const;
+  const FullyShardOptions& options() const;
+  /// Rows of each param's padded shard (ceil(dim0 / shard world)).
+  std::vector<int64_t> shard_rows() const;
+
+  struct Impl;
+  explicit Unit(std::unique_ptr<Impl> impl);
+  ~Unit();
+  Impl& impl() { return *impl_; }
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// ---------------------------------------------------------------------------
+// Implementation of the call templates.
+
+struct Engine::ForwardScope {
+  virtual ~ForwardScope() = default;
+  /// Inputs that require grad pass through the unit's post-backward hook.
+  virtual std::vector<at::Tensor> wrap_inputs(std::vector<at::Tensor> inputs) = 0;
+  /// Registers pre-backward hooks on the outputs and frees params if due.
+  virtual void finish(const std::vector<at::Tensor>& outputs) = 0;
+};
+
+namespace detail {
+
+/// The engine of the rank that sharded `module`, or nullptr.
+Engine* engine_of(const torch::nn::Module* module);
+
+template <typename T>
+void collect_tensors(const T& value, std::vector<at::Tensor>& out) {
+  if constexpr (std::is_same_v<std::decay_t<T>, at::Tensor>) {
+    out.push_back(value);
+  } else if constexpr (std::is_same_v<std::decay_t<T>, std::vector<at::Tensor>>) {
+    out.insert(out.end(), value.begin(), value.end());
+  }
+}
+
+template <typename... Ts>
+void collect_tensors(const std::tuple<Ts...>& value, std::vector<at::Tensor>& out) {
+  std::apply([&](const auto&... items) { (collect_tensors(items, out), ...); }, value);
+}
+
+template <typename T>
+T replace_tensors(T&& value, const std::vector<at::Tensor>& replacements, size_t& next) {
+  if constexpr (std::is_same_v<std::decay_t<T>, at::Tensor>) {
+    return replacements[next++];
+  } else if constexpr (std::is_same_v<std::decay_t<T>, std::vector<at::Tensor>>) {
+    std::vector<at::Tensor> result;
+    for (size_t i = 0; i < value.size(); ++i) result.push_back(replacements[next++]);
+    return result;
+  } else {
+    return std::forward<T>(value);
+  }
+}
+
+}  // namespace detail
+
+template <typename ModuleHolder, typename... Args>
+auto call(ModuleHolder& module, Args&&... args) {
+  const torch::nn::Module* raw = module.ptr().get();
+  Engine* engine = detail::engine_of(raw);
+  if (engine == nullptr) return module->forward(std::forward<Args>(args)...);
+  auto scope = engine->begin_forward(raw);
+  std::vector<at::Tensor> inputs;
+  (detail::collect_tensors(args, inputs), ...);
+  std::vector<at::Tensor> wrapped = scope->wrap_inputs(std::move(inputs));
+  size_t next = 0;
+  auto output = module->forward(detail::replace_tensors(std::forward<Args>(args), wrapped, next)...);
+  std::vector<at::Tensor> outputs;
+  detail::collect_tensors(output, outputs);
+  scope->finish(outputs);
+  return output;
+}
+
+}  // namespace fsdpsim::fsdp

@@ -1,5 +1,6 @@
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/engine.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/sequential.h>
@@ -166,20 +167,36 @@ struct Engine::Impl {
 // gradient computation (AccumulateGrad nodes run before it: the ready queue
 // puts them first).
 
-struct PostBackwardFunction : public torch::autograd::Function<PostBackwardFunction> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
-                                                torch::autograd::variable_list inputs, int64_t unit_address) {
-    ctx->saved_data["unit"] = unit_address;
-    return inputs;
+class PostBackwardNode final : public torch::autograd::Node {
+ public:
+  explicit PostBackwardNode(Unit::Impl* unit) : unit_(unit) {}
+  std::string name() const override { return "fsdp::PostBackward"; }
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    unit_->engine->post_backward(*unit_);
+    return std::move(grads);
   }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    auto* unit = reinterpret_cast<Unit::Impl*>(ctx->saved_data["unit"].toInt());
-    unit->engine->post_backward(*unit);
-    grads.emplace_back();  // no gradient for unit_address
-    return grads;
-  }
+
+ private:
+  Unit::Impl* unit_;
 };
+
+// Routes `inputs` through one PostBackwardNode (one node for all of them, so
+// it runs only after every input's gradient is complete).
+torch::autograd::variable_list attach_post_backward(const torch::autograd::variable_list& inputs, Unit::Impl* unit) {
+  auto node = std::shared_ptr<PostBackwardNode>(new PostBackwardNode(unit), torch::autograd::deleteNode);
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs));
+  torch::autograd::variable_list outputs;
+  for (const auto& input : inputs) {
+    at::Tensor output;
+    {
+      at::NoGradGuard no_grad;
+      output = input.view_as(input);
+    }
+    torch::autograd::create_gradient_edge(output, node);
+    outputs.push_back(std::move(output));
+  }
+  return outputs;
+}
 
 // ---------------------------------------------------------------------------
 
@@ -488,7 +505,7 @@ class UnitForwardScope final : public Engine::ForwardScope {
       }
     }
     if (needing_grad.empty()) return inputs;  // the final callback reduces this unit
-    auto wrapped = PostBackwardFunction::apply(needing_grad, reinterpret_cast<int64_t>(&unit_));
+    auto wrapped = attach_post_backward(needing_grad, &unit_);
     for (size_t k = 0; k < positions.size(); ++k) inputs[positions[k]] = wrapped[k];
     return inputs;
   }

@@ -112,9 +112,10 @@ class Unit;
 /// Runs `module->forward(args...)` as a unit's forward when `module` is
 /// sharded (gather before, free after, backward hooks on inputs and outputs),
 /// as a plain forward otherwise. Tensor arguments and results (a Tensor, a
-/// tuple or vector of them) are what the backward hooks attach to.
-template <typename ModuleHolder, typename... Args>
-auto call(ModuleHolder& module, Args&&... args);
+/// tuple or vector of them) are what the backward hooks attach to. `module`
+/// is a std::shared_ptr to the module or its ModuleHolder (torch::nn::Linear).
+template <typename ModuleType, typename... Args>
+auto call(const std::shared_ptr<ModuleType>& module, Args&&... args);
 
 /// forward through every element of `sequential`, each through fsdp::call.
 at::Tensor forward_sequential(torch::nn::Sequential& sequential, at::Tensor input);
@@ -209,9 +210,9 @@ void collect_tensors(const std::tuple<Ts...>& value, std::vector<at::Tensor>& ou
 }
 
 template <typename T>
-T replace_tensors(T&& value, const std::vector<at::Tensor>& replacements, size_t& next) {
+decltype(auto) replace_tensors(T&& value, const std::vector<at::Tensor>& replacements, size_t& next) {
   if constexpr (std::is_same_v<std::decay_t<T>, at::Tensor>) {
-    return replacements[next++];
+    return at::Tensor(replacements[next++]);
   } else if constexpr (std::is_same_v<std::decay_t<T>, std::vector<at::Tensor>>) {
     std::vector<at::Tensor> result;
     for (size_t i = 0; i < value.size(); ++i) result.push_back(replacements[next++]);
@@ -223,9 +224,9 @@ T replace_tensors(T&& value, const std::vector<at::Tensor>& replacements, size_t
 
 }  // namespace detail
 
-template <typename ModuleHolder, typename... Args>
-auto call(ModuleHolder& module, Args&&... args) {
-  const torch::nn::Module* raw = module.ptr().get();
+template <typename ModuleType, typename... Args>
+auto call(const std::shared_ptr<ModuleType>& module, Args&&... args) {
+  const torch::nn::Module* raw = module.get();
   Engine* engine = detail::engine_of(raw);
   if (engine == nullptr) return module->forward(std::forward<Args>(args)...);
   auto scope = engine->begin_forward(raw);
@@ -238,6 +239,11 @@ auto call(ModuleHolder& module, Args&&... args) {
   detail::collect_tensors(output, outputs);
   scope->finish(outputs);
   return output;
+}
+
+template <typename ModuleType, typename... Args>
+auto call(torch::nn::ModuleHolder<ModuleType>& module, Args&&... args) {
+  return call(module.ptr(), std::forward<Args>(args)...);
 }
 
 }  // namespace fsdpsim::fsdp

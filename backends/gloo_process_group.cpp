@@ -1,1 +1,560 @@
-// placeholder
+#include "backends/gloo_process_group.h"
+
+// LibTorch's CMake config does not export USE_C10D_GLOO, but the Debian
+// libtorch is built with Gloo; the class is only visible with the macro.
+#ifndef USE_C10D_GLOO
+#define USE_C10D_GLOO 1
+#endif
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <atomic>
+#include <cctype>
+#include <cerrno>
+#include <condition_variable>
+#include <cstdlib>
+#include <iostream>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+
+#include "backends/collective_checks.h"
+#include "backends/errors.h"
+
+namespace fsdpsim {
+
+namespace {
+
+std::string first_line(const std::string& text) {
+  auto end = text.find('\n');
+  return end == std::string::npos ? text : text.substr(0, end);
+}
+
+// c10::Error::what() appends a C++ backtrace; Gloo's IoException names the
+// source line first. One line of either is what a user needs.
+std::string describe(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const c10::Error& e) {
+    return first_line(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return first_line(e.what());
+  } catch (...) {
+    return "unknown error";
+  }
+}
+
+std::string describe_current() { return describe(std::current_exception()); }
+
+std::exception_ptr collective_error(const CollectiveDesc& desc, const std::string& what) {
+  std::string message = desc.to_string() + " failed: " + what;
+  if (what.find("Timed out") != std::string::npos || what.find("timed out") != std::string::npos) {
+    return std::make_exception_ptr(CollectiveTimeoutError(message));
+  }
+  return std::make_exception_ptr(CommError(message));
+}
+
+bool gloo_handles(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+    case at::kDouble:
+    case at::kHalf:
+    case at::kChar:
+    case at::kByte:
+    case at::kInt:
+    case at::kLong:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Gloo only moves dtypes it can also reduce. Pure data movement does not care
+// about the values, so other dtypes travel as a Gloo dtype of the same width.
+at::Tensor transport_view(const at::Tensor& tensor, const CollectiveDesc& desc) {
+  if (gloo_handles(tensor.scalar_type())) return tensor;
+  switch (tensor.element_size()) {
+    case 1: return tensor.view(at::kByte);
+    case 2: return tensor.view(at::kHalf);
+    case 4: return tensor.view(at::kInt);
+    case 8: return tensor.view(at::kLong);
+    default:
+      std::rethrow_exception(collective_error(
+          desc, std::string("dtype ") + c10::toString(tensor.scalar_type()) + " cannot be sent over Gloo"));
+  }
+}
+
+at::Tensor flat(const at::Tensor& tensor) { return tensor.view({tensor.numel()}); }
+
+// rows: [size, n], row i from group rank i. The fake backend's arithmetic:
+// rank order, in the tensor's dtype, one ATen op per step.
+at::Tensor reduce_rows_in_rank_order(const at::Tensor& rows, ReduceOp op, double predivide,
+                                     double postdivide) {
+  const int64_t size = rows.size(0);
+  // Pre-division happens in the compute type (float for half/bf16), rounded
+  // once to the dtype, so a factor the dtype cannot represent is not
+  // rounded before it is applied.
+  const at::ScalarType dtype = rows.scalar_type();
+  const bool reduced = dtype == at::kHalf || dtype == at::kBFloat16;
+  auto input = [&](int64_t i) -> at::Tensor {
+    if (predivide == 1.0) return rows[i];
+    if (reduced) return at::div(rows[i].to(at::kFloat), predivide).to(dtype);
+    return at::div(rows[i], predivide);
+  };
+  at::Tensor acc = input(0).clone();
+  for (int64_t i = 1; i < size; ++i) {
+    switch (op) {
+      case ReduceOp::Sum:
+      case ReduceOp::Avg: acc.add_(input(i)); break;
+      case ReduceOp::Min: acc = at::minimum(acc, input(i)); break;
+      case ReduceOp::Max: acc = at::maximum(acc, input(i)); break;
+    }
+  }
+  if (op == ReduceOp::Avg) acc.div_(size);
+  if (postdivide != 1.0) acc.div_(postdivide);
+  return acc;
+}
+
+c10d::ReduceOp::RedOpType native_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::Sum:
+    case ReduceOp::Avg: return c10d::ReduceOp::SUM;
+    case ReduceOp::Min: return c10d::ReduceOp::MIN;
+    case ReduceOp::Max: return c10d::ReduceOp::MAX;
+  }
+  return c10d::ReduceOp::SUM;
+}
+
+// ---------------------------------------------------------------------------
+
+// Completion state shared by the Work handle and the callback on Gloo's
+// future. Kept apart from the Work so the future (owned by the c10d work the
+// handle owns) does not own its owner.
+struct WorkState {
+  WorkState(CollectiveDesc d, const Clock& c) : desc(std::move(d)), clock(c) {}
+
+  const CollectiveDesc desc;
+  const Clock& clock;
+
+  std::mutex mutex;  // guards everything below
+  std::condition_variable released_cv;
+  // Completed: the result (or error) is final. Released: every on_completion
+  // callback registered so far has run too; wait() returns only then, so a
+  // caller that waited may rely on its callbacks' effects.
+  bool done = false;
+  bool released = false;
+  std::exception_ptr error;
+  WorkTimes times;
+  std::vector<std::function<void()>> callbacks;
+  // Runs once Gloo finished, before the work counts as completed.
+  std::function<void()> finalize;
+  // Temporaries Gloo reads or writes, released at completion.
+  std::vector<at::Tensor> buffers;
+};
+
+void finish(const std::shared_ptr<WorkState>& state, std::exception_ptr gloo_error) {
+  std::exception_ptr error;
+  std::function<void()> finalize;
+  {
+    std::lock_guard<std::mutex> lock(state->mutex);
+    finalize = std::move(state->finalize);
+  }
+  if (gloo_error) {
+    error = collective_error(state->desc, describe(gloo_error));
+  } else if (finalize) {
+    try {
+      finalize();
+    } catch (...) {
+      error = collective_error(state->desc, "local post-processing: " + describe_current());
+    }
+  }
+  std::vector<at::Tensor> buffers;
+  {
+    std::lock_guard<std::mutex> lock(state->mutex);
+    state->done = true;
+    state->error = error;
+    state->times.end_ns = state->clock.now_ns();
+    buffers.swap(state->buffers);
+  }
+  // Callbacks registered while these run join the queue and run here too.
+  for (;;) {
+    std::vector<std::function<void()>> callbacks;
+    {
+      std::lock_guard<std::mutex> lock(state->mutex);
+      if (state->callbacks.empty()) {
+        state->released = true;
+        break;
+      }
+      callbacks.swap(state->callbacks);
+    }
+    for (auto& callback : callbacks) {
+      // A throwing callback must not unwind into Gloo's worker thread.
+      try {
+        callback();
+      } catch (...) {
+        std::cerr << "fsdpsim: on_completion callback of " << state->desc.to_string()
+                  << " threw: " << describe_current() << std::endl;
+      }
+    }
+  }
+  state->released_cv.notify_all();
+}
+
+class GlooWork final : public Work {
+ public:
+  explicit GlooWork(std::shared_ptr<WorkState> state) : state_(std::move(state)) {}
+
+  /// Completes when `work` (already enqueued on Gloo) does.
+  void attach(c10::intrusive_ptr<c10d::Work> work) {
+    c10d_work_ = work;
+    auto state = state_;
+    work->getFuture()->addCallback([state](c10::ivalue::Future& future) {
+      finish(state, future.hasError() ? future.exception_ptr() : nullptr);
+    });
+  }
+
+  void wait() override {
+    std::unique_lock<std::mutex> lock(state_->mutex);
+    state_->released_cv.wait(lock, [&] { return state_->released; });
+    if (state_->error) std::rethrow_exception(state_->error);
+  }
+
+  bool is_completed() const override {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    return state_->done;
+  }
+
+  std::exception_ptr exception() const override {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    return state_->error;
+  }
+
+  const CollectiveDesc& desc() const override { return state_->desc; }
+
+  WorkTimes times() const override {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    return state_->times;
+  }
+
+  void on_completion(std::function<void()> callback) override {
+    {
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      if (!state_->released) {
+        state_->callbacks.push_back(std::move(callback));
+        return;
+      }
+    }
+    callback();
+  }
+
+ private:
+  std::shared_ptr<WorkState> state_;
+  c10::intrusive_ptr<c10d::Work> c10d_work_;
+};
+
+// ---------------------------------------------------------------------------
+
+std::string partition_string(const std::vector<std::vector<int>>& partition) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < partition.size(); ++i) {
+    out << (i ? ", " : "") << "[";
+    for (size_t j = 0; j < partition[i].size(); ++j) out << (j ? ", " : "") << partition[i][j];
+    out << "]";
+  }
+  out << "]";
+  return out.str();
+}
+
+std::vector<uint8_t> bytes_of(const std::string& text) { return std::vector<uint8_t>(text.begin(), text.end()); }
+
+class GlooProcessGroup final : public ProcessGroup {
+ public:
+  /// options.store is the world's store; this group's keys go under "<name>/".
+  GlooProcessGroup(GlooOptions options, std::shared_ptr<::gloo::transport::Device> device)
+      : options_(std::move(options)),
+        clock_(options_.clock ? *options_.clock : SteadyClock::instance()),
+        device_(std::move(device)) {
+    group_store_ = c10::make_intrusive<c10d::PrefixStore>(options_.name, options_.store);
+    auto gloo_options = c10d::ProcessGroupGloo::Options::create(options_.timeout);
+    gloo_options->devices.push_back(device_);
+    try {
+      pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(group_store_, options_.rank, options_.size,
+                                                        gloo_options);
+    } catch (...) {
+      throw CommError("rank " + std::to_string(options_.rank) + " group " + options_.name +
+                      ": Gloo rendezvous of " + std::to_string(options_.size) + " ranks failed (timeout " +
+                      std::to_string(options_.timeout.count()) + " ms): " + describe_current());
+    }
+  }
+
+  int rank() const override { return options_.rank; }
+  int size() const override { return options_.size; }
+  const std::string& name() const override { return options_.name; }
+  const std::vector<int>& global_ranks() const override { return options_.global_ranks; }
+  uint64_t sequence_number() const override { return seq_.load(); }
+
+  WorkPtr all_gather_into_tensor(const at::Tensor& output, const at::Tensor& input) override {
+    CollectiveDesc desc = check_all_gather(*this, output, input);
+    auto state = begin(std::move(desc));
+    const int64_t n = input.numel();
+    if (n == 0) return completed(state);
+    std::vector<at::Tensor> inputs{flat(transport_view(input, state->desc))};
+    at::Tensor out = flat(transport_view(output, state->desc));
+    std::vector<std::vector<at::Tensor>> outputs(1);
+    for (int r = 0; r < size(); ++r) outputs[0].push_back(out.narrow(0, r * n, n));
+    return issue(state, [&] { return pg_->allgather(outputs, inputs); });
+  }
+
+  WorkPtr reduce_scatter_tensor(const at::Tensor& output, const at::Tensor& input,
+                                const ReduceScatterOptions& options) override {
+    CollectiveDesc desc = check_reduce_scatter(*this, output, input, options);
+    auto state = begin(std::move(desc));
+    const int64_t n = output.numel();
+    if (n == 0) return completed(state);
+    at::Tensor received = at::empty({size(), n}, input.options());
+    state->buffers.push_back(received);
+    state->finalize = [received, output, options] {
+      flat(output).copy_(reduce_rows_in_rank_order(received, options.reduce_op, options.predivide_factor,
+                                                   options.postdivide_factor));
+    };
+    if (size() == 1) {
+      received.copy_(input.view({1, n}));
+      return completed(state);
+    }
+    // Equal splits: chunk j of the input goes to rank j; row i of `received`
+    // comes from rank i.
+    at::Tensor send = flat(transport_view(input, state->desc));
+    at::Tensor recv = flat(transport_view(received, state->desc));
+    std::vector<int64_t> equal_splits;
+    return issue(state, [&] { return pg_->alltoall_base(recv, send, equal_splits, equal_splits); });
+  }
+
+  WorkPtr all_reduce(const at::Tensor& tensor, const AllReduceOptions& options) override {
+    CollectiveDesc desc = check_all_reduce(*this, tensor, options);
+    auto state = begin(std::move(desc));
+    const int64_t n = tensor.numel();
+    if (n == 0) return completed(state);
+    if (!gloo_handles(tensor.scalar_type())) {
+      // Gloo cannot reduce this dtype: gather every rank's tensor, reduce here.
+      at::Tensor gathered = at::empty({size(), n}, tensor.options());
+      state->buffers.push_back(gathered);
+      state->finalize = [gathered, tensor, options] {
+        flat(tensor).copy_(reduce_rows_in_rank_order(gathered, options.reduce_op, 1.0, 1.0));
+      };
+      std::vector<at::Tensor> inputs{flat(transport_view(tensor, state->desc))};
+      at::Tensor out = flat(transport_view(gathered, state->desc));
+      std::vector<std::vector<at::Tensor>> outputs(1);
+      for (int r = 0; r < size(); ++r) outputs[0].push_back(out.narrow(0, r * n, n));
+      return issue(state, [&] { return pg_->allgather(outputs, inputs); });
+    }
+    if (options.reduce_op == ReduceOp::Avg) {
+      const int64_t group_size = size();
+      state->finalize = [tensor, group_size] { tensor.div_(group_size); };
+    }
+    std::vector<at::Tensor> tensors{tensor};
+    c10d::AllreduceOptions gloo_options;
+    gloo_options.reduceOp = native_op(options.reduce_op);
+    return issue(state, [&] { return pg_->allreduce(tensors, gloo_options); });
+  }
+
+  WorkPtr broadcast(const at::Tensor& tensor, const BroadcastOptions& options) override {
+    CollectiveDesc desc = check_broadcast(*this, tensor, options);
+    auto state = begin(std::move(desc));
+    if (tensor.numel() == 0) return completed(state);
+    std::vector<at::Tensor> tensors{transport_view(tensor, state->desc)};
+    c10d::BroadcastOptions gloo_options;
+    gloo_options.rootRank = options.root;
+    return issue(state, [&] { return pg_->broadcast(tensors, gloo_options); });
+  }
+
+  WorkPtr barrier() override {
+    auto state = begin(describe_barrier(*this));
+    return issue(state, [&] { return pg_->barrier(); });
+  }
+
+  ProcessGroupPtr split(const std::vector<std::vector<int>>& partition) override {
+    check_partition(*this, partition);
+    const int index_on_parent = ++splits_;
+    const std::string split_key = "split" + std::to_string(index_on_parent);
+    const std::string context = "split " + std::to_string(index_on_parent) + " of group " + name() +
+                                " (rank " + std::to_string(rank()) + ", partition " +
+                                partition_string(partition) + ")";
+    // Every rank publishes its partition; a rank that passed another one
+    // would otherwise build groups nobody else joins and hang until timeout.
+    const std::string mine = partition_string(partition);
+    std::vector<std::string> keys;
+    for (int r = 0; r < size(); ++r) keys.push_back(split_key + "/partition/" + std::to_string(r));
+    try {
+      group_store_->set(keys[rank()], bytes_of(mine));
+      group_store_->wait(keys, options_.timeout);
+    } catch (...) {
+      throw CommError(context + ": not every rank arrived within " + std::to_string(options_.timeout.count()) +
+                      " ms: " + describe_current());
+    }
+    for (int r = 0; r < size(); ++r) {
+      std::vector<uint8_t> theirs;
+      try {
+        theirs = group_store_->get(keys[r]);
+      } catch (...) {
+        throw CommError(context + ": reading rank " + std::to_string(r) + "'s partition failed: " +
+                        describe_current());
+      }
+      if (theirs != bytes_of(mine)) {
+        throw CommError(context + ": rank " + std::to_string(r) + " passed a different partition " +
+                        std::string(theirs.begin(), theirs.end()));
+      }
+    }
+    for (size_t list = 0; list < partition.size(); ++list) {
+      const auto& ranks = partition[list];
+      for (size_t position = 0; position < ranks.size(); ++position) {
+        if (ranks[position] != rank()) continue;
+        GlooOptions sub = options_;
+        sub.name = name() + "/" + split_key + "." + std::to_string(list);
+        sub.rank = static_cast<int>(position);
+        sub.size = static_cast<int>(ranks.size());
+        sub.global_ranks.clear();
+        for (int r : ranks) sub.global_ranks.push_back(global_ranks()[r]);
+        return std::make_shared<GlooProcessGroup>(std::move(sub), device_);
+      }
+    }
+    return nullptr;
+  }
+
+ private:
+  std::shared_ptr<WorkState> begin(CollectiveDesc desc) {
+    seq_.fetch_add(1);
+    auto state = std::make_shared<WorkState>(std::move(desc), clock_);
+    state->times.issue_ns = clock_.now_ns();
+    // Gloo does not say when the transfer starts; see the header.
+    state->times.start_ns = state->times.issue_ns;
+    return state;
+  }
+
+  WorkPtr completed(const std::shared_ptr<WorkState>& state) {
+    auto work = std::make_shared<GlooWork>(state);
+    finish(state, nullptr);
+    return work;
+  }
+
+  template <typename Start>
+  WorkPtr issue(const std::shared_ptr<WorkState>& state, Start&& start) {
+    auto work = std::make_shared<GlooWork>(state);
+    c10::intrusive_ptr<c10d::Work> gloo_work;
+    try {
+      gloo_work = start();
+    } catch (...) {
+      std::rethrow_exception(collective_error(state->desc, describe_current()));
+    }
+    work->attach(std::move(gloo_work));
+    return work;
+  }
+
+  const GlooOptions options_;
+  const Clock& clock_;
+  std::shared_ptr<::gloo::transport::Device> device_;  // shared with subgroups
+  c10::intrusive_ptr<c10d::Store> group_store_;       // options_.store under "<name>/"
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;
+  std::atomic<uint64_t> seq_{0};
+  int splits_ = 0;
+};
+
+[[noreturn]] void bad_env(const std::string& what) { throw std::invalid_argument("launch environment: " + what); }
+
+int env_int(const char* name, long min, long max) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') bad_env(std::string(name) + " is not set");
+  errno = 0;
+  char* end = nullptr;
+  long parsed = std::strtol(value, &end, 10);
+  // strtol skips leading blanks; "RANK= 1" is more likely a quoting mistake.
+  if (errno != 0 || end == value || *end != '\0' || std::isspace(static_cast<unsigned char>(*value))) {
+    bad_env(std::string(name) + "='" + value + "' is not an integer");
+  }
+  if (parsed < min || parsed > max) {
+    bad_env(std::string(name) + "=" + value + " is outside [" + std::to_string(min) + ", " + std::to_string(max) +
+            "]");
+  }
+  return static_cast<int>(parsed);
+}
+
+}  // namespace
+
+ProcessGroupPtr make_gloo_process_group(GlooOptions options) {
+  const std::string context = "rank " + std::to_string(options.rank) + " group " + options.name;
+  if (!options.store) throw CommError(context + ": GlooOptions.store is null");
+  if (options.size < 1) throw CommError(context + ": group size " + std::to_string(options.size) + " < 1");
+  if (options.rank < 0 || options.rank >= options.size) {
+    throw CommError(context + ": rank is outside [0, " + std::to_string(options.size) + ")");
+  }
+  if (options.name.empty()) throw CommError(context + ": GlooOptions.name is empty");
+  if (options.timeout.count() <= 0) throw CommError(context + ": timeout must be positive");
+  if (options.global_ranks.empty()) {
+    for (int r = 0; r < options.size; ++r) options.global_ranks.push_back(r);
+  } else if (static_cast<int>(options.global_ranks.size()) != options.size) {
+    throw CommError(context + ": " + std::to_string(options.global_ranks.size()) + " global ranks for a group of " +
+                    std::to_string(options.size));
+  }
+  std::shared_ptr<::gloo::transport::Device> device;
+  try {
+    device = c10d::ProcessGroupGloo::createDeviceForHostname(options.hostname);
+  } catch (...) {
+    throw CommError(context + ": cannot create a Gloo device for host '" + options.hostname +
+                    "': " + describe_current());
+  }
+  return std::make_shared<GlooProcessGroup>(std::move(options), std::move(device));
+}
+
+c10::intrusive_ptr<c10d::Store> make_tcp_store(const std::string& host, int port, int world_size,
+                                               bool is_master, std::chrono::milliseconds timeout) {
+  const std::string context = std::string(is_master ? "hosting" : "connecting to") + " TCP store " + host + ":" +
+                              std::to_string(port);
+  if (port < (is_master ? 0 : 1) || port > 65535) throw CommError(context + ": port out of range");
+  if (world_size < 1) throw CommError(context + ": world size " + std::to_string(world_size) + " < 1");
+  c10d::TCPStoreOptions options;
+  options.port = static_cast<std::uint16_t>(port);
+  options.isServer = is_master;
+  options.numWorkers = static_cast<std::size_t>(world_size);
+  // The master must not block here: with port 0 its caller still has to
+  // tell the others which port it got.
+  options.waitWorkers = false;
+  options.timeout = timeout;
+  try {
+    return c10::make_intrusive<c10d::TCPStore>(host, options);
+  } catch (...) {
+    throw CommError(context + " failed: " + describe_current());
+  }
+}
+
+int tcp_store_port(const c10::intrusive_ptr<c10d::Store>& store) {
+  auto* tcp = dynamic_cast<c10d::TCPStore*>(store.get());
+  if (tcp == nullptr) throw std::invalid_argument("tcp_store_port: the store is not a TCPStore");
+  return tcp->getPort();
+}
+
+LaunchEnv LaunchEnv::from_env() {
+  LaunchEnv env;
+  const char* addr = std::getenv("MASTER_ADDR");
+  if (addr == nullptr || *addr == '\0') bad_env("MASTER_ADDR is not set");
+  env.master_addr = addr;
+  env.master_port = env_int("MASTER_PORT", 1, 65535);
+  env.world_size = env_int("WORLD_SIZE", 1, 1 << 20);
+  env.rank = env_int("RANK", 0, env.world_size - 1);
+  return env;
+}
+
+ProcessGroupPtr make_gloo_process_group_from_env(std::chrono::milliseconds timeout) {
+  LaunchEnv env = LaunchEnv::from_env();
+  GlooOptions options;
+  options.store = make_tcp_store(env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout);
+  options.rank = env.rank;
+  options.size = env.world_size;
+  options.timeout = timeout;
+  return make_gloo_process_group(std::move(options));
+}
+
+}  // namespace fsdpsim

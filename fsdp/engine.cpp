@@ -149,6 +149,7 @@ struct Engine::Impl {
 
   void lazy_init_root(Unit::Impl& unit);
   void check_shards(Unit::Impl& unit);
+  void check_gathered(Unit::Impl& unit, const char* when);
   void unshard(Unit::Impl& unit);
   void wait_unshard(Unit::Impl& unit);
   void reshard(Unit::Impl& unit);
@@ -246,6 +247,16 @@ void Engine::Impl::check_shards(Unit::Impl& unit) {
   }
 }
 
+void Engine::Impl::check_gathered(Unit::Impl& unit, const char* when) {
+  if (!unit.unsharded || unit.shard_world == 1) return;
+  for (auto& p : unit.params) {
+    if (p.param.data_ptr() != p.full.data_ptr() || p.param.sizes() != p.full.sizes()) {
+      throw std::runtime_error("param '" + p.fqn + "' of unit '" + unit.fqn + "' was replaced " + when +
+                               " without resharding (write to params between steps, after backward)");
+    }
+  }
+}
+
 void Engine::Impl::unshard(Unit::Impl& unit) {
   if (unit.unsharded || unit.gather_work) return;  // a no-op unshard is not an event
   if (unit.shard_world == 1) {
@@ -314,7 +325,11 @@ void Engine::Impl::pre_forward(Unit::Impl& unit) {
   if (std::find(forward_order.begin(), forward_order.end(), &unit) == forward_order.end()) {
     forward_order.push_back(&unit);
   }
-  if (!unit.unsharded) check_shards(unit);
+  if (unit.unsharded) {
+    check_gathered(unit, "while gathered");
+  } else {
+    check_shards(unit);
+  }
   unshard(unit);
   wait_unshard(unit);
 }
@@ -352,14 +367,7 @@ void Engine::Impl::pre_backward(Unit::Impl& unit) {
   unit.state = TrainingState::PreBackward;
   unit.needs_post_backward = true;
   emit(&EngineHooks::on_pre_backward, unit);
-  if (unit.unsharded) {
-    for (auto& p : unit.params) {
-      if (unit.shard_world > 1 && (p.param.data_ptr() != p.full.data_ptr() || p.param.sizes() != p.full.sizes())) {
-        throw std::runtime_error("param '" + p.fqn + "' of unit '" + unit.fqn +
-                                 "' was replaced between forward and backward without resharding");
-      }
-    }
-  }
+  check_gathered(unit, "between forward and backward");
   unshard(unit);
   wait_unshard(unit);
   for (auto& p : unit.params) {

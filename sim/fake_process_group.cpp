@@ -4,11 +4,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <boost/fiber/condition_variable.hpp>
-#include <boost/fiber/mutex.hpp>
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
 #include <map>
 #include <optional>
 #include <set>
@@ -21,8 +22,43 @@ namespace fsdpsim::sim {
 
 namespace {
 
-using Mutex = boost::fibers::mutex;
+// One std::mutex guards the world: it is only held for bookkeeping, never
+// across a wait, so fibers on one thread never contend for it. Waiting goes
+// through Signal: a futex-based std::condition_variable for thread ranks
+// (Boost.Fiber's spinlocks spin badly with many OS threads on few cores) and
+// a fiber-aware condition variable for fiber ranks (a std:: wait would stall
+// every fiber of the thread).
+using Mutex = std::mutex;
 using Lock = std::unique_lock<Mutex>;
+
+class Signal {
+ public:
+  explicit Signal(bool fibers) : fibers_(fibers) {}
+  void wait(Lock& lock) {
+    if (fibers_) {
+      fiber_cv_.wait(lock);
+    } else {
+      thread_cv_.wait(lock);
+    }
+  }
+  /// False when the deadline passed.
+  bool wait_until(Lock& lock, std::chrono::steady_clock::time_point deadline) {
+    if (fibers_) return fiber_cv_.wait_until(lock, deadline) == boost::fibers::cv_status::no_timeout;
+    return thread_cv_.wait_until(lock, deadline) == std::cv_status::no_timeout;
+  }
+  void notify_all() {
+    if (fibers_) {
+      fiber_cv_.notify_all();
+    } else {
+      thread_cv_.notify_all();
+    }
+  }
+
+ private:
+  const bool fibers_;
+  std::condition_variable thread_cv_;
+  boost::fibers::condition_variable_any fiber_cv_;
+};
 using Callbacks = std::vector<std::function<void()>>;
 
 void run_callbacks(Callbacks& callbacks) {
@@ -142,7 +178,8 @@ struct PendingCollective {
   at::Tensor scratch;
   int64_t start_ns = 0;
   int64_t end_ns = 0;
-  boost::fibers::condition_variable cv;
+  explicit PendingCollective(bool fibers) : cv(fibers) {}
+  Signal cv;
 
   const CollectiveDesc& first_desc() const { return arrivals[first]->desc; }
   std::vector<int> missing_global_ranks() const {
@@ -250,8 +287,8 @@ struct FakeWorldState::Impl {
   }
 };
 
-FakeWorldState::FakeWorldState(int world_size, std::chrono::milliseconds timeout, const Clock& clock)
-    : world_size_(world_size), timeout_(timeout), clock_(clock), impl_(std::make_unique<Impl>()) {
+FakeWorldState::FakeWorldState(int world_size, bool fibers, std::chrono::milliseconds timeout, const Clock& clock)
+    : world_size_(world_size), fibers_(fibers), timeout_(timeout), clock_(clock), impl_(std::make_unique<Impl>()) {
   impl_->where.resize(world_size);
   impl_->exited.assign(world_size, false);
 }
@@ -458,8 +495,7 @@ void FakeWork::wait() {
       p.cv.wait(lock);  // other ranks are finishing the last tasks
       continue;
     }
-    if (p.cv.wait_until(lock, deadline) == boost::fibers::cv_status::timeout &&
-        p.state == CollectiveState::Gathering) {
+    if (!p.cv.wait_until(lock, deadline) && p.state == CollectiveState::Gathering) {
       std::ostringstream msg;
       msg << p.header() << " " << to_string(desc_.op) << ": timed out after " << world_->timeout().count()
           << " ms waiting for ranks " << rank_set_string(p.missing_global_ranks()) << " ("
@@ -568,7 +604,7 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
 
     auto& slot = group_->gathering[desc.seq];
     if (!slot) {
-      slot = std::make_shared<PendingCollective>();
+      slot = std::make_shared<PendingCollective>(world_->fibers());
       slot->group = group_->name;
       slot->seq = desc.seq;
       slot->global_ranks = group_->global_ranks;

@@ -21,8 +21,8 @@
 // dtype's compute type (float or double). Tensors must live on the CPU.
 //
 // Thread-safety: one FakeWorldState per world, shared by all ranks; its state
-// is guarded by one fiber-aware mutex (Boost.Fiber primitives work for
-// thread ranks too). A FakeProcessGroup belongs to one rank.
+// is guarded by one mutex, held only for bookkeeping; waits use a condition
+// variable that suits the rank kind. A FakeProcessGroup belongs to one rank.
 
 #include <chrono>
 #include <map>
@@ -40,10 +40,12 @@ struct PendingCollective;
 
 class FakeWorldState : public std::enable_shared_from_this<FakeWorldState> {
  public:
-  FakeWorldState(int world_size, std::chrono::milliseconds timeout, const Clock& clock);
+  /// `fibers`: the ranks are fibers of one OS thread (waits must be fiber-aware).
+  FakeWorldState(int world_size, bool fibers, std::chrono::milliseconds timeout, const Clock& clock);
   ~FakeWorldState();
 
   int world_size() const { return world_size_; }
+  bool fibers() const { return fibers_; }
   std::chrono::milliseconds timeout() const { return timeout_; }
   const Clock& clock() const { return clock_; }
 
@@ -67,6 +69,7 @@ class FakeWorldState : public std::enable_shared_from_this<FakeWorldState> {
   friend class FakeWork;
   struct Impl;
   const int world_size_;
+  const bool fibers_;
   const std::chrono::milliseconds timeout_;
   const Clock& clock_;
   std::unique_ptr<Impl> impl_;

@@ -128,7 +128,8 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
   c10::intrusive_ptr<c10d::Store> master_store;
   fake_state_.reset();
   if (options_.backend == CommBackend::Fake) {
-    fake_state_ = std::make_shared<FakeWorldState>(n, options_.collective_timeout, SteadyClock::instance());
+    fake_state_ = std::make_shared<FakeWorldState>(n, options_.rank_kind == RankKind::Fibers,
+                                                   options_.collective_timeout, SteadyClock::instance());
     make_group = [this](int rank) { return fake_state_->world_group(rank); };
   } else {
     master_store = make_tcp_store("127.0.0.1", 0, n, /*is_master=*/true, options_.collective_timeout);

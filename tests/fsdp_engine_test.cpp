@@ -103,3 +103,140 @@ TEST(FsdpEngine, ImplicitOrderAndStateAfterForwardAndBackward) {
 
 }  // namespace
 }  // namespace fsdpsim::fsdp
+
+namespace fsdpsim::fsdp {
+namespace {
+
+FullyShardOptions full_shard(const ProcessGroupPtr& group) {
+  FullyShardOptions options;
+  options.shard_group = group;
+  return options;
+}
+
+TEST(FsdpEngineErrors, MisuseIsRejectedWithContext) {
+  sim::World world(threads(2));
+  auto result = world.run([](sim::RankContext& ctx) {
+    Engine engine;
+    auto linear = torch::nn::Linear(4, 3);
+    engine.fully_shard(linear.ptr(), full_shard(ctx.world_group()));
+    try {
+      engine.fully_shard(linear.ptr(), full_shard(ctx.world_group()));
+      ADD_FAILURE() << "sharded twice";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_THAT(e.what(), HasSubstr("already sharded"));
+    }
+    // A param on another device than the rest of its unit.
+    auto mixed = std::make_shared<torch::nn::Module>();
+    mixed->register_parameter("cpu_weight", torch::ones({4}));
+    mixed->register_parameter("meta_weight", torch::ones({4}, torch::kMeta));
+    try {
+      engine.fully_shard(mixed, full_shard(ctx.world_group()));
+      ADD_FAILURE() << "mixed devices accepted";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_THAT(e.what(), HasSubstr("meta_weight"));
+      EXPECT_THAT(e.what(), HasSubstr("meta"));
+    }
+    FullyShardOptions no_group;
+    EXPECT_THROW(engine.fully_shard(torch::nn::Linear(2, 2).ptr(), no_group), std::invalid_argument);
+    FullyShardOptions hybrid = full_shard(ctx.world_group());
+    hybrid.strategy = ShardingStrategy::HybridShard;  // without a replicate group
+    EXPECT_THROW(engine.fully_shard(torch::nn::Linear(2, 2).ptr(), hybrid), std::invalid_argument);
+  });
+  EXPECT_TRUE(result.ok()) << result.error_report();
+}
+
+TEST(FsdpEngineErrors, WritesBetweenStepsLandInTheShardOrFailClearly) {
+  sim::World world(threads(2));
+  auto result = world.run([](sim::RankContext& ctx) {
+    Engine engine;
+    torch::nn::Linear linear(4, 3);
+    engine.fully_shard(linear.ptr(), full_shard(ctx.world_group()));
+    const int64_t rows = ctx.rank() == 0 ? 2 : 1;  // 3 rows over 2 ranks
+    ASSERT_EQ(linear->weight.size(0), rows);
+    {
+      torch::NoGradGuard no_grad;
+      linear->weight.fill_(ctx.rank() + 1);                        // in place: the shard itself
+      linear->bias.set_data(torch::full({rows}, 7.0));              // replaced data, right shape
+    }
+    torch::Tensor out;
+    {
+      torch::NoGradGuard no_grad;  // no backward follows: every unit reshards
+      out = fsdp::call(linear.ptr(), torch::ones({1, 4}));
+    }
+    // Gathered weight rows 0-1 came from rank 0 (1.0), row 2 from rank 1 (2.0).
+    EXPECT_TRUE(torch::equal(out, torch::tensor({{4.0f + 7, 4.0f + 7, 8.0f + 7}}))) << out;
+    linear->weight.set_data(torch::ones({5, 5}));
+    try {
+      fsdp::call(linear.ptr(), torch::ones({1, 4}));
+      ADD_FAILURE() << "a wrong-shape write was accepted";
+    } catch (const std::runtime_error& e) {
+      EXPECT_THAT(e.what(), HasSubstr("Cannot writeback"));
+      EXPECT_THAT(e.what(), HasSubstr("weight"));
+    }
+    // A root stays gathered after a forward with grad; replacing its params
+    // then is refused instead of silently computing with them.
+    linear->weight.set_data(torch::zeros({rows, 4}));
+    fsdp::call(linear.ptr(), torch::ones({1, 4}));
+    linear->weight.set_data(torch::zeros({3, 4}));
+    try {
+      fsdp::call(linear.ptr(), torch::ones({1, 4}));
+      ADD_FAILURE() << "a write to gathered params was accepted";
+    } catch (const std::runtime_error& e) {
+      EXPECT_THAT(e.what(), HasSubstr("replaced while gathered"));
+    }
+  });
+  EXPECT_TRUE(result.ok()) << result.error_report();
+}
+
+TEST(FsdpEngineErrors, ParamReplacedBetweenForwardAndBackwardRaises) {
+  sim::World world(threads(2));
+  auto result = world.run([](sim::RankContext& ctx) {
+    EngineOptions options;
+    options.queue_backward_callback = sim::queue_backward_callback;
+    Engine engine(options);
+    torch::nn::Linear linear(4, 4);
+    FullyShardOptions shard = full_shard(ctx.world_group());
+    shard.strategy = ShardingStrategy::ShardGradOp;  // params stay gathered until backward
+    engine.fully_shard(linear.ptr(), shard);
+    auto out = fsdp::call(linear.ptr(), torch::ones({2, 4}, torch::requires_grad()));
+    linear->weight.set_data(torch::zeros({4, 4}));
+    try {
+      sim::backward(out.sum());
+      ADD_FAILURE() << "backward ran on replaced params";
+    } catch (const std::exception& e) {
+      EXPECT_THAT(e.what(), HasSubstr("replaced between forward and backward"));
+    }
+  });
+  EXPECT_TRUE(result.ok()) << result.error_report();
+}
+
+TEST(FsdpEngine, NoGradAndEvalForwardsLeaveNothingGatheredAndAgree) {
+  sim::World world(threads(2));
+  auto result = world.run([](sim::RankContext& ctx) {
+    Engine engine;
+    auto model = std::make_shared<Stack>();
+    FullyShardOptions options = full_shard(ctx.world_group());
+    for (auto& block : model->blocks) engine.fully_shard(block, options);
+    engine.fully_shard(model, options);
+    auto x = torch::ones({2, 6});
+    torch::Tensor no_grad_out;
+    {
+      torch::NoGradGuard no_grad;
+      no_grad_out = fsdp::call(model, x);
+    }
+    for (const Unit* unit : engine.units()) EXPECT_FALSE(unit->is_unsharded()) << unit->fqn();
+    EXPECT_EQ(engine.unsharded_bytes(), 0);
+    model->eval();
+    torch::Tensor eval_out;
+    {
+      torch::NoGradGuard no_grad;
+      eval_out = fsdp::call(model, x);
+    }
+    EXPECT_TRUE(torch::equal(no_grad_out, eval_out));
+    EXPECT_FALSE(no_grad_out.requires_grad());
+  });
+  EXPECT_TRUE(result.ok()) << result.error_report();
+}
+
+}  // namespace
+}  // namespace fsdpsim::fsdp

@@ -1,0 +1,78 @@
+// Smoke test of fsdpsim_bench_comm: the --quick run ends with exit code 0 and
+// prints every table and ratio line; bad flags exit 2 with one error line.
+// Timings themselves are not checked (the machine may be busy).
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <string>
+
+namespace fsdpsim {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::ContainsRegex;
+using ::testing::Not;
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr
+};
+
+CommandResult run_command(const std::string& command) {
+  CommandResult result;
+  FILE* pipe = ::popen((command + " 2>&1").c_str(), "r");
+  if (pipe == nullptr) return result;
+  char buffer[4096];
+  size_t n = 0;
+  while ((n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0) result.output.append(buffer, n);
+  const int status = ::pclose(pipe);
+  if (status != -1 && WIFEXITED(status)) result.exit_code = WEXITSTATUS(status);
+  return result;
+}
+
+const std::string kBench = std::string(FSDPSIM_TOOLS_DIR) + "/fsdpsim_bench_comm";
+
+TEST(BenchCommSmoke, QuickRunPrintsEveryTableAndRatio) {
+  CommandResult run = run_command(kBench + " --quick");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  const std::string& out = run.output;
+  EXPECT_THAT(out, HasSubstr("[1/3]"));
+  EXPECT_THAT(out, HasSubstr("[2/3]"));
+  EXPECT_THAT(out, HasSubstr("[3/3]"));
+  EXPECT_THAT(out, HasSubstr("== 1. fake backend (thread ranks) vs memcpy"));
+  EXPECT_THAT(out, HasSubstr("world     size  iters   time(ms)      algbw      busbw       copy     memcpy   ratio"));
+  EXPECT_THAT(out, HasSubstr("== 2. Gloo (loopback TCP) vs fake"));
+  EXPECT_THAT(out, HasSubstr("gloo-thr"));
+  EXPECT_THAT(out, HasSubstr("gloo-proc"));
+  EXPECT_THAT(out, HasSubstr("== 3. 256 ranks: fiber ranks vs thread ranks"));
+  EXPECT_THAT(out, HasSubstr("\ntarget: fake all_gather copy >= 0.5 x memcpy at 8 ranks, 16 MiB: "));
+  EXPECT_THAT(out, HasSubstr("(world 2, 1 MiB: ratio "));
+  EXPECT_THAT(out, HasSubstr("\nratio threads/fibers"));
+  // The one-row tables of the quick run: world 2, 1 MiB, numbers in every
+  // Gloo column (thread ranks and the two worker processes).
+  EXPECT_THAT(out, HasSubstr("\n      2    1 MiB      1 "));
+  EXPECT_THAT(out, ContainsRegex("\n +2 +1 MiB \\| +[0-9.]+ +[0-9.]+ \\| +[0-9.]+ +[0-9.]+ +[0-9.]+ \\| "
+                                            "+[0-9.]+ +[0-9.]+ +[0-9.]+\n"));
+  EXPECT_THAT(out, Not(HasSubstr("failed")));
+  EXPECT_THAT(out, HasSubstr("\ntotal "));
+}
+
+TEST(BenchCommSmoke, BadFlagIsOneErrorLineAndExitCode2) {
+  CommandResult run = run_command(kBench + " --bogus");
+  EXPECT_EQ(run.exit_code, 2);
+  EXPECT_EQ(run.output, "fsdpsim_bench_comm: unknown option '--bogus' (see --help)\n");
+}
+
+TEST(BenchCommSmoke, HelpExitsZero) {
+  CommandResult run = run_command(kBench + " --help");
+  EXPECT_EQ(run.exit_code, 0);
+  EXPECT_THAT(run.output, HasSubstr("usage: fsdpsim_bench_comm"));
+  EXPECT_THAT(run.output, HasSubstr("--no-processes"));
+}
+
+}  // namespace
+}  // namespace fsdpsim

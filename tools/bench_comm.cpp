@@ -1,0 +1,798 @@
+// fsdpsim_bench_comm: measures the communication backends side by side in one
+// run and prints three tables:
+//   1. the fake all-gather / reduce-scatter (thread ranks) against a plain
+//      memcpy measured in the same run;
+//   2. Gloo (thread ranks, and separate processes started with the process
+//      launcher) against the fake;
+//   3. a 4096-rank round on fiber ranks against thread ranks.
+//
+// Sizes follow nccl-tests: S is the TOTAL size (per-rank count x element size
+// x n; the all-gather's output, the reduce-scatter's input), algbw = S / t and
+// busbw = algbw x (n-1)/n. One collective's time t is, per iteration, the
+// latest end minus the earliest start over all ranks (each rank starts its
+// clock when it leaves a barrier and stops it when its wait() returns);
+// tables quote the median over the timed iterations after a warm-up.
+//
+// Process mode: the parent re-executes this binary with the hidden flag
+// --worker under launch_processes(); each worker builds its group with
+// make_gloo_process_group_from_env(), runs the same measurement, and rank 0
+// prints "RESULT <op> <world> <bytes> <median_ns> <iters>" lines that the
+// parent parses from the launcher's output.
+//
+// Exit code: 0 when every measurement ran (thread ranks that cannot be
+// created in the scale test are reported, not an error), 1 when one failed,
+// 2 for bad usage.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "backends/gloo_process_group.h"
+#include "backends/process_group.h"
+#include "sim/world.h"
+#include "tools/process_launcher.h"
+
+namespace {
+
+using namespace fsdpsim;
+using namespace std::chrono_literals;
+
+constexpr const char* kProgram = "fsdpsim_bench_comm";
+constexpr int64_t kMiB = 1024 * 1024;
+constexpr int64_t kElementBytes = sizeof(float);
+constexpr double kTargetRatio = 0.5;
+constexpr int kTargetWorld = 8;
+constexpr int64_t kTargetBytes = 16 * kMiB;
+
+const char* kUsage =
+    "usage: fsdpsim_bench_comm [--quick] [--no-processes] [--no-gloo]\n"
+    "  Measures, in one run: the fake all-gather / reduce-scatter (thread ranks) against a\n"
+    "  memcpy of the same bytes; Gloo thread ranks and Gloo processes against the fake; a\n"
+    "  4096-rank round on fiber ranks against thread ranks.\n"
+    "  --quick         tiny run: 1 MiB, world 2, 1 iteration, 2 Gloo processes, 256-rank scale test\n"
+    "  --no-processes  skip the Gloo process measurements\n"
+    "  --no-gloo       skip every Gloo measurement (threads and processes)\n"
+    "  --scale-ranks N ranks of the fiber/thread scale test (default 4096; 256 with --quick)\n"
+    "  --help          this text\n";
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Config {
+  bool quick = false;
+  bool processes = true;
+  bool gloo = true;
+  bool worker = false;
+  std::vector<int64_t> sizes;  // total bytes S
+  std::vector<int> worlds;
+  int scale_ranks = 4096;
+  // Hidden --scale-worker KIND RANKS ROUNDS: one scale measurement.
+  bool scale_worker = false;
+  sim::RankKind scale_kind = sim::RankKind::Fibers;
+  int scale_rounds = 1;
+};
+
+long long parse_integer(const std::string& flag, const std::string& text, long long min, long long max) {
+  size_t used = 0;
+  long long value = 0;
+  try {
+    value = std::stoll(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size() || value < min || value > max) {
+    throw UsageError(flag + " needs an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "], got '" +
+                     text + "'");
+  }
+  return value;
+}
+
+std::vector<int64_t> parse_sizes_mib(const std::string& text) {
+  std::vector<int64_t> sizes;
+  std::stringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    size_t used = 0;
+    long long mib = 0;
+    try {
+      mib = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != item.size() || mib < 1 || mib > 1024) {
+      throw UsageError("--sizes needs a comma-separated list of MiB in [1, 1024], got '" + text + "'");
+    }
+    sizes.push_back(mib * kMiB);
+  }
+  if (sizes.empty()) throw UsageError("--sizes must not be empty");
+  return sizes;
+}
+
+Config parse(int argc, char** argv) {
+  Config config;
+  std::optional<std::vector<int64_t>> sizes;
+  std::optional<int> scale_ranks;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::cout << kUsage;
+      std::exit(0);
+    } else if (arg == "--quick") {
+      config.quick = true;
+    } else if (arg == "--no-processes") {
+      config.processes = false;
+    } else if (arg == "--no-gloo") {
+      config.gloo = false;
+    } else if (arg == "--scale-ranks") {
+      if (i + 1 >= argc) throw UsageError("--scale-ranks needs a value");
+      scale_ranks = static_cast<int>(parse_integer("--scale-ranks", argv[++i], 2, 16384));
+    } else if (arg == "--scale-worker") {  // hidden: KIND RANKS ROUNDS
+      if (i + 3 >= argc) throw UsageError("--scale-worker needs KIND RANKS ROUNDS");
+      const std::string kind = argv[++i];
+      if (kind != sim::to_string(sim::RankKind::Fibers) && kind != sim::to_string(sim::RankKind::Threads)) {
+        throw UsageError("--scale-worker: unknown rank kind '" + kind + "'");
+      }
+      config.scale_worker = true;
+      config.scale_kind = kind == sim::to_string(sim::RankKind::Fibers) ? sim::RankKind::Fibers : sim::RankKind::Threads;
+      scale_ranks = static_cast<int>(parse_integer("--scale-worker RANKS", argv[++i], 2, 16384));
+      config.scale_rounds = static_cast<int>(parse_integer("--scale-worker ROUNDS", argv[++i], 1, 1000));
+    } else if (arg == "--worker") {  // hidden: one rank of the Gloo process measurement
+      config.worker = true;
+    } else if (arg == "--sizes") {  // hidden: the worker's sizes, in MiB
+      if (i + 1 >= argc) throw UsageError("--sizes needs a value");
+      sizes = parse_sizes_mib(argv[++i]);
+    } else {
+      throw UsageError("unknown option '" + arg + "'");
+    }
+  }
+  if (sizes && !config.worker) throw UsageError("--sizes is only for --worker");
+  if (config.quick) {
+    config.sizes = {1 * kMiB};
+    config.worlds = {2};
+    config.scale_ranks = 256;
+  } else {
+    config.sizes = {1 * kMiB, 4 * kMiB, 16 * kMiB, 64 * kMiB};
+    config.worlds = {2, 4, 8};
+  }
+  if (sizes) config.sizes = *sizes;
+  if (scale_ranks) config.scale_ranks = *scale_ranks;
+  return config;
+}
+
+// ---------------------------------------------------------------------------
+// Small helpers
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+double median(std::vector<double> values) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  const size_t mid = values.size() / 2;
+  return values.size() % 2 ? values[mid] : (values[mid - 1] + values[mid]) / 2;
+}
+
+std::string format(const char* pattern, ...) __attribute__((format(printf, 1, 2)));
+std::string format(const char* pattern, ...) {
+  char buffer[512];
+  va_list args;
+  va_start(args, pattern);
+  std::vsnprintf(buffer, sizeof buffer, pattern, args);
+  va_end(args);
+  return buffer;
+}
+
+std::string size_label(int64_t bytes) {
+  return bytes % kMiB == 0 ? format("%lld MiB", static_cast<long long>(bytes / kMiB))
+                           : format("%.2f MiB", static_cast<double>(bytes) / kMiB);
+}
+
+double gbps(double bytes, double ns) { return ns > 0 ? bytes / ns : 0; }  // bytes/ns == GB/s
+
+double bus_factor(int n) { return n > 1 ? static_cast<double>(n - 1) / n : 1.0; }
+
+double seconds_since(int64_t start_ns) { return static_cast<double>(now_ns() - start_ns) / 1e9; }
+
+void progress(const std::string& line) { std::cout << line << std::endl; }
+
+std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+// ---------------------------------------------------------------------------
+// Measurement
+
+enum class Op { AllGather, ReduceScatter };
+const Op kOps[] = {Op::AllGather, Op::ReduceScatter};
+
+const char* op_name(Op op) { return op == Op::AllGather ? "all_gather" : "reduce_scatter"; }
+
+struct Iterations {
+  int warmup = 1;
+  int timed = 1;
+};
+
+// Fewer iterations for large sizes keep the full run within a few minutes on
+// two cores; Gloo moves data through loopback TCP and gets fewer still.
+Iterations iterations_for(int64_t bytes, bool gloo, bool quick) {
+  if (quick) return {0, 1};
+  if (!gloo) {
+    if (bytes <= 1 * kMiB) return {2, 15};
+    if (bytes <= 4 * kMiB) return {2, 11};
+    if (bytes <= 16 * kMiB) return {1, 7};
+    return {1, 5};
+  }
+  if (bytes <= 1 * kMiB) return {1, 9};
+  if (bytes <= 4 * kMiB) return {1, 7};
+  if (bytes <= 16 * kMiB) return {1, 5};
+  return {1, 3};
+}
+
+struct Measurement {
+  double median_ns = 0;
+  int iters = 0;
+  bool ok() const { return iters > 0; }
+};
+
+/// Collective over `pg`: runs op with total size `bytes` (floats), `warmup`
+/// untimed then `timed` timed iterations. Every rank returns the median over
+/// iterations of (latest end - earliest start) across ranks; the per-rank
+/// timestamps are exchanged with an all-gather, so this works the same for
+/// ranks in this process and in other processes (steady_clock is
+/// CLOCK_MONOTONIC, one clock for the whole host).
+Measurement measure(ProcessGroup& pg, Op op, int64_t bytes, Iterations iterations) {
+  const int n = pg.size();
+  const int64_t chunk = bytes / kElementBytes / n;
+  if (chunk * kElementBytes * n != bytes) {
+    throw std::invalid_argument(size_label(bytes) + " does not split into " + std::to_string(n) + " float chunks");
+  }
+  at::Tensor small = at::full({chunk}, 1.0f + static_cast<float>(pg.rank()), at::kFloat);
+  at::Tensor large = at::full({chunk * n}, 0.5f, at::kFloat);  // touched, so no page faults in the timing
+  std::vector<int64_t> stamps(2 * static_cast<size_t>(iterations.timed));
+  for (int i = 0; i < iterations.warmup + iterations.timed; ++i) {
+    pg.barrier()->wait();
+    const int64_t start = now_ns();
+    WorkPtr work = op == Op::AllGather ? pg.all_gather_into_tensor(large, small)
+                                       : pg.reduce_scatter_tensor(small, large, ReduceScatterOptions{});
+    work->wait();
+    const int64_t end = now_ns();
+    if (i >= iterations.warmup) {
+      stamps[2 * (i - iterations.warmup)] = start;
+      stamps[2 * (i - iterations.warmup) + 1] = end;
+    }
+  }
+  small = at::Tensor();
+  large = at::Tensor();
+
+  const int64_t per_rank = 2 * iterations.timed;
+  at::Tensor mine = at::from_blob(stamps.data(), {per_rank}, at::kLong).clone();
+  at::Tensor all = at::empty({per_rank * n}, at::kLong);
+  pg.all_gather_into_tensor(all, mine)->wait();
+  const int64_t* t = all.data_ptr<int64_t>();
+  std::vector<double> durations;
+  for (int i = 0; i < iterations.timed; ++i) {
+    int64_t first_start = INT64_MAX, last_end = INT64_MIN;
+    for (int r = 0; r < n; ++r) {
+      first_start = std::min(first_start, t[r * per_rank + 2 * i]);
+      last_end = std::max(last_end, t[r * per_rank + 2 * i + 1]);
+    }
+    durations.push_back(static_cast<double>(last_end - first_start));
+  }
+  return {median(durations), iterations.timed};
+}
+
+/// One thread copying `bytes` between two prefaulted buffers; median ns.
+double memcpy_median_ns(int64_t bytes, Iterations iterations) {
+  std::unique_ptr<char[]> src(new char[bytes]);
+  std::unique_ptr<char[]> dst(new char[bytes]);
+  std::memset(src.get(), 1, bytes);
+  std::memset(dst.get(), 2, bytes);
+  std::vector<double> samples;
+  volatile char sink = 0;
+  for (int i = 0; i < iterations.warmup + std::max(iterations.timed, 3); ++i) {
+    src[i % bytes] = static_cast<char>(i);
+    const int64_t start = now_ns();
+    std::memcpy(dst.get(), src.get(), bytes);
+    const int64_t end = now_ns();
+    sink = sink + dst[(i * 4099) % bytes];
+    if (i >= iterations.warmup) samples.push_back(static_cast<double>(end - start));
+  }
+  return median(samples);
+}
+
+// Results by (op, world, bytes).
+using Key = std::tuple<Op, int, int64_t>;
+using Results = std::map<Key, Measurement>;
+
+/// Runs every (size, op) on one in-process world. With `memcpy_out`, rank 0
+/// also measures the memcpy baseline of each size right before its
+/// collectives, while the other ranks sleep in the barrier.
+std::string run_world(sim::CommBackend backend, int world_size, const Config& config, Results& results,
+                      std::map<Key, double>* memcpy_out) {
+  sim::WorldOptions options;
+  options.world_size = world_size;
+  options.rank_kind = sim::RankKind::Threads;
+  options.backend = backend;
+  options.collective_timeout = 120s;
+  const bool gloo = backend == sim::CommBackend::Gloo;
+  sim::World world(options);
+  Results local;
+  std::map<Key, double> memcpy_local;
+  sim::WorldResult outcome;
+  try {
+    outcome = world.run([&](sim::RankContext& ctx) {
+      ProcessGroup& pg = *ctx.world_group();
+      for (int64_t bytes : config.sizes) {
+        const Iterations iterations = iterations_for(bytes, gloo, config.quick);
+        if (memcpy_out && ctx.rank() == 0) {
+          memcpy_local[{Op::AllGather, world_size, bytes}] = memcpy_median_ns(bytes, iterations);
+        }
+        for (Op op : kOps) {
+          Measurement m = measure(pg, op, bytes, iterations);
+          if (ctx.rank() == 0) local[{op, world_size, bytes}] = m;
+        }
+      }
+    });
+  } catch (const std::exception& e) {
+    return first_line(e.what());
+  }
+  if (!outcome.ok()) return first_line(outcome.error_report());
+  results.insert(local.begin(), local.end());
+  if (memcpy_out) memcpy_out->insert(memcpy_local.begin(), memcpy_local.end());
+  return "";
+}
+
+std::string sizes_argument(const std::vector<int64_t>& sizes) {
+  std::string text;
+  for (int64_t bytes : sizes) text += (text.empty() ? "" : ",") + std::to_string(bytes / kMiB);
+  return text;
+}
+
+std::string self_exe() {
+  char buffer[4096];
+  ssize_t n = readlink("/proc/self/exe", buffer, sizeof buffer - 1);
+  if (n <= 0) throw std::runtime_error("cannot read /proc/self/exe");
+  return std::string(buffer, static_cast<size_t>(n));
+}
+
+/// Launches `world_size` worker processes and parses rank 0's RESULT lines.
+std::string run_processes(int world_size, const std::vector<int64_t>& sizes, const Config& config,
+                          Results& results) {
+  LaunchOptions options;
+  options.nproc = world_size;
+  options.command = {self_exe(), "--worker", "--sizes", sizes_argument(sizes)};
+  if (config.quick) options.command.push_back("--quick");
+  std::ostringstream output;
+  options.output = &output;
+  options.timeout = 20s;
+  options.deadline = 240s;
+  LaunchResult launched = launch_processes(options);
+  int parsed = 0;
+  std::istringstream lines(output.str());
+  std::string line;
+  const std::string prefix = "[rank 0] RESULT ";
+  while (std::getline(lines, line)) {
+    if (line.compare(0, prefix.size(), prefix) != 0) continue;
+    std::istringstream fields(line.substr(prefix.size()));
+    std::string op;
+    int world = 0;
+    int64_t bytes = 0;
+    double ns = 0;
+    int iters = 0;
+    if (!(fields >> op >> world >> bytes >> ns >> iters) || world != world_size) continue;
+    results[{op == "all_gather" ? Op::AllGather : Op::ReduceScatter, world, bytes}] = {ns, iters};
+    ++parsed;
+  }
+  if (!launched.ok()) return first_line(launched.report());
+  if (parsed != static_cast<int>(2 * sizes.size())) {
+    return "expected " + std::to_string(2 * sizes.size()) + " result lines from rank 0, got " + std::to_string(parsed);
+  }
+  return "";
+}
+
+int worker_main(const Config& config) {
+  ProcessGroupPtr pg;
+  try {
+    pg = make_gloo_process_group_from_env(120s);
+  } catch (const std::invalid_argument& e) {
+    std::cerr << kProgram << ": --worker runs under the process launcher: " << e.what() << std::endl;
+    return 2;
+  }
+  for (int64_t bytes : config.sizes) {
+    const Iterations iterations = iterations_for(bytes, /*gloo=*/true, config.quick);
+    for (Op op : kOps) {
+      Measurement m = measure(*pg, op, bytes, iterations);
+      if (pg->rank() == 0) {
+        std::cout << "RESULT " << op_name(op) << " " << pg->size() << " " << bytes << " "
+                  << static_cast<int64_t>(m.median_ns) << " " << m.iters << std::endl;
+      }
+    }
+  }
+  pg->barrier()->wait();
+  return 0;
+}
+
+// ---------------------------------------------------------------------------
+// Scale: one round at thousands of ranks
+
+struct ScaleResult {
+  std::string error;           // empty when it ran
+  double run_s = 0;            // World::run: start ranks, warm-up barrier, rounds, join
+  double round_median_ns = 0;  // barrier + all_gather + reduce_scatter
+  int rounds = 0;
+};
+
+ScaleResult run_scale(sim::RankKind kind, int ranks, int rounds) {
+  sim::WorldOptions options;
+  options.world_size = ranks;
+  options.rank_kind = kind;
+  options.thread_stack_bytes = 256 * 1024;
+  options.collective_timeout = 300s;
+  std::vector<int64_t> starts(static_cast<size_t>(ranks) * rounds), ends(starts.size());
+  ScaleResult result;
+  result.rounds = rounds;
+  const int64_t started = now_ns();
+  sim::WorldResult outcome;
+  try {
+    sim::World world(options);
+    outcome = world.run([&](sim::RankContext& ctx) {
+      ProcessGroup& pg = *ctx.world_group();
+      const int r = ctx.rank();
+      at::Tensor one = at::full({1}, static_cast<float>(r), at::kFloat);
+      at::Tensor gathered = at::empty({ranks}, at::kFloat);
+      at::Tensor reduced = at::empty({1}, at::kFloat);
+      pg.barrier()->wait();  // every rank exists before the first round
+      for (int i = 0; i < rounds; ++i) {
+        starts[static_cast<size_t>(i) * ranks + r] = now_ns();
+        pg.barrier()->wait();
+        pg.all_gather_into_tensor(gathered, one)->wait();
+        pg.reduce_scatter_tensor(reduced, gathered, ReduceScatterOptions{})->wait();
+        ends[static_cast<size_t>(i) * ranks + r] = now_ns();
+      }
+    });
+  } catch (const std::exception& e) {
+    result.error = first_line(e.what());
+    return result;
+  }
+  result.run_s = seconds_since(started);
+  if (!outcome.ok()) {
+    result.error = first_line(outcome.error_report());
+    return result;
+  }
+  std::vector<double> durations;
+  for (int i = 0; i < rounds; ++i) {
+    const auto begin = static_cast<size_t>(i) * ranks;
+    const int64_t first = *std::min_element(starts.begin() + begin, starts.begin() + begin + ranks);
+    const int64_t last = *std::max_element(ends.begin() + begin, ends.begin() + begin + ranks);
+    durations.push_back(static_cast<double>(last - first));
+  }
+  result.round_median_ns = median(durations);
+  return result;
+}
+
+// ---------------------------------------------------------------------------
+// Sections
+
+struct Report {
+  bool failed = false;
+  Results fake;
+  std::map<Key, double> memcpy_ns;
+};
+
+void section_fake(const Config& config, Report& report) {
+  progress("[1/3] fake all_gather / reduce_scatter (thread ranks) vs memcpy ...");
+  const int64_t started = now_ns();
+  std::map<int, std::string> errors;
+  for (int n : config.worlds) {
+    std::string error = run_world(sim::CommBackend::Fake, n, config, report.fake, &report.memcpy_ns);
+    if (!error.empty()) {
+      errors[n] = error;
+      report.failed = true;
+    }
+  }
+  std::cout << "\n== 1. fake backend (thread ranks) vs memcpy, same run (" << std::thread::hardware_concurrency()
+            << " cores) ==\n"
+            << "  S = total size (all_gather output = reduce_scatter input); each rank contributes S/n.\n"
+            << "  time = median over iterations of (last rank's end - first rank's start).\n"
+            << "  algbw = S/t (the per-rank rate: each rank receives S), busbw = algbw*(n-1)/n.\n"
+            << "  copy = n*S/t: the fake moves n*S bytes in all (all_gather: n ranks each write S;\n"
+            << "         reduce_scatter: n ranks' S-byte inputs are read and summed).\n"
+            << "  memcpy = S/t_memcpy: ONE thread copying one rank's S bytes (std::memcpy, prefaulted),\n"
+            << "         measured right before that size's collectives.\n"
+            << "  ratio = copy / memcpy (aggregate fake throughput vs single-thread memcpy; the fake's\n"
+            << "         n thread ranks share the cores). Per-rank view: algbw / memcpy = ratio / n.\n";
+  for (Op op : kOps) {
+    std::cout << "\n  " << op_name(op) << "\n"
+              << format("  %5s %8s %6s %10s %10s %10s %10s %10s %7s\n", "world", "size", "iters", "time(ms)",
+                        "algbw", "busbw", "copy", "memcpy", "ratio")
+              << format("  %5s %8s %6s %10s %10s %10s %10s %10s %7s\n", "", "", "", "", "GB/s", "GB/s", "GB/s",
+                        "GB/s", "");
+    for (int n : config.worlds) {
+      if (errors.count(n)) {
+        std::cout << format("  %5d  FAILED: %s\n", n, errors[n].c_str());
+        continue;
+      }
+      for (int64_t bytes : config.sizes) {
+        const Measurement& m = report.fake[{op, n, bytes}];
+        const double memcpy_gbps = gbps(bytes, report.memcpy_ns[{Op::AllGather, n, bytes}]);
+        const double algbw = gbps(bytes, m.median_ns);
+        const double copy = algbw * n;
+        std::cout << format("  %5d %8s %6d %10.3f %10.2f %10.2f %10.2f %10.2f %7.2f\n", n, size_label(bytes).c_str(),
+                            m.iters, m.median_ns / 1e6, algbw, algbw * bus_factor(n), copy, memcpy_gbps,
+                            memcpy_gbps > 0 ? copy / memcpy_gbps : 0.0);
+      }
+    }
+  }
+  const Key target{Op::AllGather, kTargetWorld, kTargetBytes};
+  std::string target_line = format("target: fake all_gather copy >= %.1f x memcpy at %d ranks, %s: ", kTargetRatio,
+                                   kTargetWorld, size_label(kTargetBytes).c_str());
+  auto found = report.fake.find(target);
+  if (found != report.fake.end() && found->second.ok()) {
+    const double ratio = gbps(kTargetBytes, found->second.median_ns) * kTargetWorld /
+                         gbps(kTargetBytes, report.memcpy_ns[target]);
+    target_line += format("%s (ratio %.2f)", ratio >= kTargetRatio ? "PASS" : "MISS", ratio);
+  } else {
+    // Not measured in this run; quote the largest measured case instead.
+    const Key nearest{Op::AllGather, config.worlds.back(), config.sizes.back()};
+    auto near = report.fake.find(nearest);
+    const double ratio = near != report.fake.end() && near->second.ok()
+                             ? gbps(config.sizes.back(), near->second.median_ns) * config.worlds.back() /
+                                   gbps(config.sizes.back(), report.memcpy_ns[nearest])
+                             : 0.0;
+    target_line += format("NOT MEASURED%s (world %d, %s: ratio %.2f)", config.quick ? " in --quick" : "",
+                          config.worlds.back(), size_label(config.sizes.back()).c_str(), ratio);
+  }
+  std::cout << "\n" << target_line << "\n" << format("(section 1 took %.2f s)\n", seconds_since(started)) << std::endl;
+}
+
+void section_gloo(const Config& config, Report& report) {
+  if (!config.gloo) {
+    progress("[2/3] Gloo vs fake: skipped (--no-gloo)\n");
+    return;
+  }
+  progress("[2/3] Gloo thread ranks" + std::string(config.processes ? " and Gloo processes" : "") + " vs fake ...");
+  const int64_t started = now_ns();
+  Results threads, processes;
+  std::map<int, std::string> thread_errors, process_errors;
+  for (int n : config.worlds) {
+    std::string error = run_world(sim::CommBackend::Gloo, n, config, threads, nullptr);
+    if (!error.empty()) {
+      thread_errors[n] = error;
+      report.failed = true;
+    }
+  }
+  // Every process loads LibTorch and holds its own buffers; the sizes are not
+  // capped today (the whole full run stays within a few minutes on 2 cores),
+  // but the launch has a deadline and a missing result is reported as such.
+  std::vector<std::string> notes;
+  if (config.processes) {
+    for (int n : config.worlds) {
+      std::string error;
+      try {
+        error = run_processes(n, config.sizes, config, processes);
+      } catch (const std::exception& e) {
+        error = first_line(e.what());
+      }
+      if (!error.empty()) {
+        process_errors[n] = error;
+        report.failed = true;
+      }
+    }
+  } else {
+    notes.push_back("Gloo processes skipped (--no-processes)");
+  }
+
+  std::cout << "\n== 2. Gloo (loopback TCP) vs fake, same sizes and timing ==\n"
+            << "  time in ms, busbw in GB/s; x-fake = Gloo time / fake time (how many times slower).\n"
+            << "  fake: thread ranks, the numbers of section 1. gloo-thr: Gloo with thread ranks in this\n"
+            << "  process. gloo-proc: one process per rank via launch_processes (this binary, --worker).\n";
+  for (const auto& note : notes) std::cout << "  note: " << note << "\n";
+  auto cell = [](const Results& results, const Key& key, double fake_ns, const std::string& error) -> std::string {
+    if (!error.empty()) return format(" %9s %7s %7s", "failed", "-", "-");
+    auto found = results.find(key);
+    if (found == results.end() || !found->second.ok()) return format(" %9s %7s %7s", "-", "-", "-");
+    const int n = std::get<1>(key);
+    const double ns = found->second.median_ns;
+    return format(" %9.3f %7.3f %7.1f", ns / 1e6, gbps(std::get<2>(key), ns) * bus_factor(n),
+                  fake_ns > 0 ? ns / fake_ns : 0.0);
+  };
+  for (Op op : kOps) {
+    std::cout << "\n  " << op_name(op) << "\n"
+              << format("  %5s %8s | %9s %7s | %9s %7s %7s | %9s %7s %7s\n", "world", "size", "fake", "", "gloo-thr",
+                        "", "", "gloo-proc", "", "")
+              << format("  %5s %8s | %9s %7s | %9s %7s %7s | %9s %7s %7s\n", "", "", "time", "busbw", "time", "busbw",
+                        "x-fake", "time", "busbw", "x-fake");
+    for (int n : config.worlds) {
+      for (int64_t bytes : config.sizes) {
+        const Key key{op, n, bytes};
+        auto fake = report.fake.find(key);
+        const double fake_ns = fake != report.fake.end() ? fake->second.median_ns : 0;
+        std::string fake_cell = fake_ns > 0 ? format(" %9.3f %7.3f", fake_ns / 1e6, gbps(bytes, fake_ns) * bus_factor(n))
+                                            : format(" %9s %7s", "-", "-");
+        std::string proc_cell = config.processes ? cell(processes, key, fake_ns, process_errors[n])
+                                                 : format(" %9s %7s %7s", "skipped", "-", "-");
+        std::cout << format("  %5d %8s |", n, size_label(bytes).c_str()) << fake_cell << " |"
+                  << cell(threads, key, fake_ns, thread_errors[n]) << " |" << proc_cell << "\n";
+      }
+    }
+  }
+  for (const auto& [n, error] : thread_errors) {
+    if (!error.empty()) std::cout << "  gloo-thr world " << n << " failed: " << error << "\n";
+  }
+  for (const auto& [n, error] : process_errors) {
+    if (!error.empty()) std::cout << "  gloo-proc world " << n << " failed: " << error << "\n";
+  }
+  std::cout << format("(section 2 took %.2f s)\n", seconds_since(started)) << std::endl;
+}
+
+/// Runs one scale measurement in a child process (this binary,
+/// --scale-worker) so that a run that takes too long can be stopped: a World
+/// cannot be cancelled from outside while its ranks make progress.
+ScaleResult run_scale_child(sim::RankKind kind, int ranks, int rounds, std::chrono::seconds deadline,
+                            bool& timed_out) {
+  LaunchOptions options;
+  options.nproc = 1;
+  options.command = {self_exe(), "--scale-worker", sim::to_string(kind), std::to_string(ranks), std::to_string(rounds)};
+  std::ostringstream output;
+  options.output = &output;
+  options.prefix_output = false;
+  options.timeout = 5s;
+  options.deadline = deadline;
+  LaunchResult launched = launch_processes(options);
+  timed_out = launched.deadline_exceeded;
+  ScaleResult result;
+  result.rounds = rounds;
+  if (timed_out) {
+    result.error = format("did not finish within %lld s (stopped)", static_cast<long long>(deadline.count()));
+    return result;
+  }
+  std::istringstream lines(output.str());
+  std::string line;
+  while (std::getline(lines, line)) {
+    if (line.rfind("SCALE_ERROR ", 0) == 0) {
+      result.error = line.substr(12);
+      return result;
+    }
+    if (line.rfind("SCALE ", 0) == 0) {
+      std::istringstream fields(line.substr(6));
+      if (fields >> result.round_median_ns >> result.run_s) return result;
+    }
+  }
+  result.error = launched.ok() ? "no result line" : first_line(launched.report());
+  return result;
+}
+
+int scale_worker_main(const Config& config) {
+  ScaleResult result = run_scale(config.scale_kind, config.scale_ranks, config.scale_rounds);
+  if (!result.error.empty()) {
+    std::cout << "SCALE_ERROR " << result.error << std::endl;
+  } else {
+    std::cout << "SCALE " << static_cast<int64_t>(result.round_median_ns) << " " << result.run_s << std::endl;
+  }
+  return 0;
+}
+
+void section_scale(const Config& config) {
+  const int target = config.scale_ranks;
+  const int rounds = config.quick ? 1 : 3;
+  const auto deadline = std::chrono::seconds(60);
+  std::vector<int> ladder;
+  if (!config.quick) {
+    for (int ranks : {256, 512}) {
+      if (ranks < target) ladder.push_back(ranks);
+    }
+  }
+  ladder.push_back(target);
+  progress(format("[3/3] %d-rank round (barrier + all_gather of 1 float per rank + reduce_scatter): fibers vs "
+                  "threads ...",
+                  target));
+  const int64_t started = now_ns();
+  std::vector<std::pair<ScaleResult, ScaleResult>> rows;
+  int threads_stopped_at = 0;
+  for (int ranks : ladder) {
+    bool timed_out = false;
+    ScaleResult fibers = run_scale_child(sim::RankKind::Fibers, ranks, rounds, deadline, timed_out);
+    ScaleResult threads;
+    if (threads_stopped_at) {
+      threads.error = format("not run (%d thread ranks already took over %lld s)", threads_stopped_at,
+                             static_cast<long long>(deadline.count()));
+    } else {
+      threads = run_scale_child(sim::RankKind::Threads, ranks, rounds, deadline, timed_out);
+      if (timed_out) threads_stopped_at = ranks;
+    }
+    rows.emplace_back(fibers, threads);
+  }
+
+  std::cout << "\n== 3. " << target << " ranks: fiber ranks vs thread ranks (fake backend) ==\n"
+            << "  round = barrier + all_gather (1 float per rank) + reduce_scatter; its time is the last rank's end\n"
+            << "  minus the first rank's start, median over " << rounds << " round(s) after a warm-up barrier.\n"
+            << "  run = the whole World::run (start the ranks, warm-up barrier, rounds, join). Each kind runs\n"
+            << "  in a child process stopped after " << deadline.count() << " s; fibers: one OS thread, 512 KiB"
+            << " stacks; threads: 256 KiB stacks.\n"
+            << format("  %6s | %10s %8s | %10s %8s | %9s %8s\n", "", "fibers", "", "threads", "", "threads/", "")
+            << format("  %6s | %10s %8s | %10s %8s | %9s %8s\n", "ranks", "round(ms)", "run(s)", "round(ms)", "run(s)",
+                      "fib round", "run");
+  std::string ratio_line;
+  for (size_t i = 0; i < ladder.size(); ++i) {
+    const auto& [fibers, threads] = rows[i];
+    std::string line = format("  %6d |", ladder[i]);
+    line += fibers.error.empty() ? format(" %10.3f %8.3f |", fibers.round_median_ns / 1e6, fibers.run_s)
+                                 : format(" %19s |", "failed");
+    line += threads.error.empty() ? format(" %10.3f %8.3f |", threads.round_median_ns / 1e6, threads.run_s)
+                                  : format(" %19s |", "see below");
+    if (fibers.error.empty() && threads.error.empty() && fibers.round_median_ns > 0 && fibers.run_s > 0) {
+      const double round_ratio = threads.round_median_ns / fibers.round_median_ns;
+      const double run_ratio = threads.run_s / fibers.run_s;
+      line += format(" %9.1f %8.1f", round_ratio, run_ratio);
+      ratio_line = format("ratio threads/fibers at %d ranks: round %.2f, run %.2f", ladder[i], round_ratio, run_ratio);
+      if (ladder[i] != target) ratio_line += format(" (%d ranks: see below)", target);
+    } else if (fibers.error.empty() && threads_stopped_at == ladder[i] && fibers.run_s > 0) {
+      line += format(" %9s %8s", "-", format(">%.0f", static_cast<double>(deadline.count()) / fibers.run_s).c_str());
+      ratio_line = format("ratio threads/fibers at %d ranks: run > %.0f (threads did not finish within %lld s)",
+                          ladder[i], static_cast<double>(deadline.count()) / fibers.run_s,
+                          static_cast<long long>(deadline.count()));
+    } else {
+      line += format(" %9s %8s", "-", "-");
+    }
+    std::cout << line << "\n";
+  }
+  for (size_t i = 0; i < ladder.size(); ++i) {
+    if (!rows[i].first.error.empty()) std::cout << format("  fibers, %d ranks: %s\n", ladder[i], rows[i].first.error.c_str());
+    if (!rows[i].second.error.empty()) {
+      std::cout << format("  threads, %d ranks: %s\n", ladder[i], rows[i].second.error.c_str());
+    }
+  }
+  std::cout << (ratio_line.empty() ? "ratio threads/fibers: n/a (no size ran on both kinds)" : ratio_line) << "\n";
+  std::cout << format("(section 3 took %.2f s)\n", seconds_since(started)) << std::endl;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Config config;
+  try {
+    config = parse(argc, argv);
+  } catch (const UsageError& e) {
+    std::cerr << kProgram << ": " << e.what() << " (see --help)" << std::endl;
+    return 2;
+  }
+  at::set_num_threads(1);
+  try {
+    if (config.worker) return worker_main(config);
+    if (config.scale_worker) return scale_worker_main(config);
+    const int64_t started = now_ns();
+    std::cout << kProgram << ": " << (config.quick ? "quick" : "full") << " run, "
+              << std::thread::hardware_concurrency() << " cores, ATen intra-op threads 1, float32\n"
+              << std::endl;
+    Report report;
+    section_fake(config, report);
+    section_gloo(config, report);
+    section_scale(config);
+    std::cout << format("total %.1f s%s", seconds_since(started), report.failed ? ", SOME MEASUREMENTS FAILED" : "")
+              << std::endl;
+    return report.failed ? 1 : 0;
+  } catch (const std::exception& e) {
+    std::cerr << kProgram << ": " << e.what() << std::endl;
+    return 1;
+  }
+}

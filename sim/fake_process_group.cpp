@@ -70,51 +70,58 @@ void run_callbacks(Callbacks& callbacks) {
 // inner loop over one source vectorises.
 constexpr int64_t kReduceBlock = 2048;
 
-template <typename T>
-T combine(T a, T b, ReduceOp op) {
+template <typename T, ReduceOp Op>
+inline T combine(T a, T b) {
   using Math = at::opmath_type<T>;
-  Math x = static_cast<Math>(a);
-  Math y = static_cast<Math>(b);
-  switch (op) {
-    case ReduceOp::Sum:
-    case ReduceOp::Avg: return static_cast<T>(x + y);
-    case ReduceOp::Min:
-      if constexpr (std::is_floating_point_v<Math>) {
-        if (std::isnan(x) || std::isnan(y)) return static_cast<T>(std::nan(""));
-      }
-      return static_cast<T>(y < x ? y : x);
-    case ReduceOp::Max:
-      if constexpr (std::is_floating_point_v<Math>) {
-        if (std::isnan(x) || std::isnan(y)) return static_cast<T>(std::nan(""));
-      }
-      return static_cast<T>(y > x ? y : x);
+  const Math x = static_cast<Math>(a);
+  const Math y = static_cast<Math>(b);
+  if constexpr (Op == ReduceOp::Sum || Op == ReduceOp::Avg) {
+    return static_cast<T>(x + y);
+  } else {
+    if constexpr (std::is_floating_point_v<Math>) {
+      if (std::isnan(x) || std::isnan(y)) return static_cast<T>(std::nan(""));
+    }
+    if constexpr (Op == ReduceOp::Min) return static_cast<T>(y < x ? y : x);
+    return static_cast<T>(y > x ? y : x);
   }
-  return a;
 }
 
 // dst[i] = src_0[i] op src_1[i] op ... in rank order, each step rounded to T.
 // dst may alias one source at the same positions: every source element is
 // read before dst[i] is written (through the block accumulator).
+template <typename T, ReduceOp Op>
+void reduce_blocks(T* out, const std::vector<const char*>& sources, int64_t count, double predivide) {
+  using Math = at::opmath_type<T>;
+  const Math divisor = static_cast<Math>(predivide);
+  const bool divide = predivide != 1.0;
+  T block[kReduceBlock];
+  for (int64_t begin = 0; begin < count; begin += kReduceBlock) {
+    const int64_t n = std::min(kReduceBlock, count - begin);
+    const auto* first = reinterpret_cast<const T*>(sources[0]) + begin;
+    for (int64_t i = 0; i < n; ++i) block[i] = divide ? static_cast<T>(static_cast<Math>(first[i]) / divisor) : first[i];
+    for (size_t k = 1; k < sources.size(); ++k) {
+      const auto* src = reinterpret_cast<const T*>(sources[k]) + begin;
+      if (divide) {
+        for (int64_t i = 0; i < n; ++i) {
+          block[i] = combine<T, Op>(block[i], static_cast<T>(static_cast<Math>(src[i]) / divisor));
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) block[i] = combine<T, Op>(block[i], src[i]);
+      }
+    }
+    std::memcpy(out + begin, block, n * sizeof(T));
+  }
+}
+
 void reduce_into(void* dst, const std::vector<const char*>& sources, int64_t count, at::ScalarType dtype,
                  ReduceOp op, double predivide) {
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fake_reduce", [&] {
-    using Math = at::opmath_type<scalar_t>;
-    const Math divisor = static_cast<Math>(predivide);
-    auto load = [&](const scalar_t* src, int64_t i) {
-      if (predivide == 1.0) return src[i];
-      return static_cast<scalar_t>(static_cast<Math>(src[i]) / divisor);
-    };
-    scalar_t block[kReduceBlock];
     auto* out = static_cast<scalar_t*>(dst);
-    for (int64_t begin = 0; begin < count; begin += kReduceBlock) {
-      const int64_t n = std::min(kReduceBlock, count - begin);
-      const auto* first = reinterpret_cast<const scalar_t*>(sources[0]) + begin;
-      for (int64_t i = 0; i < n; ++i) block[i] = load(first, i);
-      for (size_t k = 1; k < sources.size(); ++k) {
-        const auto* src = reinterpret_cast<const scalar_t*>(sources[k]) + begin;
-        for (int64_t i = 0; i < n; ++i) block[i] = combine<scalar_t>(block[i], load(src, i), op);
-      }
-      std::memcpy(out + begin, block, n * sizeof(scalar_t));
+    switch (op) {
+      case ReduceOp::Sum:
+      case ReduceOp::Avg: reduce_blocks<scalar_t, ReduceOp::Sum>(out, sources, count, predivide); break;
+      case ReduceOp::Min: reduce_blocks<scalar_t, ReduceOp::Min>(out, sources, count, predivide); break;
+      case ReduceOp::Max: reduce_blocks<scalar_t, ReduceOp::Max>(out, sources, count, predivide); break;
     }
   });
 }

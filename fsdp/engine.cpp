@@ -403,6 +403,21 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
     return;
   }
   const int world = unit.shard_world;
+  const bool replicated = unit.options.replicate_group && unit.options.replicate_group->size() > 1;
+  if (world == 1 && !replicated) {
+    // A world of one: the grad is already the reduced, sharded grad.
+    for (auto& [index, grad] : grads) {
+      at::Tensor& current = unit.params[index].param.mutable_grad();
+      if (current.defined()) {
+        current.add_(grad);
+      } else {
+        current = grad;
+      }
+    }
+    emit(&EngineHooks::on_post_backward, unit);
+    unit.state = TrainingState::Idle;
+    return;
+  }
   int64_t total = 0;
   PendingReduction reduction;
   for (const auto& [index, grad] : grads) {

@@ -29,9 +29,12 @@ struct Stack : torch::nn::Module {
     head = register_module("head", torch::nn::Linear(6, 5));
   }
   torch::Tensor forward(torch::Tensor x) {
-    for (auto& block : blocks) x = fsdp::call(block, x);
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      for (int k = 0; k < (i == 1 ? block1_calls : 1); ++k) x = fsdp::call(blocks[i], x);
+    }
     return head(x);
   }
+  int block1_calls = 1;  // > 1: a module called several times in one forward
   std::vector<std::shared_ptr<Block>> blocks;
   torch::nn::Linear head{nullptr};
 };
@@ -236,6 +239,201 @@ TEST(FsdpEngine, NoGradAndEvalForwardsLeaveNothingGatheredAndAgree) {
     EXPECT_FALSE(no_grad_out.requires_grad());
   });
   EXPECT_TRUE(result.ok()) << result.error_report();
+}
+
+}  // namespace
+}  // namespace fsdpsim::fsdp
+
+#include "scenarios/engine_trace.h"
+#include "sim/trace.h"
+
+namespace fsdpsim::fsdp {
+namespace {
+
+// Plain autograd on the unsharded module: what every rank's shard must match
+// after the DDP mean (sum over ranks in rank order, divided by the world).
+struct ReferenceGrads {
+  std::vector<torch::Tensor> mean;
+};
+
+class MockEngineHooks : public EngineHooks {
+ public:
+  MOCK_METHOD(void, on_unshard, (const std::string&, TrainingState), (override));
+  MOCK_METHOD(void, on_reshard, (const std::string&, TrainingState), (override));
+  MOCK_METHOD(void, on_pre_backward, (const std::string&, TrainingState), (override));
+  MOCK_METHOD(void, on_post_backward, (const std::string&, TrainingState), (override));
+  MOCK_METHOD(void, on_final_callback, (const std::string&, TrainingState), (override));
+};
+
+TEST(FsdpEngineHooks, GMockSeesTheEventsInOrderWithTrainingStates) {
+  sim::WorldOptions options = threads(1);
+  sim::World world(options);
+  auto result = world.run([](sim::RankContext& ctx) {
+    auto mock = std::make_shared<::testing::StrictMock<MockEngineHooks>>();
+    EngineOptions engine_options;
+    engine_options.hooks = {mock};
+    engine_options.queue_backward_callback = sim::queue_backward_callback;
+    Engine engine(engine_options);
+    auto model = std::make_shared<Stack>();
+    FullyShardOptions shard = full_shard(ctx.world_group());
+    for (auto& block : model->blocks) engine.fully_shard(block, shard);
+    engine.fully_shard(model, shard);
+    {
+      ::testing::InSequence in_order;
+      for (const char* unit : {"block2", "block1", "block0"}) {
+        EXPECT_CALL(*mock, on_pre_backward(unit, TrainingState::PreBackward));
+        EXPECT_CALL(*mock, on_post_backward(unit, TrainingState::PostBackward));
+      }
+      EXPECT_CALL(*mock, on_post_backward("", TrainingState::PostBackward));
+      EXPECT_CALL(*mock, on_final_callback("", TrainingState::Idle));
+    }
+    // A world of one gathers nothing: no unshard/reshard events (StrictMock
+    // fails on any). The root's pre-backward comes first of all.
+    EXPECT_CALL(*mock, on_pre_backward("", TrainingState::PreBackward)).Times(1);
+    auto out = fsdp::call(model, torch::ones({2, 6}));
+    sim::backward(out.sum());
+  });
+  EXPECT_TRUE(result.ok()) << result.error_report();
+}
+
+// Runs `body` on every rank of a 2-rank world with Stack sharded FullShard
+// and compares each rank's grad shards with the mean of plain autograd over
+// both ranks' inputs. The arithmetic is the same (fp32, rank-order sum, then
+// divide by 2) except where a test says so, so the comparison is exact.
+void expect_grads_match_reference(
+    const std::function<torch::Tensor(std::shared_ptr<Stack>&, const torch::Tensor&)>& loss_of,
+    double tolerance) {
+  const int world_size = 2;
+  auto input_of = [](int rank) { return torch::arange(12, torch::kFloat).reshape({2, 6}) * (rank + 1) / 10; };
+  at::set_num_threads(1);
+  torch::manual_seed(0);
+  auto reference = std::make_shared<Stack>();
+  std::vector<torch::Tensor> mean;
+  for (int r = 0; r < world_size; ++r) {
+    reference->zero_grad();
+    loss_of(reference, input_of(r)).backward();
+    auto params = reference->parameters();
+    for (size_t i = 0; i < params.size(); ++i) {
+      auto g = params[i].grad().clone();
+      if (r == 0) {
+        mean.push_back(g);
+      } else {
+        mean[i].add_(g);
+      }
+    }
+  }
+  for (auto& m : mean) m.div_(world_size);
+
+  std::mutex init;
+  sim::World world(threads(world_size));
+  auto result = world.run([&](sim::RankContext& ctx) {
+    EngineOptions engine_options;
+    engine_options.queue_backward_callback = sim::queue_backward_callback;
+    Engine engine(engine_options);
+    std::shared_ptr<Stack> model;
+    {
+      std::lock_guard<std::mutex> lock(init);
+      model = make_stack(engine, ctx.world_group(), ShardingStrategy::FullShard);
+    }
+    sim::backward(loss_of(model, input_of(ctx.rank())));
+    auto params = model->parameters();
+    ASSERT_EQ(params.size(), mean.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      const int64_t rows_per_rank = (mean[i].size(0) + world_size - 1) / world_size;
+      const int64_t begin = std::min<int64_t>(ctx.rank() * rows_per_rank, mean[i].size(0));
+      const int64_t rows = std::min<int64_t>(rows_per_rank, mean[i].size(0) - begin);
+      auto expected = mean[i].narrow(0, begin, rows);
+      ASSERT_TRUE(params[i].grad().defined()) << "param " << i;
+      if (tolerance == 0) {
+        EXPECT_TRUE(torch::equal(params[i].grad(), expected)) << "param " << i << " rank " << ctx.rank();
+      } else {
+        EXPECT_TRUE(torch::allclose(params[i].grad(), expected, tolerance, tolerance))
+            << "param " << i << " rank " << ctx.rank() << " max diff "
+            << (params[i].grad() - expected).abs().max().item<float>();
+      }
+    }
+  });
+  EXPECT_TRUE(result.ok()) << result.error_report();
+}
+
+TEST(FsdpEngineSemantics, ModuleCalledTwiceInOneForward) {
+  // block1 runs twice; its two gradient contributions are reduced separately
+  // and added (a + b rounds like the reference's accumulated grad only up to
+  // fp32 rounding of the sum order): tolerance 1e-6.
+  expect_grads_match_reference(
+      [](std::shared_ptr<Stack>& model, const torch::Tensor& x) {
+        model->block1_calls = 2;
+        return fsdp::call(model, x).sum();
+      },
+      1e-6);
+}
+
+TEST(FsdpEngineSemantics, TwoForwardsThenOneBackward) {
+  expect_grads_match_reference(
+      [](std::shared_ptr<Stack>& model, const torch::Tensor& x) {
+        auto first = fsdp::call(model, x).sum();
+        auto second = fsdp::call(model, x * 2).sum();
+        return first + second;
+      },
+      1e-6);
+}
+
+TEST(FsdpEngineSemantics, SingleForwardIsExact) {
+  expect_grads_match_reference(
+      [](std::shared_ptr<Stack>& model, const torch::Tensor& x) { return fsdp::call(model, x).pow(2).sum(); }, 0);
+}
+
+TEST(FsdpEngineSemantics, SyncModuleStatesBroadcastsParamsAndBuffersFromRankZero) {
+  sim::World world(threads(3));
+  auto result = world.run([](sim::RankContext& ctx) {
+    Engine engine;
+    torch::nn::Linear linear(4, 6);
+    {
+      torch::NoGradGuard no_grad;
+      linear->weight.fill_(ctx.rank() + 1);
+    }
+    auto buffer = linear->register_buffer("steps", torch::full({2}, static_cast<int64_t>(ctx.rank() * 10)));
+    FullyShardOptions options = full_shard(ctx.world_group());
+    options.sync_module_states = true;
+    engine.fully_shard(linear.ptr(), options);
+    EXPECT_TRUE(torch::equal(linear->weight, torch::ones_like(linear->weight)));  // rank 0's value
+    EXPECT_TRUE(torch::equal(linear->named_buffers()["steps"], torch::zeros({2}, torch::kLong)));
+  });
+  EXPECT_TRUE(result.ok()) << result.error_report();
+}
+
+TEST(FsdpEngineTrace, EngineEventsAreRecordedBesideTheCollectives) {
+  auto recorder = std::make_shared<sim::TraceRecorder>(2);
+  sim::WorldOptions options = threads(2);
+  options.trace = recorder;
+  sim::World world(options);
+  std::mutex init;
+  auto result = world.run([&](sim::RankContext& ctx) {
+    EngineOptions engine_options;
+    engine_options.hooks = {std::make_shared<scenarios::TraceEngineHooks>(recorder, ctx.rank())};
+    engine_options.queue_backward_callback = sim::queue_backward_callback;
+    Engine engine(engine_options);
+    std::shared_ptr<Stack> model;
+    {
+      std::lock_guard<std::mutex> lock(init);
+      model = make_stack(engine, ctx.world_group(), ShardingStrategy::FullShard);
+    }
+    sim::backward(fsdp::call(model, torch::ones({2, 6})).sum());
+  });
+  ASSERT_TRUE(result.ok()) << result.error_report();
+  std::vector<std::string> rank0;
+  for (const auto& event : recorder->events()) {
+    if (event.rank != 0) continue;
+    rank0.push_back(event.is_collective() ? to_string(event.op) : event.kind + " " + event.name);
+  }
+  // Each unshard is followed by its all-gather; each post-backward by... the
+  // reduce-scatter is issued just before the post_backward event.
+  ASSERT_GE(rank0.size(), 4u);
+  EXPECT_EQ(rank0[0], "all_gather");
+  EXPECT_EQ(rank0[1], "unshard <root>");
+  EXPECT_EQ(std::count(rank0.begin(), rank0.end(), "all_gather"), 7);   // B+1 forward, B backward
+  EXPECT_EQ(std::count(rank0.begin(), rank0.end(), "reduce_scatter"), 4);  // B+1
+  EXPECT_EQ(rank0.back(), "final_callback <root>");
 }
 
 }  // namespace

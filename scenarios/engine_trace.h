@@ -1,0 +1,43 @@
+#pragma once
+// Records engine events (unshard, reshard, pre/post-backward, final callback)
+// into a TraceRecorder, beside the collectives of the same rank. Lives here
+// because it joins the two lower layers: fsdp (events) and sim (traces).
+
+#include <memory>
+
+#include "backends/clock.h"
+#include "fsdp/fully_shard.h"
+#include "sim/trace.h"
+
+namespace fsdpsim::scenarios {
+
+class TraceEngineHooks final : public fsdp::EngineHooks {
+ public:
+  TraceEngineHooks(std::shared_ptr<sim::TraceRecorder> recorder, int rank,
+                   const Clock& clock = SteadyClock::instance())
+      : recorder_(std::move(recorder)), rank_(rank), clock_(clock) {}
+
+  void on_unshard(const std::string& unit, fsdp::TrainingState state) override { record("unshard", unit, state); }
+  void on_reshard(const std::string& unit, fsdp::TrainingState state) override { record("reshard", unit, state); }
+  void on_pre_backward(const std::string& unit, fsdp::TrainingState state) override {
+    record("pre_backward", unit, state);
+  }
+  void on_post_backward(const std::string& unit, fsdp::TrainingState state) override {
+    record("post_backward", unit, state);
+  }
+  void on_final_callback(const std::string& unit, fsdp::TrainingState state) override {
+    record("final_callback", unit, state);
+  }
+
+ private:
+  void record(const char* kind, const std::string& unit, fsdp::TrainingState state) {
+    const int64_t now = clock_.now_ns();
+    recorder_->record_engine_event(rank_, kind, unit.empty() ? "<root>" : unit, fsdp::to_string(state), now, now);
+  }
+
+  std::shared_ptr<sim::TraceRecorder> recorder_;
+  int rank_;
+  const Clock& clock_;
+};
+
+}  // namespace fsdpsim::scenarios

@@ -27,6 +27,15 @@ const char* to_string(ShardingStrategy strategy) {
   return "unknown";
 }
 
+const char* to_string(BackwardPrefetch policy) {
+  switch (policy) {
+    case BackwardPrefetch::None: return "none";
+    case BackwardPrefetch::BackwardPre: return "backward_pre";
+    case BackwardPrefetch::BackwardPost: return "backward_post";
+  }
+  return "unknown";
+}
+
 const char* to_string(TrainingState state) {
   switch (state) {
     case TrainingState::Idle: return "idle";
@@ -126,7 +135,13 @@ struct Unit::Impl {
   WorkPtr gather_work;
   at::Tensor gather_buffer;
   bool needs_post_backward = false;
+  bool backward_done = false;      // its post-backward ran in this backward pass
+  bool prefetch_in_flight = false; // gathered ahead, not yet used by the unit
   std::vector<PendingReduction> pending;
+  std::vector<Unit::Impl*> forward_prefetch;   // explicit lists (empty: implicit)
+  std::vector<Unit::Impl*> backward_prefetch;
+  bool explicit_forward_prefetch = false;
+  bool explicit_backward_prefetch = false;
 };
 
 struct Engine::Impl {
@@ -138,7 +153,10 @@ struct Engine::Impl {
   Unit::Impl* root = nullptr;
   int forward_depth = 0;
   bool final_callback_queued = false;
-  std::vector<Unit::Impl*> forward_order;  // units in the order their forward started
+  std::vector<Unit::Impl*> forward_order;       // units in the order their forward started
+  std::vector<Unit::Impl*> post_forward_order;  // ... and finished; reversed, the backward order
+  std::vector<Unit::Impl*> last_forward_order;  // forward_order of the previous forward
+  int prefetches_in_flight = 0;
   int64_t unsharded_bytes = 0;
   int64_t peak_unsharded_bytes = 0;
 
@@ -160,6 +178,11 @@ struct Engine::Impl {
   void finish_reductions(Unit::Impl& unit);
   void final_callback();
   void queue_final_callback();
+  void finish_post_backward(Unit::Impl& unit);
+  void prefetch(Unit::Impl& unit, Unit::Impl* target);
+  void prefetch_forward(Unit::Impl& unit);
+  void prefetch_backward(Unit::Impl& unit);
+  Unit::Impl* unit_of(const std::shared_ptr<torch::nn::Module>& module, const char* what);
 };
 
 // ---------------------------------------------------------------------------
@@ -276,6 +299,10 @@ void Engine::Impl::unshard(Unit::Impl& unit) {
 }
 
 void Engine::Impl::wait_unshard(Unit::Impl& unit) {
+  if (unit.prefetch_in_flight) {
+    unit.prefetch_in_flight = false;
+    --prefetches_in_flight;
+  }
   if (unit.unsharded) return;
   if (!unit.gather_work) unshard(unit);
   if (unit.unsharded) return;
@@ -285,8 +312,10 @@ void Engine::Impl::wait_unshard(Unit::Impl& unit) {
   at::Tensor by_rank = unit.gather_buffer.view({world, unit.chunk_total});
   for (auto& p : unit.params) {
     std::vector<int64_t> padded_shape = p.rows_shape(world * p.rows_per_rank);
-    // reshape copies the strided column block into one contiguous tensor
-    at::Tensor full = by_rank.narrow(1, p.offset, p.chunk_numel()).reshape(padded_shape).narrow(0, 0, p.dim0);
+    // One contiguous copy of the strided column block (reshape alone may
+    // return a strided view, which changes kernels' paths and results).
+    at::Tensor full =
+        by_rank.narrow(1, p.offset, p.chunk_numel()).reshape(padded_shape).contiguous().narrow(0, 0, p.dim0);
     stash_grad(p);
     p.full = full;
     p.param.set_data(full);
@@ -300,6 +329,8 @@ void Engine::Impl::wait_unshard(Unit::Impl& unit) {
 void Engine::Impl::reshard(Unit::Impl& unit) {
   if (unit.gather_work) wait_unshard(unit);  // never free a buffer a collective still writes
   if (!unit.unsharded) return;
+  // The event comes before the free: a hook that delays here delays the free.
+  if (unit.shard_world > 1) emit(&EngineHooks::on_reshard, unit);
   unit.unsharded = false;
   for (auto& p : unit.params) {
     if (unit.shard_world > 1) {
@@ -312,13 +343,16 @@ void Engine::Impl::reshard(Unit::Impl& unit) {
       p.stashed_grad = at::Tensor();
     }
   }
-  if (unit.shard_world > 1) emit(&EngineHooks::on_reshard, unit);
 }
 
 void Engine::Impl::pre_forward(Unit::Impl& unit) {
   if (forward_depth == 0) {
     lazy_init_root(unit);
-    if (&unit == root) forward_order.clear();
+    if (&unit == root) {
+      if (!forward_order.empty()) last_forward_order = forward_order;
+      forward_order.clear();
+      post_forward_order.clear();
+    }
   }
   ++forward_depth;
   unit.state = TrainingState::Forward;
@@ -332,10 +366,14 @@ void Engine::Impl::pre_forward(Unit::Impl& unit) {
   }
   unshard(unit);
   wait_unshard(unit);
+  prefetch_forward(unit);
 }
 
 void Engine::Impl::post_forward(Unit::Impl& unit, const std::vector<at::Tensor>& outputs, bool grad_enabled) {
   --forward_depth;
+  post_forward_order.erase(std::remove(post_forward_order.begin(), post_forward_order.end(), &unit),
+                           post_forward_order.end());
+  post_forward_order.push_back(&unit);
   if (grad_enabled) {
     Engine::Impl* engine = this;
     Unit::Impl* target = &unit;
@@ -369,6 +407,7 @@ void Engine::Impl::pre_backward(Unit::Impl& unit) {
   emit(&EngineHooks::on_pre_backward, unit);
   check_gathered(unit, "between forward and backward");
   unshard(unit);
+  if (options.backward_prefetch == BackwardPrefetch::BackwardPre) prefetch_backward(unit);
   wait_unshard(unit);
   for (auto& p : unit.params) {
     if (p.param.sizes() != at::IntArrayRef(p.full_shape)) {
@@ -383,6 +422,7 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
   if (!unit.unsharded) return;  // nothing was computed with gathered params
   unit.state = TrainingState::PostBackward;
   unit.needs_post_backward = false;
+  unit.backward_done = true;
   // Take the full-size grads aside, free the gathered params (reshard first,
   // as PyTorch's FSDP does), then reduce-scatter the grads.
   std::vector<std::pair<size_t, at::Tensor>> grads;
@@ -399,7 +439,7 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
   }
   reshard(unit);
   if (grads.empty()) {
-    unit.state = TrainingState::Idle;
+    finish_post_backward(unit);
     return;
   }
   const int world = unit.shard_world;
@@ -415,7 +455,7 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
       }
     }
     emit(&EngineHooks::on_post_backward, unit);
-    unit.state = TrainingState::Idle;
+    finish_post_backward(unit);
     return;
   }
   int64_t total = 0;
@@ -453,7 +493,50 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
   }
   unit.pending.push_back(std::move(reduction));
   emit(&EngineHooks::on_post_backward, unit);
+  finish_post_backward(unit);
+}
+
+void Engine::Impl::finish_post_backward(Unit::Impl& unit) {
+  if (options.backward_prefetch == BackwardPrefetch::BackwardPost) prefetch_backward(unit);
   unit.state = TrainingState::Idle;
+}
+
+void Engine::Impl::prefetch(Unit::Impl& unit, Unit::Impl* target) {
+  for (auto& hooks : options.hooks) hooks->on_prefetch(unit.fqn, target ? target->fqn : "", unit.state);
+  if (target == nullptr || target->unsharded || target->gather_work) return;
+  if (prefetches_in_flight >= options.max_prefetches_in_flight) return;
+  unshard(*target);
+  if (target->gather_work) {
+    target->prefetch_in_flight = true;
+    ++prefetches_in_flight;
+  }
+}
+
+void Engine::Impl::prefetch_forward(Unit::Impl& unit) {
+  if (unit.explicit_forward_prefetch) {
+    for (Unit::Impl* target : unit.forward_prefetch) prefetch(unit, target);
+    return;
+  }
+  if (!options.forward_prefetch) return;
+  auto it = std::find(last_forward_order.begin(), last_forward_order.end(), &unit);
+  if (it == last_forward_order.end()) return;  // first forward: no order known yet
+  ++it;
+  prefetch(unit, it == last_forward_order.end() ? nullptr : *it);
+}
+
+void Engine::Impl::prefetch_backward(Unit::Impl& unit) {
+  if (unit.explicit_backward_prefetch) {
+    for (Unit::Impl* target : unit.backward_prefetch) {
+      if (!target->backward_done) prefetch(unit, target);
+    }
+    return;
+  }
+  // Backward runs in reverse post-forward order: the root (its outputs get
+  // their gradient first), then the last block, ...
+  auto it = std::find(post_forward_order.rbegin(), post_forward_order.rend(), &unit);
+  Unit::Impl* next = nullptr;
+  if (it != post_forward_order.rend() && ++it != post_forward_order.rend() && !(*it)->backward_done) next = *it;
+  prefetch(unit, next);
 }
 
 void Engine::Impl::finish_reductions(Unit::Impl& unit) {
@@ -495,8 +578,9 @@ void Engine::Impl::final_callback() {
   for (auto& unit : units) {
     auto& impl = unit->impl();
     finish_reductions(impl);
-    reshard(impl);
+    reshard(impl);  // also lands prefetches that turned out unused
     impl.state = TrainingState::Idle;
+    impl.backward_done = false;
   }
   if (root != nullptr) emit(&EngineHooks::on_final_callback, *root);
 }
@@ -551,6 +635,9 @@ Engine::Engine(EngineOptions options) : impl_(std::make_unique<Impl>()) {
   impl_->options = std::move(options);
   for (const auto& hooks : impl_->options.hooks) {
     if (!hooks) throw std::invalid_argument("EngineOptions::hooks holds a null entry");
+  }
+  if (impl_->options.max_prefetches_in_flight < 0) {
+    throw std::invalid_argument("EngineOptions::max_prefetches_in_flight must be >= 0");
   }
 }
 
@@ -691,6 +778,33 @@ std::vector<const Unit*> Engine::units() const {
   std::vector<const Unit*> result;
   for (const auto& unit : impl_->units) result.push_back(unit.get());
   return result;
+}
+
+Unit::Impl* Engine::Impl::unit_of(const std::shared_ptr<torch::nn::Module>& module, const char* what) {
+  auto it = by_module.find(module.get());
+  if (it == by_module.end()) {
+    throw std::invalid_argument(std::string(what) + ": module " + (module ? module->name() : "null") +
+                                " is not a unit of this engine (call fully_shard on it first)");
+  }
+  return it->second;
+}
+
+void Engine::set_forward_prefetch(const std::shared_ptr<torch::nn::Module>& module,
+                                  const std::vector<std::shared_ptr<torch::nn::Module>>& targets) {
+  Unit::Impl* unit = impl_->unit_of(module, "set_forward_prefetch");
+  unit->forward_prefetch.clear();
+  for (const auto& target : targets) unit->forward_prefetch.push_back(impl_->unit_of(target, "set_forward_prefetch"));
+  unit->explicit_forward_prefetch = true;
+}
+
+void Engine::set_backward_prefetch(const std::shared_ptr<torch::nn::Module>& module,
+                                   const std::vector<std::shared_ptr<torch::nn::Module>>& targets) {
+  Unit::Impl* unit = impl_->unit_of(module, "set_backward_prefetch");
+  unit->backward_prefetch.clear();
+  for (const auto& target : targets) {
+    unit->backward_prefetch.push_back(impl_->unit_of(target, "set_backward_prefetch"));
+  }
+  unit->explicit_backward_prefetch = true;
 }
 
 void Engine::unshard_all() {

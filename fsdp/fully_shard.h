@@ -68,6 +68,9 @@ class EngineHooks {
   virtual void on_post_backward(const std::string& unit, TrainingState state) = 0;
   /// The end-of-backward step ran (once per backward pass, root unit).
   virtual void on_final_callback(const std::string& unit, TrainingState state) = 0;
+  /// `unit` chose `target` to gather ahead ("" = nothing to prefetch). A
+  /// target already gathered or in flight gets no on_unshard.
+  virtual void on_prefetch(const std::string& unit, const std::string& target, TrainingState state) = 0;
 };
 
 /// Does nothing; derive to observe a few events only.
@@ -78,6 +81,7 @@ class NoEngineHooks : public EngineHooks {
   void on_pre_backward(const std::string&, TrainingState) override {}
   void on_post_backward(const std::string&, TrainingState) override {}
   void on_final_callback(const std::string&, TrainingState) override {}
+  void on_prefetch(const std::string&, const std::string&, TrainingState) override {}
 };
 
 /// Runs `callback` at the end of the backward pass in flight on this thread
@@ -85,9 +89,25 @@ class NoEngineHooks : public EngineHooks {
 /// runs through sim::backward, pass sim::queue_backward_callback.
 using QueueBackwardCallback = std::function<void(std::function<void()>)>;
 
+/// When backward gathers the next unit (the next in reverse post-forward
+/// order: the root first, then the last block, ...).
+enum class BackwardPrefetch {
+  None,          ///< each unit gathers itself when its backward begins
+  BackwardPre,   ///< issue the next unit's gather before this unit's gradient compute
+  BackwardPost,  ///< issue it after this unit's gradient compute (its reduce-scatter issued)
+};
+const char* to_string(BackwardPrefetch policy);
+
 struct EngineOptions {
   QueueBackwardCallback queue_backward_callback;  ///< empty: LibTorch's engine
   std::vector<std::shared_ptr<EngineHooks>> hooks;
+  BackwardPrefetch backward_prefetch = BackwardPrefetch::BackwardPre;
+  /// Implicit forward prefetch: when a unit's forward starts, gather the unit
+  /// that followed it in the previous forward.
+  bool forward_prefetch = false;
+  /// Prefetched gathers issued but not yet used by their unit; further
+  /// prefetches wait (are skipped) so memory cannot run away.
+  int max_prefetches_in_flight = 2;
 };
 
 struct FullyShardOptions {
@@ -137,6 +157,13 @@ class Engine {
   const Unit* root() const;
   /// Every unit, in the order fully_shard made them.
   std::vector<const Unit*> units() const;
+  /// Explicit prefetch lists (override the implicit choice for `module`):
+  /// when its forward (backward) begins, gather `targets` in order.
+  void set_forward_prefetch(const std::shared_ptr<torch::nn::Module>& module,
+                            const std::vector<std::shared_ptr<torch::nn::Module>>& targets);
+  void set_backward_prefetch(const std::shared_ptr<torch::nn::Module>& module,
+                             const std::vector<std::shared_ptr<torch::nn::Module>>& targets);
+
   /// Gathers (or frees) every unit's params outside forward/backward.
   void unshard_all();
   void reshard_all();
@@ -159,8 +186,11 @@ class Engine {
 /// What one unit manages: read-only view for tests and tools.
 class Unit {
  public:
+  /// The unit's module path from the root ("" for the root); "" until the
+  /// first forward found the root.
   const std::string& fqn() const;
-  /// FQNs of the params this unit manages (relative to the root).
+  /// FQNs of the params this unit manages: relative to the root once the
+  /// first forward found the root, relative to the unit's module before.
   std::vector<std::string> param_fqns() const;
   bool is_root() const;
   bool is_unsharded() const;
@@ -234,7 +264,13 @@ auto call(const std::shared_ptr<ModuleType>& module, Args&&... args) {
   (detail::collect_tensors(args, inputs), ...);
   std::vector<at::Tensor> wrapped = scope->wrap_inputs(std::move(inputs));
   size_t next = 0;
-  auto output = module->forward(detail::replace_tensors(std::forward<Args>(args), wrapped, next)...);
+  // A braced initialiser evaluates left to right (function arguments do not),
+  // so the i-th tensor argument gets the i-th wrapped tensor.
+  std::tuple<decltype(detail::replace_tensors(std::forward<Args>(args), wrapped, next))...> replaced{
+      detail::replace_tensors(std::forward<Args>(args), wrapped, next)...};
+  auto output = std::apply(
+      [&](auto&&... forwarded) { return module->forward(std::forward<decltype(forwarded)>(forwarded)...); },
+      std::move(replaced));
   std::vector<at::Tensor> outputs;
   detail::collect_tensors(output, outputs);
   scope->finish(outputs);

@@ -28,6 +28,13 @@ class TraceEngineHooks final : public fsdp::EngineHooks {
   void on_final_callback(const std::string& unit, fsdp::TrainingState state) override {
     record("final_callback", unit, state);
   }
+  void on_prefetch(const std::string& unit, const std::string& target, fsdp::TrainingState state) override {
+    const int64_t now = clock_.now_ns();
+    recorder_->record_engine_event(rank_, "prefetch", unit.empty() ? "<root>" : unit,
+                                   std::string(fsdp::to_string(state)) + " -> " +
+                                       (target.empty() ? "none" : target),
+                                   now, now);
+  }
 
  private:
   void record(const char* kind, const std::string& unit, fsdp::TrainingState state) {

@@ -46,6 +46,7 @@ class RecordingHooks : public EngineHooks {
   void on_pre_backward(const std::string&, TrainingState) override {}
   void on_post_backward(const std::string& unit, TrainingState) override { events.push_back("PB " + name(unit)); }
   void on_final_callback(const std::string&, TrainingState) override { events.push_back("final"); }
+  void on_prefetch(const std::string&, const std::string&, TrainingState) override {}
   static std::string name(const std::string& unit) { return unit.empty() ? "root" : unit; }
   std::vector<std::string> events;
 };
@@ -98,7 +99,9 @@ TEST(FsdpEngine, ImplicitOrderAndStateAfterForwardAndBackward) {
   ASSERT_TRUE(result.ok()) << result.error_report();
   const std::vector<std::string> expected = {
       "U root", "U block0", "R block0", "U block1", "R block1", "U block2", "R block2",  // forward
-      "U block2", "R block2", "PB block2", "U block1", "R block1", "PB block1", "U block0", "R block0",
+      // backward, implicit BACKWARD_PRE prefetch: each unshard one slot early
+      // (the reference's U L2, U L1, PB L2, U L0, PB L1, PB L0, PB root)
+      "U block2", "U block1", "R block2", "PB block2", "U block0", "R block1", "PB block1", "R block0",
       "PB block0", "R root", "PB root", "final"};
   EXPECT_EQ(events[0], expected);
   EXPECT_EQ(events[1], expected);
@@ -263,6 +266,7 @@ class MockEngineHooks : public EngineHooks {
   MOCK_METHOD(void, on_pre_backward, (const std::string&, TrainingState), (override));
   MOCK_METHOD(void, on_post_backward, (const std::string&, TrainingState), (override));
   MOCK_METHOD(void, on_final_callback, (const std::string&, TrainingState), (override));
+  MOCK_METHOD(void, on_prefetch, (const std::string&, const std::string&, TrainingState), (override));
 };
 
 TEST(FsdpEngineHooks, GMockSeesTheEventsInOrderWithTrainingStates) {
@@ -290,6 +294,7 @@ TEST(FsdpEngineHooks, GMockSeesTheEventsInOrderWithTrainingStates) {
     // A world of one gathers nothing: no unshard/reshard events (StrictMock
     // fails on any). The root's pre-backward comes first of all.
     EXPECT_CALL(*mock, on_pre_backward("", TrainingState::PreBackward)).Times(1);
+    EXPECT_CALL(*mock, on_prefetch(::testing::_, ::testing::_, ::testing::_)).Times(::testing::AnyNumber());
     auto out = fsdp::call(model, torch::ones({2, 6}));
     sim::backward(out.sum());
   });

@@ -1,0 +1,537 @@
+#include "scenarios/parity.h"
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <iomanip>
+#include <sstream>
+#include <stdexcept>
+#include <tuple>
+#include <unordered_map>
+
+#include "backends/comm_hooks.h"
+#include "sim/fiber_autograd.h"
+#include "sim/trace.h"
+
+namespace fsdpsim::scenarios {
+
+const char* to_string(OptimizerKind kind) {
+  switch (kind) {
+    case OptimizerKind::SGD: return "sgd";
+    case OptimizerKind::Adam: return "adam";
+  }
+  return "?";
+}
+
+int64_t CollectiveCounts::total() const {
+  int64_t sum = 0;
+  for (int64_t count : by_op) sum += count;
+  return sum;
+}
+
+std::string ParityConfig::describe() const {
+  std::ostringstream out;
+  out << scenario.name;
+  if (scenario.name == "double_linear" && !scenario.use_second_linear) out << "(lin1 only)";
+  if (scenario.name == "transformer" && !scenario.batch_norm) out << "(no bn)";
+  out << " " << fsdp::to_string(strategy);
+  if (strategy == fsdp::ShardingStrategy::HybridShard) {
+    out << " " << replicate_size << "x" << (replicate_size > 0 ? world_size / replicate_size : 0);
+  }
+  out << " world " << world_size << " " << sim::to_string(rank_kind) << " " << sim::to_string(backend);
+  if (rank_kind == sim::RankKind::Fibers && schedule == sim::SchedulePolicy::SeededRandom) {
+    out << " schedule-seed " << schedule_seed;
+  }
+  out << " " << to_string(optimizer) << " steps " << steps;
+  if (zero_grad_set_to_none_alternate) out << " alternate-set-to-none";
+  if (!tolerance.exact()) out << " atol " << tolerance.atol << " rtol " << tolerance.rtol;
+  return out.str();
+}
+
+std::string Mismatch::to_string() const {
+  std::ostringstream out;
+  out << "step " << step << " rank " << rank << " " << what;
+  if (!fqn.empty()) out << " " << fqn;
+  out << ": max |diff| " << max_abs_diff;
+  if (!detail.empty()) out << " (" << detail << ")";
+  return out.str();
+}
+
+std::string ParityReport::summary() const {
+  std::ostringstream out;
+  out << config.describe() << ": ";
+  if (!error.empty()) {
+    out << "FAILED to run: " << error;
+    return out.str();
+  }
+  out << (ok() ? "parity holds" : "PARITY BROKEN") << " (" << mismatch_count << " mismatches; reference "
+      << std::fixed << std::setprecision(2) << seconds_reference << " s, sharded " << seconds_sharded << " s)\n";
+  out << std::defaultfloat << std::setprecision(6);
+  for (size_t s = 0; s < steps.size(); ++s) {
+    out << "  step " << s << " max |diff|: loss " << steps[s].loss << ", param after backward "
+        << steps[s].param_after_backward << ", grad " << steps[s].grad << ", param after step "
+        << steps[s].param_after_step << "\n";
+  }
+  for (const auto& mismatch : mismatches) out << "  " << mismatch.to_string() << "\n";
+  return out.str();
+}
+
+namespace {
+
+enum Phase { kLoss = 0, kParamAfterBackward = 1, kGrad = 2, kParamAfterStep = 3 };
+const char* phase_name(int phase) {
+  switch (phase) {
+    case kLoss: return "loss";
+    case kParamAfterBackward: return "param after backward";
+    case kGrad: return "grad";
+    case kParamAfterStep: return "param after step";
+  }
+  return "?";
+}
+
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(OptimizerKind kind, const std::vector<at::Tensor>& params) {
+  switch (kind) {
+    case OptimizerKind::SGD:
+      return std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(1e-2).momentum(0.9));
+    case OptimizerKind::Adam:
+      return std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(1e-2));
+  }
+  throw std::invalid_argument("unknown optimizer");
+}
+
+// LibTorch 1.13's Optimizer::zero_grad() only zeroes; PyTorch's newer tests
+// alternate with set_to_none (None vs zero matters for Adam).
+void zero_grad(const std::vector<at::Tensor>& params, bool set_to_none) {
+  for (const auto& param : params) {
+    auto& grad = param.mutable_grad();
+    if (!grad.defined()) continue;
+    if (set_to_none) {
+      grad.reset();
+    } else {
+      grad.detach_();
+      grad.zero_();
+    }
+  }
+}
+
+bool set_to_none_at(const ParityConfig& config, int step) {
+  return !config.zero_grad_set_to_none_alternate || step % 2 == 0;
+}
+
+/// Values of one phase of one step, by param index: one tensor shared by
+/// every replica, or one per replica (rank-local params).
+struct Snapshot {
+  std::vector<std::vector<at::Tensor>> values;
+  const at::Tensor& get(size_t param, int replica) const {
+    const auto& per_replica = values[param];
+    return per_replica.size() == 1 ? per_replica[0] : per_replica[static_cast<size_t>(replica)];
+  }
+};
+
+struct ReferenceStep {
+  std::vector<at::Tensor> loss;  // per replica
+  Snapshot param_after_backward;
+  Snapshot grad;
+  Snapshot param_after_step;
+};
+
+struct Reference {
+  std::vector<std::string> fqns;
+  std::unordered_map<std::string, size_t> index;
+  std::vector<ReferenceStep> steps;
+};
+
+at::Tensor copy_of(const at::Tensor& t) { return t.defined() ? t.detach().clone() : at::Tensor(); }
+
+Reference run_reference(const ParityConfig& config) {
+  // The rank threads run one intra-op thread each; so must the reference.
+  at::set_num_threads(1);
+  const int world = config.world_size;
+  std::vector<std::unique_ptr<Scenario>> replicas;
+  std::vector<std::vector<at::Tensor>> params(world);
+  std::vector<std::unique_ptr<torch::optim::Optimizer>> optimizers;
+  Reference reference;
+  for (int r = 0; r < world; ++r) {
+    replicas.push_back(make_scenario(config.scenario, r));
+    auto named = unique_named_parameters(*replicas.back()->module());
+    for (auto& [fqn, param] : named) {
+      if (r == 0) {
+        reference.index[fqn] = reference.fqns.size();
+        reference.fqns.push_back(fqn);
+      }
+      params[r].push_back(param);
+    }
+    if (params[r].size() != reference.fqns.size()) throw std::logic_error("replicas of different shapes");
+    optimizers.push_back(make_optimizer(config.optimizer, params[r]));
+  }
+  const auto local = replicas[0]->rank_local_params();
+  std::vector<bool> is_local(reference.fqns.size());
+  for (size_t i = 0; i < reference.fqns.size(); ++i) is_local[i] = local.count(reference.fqns[i]) > 0;
+
+  auto snapshot = [&](const std::function<at::Tensor(const at::Tensor&)>& value) {
+    Snapshot snap;
+    snap.values.resize(reference.fqns.size());
+    for (size_t i = 0; i < reference.fqns.size(); ++i) {
+      if (is_local[i]) {
+        for (int r = 0; r < world; ++r) snap.values[i].push_back(copy_of(value(params[r][i])));
+      } else {
+        snap.values[i].push_back(copy_of(value(params[0][i])));
+      }
+    }
+    return snap;
+  };
+
+  for (int step = 0; step < config.steps; ++step) {
+    ReferenceStep record;
+    for (int r = 0; r < world; ++r) {
+      zero_grad(params[r], set_to_none_at(config, step));
+      auto loss = replicas[r]->forward_loss(replicas[r]->input(r, step));
+      loss.backward();
+      record.loss.push_back(loss.detach().clone());
+    }
+    // DDP: the mean over replicas, summed in rank order then divided (the
+    // fake backend's reduce-scatter / all-reduce with ReduceOp::Avg).
+    for (size_t i = 0; i < reference.fqns.size(); ++i) {
+      if (is_local[i]) continue;
+      bool any = false;
+      for (int r = 0; r < world; ++r) any = any || params[r][i].grad().defined();
+      if (!any) continue;
+      at::Tensor sum;
+      for (int r = 0; r < world; ++r) {
+        at::Tensor grad = params[r][i].grad();
+        if (!grad.defined()) grad = at::zeros_like(params[r][i]);
+        if (r == 0) {
+          sum = grad.detach().clone();
+        } else {
+          sum.add_(grad);
+        }
+      }
+      sum.div_(static_cast<int64_t>(world));
+      for (int r = 0; r < world; ++r) params[r][i].mutable_grad() = sum.clone();
+    }
+    record.param_after_backward = snapshot([](const at::Tensor& p) { return p; });
+    record.grad = snapshot([](const at::Tensor& p) { return p.grad(); });
+    for (auto& optimizer : optimizers) optimizer->step();
+    record.param_after_step = snapshot([](const at::Tensor& p) { return p; });
+    reference.steps.push_back(std::move(record));
+  }
+  return reference;
+}
+
+/// Counts each collective by (step, phase) on one rank.
+class CountingCommHooks : public DefaultCommHooks {
+ public:
+  explicit CountingCommHooks(int steps) : counts_(static_cast<size_t>(steps)) {}
+  void set(int step, int phase) {
+    step_ = step;
+    phase_ = phase;
+  }
+  void stop() { step_ = -1; }
+  void before(const CollectiveDesc& desc) override {
+    if (step_ < 0) return;
+    auto& step = counts_[static_cast<size_t>(step_)];
+    CollectiveCounts& counts = phase_ == 0 ? step.forward : phase_ == 1 ? step.backward : step.optimizer;
+    ++counts.by_op[static_cast<size_t>(desc.op)];
+  }
+  const std::vector<StepCommCounts>& counts() const { return counts_; }
+
+ private:
+  std::vector<StepCommCounts> counts_;
+  int step_ = -1;
+  int phase_ = 0;
+};
+
+/// Where a rank's shard of a param sits: shard `index` of `count` on dim 0.
+struct Placement {
+  int index = 0;
+  int count = 1;
+};
+
+struct Outcome {
+  bool ok = true;
+  double max_abs_diff = 0.0;
+  std::string detail;
+};
+
+std::string shape_string(const at::Tensor& t) {
+  std::ostringstream out;
+  out << t.sizes();
+  return out.str();
+}
+
+Outcome compare_values(const at::Tensor& actual, const at::Tensor& expected, const Tolerance& tolerance) {
+  Outcome outcome;
+  if (actual.scalar_type() != expected.scalar_type()) {
+    outcome.ok = false;
+    outcome.detail = std::string("dtype ") + c10::toString(actual.scalar_type()) + ", reference " +
+                     c10::toString(expected.scalar_type());
+    return outcome;
+  }
+  if (actual.numel() == 0) return outcome;
+  outcome.max_abs_diff = (actual.to(at::kDouble) - expected.to(at::kDouble)).abs().max().item<double>();
+  outcome.ok = tolerance.exact() ? at::equal(actual, expected)
+                                 : at::allclose(actual, expected, tolerance.rtol, tolerance.atol);
+  if (!outcome.ok) {
+    auto differ = tolerance.exact() ? actual.ne(expected)
+                                    : (actual.to(at::kDouble) - expected.to(at::kDouble)).abs().gt(
+                                          tolerance.atol + tolerance.rtol * expected.to(at::kDouble).abs());
+    auto where = differ.flatten().nonzero();
+    std::ostringstream out;
+    out << std::setprecision(9) << where.size(0) << " of " << actual.numel() << " elements differ";
+    if (where.size(0) > 0) {
+      const int64_t k = where[0][0].item<int64_t>();
+      out << "; first at flat index " << k << " of the shard: " << actual.flatten()[k].item<double>()
+          << ", reference " << expected.flatten()[k].item<double>();
+    } else if (std::isnan(outcome.max_abs_diff)) {
+      out << "; NaN";
+    }
+    outcome.detail = out.str();
+  }
+  return outcome;
+}
+
+/// `shard` against rows [i c, i c + n) of `full`, c = ceil(dim0 / count).
+Outcome compare_shard(const at::Tensor& shard, const at::Tensor& full, const Placement& placement,
+                      const Tolerance& tolerance) {
+  Outcome outcome;
+  if (!shard.defined() || !full.defined()) {
+    outcome.ok = shard.defined() == full.defined();
+    if (!outcome.ok) outcome.detail = shard.defined() ? "defined, reference undefined" : "undefined, reference defined";
+    return outcome;
+  }
+  if (full.dim() == 0) {
+    if (shard.dim() != 0) {
+      outcome.ok = false;
+      outcome.detail = "shape " + shape_string(shard) + ", reference " + shape_string(full);
+      return outcome;
+    }
+    return compare_values(shard, full, tolerance);
+  }
+  const int64_t dim0 = full.size(0);
+  const int64_t chunk = (dim0 + placement.count - 1) / placement.count;
+  const int64_t begin = std::min<int64_t>(placement.index * chunk, dim0);
+  const int64_t valid = std::min<int64_t>(chunk, dim0 - begin);
+  bool shape_ok = shard.dim() == full.dim() && (shard.size(0) == valid || shard.size(0) == chunk);
+  for (int64_t d = 1; shape_ok && d < full.dim(); ++d) shape_ok = shard.size(d) == full.size(d);
+  if (!shape_ok) {
+    outcome.ok = false;
+    std::ostringstream out;
+    out << "shape " << shard.sizes() << ", expected " << valid << " (or padded " << chunk << ") rows of "
+        << full.sizes() << " as shard " << placement.index << " of " << placement.count;
+    outcome.detail = out.str();
+    return outcome;
+  }
+  outcome = compare_values(shard.narrow(0, 0, valid), full.narrow(0, begin, valid), tolerance);
+  if (!outcome.ok) {
+    outcome.detail += "; shard " + std::to_string(placement.index) + " of " + std::to_string(placement.count) +
+                      ", rows [" + std::to_string(begin) + ", " + std::to_string(begin + valid) + ") of " +
+                      shape_string(full);
+  }
+  return outcome;
+}
+
+struct RankMismatch {
+  int phase = 0;
+  size_t order = 0;  // param index within the phase
+  Mismatch mismatch;
+};
+
+/// What one rank found; merged after the world ends.
+struct RankResult {
+  std::vector<StepDiff> diffs;
+  std::vector<RankMismatch> mismatches;  // the first kMaxMismatches
+  int64_t mismatch_count = 0;
+  std::vector<double> losses;
+  std::vector<StepCommCounts> comm_counts;
+  std::map<std::string, at::Tensor> final_shards;
+
+  void record(int step, int rank, int phase, size_t order, const std::string& fqn, const Outcome& outcome) {
+    auto& diff = diffs[static_cast<size_t>(step)];
+    double* slot = phase == kLoss                 ? &diff.loss
+                   : phase == kParamAfterBackward ? &diff.param_after_backward
+                   : phase == kGrad               ? &diff.grad
+                                                  : &diff.param_after_step;
+    if (std::isnan(outcome.max_abs_diff) || outcome.max_abs_diff > *slot) *slot = outcome.max_abs_diff;
+    if (outcome.ok) return;
+    ++mismatch_count;
+    if (mismatches.size() >= ParityReport::kMaxMismatches) return;
+    Mismatch m;
+    m.step = step;
+    m.rank = rank;
+    m.what = phase_name(phase);
+    m.fqn = fqn;
+    m.max_abs_diff = outcome.max_abs_diff;
+    m.detail = outcome.detail;
+    mismatches.push_back({phase, order, std::move(m)});
+  }
+};
+
+void run_rank(const ParityConfig& config, const Reference* reference, sim::RankContext& ctx, RankResult& result) {
+  const int rank = ctx.rank();
+  result.diffs.assign(static_cast<size_t>(config.steps), StepDiff{});
+  auto counter = std::make_shared<CountingCommHooks>(config.steps);
+  // Hook the world before splitting: sub-groups inherit the hooks.
+  ProcessGroupPtr world = std::make_shared<HookedProcessGroup>(ctx.world_group(), counter);
+  if (config.comm_hooks) {
+    if (auto hooks = config.comm_hooks(rank)) world = std::make_shared<HookedProcessGroup>(world, std::move(hooks));
+  }
+  ShardingSetup setup = make_sharding_setup(world, config.strategy, config.replicate_size);
+  auto scenario = make_scenario(config.scenario, rank);
+  fsdp::EngineOptions engine_options;
+  engine_options.queue_backward_callback = sim::queue_backward_callback;
+  fsdp::Engine engine(engine_options);
+  scenario->shard(engine, setup);
+
+  auto module = scenario->module();
+  const auto named = unique_named_parameters(*module);
+  std::vector<at::Tensor> params;
+  for (const auto& item : named) params.push_back(item.second);
+
+  // Each param's shard placement, from the unit that manages it. Unit FQNs
+  // are relative to the root once the root is known (its first forward), so
+  // this is resolved at the first comparison.
+  std::unordered_map<const c10::TensorImpl*, Placement> placements;
+  bool placements_known = false;
+  auto placement_of = [&](const at::Tensor& param) {
+    if (!placements_known) {
+      std::unordered_map<std::string, at::Tensor> by_fqn;
+      for (const auto& item : module->named_parameters()) by_fqn.emplace(item.key(), item.value());
+      for (const fsdp::Unit* unit : engine.units()) {
+        const auto& group = unit->options().shard_group;
+        Placement placement;
+        if (group) placement = Placement{group->rank(), group->size()};
+        for (const auto& fqn : unit->param_fqns()) {
+          auto found = by_fqn.find(fqn);
+          if (found == by_fqn.end()) {
+            throw std::runtime_error("unit '" + unit->fqn() + "' manages param '" + fqn +
+                                     "', which the root's named_parameters() does not have");
+          }
+          placements[found->second.unsafeGetTensorImpl()] = placement;
+        }
+      }
+      placements_known = true;
+    }
+    auto found = placements.find(param.unsafeGetTensorImpl());
+    return found == placements.end() ? Placement{} : found->second;
+  };
+
+  auto optimizer = make_optimizer(config.optimizer, params);
+  const Tolerance& tolerance = config.tolerance;
+
+  auto compare_params = [&](int step, int phase, const Snapshot& snapshot) {
+    for (size_t i = 0; i < named.size(); ++i) {
+      const auto& [fqn, param] = named[i];
+      auto index = reference->index.find(fqn);
+      if (index == reference->index.end()) {
+        result.record(step, rank, phase, i, fqn, Outcome{false, 0.0, "not in the reference"});
+        continue;
+      }
+      const at::Tensor& expected = snapshot.get(index->second, rank);
+      const at::Tensor actual = phase == kGrad ? param.grad() : param;
+      result.record(step, rank, phase, i, fqn, compare_shard(actual, expected, placement_of(param), tolerance));
+    }
+  };
+
+  for (int step = 0; step < config.steps; ++step) {
+    counter->set(step, 0);
+    zero_grad(params, set_to_none_at(config, step));
+    auto loss = scenario->forward_loss(scenario->input(rank, step));
+    counter->set(step, 1);
+    sim::backward(loss);
+    counter->set(step, 2);
+    result.losses.push_back(loss.item<double>());
+    if (reference != nullptr) {
+      const auto& ref = reference->steps[static_cast<size_t>(step)];
+      result.record(step, rank, kLoss, 0, "", compare_values(loss.detach(), ref.loss[static_cast<size_t>(rank)], tolerance));
+      compare_params(step, kParamAfterBackward, ref.param_after_backward);
+      compare_params(step, kGrad, ref.grad);
+    }
+    optimizer->step();
+    if (reference != nullptr) compare_params(step, kParamAfterStep, reference->steps[static_cast<size_t>(step)].param_after_step);
+    counter->stop();
+  }
+  for (const auto& [fqn, param] : named) result.final_shards[fqn] = param.detach().clone();
+  result.comm_counts = counter->counts();
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+ParityReport run_parity(const ParityConfig& config) {
+  sim::WorldOptions options;
+  options.world_size = config.world_size;
+  options.rank_kind = config.rank_kind;
+  options.backend = config.backend;
+  options.schedule = config.schedule;
+  options.seed = config.schedule_seed;
+  options.collective_timeout = config.collective_timeout;
+  options.trace = config.trace;
+  if (config.fiber_stack_bytes != 0) options.fiber_stack_bytes = config.fiber_stack_bytes;
+  options.validate();
+  if (config.steps < 0) throw std::invalid_argument("run_parity: steps must be >= 0");
+  if (config.strategy == fsdp::ShardingStrategy::HybridShard &&
+      (config.replicate_size < 1 || config.world_size % config.replicate_size != 0)) {
+    throw std::invalid_argument("run_parity: replicate_size " + std::to_string(config.replicate_size) +
+                                " does not divide world size " + std::to_string(config.world_size));
+  }
+  make_scenario(config.scenario, 0);  // an unknown name throws here
+
+  ParityReport report;
+  report.config = config;
+  Reference reference;
+  if (config.run_reference) {
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      reference = run_reference(config);
+    } catch (const std::exception& e) {
+      report.error = std::string("reference: ") + e.what();
+      return report;
+    }
+    report.seconds_reference = seconds_since(start);
+  }
+
+  std::vector<RankResult> results(static_cast<size_t>(config.world_size));
+  const auto start = std::chrono::steady_clock::now();
+  sim::World world(options);
+  const Reference* ref = config.run_reference ? &reference : nullptr;
+  auto outcome = world.run([&](sim::RankContext& ctx) { run_rank(config, ref, ctx, results[ctx.rank()]); });
+  report.seconds_sharded = seconds_since(start);
+  if (!outcome.ok()) report.error = outcome.error_report();
+
+  report.steps.assign(static_cast<size_t>(config.steps), StepDiff{});
+  std::vector<std::tuple<int, int, int, size_t, Mismatch>> all;
+  for (size_t r = 0; r < results.size(); ++r) {
+    auto& result = results[r];
+    for (size_t s = 0; s < result.diffs.size() && s < report.steps.size(); ++s) {
+      auto merge = [](double& into, double value) {
+        if (std::isnan(value) || value > into) into = value;
+      };
+      merge(report.steps[s].loss, result.diffs[s].loss);
+      merge(report.steps[s].param_after_backward, result.diffs[s].param_after_backward);
+      merge(report.steps[s].grad, result.diffs[s].grad);
+      merge(report.steps[s].param_after_step, result.diffs[s].param_after_step);
+    }
+    report.mismatch_count += result.mismatch_count;
+    for (auto& m : result.mismatches) {
+      all.emplace_back(m.mismatch.step, m.phase, m.mismatch.rank, m.order, std::move(m.mismatch));
+    }
+    report.comm_counts.push_back(std::move(result.comm_counts));
+    report.losses.push_back(std::move(result.losses));
+    report.final_shards.push_back(std::move(result.final_shards));
+  }
+  std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
+    return std::tie(std::get<0>(a), std::get<1>(a), std::get<2>(a), std::get<3>(a)) <
+           std::tie(std::get<0>(b), std::get<1>(b), std::get<2>(b), std::get<3>(b));
+  });
+  for (size_t i = 0; i < all.size() && i < ParityReport::kMaxMismatches; ++i) {
+    report.mismatches.push_back(std::move(std::get<4>(all[i])));
+  }
+  return report;
+}
+
+}  // namespace fsdpsim::scenarios

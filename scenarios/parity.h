@@ -1,0 +1,158 @@
+#pragma once
+// The parity harness: trains a scenario sharded through fsdp::Engine on a
+// World of ranks and checks it, step by step and rank by rank, against an
+// unsharded reference with DDP semantics (PyTorch's FSDP parity tests).
+//
+// Reference: W replicas (make_scenario(config, r)), each runs forward and
+// LibTorch's backward on input(r, step); every param that is not rank-local
+// then gets the mean of the replicas' grads, summed in rank order 0..W-1 and
+// divided by W -- the fake backend's reduce-scatter / all-reduce arithmetic,
+// so FullShard, ShardGradOp and NoShard must match bitwise; rank-local params
+// keep their own grad; each replica's optimiser steps. It runs on the calling
+// thread with at::set_num_threads(1) (the rank threads also run one intra-op
+// thread each: the thread count changes matmul summation order).
+//
+// Checks on every rank r, every step: the loss equals replica r's; after
+// backward and after the optimiser step each param (by FQN, each tied
+// TensorImpl once) equals its slice of the reference -- rows [i c, i c + n)
+// of the full param, c = ceil(dim0 / S), where i and S are the rank and size
+// of the group the unit shards the param over (HybridShard: the shard group;
+// NoShard and MoE experts: a size-1 group, i.e. the whole param) -- and so
+// does its grad (reference grad undefined <=> sharded grad undefined). A shard
+// of c rows past the end of the param (padded) is compared on its valid rows.
+//
+// Thread-safety: run_parity may be called from any thread; it blocks until
+// the world ends. Concurrent calls share nothing but LibTorch's globals.
+
+#include <ATen/Tensor.h>
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backends/comm_hooks.h"
+#include "backends/process_group.h"
+#include "fsdp/fully_shard.h"
+#include "scenarios/models.h"
+#include "sim/world.h"
+
+namespace fsdpsim::sim {
+class TraceRecorder;
+}
+
+namespace fsdpsim::scenarios {
+
+enum class OptimizerKind {
+  SGD,   ///< lr 1e-2, momentum 0.9 (the classic tests: Adam hides scale bugs)
+  Adam,  ///< lr 1e-2
+};
+const char* to_string(OptimizerKind kind);
+
+/// Comparison rule: exact (bitwise, the default) or |a - b| <= atol + rtol |b|.
+struct Tolerance {
+  double atol = 0.0;
+  double rtol = 0.0;
+  bool exact() const { return atol == 0.0 && rtol == 0.0; }
+};
+
+struct ParityConfig {
+  ScenarioConfig scenario;
+  fsdp::ShardingStrategy strategy = fsdp::ShardingStrategy::FullShard;
+  int world_size = 2;
+  /// HybridShard: number of replicas (world_size / replicate_size ranks shard
+  /// each replica). Ignored by the other strategies.
+  int replicate_size = 1;
+  sim::RankKind rank_kind = sim::RankKind::Threads;
+  sim::CommBackend backend = sim::CommBackend::Fake;
+  /// Fibers: the schedule of ready fibers and its seed.
+  sim::SchedulePolicy schedule = sim::SchedulePolicy::RoundRobin;
+  uint64_t schedule_seed = 0;
+  int steps = 5;
+  OptimizerKind optimizer = OptimizerKind::SGD;
+  /// zero_grad(set_to_none = step % 2 == 0) as the newer tests do; otherwise
+  /// grads are set to none before every step.
+  bool zero_grad_set_to_none_alternate = false;
+  Tolerance tolerance;
+  /// false: only the sharded run (no reference, no comparisons).
+  bool run_reference = true;
+  /// When set, the world records every collective here.
+  std::shared_ptr<sim::TraceRecorder> trace;
+  /// When set, called on each rank before its groups are built; a non-null
+  /// result hooks every collective of that rank (delays, failures), outside
+  /// the harness's own counting hooks.
+  std::function<std::shared_ptr<CommHooks>(int rank)> comm_hooks;
+  /// 0: the World's default.
+  size_t fiber_stack_bytes = 0;
+  std::chrono::milliseconds collective_timeout{60000};
+
+  /// "transformer FullShard world 4 threads fake sgd".
+  std::string describe() const;
+};
+
+/// Collectives issued on one rank, by op.
+struct CollectiveCounts {
+  std::array<int64_t, 5> by_op{};  ///< indexed by CollectiveOp
+  int64_t of(CollectiveOp op) const { return by_op[static_cast<size_t>(op)]; }
+  int64_t total() const;
+};
+
+/// One rank's collectives in one step, by phase.
+struct StepCommCounts {
+  CollectiveCounts forward;    ///< zero_grad + forward_loss
+  CollectiveCounts backward;   ///< sim::backward (its end-of-backward callbacks included)
+  CollectiveCounts optimizer;  ///< the checks and the optimiser step
+};
+
+/// Largest |sharded - reference| in one step, over ranks and params.
+struct StepDiff {
+  double loss = 0.0;
+  double param_after_backward = 0.0;
+  double grad = 0.0;
+  double param_after_step = 0.0;
+};
+
+struct Mismatch {
+  int step = 0;
+  int rank = 0;
+  std::string what;  ///< "loss", "param after backward", "grad", "param after step"
+  std::string fqn;   ///< empty for the loss
+  double max_abs_diff = 0.0;
+  std::string detail;  ///< shapes, definedness, first differing element
+  std::string to_string() const;
+};
+
+struct ParityReport {
+  ParityConfig config;
+  /// Non-empty when a rank failed (WorldResult::error_report()) or the
+  /// reference threw.
+  std::string error;
+  std::vector<StepDiff> steps;
+  /// The earliest mismatches in (step, phase, rank, param) order, at most kMaxMismatches.
+  std::vector<Mismatch> mismatches;
+  int64_t mismatch_count = 0;
+  /// [rank][step].
+  std::vector<std::vector<StepCommCounts>> comm_counts;
+  /// [rank][step]: each rank's loss.
+  std::vector<std::vector<double>> losses;
+  /// [rank]: FQN -> the rank's shard after the last step (a copy).
+  std::vector<std::map<std::string, at::Tensor>> final_shards;
+  double seconds_reference = 0.0;
+  double seconds_sharded = 0.0;
+
+  static constexpr size_t kMaxMismatches = 20;
+  bool ok() const { return error.empty() && mismatch_count == 0; }
+  /// The config, per-step max diffs, the first mismatches or the error.
+  std::string summary() const;
+};
+
+/// Runs the reference (unless !config.run_reference) and the sharded world,
+/// and reports. Never throws for a parity failure or a failed rank (see
+/// ParityReport::error); throws std::invalid_argument for a bad config.
+ParityReport run_parity(const ParityConfig& config);
+
+}  // namespace fsdpsim::scenarios

@@ -272,7 +272,7 @@ struct FakeWorldState::Impl {
   Callbacks complete_locked(PendingCollective& pending, int64_t now_ns) {
     Callbacks callbacks;
     pending.state = CollectiveState::Done;
-    pending.end_ns = now_ns;
+    if (pending.end_ns == 0) pending.end_ns = now_ns;  // simulated time planned it already
     for (auto& arrival : pending.arrivals) {
       for (auto& cb : arrival->callbacks) callbacks.push_back(std::move(cb));
       arrival->callbacks.clear();
@@ -301,6 +301,12 @@ FakeWorldState::FakeWorldState(int world_size, bool fibers, std::chrono::millise
 }
 
 FakeWorldState::~FakeWorldState() = default;
+
+void FakeWorldState::use_simulated_time(SimClock* clock, const CostModelParams& cost_model) {
+  cost_model.validate();
+  sim_clock_ = clock;
+  cost_model_ = cost_model;
+}
 
 bool FakeWorldState::aborted() const {
   Lock lock(impl_->mutex);
@@ -462,6 +468,7 @@ void FakeWork::wait() {
   PendingCollective& p = *pending_;
   const int global_rank = p.global_ranks[group_rank_];
   const std::string label = std::string(to_string(desc_.op)) + " " + p.header();
+  BackendScope not_compute(world_->sim_clock_, global_rank);
   Callbacks callbacks;
   Lock lock(impl.mutex);
   impl.where[global_rank] = RankWhere{RankWhere::Kind::Waiting, label, ""};
@@ -511,6 +518,7 @@ void FakeWork::wait() {
     }
   }
   impl.where[global_rank] = RankWhere{RankWhere::Kind::Running, label + (error ? " (failed)" : ""), ""};
+  if (!error && world_->sim_clock_ != nullptr) world_->sim_clock_->wait_until(global_rank, p.end_ns);
   lock.unlock();
   run_callbacks(callbacks);
   if (error) std::rethrow_exception(error);
@@ -596,6 +604,7 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
   }
   auto& impl = *world_->impl_;
   const int global_rank = group_->global_ranks[rank_];
+  BackendScope not_compute(world_->sim_clock_, global_rank);
   Callbacks callbacks;
   std::shared_ptr<PendingCollective> pending;
   std::exception_ptr failed_now;
@@ -652,6 +661,14 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
       if (p.arrived == size()) {
         p.state = CollectiveState::Ready;
         p.start_ns = world_->clock().now_ns();
+        if (world_->sim_clock_ != nullptr) {
+          // Starts when the last rank arrived (in simulated time), lasts the modelled time.
+          p.start_ns = 0;
+          for (const auto& a : p.arrivals) p.start_ns = std::max(p.start_ns, a->issue_ns);
+          const CollectiveDesc& d = p.first_desc();
+          const int64_t bytes = total_bytes(d.op, d.input_numel(), d.output_numel(), c10::elementSize(d.dtype));
+          p.end_ns = p.start_ns + predict_ns(d.op, bytes, size(), world_->cost_model_);
+        }
         setup_tasks_locked(p);
         if (p.phase_ends.empty()) {
           callbacks = impl.complete_locked(p, p.start_ns);

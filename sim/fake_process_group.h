@@ -32,6 +32,8 @@
 
 #include "backends/clock.h"
 #include "backends/process_group.h"
+#include "sim/cost_model.h"
+#include "sim/sim_clock.h"
 
 namespace fsdpsim::sim {
 
@@ -48,6 +50,11 @@ class FakeWorldState : public std::enable_shared_from_this<FakeWorldState> {
   bool fibers() const { return fibers_; }
   std::chrono::milliseconds timeout() const { return timeout_; }
   const Clock& clock() const { return clock_; }
+
+  /// Simulated time (fiber worlds): each collective starts at the latest
+  /// issue time of its ranks and lasts the cost model's time; waiting ranks'
+  /// clocks jump to its end. `clock` must be the clock passed at construction.
+  void use_simulated_time(SimClock* clock, const CostModelParams& cost_model);
 
   /// The group over every rank, as seen by `rank`.
   ProcessGroupPtr world_group(int rank);
@@ -72,6 +79,8 @@ class FakeWorldState : public std::enable_shared_from_this<FakeWorldState> {
   const bool fibers_;
   const std::chrono::milliseconds timeout_;
   const Clock& clock_;
+  SimClock* sim_clock_ = nullptr;
+  CostModelParams cost_model_;
   std::unique_ptr<Impl> impl_;
 };
 

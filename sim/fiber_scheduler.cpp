@@ -10,8 +10,8 @@ RankContext*& current_rank_slot() {
 thread_local RankScheduler* t_scheduler = nullptr;
 }  // namespace detail
 
-RankScheduler::RankScheduler(SchedulePolicy policy, uint64_t seed)
-    : policy_(policy), random_(seed), installed_(boost::fibers::context::active()) {
+RankScheduler::RankScheduler(SchedulePolicy policy, uint64_t seed, SimClock* clock)
+    : policy_(policy), clock_(clock), random_(seed), installed_(boost::fibers::context::active()) {
   detail::t_scheduler = this;
 }
 
@@ -45,6 +45,9 @@ boost::fibers::context* RankScheduler::pick_next() noexcept {
 
 void RankScheduler::switch_state(boost::fibers::context* next) noexcept {
   if (next == installed_) return;
+  if (clock_ != nullptr && detail::current_rank_slot() != nullptr) {
+    clock_->on_switch_out(detail::current_rank_slot()->rank());
+  }
   if (installed_ != nullptr) {
     auto& from = state_of(installed_);
     from.torch_state.emplace();  // captures the current thread-locals
@@ -54,6 +57,7 @@ void RankScheduler::switch_state(boost::fibers::context* next) noexcept {
   at::ThreadLocalState::setThreadLocalState(to.torch_state ? *to.torch_state : initial_state_);
   detail::current_rank_slot() = to.rank;
   installed_ = next;
+  if (clock_ != nullptr && to.rank != nullptr) clock_->on_switch_in(to.rank->rank());
 }
 
 bool RankScheduler::has_ready_fibers() const noexcept { return !ready_.empty(); }

@@ -41,7 +41,8 @@ class RankFiberProperties : public boost::fibers::fiber_properties {
 
 class RankScheduler final : public boost::fibers::algo::algorithm_with_properties<RankFiberProperties> {
  public:
-  RankScheduler(SchedulePolicy policy, uint64_t seed);
+  /// `clock` (may be null): charged with each rank's fiber run time.
+  RankScheduler(SchedulePolicy policy, uint64_t seed, SimClock* clock = nullptr);
   ~RankScheduler() override;
 
   void awakened(boost::fibers::context* context, RankFiberProperties& properties) noexcept override;
@@ -63,6 +64,7 @@ class RankScheduler final : public boost::fibers::algo::algorithm_with_propertie
   RankFiberProperties& state_of(boost::fibers::context* context) noexcept;
 
   SchedulePolicy policy_;
+  SimClock* clock_;
   std::mt19937_64 random_;
   std::deque<boost::fibers::context*> ready_;
   // The fiber whose thread-local state is installed right now.

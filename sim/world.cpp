@@ -35,6 +35,11 @@ void WorldOptions::validate() const {
     throw std::invalid_argument("thread ranks are limited to 8192, got " + std::to_string(world_size));
   }
   if (collective_timeout.count() <= 0) throw std::invalid_argument("collective_timeout must be positive");
+  if (simulated_time && (rank_kind != RankKind::Fibers || backend != CommBackend::Fake)) {
+    throw std::invalid_argument("simulated_time needs fiber ranks on the fake backend");
+  }
+  if (simulated_time) cost_model.validate();
+  if (!(compute_scale >= 0.0)) throw std::invalid_argument("compute_scale must be >= 0");
   if (fiber_stack_bytes < 64 * 1024) throw std::invalid_argument("fiber_stack_bytes must be >= 64 KiB");
   if (thread_stack_bytes < 256 * 1024) throw std::invalid_argument("thread_stack_bytes must be >= 256 KiB");
 }
@@ -60,7 +65,17 @@ void WorldResult::throw_if_failed() const {
 
 RankContext* current_rank() { return detail::current_rank_slot(); }
 
-void sleep_for(std::chrono::nanoseconds duration) { boost::this_fiber::sleep_for(duration); }
+void sleep_for(std::chrono::nanoseconds duration) {
+  RankContext* rank = current_rank();
+  if (rank != nullptr && rank->sim_clock() != nullptr) {
+    // Simulated: the rank's clock moves on, the others get to run, no real wait.
+    BackendScope not_compute(rank->sim_clock(), rank->rank());
+    rank->sim_clock()->advance(rank->rank(), duration.count());
+    boost::this_fiber::yield();
+    return;
+  }
+  boost::this_fiber::sleep_for(duration);
+}
 
 void yield() { boost::this_fiber::yield(); }
 
@@ -75,18 +90,21 @@ std::string first_line(const std::string& text) { return text.substr(0, text.fin
 // Runs one rank's function; never throws.
 class RankRunner {
  public:
-  RankRunner(int rank, const WorldOptions& options, FakeWorldState* fake_state,
+  RankRunner(int rank, const WorldOptions& options, const Clock* clock, SimClock* sim_clock,
+             FakeWorldState* fake_state,
              const std::function<ProcessGroupPtr(int)>& make_group,
              const std::function<void(RankContext&)>& rank_main, RankOutcome& outcome)
-      : rank_(rank), options_(options), fake_state_(fake_state), make_group_(make_group),
+      : rank_(rank), options_(options), clock_(clock), sim_clock_(sim_clock), fake_state_(fake_state),
+        make_group_(make_group),
         rank_main_(rank_main), outcome_(outcome) {}
 
   void operator()() {
     outcome_.rank = rank_;
     std::string error;
     try {
-      RankContext context(rank_, options_.world_size, options_.rank_kind, make_group_(rank_));
+      RankContext context(rank_, options_.world_size, options_.rank_kind, make_group_(rank_), clock_, sim_clock_);
       detail::current_rank_slot() = &context;
+      if (sim_clock_) sim_clock_->on_switch_in(rank_);
       rank_main_(context);
     } catch (const std::exception& e) {
       error = e.what();
@@ -105,6 +123,8 @@ class RankRunner {
  private:
   int rank_;
   const WorldOptions& options_;
+  const Clock* clock_;
+  SimClock* sim_clock_;
   FakeWorldState* fake_state_;
   const std::function<ProcessGroupPtr(int)>& make_group_;
   const std::function<void(RankContext&)>& rank_main_;
@@ -127,9 +147,16 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
   std::function<ProcessGroupPtr(int)> make_group;
   c10::intrusive_ptr<c10d::Store> master_store;
   fake_state_.reset();
+  sim_clock_.reset();
+  const Clock* clock = &SteadyClock::instance();
+  if (options_.simulated_time) {
+    sim_clock_ = std::make_shared<SimClock>(n, options_.compute_time, options_.compute_scale);
+    clock = sim_clock_.get();
+  }
   if (options_.backend == CommBackend::Fake) {
     fake_state_ = std::make_shared<FakeWorldState>(n, options_.rank_kind == RankKind::Fibers,
-                                                   options_.collective_timeout, SteadyClock::instance());
+                                                   options_.collective_timeout, *clock);
+    if (sim_clock_) fake_state_->use_simulated_time(sim_clock_.get(), options_.cost_model);
     make_group = [this](int rank) { return fake_state_->world_group(rank); };
   } else {
     master_store = make_tcp_store("127.0.0.1", 0, n, /*is_master=*/true, options_.collective_timeout);
@@ -145,16 +172,16 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
     };
   }
   if (options_.trace) {
-    make_group = [inner = make_group, trace = options_.trace](int rank) -> ProcessGroupPtr {
-      return std::make_shared<TracedProcessGroup>(inner(rank), trace, rank);
+    make_group = [inner = make_group, trace = options_.trace, clock](int rank) -> ProcessGroupPtr {
+      return std::make_shared<TracedProcessGroup>(inner(rank), trace, rank, *clock);
     };
   }
 
   std::vector<std::unique_ptr<RankRunner>> runners;
   runners.reserve(n);
   for (int r = 0; r < n; ++r) {
-    runners.push_back(std::make_unique<RankRunner>(r, options_, fake_state_.get(), make_group, rank_main,
-                                                   result.ranks[r]));
+    runners.push_back(std::make_unique<RankRunner>(r, options_, clock, sim_clock_.get(), fake_state_.get(),
+                                                   make_group, rank_main, result.ranks[r]));
   }
 
   if (options_.rank_kind == RankKind::Threads) {
@@ -184,7 +211,7 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
     // scheduler, and one thread makes the interleaving deterministic.
     std::thread host([&] {
       at::set_num_threads(1);
-      boost::fibers::use_scheduling_algorithm<RankScheduler>(options_.schedule, options_.seed);
+      boost::fibers::use_scheduling_algorithm<RankScheduler>(options_.schedule, options_.seed, sim_clock_.get());
       std::vector<boost::fibers::fiber> fibers;
       fibers.reserve(n);
       for (int r = 0; r < n; ++r) {

@@ -21,7 +21,10 @@
 #include <string>
 #include <vector>
 
+#include "backends/clock.h"
 #include "backends/process_group.h"
+#include "sim/cost_model.h"
+#include "sim/sim_clock.h"
 
 namespace fsdpsim::sim {
 
@@ -52,6 +55,13 @@ struct WorldOptions {
   size_t thread_stack_bytes = 4 * 1024 * 1024;
   /// When set, every collective of every rank is recorded here.
   std::shared_ptr<TraceRecorder> trace;
+  /// Fiber ranks on the fake backend only: simulated time (see
+  /// sim/sim_clock.h). Sleeps cost no real time, collectives take the cost
+  /// model's time, and traces and Work times are in simulated nanoseconds.
+  bool simulated_time = false;
+  CostModelParams cost_model = cost_model_preset("fake-2core");
+  ComputeTime compute_time = ComputeTime::Measured;
+  double compute_scale = 1.0;
   /// Checks the options; throws std::invalid_argument naming the bad one.
   void validate() const;
 };
@@ -64,15 +74,23 @@ class RankContext {
   RankKind rank_kind() const { return kind_; }
   /// This rank's group over every rank of the world (traced if the world is).
   const ProcessGroupPtr& world_group() const { return world_group_; }
+  /// The world's clock: simulated time when the world simulates it.
+  const Clock& clock() const { return *clock_; }
+  /// The simulated clock, or nullptr in real time.
+  SimClock* sim_clock() const { return sim_clock_; }
 
-  RankContext(int rank, int world_size, RankKind kind, ProcessGroupPtr world_group)
-      : rank_(rank), world_size_(world_size), kind_(kind), world_group_(std::move(world_group)) {}
+  RankContext(int rank, int world_size, RankKind kind, ProcessGroupPtr world_group, const Clock* clock,
+              SimClock* sim_clock)
+      : rank_(rank), world_size_(world_size), kind_(kind), world_group_(std::move(world_group)), clock_(clock),
+        sim_clock_(sim_clock) {}
 
  private:
   int rank_;
   int world_size_;
   RankKind kind_;
   ProcessGroupPtr world_group_;
+  const Clock* clock_;
+  SimClock* sim_clock_;
 };
 
 struct RankOutcome {
@@ -101,15 +119,21 @@ class World {
   WorldResult run(const std::function<void(RankContext&)>& rank_main);
 
   const WorldOptions& options() const { return options_; }
+  /// The simulated clock of the last run (per-rank times, exposed
+  /// communication), or nullptr when the world runs in real time.
+  std::shared_ptr<SimClock> sim_clock() const { return sim_clock_; }
 
  private:
   WorldOptions options_;
   std::shared_ptr<FakeWorldState> fake_state_;
+  std::shared_ptr<SimClock> sim_clock_;
 };
 
 /// The rank the calling thread or fiber runs as, or nullptr outside a World.
 RankContext* current_rank();
-/// Sleeps without blocking other fiber ranks on the same OS thread.
+/// Sleeps without blocking other fiber ranks on the same OS thread; in a
+/// world with simulated time it advances the rank's clock and costs no real
+/// time.
 void sleep_for(std::chrono::nanoseconds duration);
 /// Lets other ranks run (a no-op for thread ranks).
 void yield();

@@ -1,0 +1,57 @@
+#include "sim/sim_clock.h"
+
+#include <algorithm>
+#include <stdexcept>
+
+#include "sim/world.h"
+
+namespace fsdpsim::sim {
+
+SimClock::SimClock(int world_size, ComputeTime compute, double compute_scale)
+    : compute_mode_(compute),
+      compute_scale_(compute_scale),
+      time_(world_size, 0),
+      exposed_(world_size, 0),
+      compute_(world_size, 0),
+      slice_start_(world_size, std::chrono::steady_clock::now()),
+      in_backend_(world_size, 0) {
+  if (world_size < 1) throw std::invalid_argument("SimClock: world_size must be >= 1");
+  if (!(compute_scale >= 0.0)) throw std::invalid_argument("SimClock: compute_scale must be >= 0");
+}
+
+int64_t SimClock::now_ns() const {
+  if (const RankContext* rank = current_rank()) return time_[rank->rank()];
+  return *std::max_element(time_.begin(), time_.end());
+}
+
+void SimClock::wait_until(int rank, int64_t end_ns) {
+  if (end_ns > time_[rank]) {
+    exposed_[rank] += end_ns - time_[rank];
+    time_[rank] = end_ns;
+  }
+}
+
+void SimClock::charge(int rank) {
+  const auto now = std::chrono::steady_clock::now();
+  if (compute_mode_ == ComputeTime::Measured && in_backend_[rank] == 0) {
+    const auto real = std::chrono::duration_cast<std::chrono::nanoseconds>(now - slice_start_[rank]).count();
+    const auto charged = static_cast<int64_t>(static_cast<double>(real) * compute_scale_);
+    time_[rank] += charged;
+    compute_[rank] += charged;
+  }
+  slice_start_[rank] = now;
+}
+
+void SimClock::on_switch_in(int rank) { slice_start_[rank] = std::chrono::steady_clock::now(); }
+void SimClock::on_switch_out(int rank) { charge(rank); }
+
+void SimClock::enter_backend(int rank) {
+  charge(rank);
+  ++in_backend_[rank];
+}
+
+void SimClock::leave_backend(int rank) {
+  if (--in_backend_[rank] == 0) slice_start_[rank] = std::chrono::steady_clock::now();
+}
+
+}  // namespace fsdpsim::sim

@@ -9,6 +9,8 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
+#include <deque>
+#include <thread>
 #include <mutex>
 #include <map>
 #include <optional>
@@ -228,6 +230,11 @@ struct RankWhere {
 
 struct FakeWorldState::Impl {
   mutable Mutex mutex;
+  // Thread worlds: ready collectives for the progress thread.
+  std::deque<std::shared_ptr<PendingCollective>> ready;
+  std::condition_variable progress_cv;
+  bool stopping = false;
+  std::thread progress;
   std::map<std::string, std::shared_ptr<FakeGroupState>> groups;
   bool aborted = false;
   std::string abort_reason;
@@ -298,9 +305,24 @@ FakeWorldState::FakeWorldState(int world_size, bool fibers, std::chrono::millise
     : world_size_(world_size), fibers_(fibers), timeout_(timeout), clock_(clock), impl_(std::make_unique<Impl>()) {
   impl_->where.resize(world_size);
   impl_->exited.assign(world_size, false);
+  if (!fibers_) impl_->progress = std::thread([this] { progress_loop(); });
 }
 
-FakeWorldState::~FakeWorldState() = default;
+FakeWorldState::~FakeWorldState() {
+  {
+    Lock lock(impl_->mutex);
+    impl_->stopping = true;
+  }
+  impl_->progress_cv.notify_all();
+  if (impl_->progress.joinable()) {
+    // The last reference may go away in a callback the progress thread runs.
+    if (impl_->progress.get_id() == std::this_thread::get_id()) {
+      impl_->progress.detach();
+    } else {
+      impl_->progress.join();
+    }
+  }
+}
 
 void FakeWorldState::use_simulated_time(SimClock* clock, const CostModelParams& cost_model) {
   cost_model.validate();
@@ -398,16 +420,17 @@ class FakeWork final : public Work {
   }
 
  private:
-  void run_task(size_t task);
-
   std::shared_ptr<FakeWorldState> world_;
   std::shared_ptr<PendingCollective> pending_;
   int group_rank_;
   CollectiveDesc desc_;
 };
 
-void FakeWork::run_task(size_t task) {
-  PendingCollective& p = *pending_;
+namespace {
+
+// Runs data-movement task `task` of a ready collective. Reads arrivals only
+// (fixed once the collective is ready), so it runs without the world lock.
+void run_task(PendingCollective& p, size_t task) {
   const auto& a = p.arrivals;
   const int n = static_cast<int>(a.size());
   const CollectiveDesc& desc = p.first_desc();
@@ -463,6 +486,56 @@ void FakeWork::run_task(size_t task) {
   }
 }
 
+// Claims and runs one open task of `p` (lock held on entry and on return).
+// Returns false when no task is open.
+bool help_locked(FakeWorldState& world, FakeWorldState::Impl& impl, PendingCollective& p, Lock& lock,
+                 Callbacks& callbacks) {
+  if (p.state != CollectiveState::Ready || p.next_task >= p.phase_ends[p.phase]) return false;
+  const size_t task = p.next_task++;
+  lock.unlock();
+  std::exception_ptr task_error;
+  try {
+    run_task(p, task);
+  } catch (const std::exception& e) {
+    task_error = std::make_exception_ptr(
+        CommError(p.header() + " " + to_string(p.first_desc().op) + ": data movement failed: " + e.what()));
+  }
+  lock.lock();
+  Callbacks more;
+  if (task_error) {
+    more = impl.fail_locked(p, task_error);
+  } else if (++p.tasks_done == p.phase_ends[p.phase]) {
+    ++p.phase;
+    if (p.phase == p.phase_ends.size()) {
+      more = impl.complete_locked(p, world.clock().now_ns());
+    } else {
+      p.cv.notify_all();  // the next phase's tasks are open
+    }
+  }
+  callbacks.insert(callbacks.end(), std::make_move_iterator(more.begin()), std::make_move_iterator(more.end()));
+  return true;
+}
+
+}  // namespace
+
+void FakeWorldState::progress_loop() {
+  Lock lock(impl_->mutex);
+  while (true) {
+    impl_->progress_cv.wait(lock, [this] { return impl_->stopping || !impl_->ready.empty(); });
+    if (impl_->ready.empty()) return;
+    std::shared_ptr<PendingCollective> pending = std::move(impl_->ready.front());
+    impl_->ready.pop_front();
+    Callbacks callbacks;
+    while (help_locked(*this, *impl_, *pending, lock, callbacks)) {
+    }
+    if (!callbacks.empty()) {
+      lock.unlock();
+      run_callbacks(callbacks);
+      lock.lock();
+    }
+  }
+}
+
 void FakeWork::wait() {
   auto& impl = *world_->impl_;
   PendingCollective& p = *pending_;
@@ -480,31 +553,7 @@ void FakeWork::wait() {
       error = p.error;
       break;
     }
-    if (p.state == CollectiveState::Ready && p.next_task < p.phase_ends[p.phase]) {
-      const size_t task = p.next_task++;
-      lock.unlock();
-      std::exception_ptr task_error;
-      try {
-        run_task(task);
-      } catch (const std::exception& e) {
-        task_error = std::make_exception_ptr(
-            CommError(p.header() + " " + to_string(desc_.op) + ": data movement failed: " + e.what()));
-      }
-      lock.lock();
-      if (task_error) {
-        callbacks = impl.fail_locked(p, task_error);
-        continue;
-      }
-      if (++p.tasks_done == p.phase_ends[p.phase]) {
-        ++p.phase;
-        if (p.phase == p.phase_ends.size()) {
-          callbacks = impl.complete_locked(p, world_->clock().now_ns());
-        } else {
-          p.cv.notify_all();  // the next phase's tasks are open
-        }
-      }
-      continue;
-    }
+    if (help_locked(*world_, impl, p, lock, callbacks)) continue;
     if (p.state != CollectiveState::Gathering) {
       p.cv.wait(lock);  // other ranks are finishing the last tasks
       continue;
@@ -674,6 +723,10 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
           callbacks = impl.complete_locked(p, p.start_ns);
         } else {
           p.cv.notify_all();
+          if (impl.progress.joinable()) {
+            impl.ready.push_back(pending);
+            impl.progress_cv.notify_one();
+          }
         }
       } else if (auto why = impl.exited_member_locked(p)) {
         callbacks = impl.fail_locked(

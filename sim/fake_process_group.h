@@ -10,7 +10,9 @@
 // into tasks (one per destination rank, or per element chunk for
 // all-reduce); any rank waiting on it claims and runs unclaimed tasks, so the
 // copies run in parallel on thread ranks and nothing depends on one rank
-// doing everybody's work. A rank's Work completes once all tasks finished,
+// doing everybody's work. Thread worlds also run a progress thread that
+// starts on ready collectives at once, so a collective moves data while its
+// ranks compute (fiber worlds progress when a fiber waits: one OS thread). A rank's Work completes once all tasks finished,
 // i.e. once no rank reads its input any more.
 //
 // Arithmetic: reductions run in rank order (in_0 op in_1 op ... op in_{n-1})
@@ -71,10 +73,12 @@ class FakeWorldState : public std::enable_shared_from_this<FakeWorldState> {
   /// "ranks {0,1}: waiting in all_gather group world seq 3; rank 2: exited".
   std::string where_ranks_are() const;
 
+  struct Impl;  // fake_process_group.cpp's
+
  private:
   friend class FakeProcessGroup;
   friend class FakeWork;
-  struct Impl;
+  void progress_loop();
   const int world_size_;
   const bool fibers_;
   const std::chrono::milliseconds timeout_;

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <mutex>
+#include <thread>
 
 #include "backends/errors.h"
 #include "backends/mesh.h"
@@ -367,6 +368,34 @@ TEST(FiberWorld, GradModeDoesNotLeakBetweenFibers) {
   });
   ASSERT_TRUE(result.ok()) << result.error_report();
   EXPECT_EQ(recorded, (std::vector<int>{0, 1, 0, 1}));
+}
+
+}  // namespace
+}  // namespace fsdpsim::sim
+
+namespace fsdpsim::sim {
+namespace {
+
+TEST(FakeThreadsAsync, CollectiveCompletesWhileEveryRankComputes) {
+  // No rank waits: the progress thread alone must move the data. Polling is
+  // bounded so a regression fails instead of hanging.
+  WorldOptions options;
+  options.world_size = 4;
+  World world(options);
+  auto result = world.run([](RankContext& ctx) {
+    auto in = at::full({1000}, static_cast<float>(ctx.rank()));
+    auto out = at::empty({4000});
+    auto work = ctx.world_group()->all_gather_into_tensor(out, in);
+    int polls = 0;
+    while (!work->is_completed() && polls < 10000) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      ++polls;
+    }
+    ASSERT_TRUE(work->is_completed()) << "the all-gather made no progress without a wait";
+    for (int r = 0; r < 4; ++r) EXPECT_EQ(out[r * 1000 + 999].item<float>(), static_cast<float>(r));
+    work->wait();
+  });
+  EXPECT_TRUE(result.ok()) << result.error_report();
 }
 
 }  // namespace

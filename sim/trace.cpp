@@ -114,6 +114,18 @@ size_t TraceRecorder::record_issue(int rank, const CollectiveDesc& desc, const s
   return id;
 }
 
+void TraceRecorder::import_events(const std::vector<TraceEvent>& events) {
+  for (const auto& event : events) check_rank(event.rank);
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (TraceEvent event : events) {
+    event.id = events_.size();
+    uint64_t& clock = clocks_[static_cast<size_t>(event.rank)];
+    clock = std::max({clock, event.logical_clock_issue, event.logical_clock_end});
+    if (event.is_collective()) by_collective_[{event.group, event.seq}].push_back(event.id);
+    events_.push_back(std::move(event));
+  }
+}
+
 void TraceRecorder::record_completion(size_t id, const WorkTimes& times, std::exception_ptr error) {
   std::string message = error_text(error);
   std::lock_guard<std::mutex> lock(mutex_);

@@ -107,6 +107,11 @@ class TraceRecorder {
   void record_engine_event(int rank, std::string kind, std::string name, std::string detail,
                            int64_t start_ns, int64_t end_ns);
 
+  /// Adds events recorded elsewhere (another process's rank), keeping their
+  /// times and logical clocks; ids are renumbered. Throws
+  /// std::invalid_argument for a rank outside the world.
+  void import_events(const std::vector<TraceEvent>& events);
+
   /// Every event, rank by rank, each rank's in recording order (issue order
   /// for collectives; an engine event is recorded when it ends).
   std::vector<TraceEvent> events() const;

@@ -1,0 +1,733 @@
+// fsdpsim_bench_engine: measures the FSDP engine side by side with the plain
+// (unsharded) model in one run and prints three tables:
+//   1. step time of the engine at world size 1 (FullShard, one thread rank)
+//      against the plain model, with the overhead in percent and the target
+//      line "world-size-1 overhead < 15%";
+//   2. step time at 2, 4, 8 fake ranks (thread ranks and fiber ranks),
+//      FullShard and ShardGradOp, against the plain model's step;
+//   3. the peak of gathered (unsharded) param bytes per rank over a step
+//      against the theoretical peak of the engine's schedule.
+//
+// A step is zero_grad (grads set to none) + forward + backward + SGD step.
+// The plain model is the same scenario module (same init, same data) with no
+// engine: fsdp::call falls through to forward, backward is loss.backward().
+// Sharded steps run sim::backward (LibTorch's engine on thread ranks, the
+// fiber-aware graph walk on fiber ranks).
+//
+// Timing: world size 1 alternates plain and engine steps on the same thread
+// (the order flips every step), so both see the same machine load; tables
+// quote medians over the timed steps after a warm-up. At world N every rank
+// leaves a barrier, runs one step and stops its clock; a step's time is the
+// last rank's end minus the first rank's start.
+//
+// Exit code: 0 when every measurement ran (a missed target is reported, not
+// an error), 1 when one failed, 2 for bad usage.
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "backends/process_group.h"
+#include "fsdp/fully_shard.h"
+#include "scenarios/models.h"
+#include "sim/fiber_autograd.h"
+#include "sim/world.h"
+
+namespace {
+
+using namespace fsdpsim;
+using namespace std::chrono_literals;
+
+constexpr const char* kProgram = "fsdpsim_bench_engine";
+constexpr double kTargetOverhead = 0.15;
+constexpr double kLearningRate = 1e-4;  // small: the params stay in range over the run
+constexpr double kMomentum = 0.9;
+constexpr uint64_t kSeed = 7;
+
+const char* kUsage =
+    "usage: fsdpsim_bench_engine [--quick]\n"
+    "  Measures, in one run: the step time (forward + backward + SGD step) of the FSDP engine at\n"
+    "  world size 1 against the plain unsharded model; the step time at 2, 4, 8 fake ranks\n"
+    "  (thread and fiber ranks, FullShard and ShardGradOp); the peak gathered-param bytes per\n"
+    "  rank against the theoretical peak. Models: mlp_stack (dim 256 and 512, batch 64; dim 512 at\n"
+    "  world size 1 only) and transformer (the scenario's model, longer sequences).\n"
+    "  --quick  tiny run: mlp_stack dim 32 and a short transformer, 2 steps, world 2 only\n"
+    "  --help   this text\n";
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Iterations {
+  int warmup = 1;
+  int timed = 1;
+  int total() const { return warmup + timed; }
+};
+
+/// One benchmarked model: a scenario and the batch each rank feeds it.
+struct ModelSpec {
+  std::string label;
+  scenarios::ScenarioConfig scenario;
+  int64_t batch = 0;    ///< mlp_stack: rows of the input; transformer: 2 (its BatchNorm1d has 2 channels)
+  int64_t src_len = 0;  ///< transformer: source and target sequence lengths
+  int64_t tgt_len = 0;
+  /// Also run at world sizes > 1 (section 2 and 3).
+  bool multi = true;
+  /// World size 1: the (plain, engine) step pairs; unset: Config::single.
+  std::optional<Iterations> single;
+};
+
+struct Config {
+  bool quick = false;
+  std::vector<ModelSpec> models;
+  std::vector<int> worlds;
+  Iterations single;  ///< world size 1: pairs of (plain, engine) steps
+  Iterations multi;   ///< world N: steps per (strategy, rank kind)
+};
+
+ModelSpec mlp_model(int64_t dim, int64_t batch) {
+  ModelSpec spec;
+  spec.label = "mlp_stack d" + std::to_string(dim);
+  spec.scenario.name = "mlp_stack";
+  spec.scenario.seed = kSeed;
+  spec.scenario.mlp_dim = dim;
+  spec.batch = batch;
+  return spec;
+}
+
+ModelSpec transformer_model(int64_t src_len, int64_t tgt_len) {
+  ModelSpec spec;
+  spec.label = "transformer";
+  spec.scenario.name = "transformer";
+  spec.scenario.seed = kSeed;
+  spec.batch = 2;
+  spec.src_len = src_len;
+  spec.tgt_len = tgt_len;
+  return spec;
+}
+
+Config parse(int argc, char** argv) {
+  Config config;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::cout << kUsage;
+      std::exit(0);
+    } else if (arg == "--quick") {
+      config.quick = true;
+    } else {
+      throw UsageError("unknown option '" + arg + "'");
+    }
+  }
+  if (config.quick) {
+    config.models = {mlp_model(32, 8), transformer_model(8, 6)};
+    config.worlds = {2};
+    config.single = {1, 1};
+    config.multi = {1, 1};
+  } else {
+    // One mlp_stack d512 step (batch 64) takes ~0.4 s with this machine's
+    // reference BLAS: world size 1 only, so the full run stays within ~3 min.
+    ModelSpec large = mlp_model(512, 64);
+    large.multi = false;
+    large.single = Iterations{1, 7};
+    // The transformer's step is short and noisier (per-op costs dominate): more pairs.
+    ModelSpec transformer = transformer_model(128, 96);
+    transformer.single = Iterations{3, 41};
+    config.models = {mlp_model(256, 64), large, transformer};
+    config.worlds = {2, 4, 8};
+    config.single = {2, 11};
+    config.multi = {1, 5};
+  }
+  return config;
+}
+
+// ---------------------------------------------------------------------------
+// Small helpers
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+double median(std::vector<double> values) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  const size_t mid = values.size() / 2;
+  return values.size() % 2 ? values[mid] : (values[mid - 1] + values[mid]) / 2;
+}
+
+std::string format(const char* pattern, ...) __attribute__((format(printf, 1, 2)));
+std::string format(const char* pattern, ...) {
+  char buffer[512];
+  va_list args;
+  va_start(args, pattern);
+  std::vsnprintf(buffer, sizeof buffer, pattern, args);
+  va_end(args);
+  return buffer;
+}
+
+double seconds_since(int64_t start_ns) { return static_cast<double>(now_ns() - start_ns) / 1e9; }
+
+void progress(const std::string& line) { std::cout << line << std::endl; }
+
+std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+double kib(int64_t bytes) { return static_cast<double>(bytes) / 1024.0; }
+
+const char* short_name(fsdp::ShardingStrategy strategy) {
+  return strategy == fsdp::ShardingStrategy::FullShard ? "FullShard" : "ShardGradOp";
+}
+
+const fsdp::ShardingStrategy kStrategies[] = {fsdp::ShardingStrategy::FullShard,
+                                              fsdp::ShardingStrategy::ShardGradOp};
+const sim::RankKind kKinds[] = {sim::RankKind::Threads, sim::RankKind::Fibers};
+
+// ---------------------------------------------------------------------------
+// One rank's model: a scenario, its optimiser and its inputs.
+
+/// The inputs of `rank`, drawn from (seed, rank, index) by a private
+/// generator (the global one is shared by rank threads). The scenarios' own
+/// inputs are a few rows only; these are the benchmark's batch.
+std::vector<std::vector<at::Tensor>> make_inputs(const ModelSpec& spec, torch::nn::Module& module, int rank,
+                                                 int count) {
+  std::vector<std::vector<at::Tensor>> inputs;
+  for (int i = 0; i < count; ++i) {
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(kSeed * 1000003 + static_cast<uint64_t>(rank) * 1009 +
+                                                                 static_cast<uint64_t>(i));
+    if (spec.scenario.name == "transformer") {
+      int64_t vocab = 0;
+      for (const auto& item : module.named_parameters()) {
+        if (item.key() == "embed_tokens.weight") vocab = item.value().size(0);
+      }
+      if (vocab == 0) throw std::logic_error("transformer: no embed_tokens.weight");
+      inputs.push_back({at::randint(vocab, {spec.src_len, spec.batch}, gen, at::kLong),
+                        at::randint(vocab, {spec.tgt_len, spec.batch}, gen, at::kLong)});
+    } else {
+      inputs.push_back({at::randn({spec.batch, spec.scenario.mlp_dim}, gen)});
+    }
+  }
+  return inputs;
+}
+
+// Two inputs alternate: different data every step, no allocation in the timing.
+constexpr int kDistinctInputs = 2;
+
+/// Records one rank's unshard / reshard events (unit FQN, +1 issued / -1
+/// freed) for the live-bytes column of section 3: a unit counts from the
+/// issue of its all-gather (a prefetch included) to its reshard.
+class GatherEvents : public fsdp::NoEngineHooks {
+ public:
+  void on_unshard(const std::string& unit, fsdp::TrainingState) override { events_.emplace_back(unit, 1); }
+  void on_reshard(const std::string& unit, fsdp::TrainingState) override { events_.emplace_back(unit, -1); }
+  /// The events since the last take(), in order.
+  std::vector<std::pair<std::string, int>> take() { return std::exchange(events_, {}); }
+
+ private:
+  std::vector<std::pair<std::string, int>> events_;
+};
+
+class Trainer {
+ public:
+  /// sharded: the scenario's units are sharded through `engine` (made here)
+  /// with `setup`; otherwise the plain model.
+  Trainer(const ModelSpec& spec, int rank, const scenarios::ShardingSetup* setup,
+          std::shared_ptr<fsdp::EngineHooks> hooks = nullptr)
+      : scenario_(scenarios::make_scenario(spec.scenario, rank)) {
+    inputs_ = make_inputs(spec, *scenario_->module(), rank, kDistinctInputs);  // before sharding: full vocab
+    if (setup != nullptr) {
+      fsdp::EngineOptions options;
+      options.queue_backward_callback = sim::queue_backward_callback;
+      if (hooks) options.hooks.push_back(std::move(hooks));
+      engine_ = std::make_unique<fsdp::Engine>(options);
+      scenario_->shard(*engine_, *setup);
+    }
+    params_ = scenarios::unique_parameters(*scenario_->module());
+    optimizer_ =
+        std::make_unique<torch::optim::SGD>(params_, torch::optim::SGDOptions(kLearningRate).momentum(kMomentum));
+  }
+
+  /// One training step on input `index`; returns the loss.
+  double step(int index) {
+    for (auto& param : params_) param.mutable_grad() = at::Tensor();
+    at::Tensor loss = scenario_->forward_loss(inputs_[static_cast<size_t>(index % kDistinctInputs)]);
+    if (engine_) {
+      sim::backward(loss);
+    } else {
+      loss.backward();
+    }
+    optimizer_->step();
+    return loss.item<double>();
+  }
+
+  fsdp::Engine* engine() { return engine_.get(); }
+  scenarios::Scenario& scenario() { return *scenario_; }
+
+ private:
+  std::unique_ptr<scenarios::Scenario> scenario_;
+  std::unique_ptr<fsdp::Engine> engine_;  // after scenario_: destroyed before the modules it registered
+  std::vector<at::Tensor> params_;
+  std::unique_ptr<torch::optim::SGD> optimizer_;
+  std::vector<std::vector<at::Tensor>> inputs_;
+};
+
+// ---------------------------------------------------------------------------
+// 1. World size 1: engine vs plain
+
+struct SingleResult {
+  double plain_ms = 0;
+  double engine_ms = 0;
+  bool losses_equal = true;
+  std::string error;
+  double overhead() const { return plain_ms > 0 ? engine_ms / plain_ms - 1.0 : 0.0; }
+};
+
+SingleResult run_single(const ModelSpec& spec, Iterations iterations) {
+  SingleResult result;
+  sim::WorldOptions options;
+  options.world_size = 1;
+  options.rank_kind = sim::RankKind::Threads;
+  options.collective_timeout = 120s;
+  sim::World world(options);
+  std::vector<double> plain_ms, engine_ms;
+  sim::WorldResult outcome;
+  try {
+    outcome = world.run([&](sim::RankContext& ctx) {
+      scenarios::ShardingSetup setup =
+          scenarios::make_sharding_setup(ctx.world_group(), fsdp::ShardingStrategy::FullShard);
+      Trainer plain(spec, 0, nullptr);
+      Trainer sharded(spec, 0, &setup);
+      for (int i = 0; i < iterations.total(); ++i) {
+        double loss[2] = {0, 0};
+        int64_t ns[2] = {0, 0};
+        for (int k = 0; k < 2; ++k) {
+          const int which = (i + k) % 2;  // 0 plain, 1 engine; the first of the pair flips every step
+          const int64_t start = now_ns();
+          loss[which] = which == 0 ? plain.step(i) : sharded.step(i);
+          ns[which] = now_ns() - start;
+        }
+        if (loss[0] != loss[1]) result.losses_equal = false;
+        if (i >= iterations.warmup) {
+          plain_ms.push_back(static_cast<double>(ns[0]) / 1e6);
+          engine_ms.push_back(static_cast<double>(ns[1]) / 1e6);
+        }
+      }
+    });
+  } catch (const std::exception& e) {
+    result.error = first_line(e.what());
+    return result;
+  }
+  if (!outcome.ok()) {
+    result.error = first_line(outcome.error_report());
+    return result;
+  }
+  result.plain_ms = median(plain_ms);
+  result.engine_ms = median(engine_ms);
+  return result;
+}
+
+// ---------------------------------------------------------------------------
+// 2 and 3. World N
+
+/// What the theory says of one rank's param memory, from the engine's units.
+struct MemoryTheory {
+  int64_t shard_bytes = 0;     ///< sum over units of the padded shards this rank holds
+  int64_t root_full = 0;       ///< the root unit's full params
+  int64_t largest_child = 0;   ///< the largest non-root unit's full params
+  int64_t all_full = 0;        ///< every unit's full params
+  /// The largest full(u) + full(next) over non-root units consecutive in
+  /// fully_shard order (the forward order of these models; backward runs it
+  /// in reverse and prefetches the next unit).
+  int64_t largest_adjacent_pair = 0;
+  /// Unit FQN -> full(u).
+  std::map<std::string, int64_t> unit_full;
+  /// Gathered bytes at the peak of a step.
+  ///   FullShard (reshard after forward, no prefetch): the root keeps its
+  ///   params from forward to the end of backward, every other unit is
+  ///   gathered alone: root + the largest other unit.
+  ///   ShardGradOp: every unit keeps its params from forward to its
+  ///   backward, so all of them are gathered at the end of forward.
+  int64_t peak_unsharded(fsdp::ShardingStrategy strategy) const {
+    return strategy == fsdp::ShardingStrategy::ShardGradOp ? all_full : root_full + largest_child;
+  }
+  /// Live gathered bytes counting a backward prefetch in flight: while unit
+  /// u computes its gradient, the next unit's all-gather buffer exists.
+  int64_t peak_with_prefetch(fsdp::ShardingStrategy strategy) const {
+    return strategy == fsdp::ShardingStrategy::ShardGradOp ? all_full : root_full + largest_adjacent_pair;
+  }
+};
+
+MemoryTheory memory_theory(const fsdp::Engine& engine, const ModelSpec& spec) {
+  // Full shapes come from an unsharded copy of the model (same FQNs).
+  auto reference = scenarios::make_scenario(spec.scenario, 0);
+  std::unordered_map<std::string, at::Tensor> full;
+  for (const auto& item : reference->module()->named_parameters()) full.emplace(item.key(), item.value());
+  MemoryTheory theory;
+  int64_t previous_child = -1;
+  for (const fsdp::Unit* unit : engine.units()) {
+    const std::vector<std::string> fqns = unit->param_fqns();
+    const std::vector<int64_t> rows = unit->shard_rows();
+    int64_t unit_full = 0;
+    for (size_t i = 0; i < fqns.size(); ++i) {
+      auto found = full.find(fqns[i]);
+      if (found == full.end()) throw std::logic_error("unit '" + unit->fqn() + "': unknown param '" + fqns[i] + "'");
+      const at::Tensor& param = found->second;
+      unit_full += static_cast<int64_t>(param.nbytes());
+      const int64_t row_bytes = param.size(0) > 0 ? static_cast<int64_t>(param.nbytes()) / param.size(0) : 0;
+      theory.shard_bytes += rows.at(i) * row_bytes;
+    }
+    theory.all_full += unit_full;
+    theory.unit_full[unit->fqn()] = unit_full;
+    if (unit->is_root()) {
+      theory.root_full = unit_full;
+    } else {
+      theory.largest_child = std::max(theory.largest_child, unit_full);
+      theory.largest_adjacent_pair =
+          std::max(theory.largest_adjacent_pair, previous_child < 0 ? unit_full : previous_child + unit_full);
+      previous_child = unit_full;
+    }
+  }
+  return theory;
+}
+
+struct MultiResult {
+  double step_ms = 0;
+  int64_t peak_bytes = 0;    ///< Engine::peak_unsharded_bytes(), max over ranks and timed steps
+  int64_t issued_bytes = 0;  ///< the same for the full(u) of units issued (all-gather) and not yet freed
+  std::string issued_error;  ///< an event of an unknown unit
+  MemoryTheory theory;       ///< rank 0's
+  bool ran = false;
+  std::string error;
+};
+
+MultiResult run_multi(const ModelSpec& spec, int world_size, sim::RankKind kind, fsdp::ShardingStrategy strategy,
+                      Iterations iterations) {
+  MultiResult result;
+  sim::WorldOptions options;
+  options.world_size = world_size;
+  options.rank_kind = kind;
+  options.collective_timeout = 120s;
+  options.fiber_stack_bytes = 1024 * 1024;
+  sim::World world(options);
+  const size_t steps = static_cast<size_t>(iterations.total());
+  // [rank][step]: each rank writes its own row only.
+  std::vector<std::vector<int64_t>> starts(world_size, std::vector<int64_t>(steps));
+  std::vector<std::vector<int64_t>> ends(world_size, std::vector<int64_t>(steps));
+  std::vector<std::vector<int64_t>> peaks(world_size, std::vector<int64_t>(steps));
+  std::vector<std::vector<std::vector<std::pair<std::string, int>>>> events(
+      world_size, std::vector<std::vector<std::pair<std::string, int>>>(steps));
+  MemoryTheory theory;
+  sim::WorldResult outcome;
+  try {
+    outcome = world.run([&](sim::RankContext& ctx) {
+      const int rank = ctx.rank();
+      scenarios::ShardingSetup setup = scenarios::make_sharding_setup(ctx.world_group(), strategy);
+      auto gathers = std::make_shared<GatherEvents>();
+      Trainer trainer(spec, rank, &setup, gathers);
+      fsdp::Engine& engine = *trainer.engine();
+      for (size_t i = 0; i < steps; ++i) {
+        ctx.world_group()->barrier()->wait();
+        engine.reset_peak_unsharded_bytes();
+        gathers->take();
+        starts[rank][i] = now_ns();
+        trainer.step(static_cast<int>(i));
+        ends[rank][i] = now_ns();
+        peaks[rank][i] = engine.peak_unsharded_bytes();
+        events[rank][i] = gathers->take();
+      }
+      if (rank == 0) theory = memory_theory(engine, spec);
+    });
+  } catch (const std::exception& e) {
+    result.error = first_line(e.what());
+    return result;
+  }
+  if (!outcome.ok()) {
+    result.error = first_line(outcome.error_report());
+    return result;
+  }
+  std::vector<double> durations;
+  for (size_t i = static_cast<size_t>(iterations.warmup); i < steps; ++i) {
+    int64_t first_start = INT64_MAX, last_end = INT64_MIN;
+    for (int r = 0; r < world_size; ++r) {
+      first_start = std::min(first_start, starts[r][i]);
+      last_end = std::max(last_end, ends[r][i]);
+      result.peak_bytes = std::max(result.peak_bytes, peaks[r][i]);
+      int64_t live = 0;
+      for (const auto& [unit, sign] : events[r][i]) {
+        auto found = theory.unit_full.find(unit);
+        if (found == theory.unit_full.end()) {
+          result.issued_error = "event of unknown unit '" + unit + "'";
+          continue;
+        }
+        live += sign * found->second;
+        result.issued_bytes = std::max(result.issued_bytes, live);
+      }
+    }
+    durations.push_back(static_cast<double>(last_end - first_start) / 1e6);
+  }
+  result.step_ms = median(durations);
+  result.theory = theory;
+  result.ran = true;
+  return result;
+}
+
+/// The plain model alone on the calling thread: median step in ms.
+double plain_step_ms(const ModelSpec& spec, Iterations iterations) {
+  Trainer plain(spec, 0, nullptr);
+  std::vector<double> samples;
+  for (int i = 0; i < iterations.total(); ++i) {
+    const int64_t start = now_ns();
+    plain.step(i);
+    const int64_t end = now_ns();
+    if (i >= iterations.warmup) samples.push_back(static_cast<double>(end - start) / 1e6);
+  }
+  return median(samples);
+}
+
+// ---------------------------------------------------------------------------
+// Sections
+
+struct Report {
+  bool failed = false;
+};
+
+std::string engine_defaults() {
+  const fsdp::EngineOptions defaults;
+  return std::string("backward_prefetch ") + fsdp::to_string(defaults.backward_prefetch) + ", forward_prefetch " +
+         (defaults.forward_prefetch ? "on" : "off") + ", max " + std::to_string(defaults.max_prefetches_in_flight) +
+         " in flight";
+}
+
+std::string model_details(const ModelSpec& spec) {
+  Trainer plain(spec, 0, nullptr);
+  int64_t params = 0;
+  for (const auto& param : scenarios::unique_parameters(*plain.scenario().module())) params += param.numel();
+  std::string input = spec.scenario.name == "transformer"
+                          ? format("src (%lld, %lld) + tgt (%lld, %lld) token ids",
+                                   static_cast<long long>(spec.src_len), static_cast<long long>(spec.batch),
+                                   static_cast<long long>(spec.tgt_len), static_cast<long long>(spec.batch))
+                          : format("input (%lld, %lld)", static_cast<long long>(spec.batch),
+                                   static_cast<long long>(spec.scenario.mlp_dim));
+  return format("  %-16s %9lld params (%.1f KiB), %d units, %s\n", spec.label.c_str(), static_cast<long long>(params),
+                kib(params * static_cast<int64_t>(sizeof(float))), plain.scenario().sharded_blocks() + 1,
+                input.c_str());
+}
+
+void section_single(const Config& config, Report& report) {
+  progress("[1/3] world size 1: engine (FullShard, one thread rank) vs the plain model ...");
+  const int64_t started = now_ns();
+  std::vector<SingleResult> results;
+  for (const auto& spec : config.models) {
+    results.push_back(run_single(spec, spec.single.value_or(config.single)));
+    if (!results.back().error.empty()) report.failed = true;
+  }
+  std::cout << "\n== 1. world size 1: engine step vs plain step, same thread, same data ==\n"
+            << "  step = zero_grad (set to none) + forward + backward + SGD (momentum) step, float32.\n"
+            << "  plain: the same scenario module with no engine (fsdp::call is a plain forward),\n"
+            << "         loss.backward(). engine: fully_shard (FullShard) over a world of 1 thread rank.\n"
+            << "  The two alternate step by step on one thread (order flipped every step); medians over the\n"
+            << "  timed steps after the warm-up (steps column: warm-up + timed, each). overhead = engine / plain - 1.\n"
+            << "  same loss: plain and engine losses are bitwise equal on every step (world 1 moves no data).\n\n";
+  for (const auto& spec : config.models) std::cout << model_details(spec);
+  std::cout << "\n"
+            << format("  %-16s %10s %10s %9s %9s %7s\n", "model", "plain(ms)", "engine(ms)", "overhead", "same loss",
+                      "steps");
+  double worst = -1e9;
+  std::string worst_label;
+  bool any = false;
+  for (size_t m = 0; m < config.models.size(); ++m) {
+    const auto& r = results[m];
+    const auto& label = config.models[m].label;
+    if (!r.error.empty()) {
+      std::cout << format("  %-16s FAILED: %s\n", label.c_str(), r.error.c_str());
+      continue;
+    }
+    const Iterations iterations = config.models[m].single.value_or(config.single);
+    std::cout << format("  %-16s %10.3f %10.3f %+8.1f%% %9s %7s\n", label.c_str(), r.plain_ms, r.engine_ms,
+                        100 * r.overhead(), r.losses_equal ? "yes" : "NO",
+                        format("%d+%d", iterations.warmup, iterations.timed).c_str());
+    if (r.overhead() > worst) {
+      worst = r.overhead();
+      worst_label = label;
+    }
+    any = true;
+  }
+  std::string target = format("target: world-size-1 overhead < %.0f%%: ", 100 * kTargetOverhead);
+  if (any) {
+    target += format("%s (%.1f%%, worst of %zu models: %s)", worst < kTargetOverhead ? "PASS" : "MISS", 100 * worst,
+                     config.models.size(), worst_label.c_str());
+    if (config.quick) target += " [--quick: tiny models, per-call overhead dominates]";
+  } else {
+    target += "NOT MEASURED (every model failed)";
+  }
+  std::cout << "\n" << target << "\n" << format("(section 1 took %.2f s)\n", seconds_since(started)) << std::endl;
+}
+
+using MultiKey = std::tuple<size_t, int, sim::RankKind, fsdp::ShardingStrategy>;  // model, world, kind, strategy
+
+void section_multi(const Config& config, Report& report, std::map<MultiKey, MultiResult>& results) {
+  std::string worlds;
+  for (int n : config.worlds) worlds += (worlds.empty() ? "" : ", ") + std::to_string(n);
+  progress("[2/3] world sizes " + worlds + ": thread and fiber ranks, FullShard and ShardGradOp ...");
+  const int64_t started = now_ns();
+  std::vector<double> plain(config.models.size());
+  for (size_t m = 0; m < config.models.size(); ++m) {
+    const auto& spec = config.models[m];
+    if (!spec.multi) continue;
+    try {
+      plain[m] = plain_step_ms(spec, config.multi);
+    } catch (const std::exception& e) {
+      std::cout << "  plain " << spec.label << " failed: " << first_line(e.what()) << "\n";
+      report.failed = true;
+    }
+    for (int n : config.worlds) {
+      for (fsdp::ShardingStrategy strategy : kStrategies) {
+        for (sim::RankKind kind : kKinds) {
+          MultiResult r = run_multi(spec, n, kind, strategy, config.multi);
+          if (!r.error.empty()) report.failed = true;
+          results[{m, n, kind, strategy}] = r;
+        }
+      }
+    }
+  }
+  std::cout << "\n== 2. world size N: step time on fake ranks vs the plain model ==\n"
+            << "  Every rank trains on its own batch of the same size as the plain model's (per-rank work =\n"
+            << "  one plain step + the engine's gathers and reductions). step = median over "
+            << config.multi.timed << " timed steps after\n"
+            << "  " << config.multi.warmup
+            << " warm-up step(s) of (last rank's end - first rank's start), each step started from a barrier.\n"
+            << "  plain = the plain model alone on one thread, measured right before the model's rows.\n"
+            << "  ATen runs 1 intra-op thread per rank and the ranks share this machine's "
+            << std::thread::hardware_concurrency() << " cores, so compute\n"
+            << "  serializes: fiber ranks (one OS thread) take ~N x the per-rank work, thread ranks ~N/cores x\n"
+            << "  at best (more when the machine is busy). x N*plain = step / (N x plain): 1.0 = fully serial\n"
+            << "  with no engine cost; below 1 = thread ranks overlapping on the cores.\n"
+            << "  engine options: the defaults (" << engine_defaults() << ").\n";
+  for (size_t m = 0; m < config.models.size(); ++m) {
+    if (!config.models[m].multi) {
+      std::cout << "\n  " << config.models[m].label << ": world size 1 only (see section 1)\n";
+      continue;
+    }
+    std::cout << "\n  " << config.models[m].label << format(": plain step %.3f ms\n", plain[m])
+              << format("  %5s %-12s %-8s %10s %9s %10s\n", "world", "strategy", "ranks", "step(ms)", "x plain",
+                        "x N*plain");
+    for (int n : config.worlds) {
+      for (fsdp::ShardingStrategy strategy : kStrategies) {
+        for (sim::RankKind kind : kKinds) {
+          const MultiResult& r = results[{m, n, kind, strategy}];
+          if (!r.error.empty()) {
+            std::cout << format("  %5d %-12s %-8s FAILED: %s\n", n, short_name(strategy), sim::to_string(kind),
+                                r.error.c_str());
+            continue;
+          }
+          const double x = plain[m] > 0 ? r.step_ms / plain[m] : 0.0;
+          std::cout << format("  %5d %-12s %-8s %10.3f %9.2f %10.2f\n", n, short_name(strategy), sim::to_string(kind),
+                              r.step_ms, x, x / n);
+        }
+      }
+    }
+  }
+  std::cout << format("(section 2 took %.2f s)\n", seconds_since(started)) << std::endl;
+}
+
+void section_memory(const Config& config, const std::map<MultiKey, MultiResult>& results) {
+  progress("[3/3] peak gathered-param bytes per rank vs theory (from the section 2 runs) ...");
+  std::cout << "\n== 3. peak unsharded (gathered) param bytes per rank over a step vs theory ==\n"
+            << "  peak = Engine::peak_unsharded_bytes() over one step (reset before it), max over ranks and\n"
+            << "  timed steps: the full params of the units gathered at once (a unit counts from the wait of\n"
+            << "  its all-gather to its reshard; not shards, grads, activations or all-gather buffers).\n"
+            << "  full(u) = unit u's params at full size (a tied param once). theory, as the counter counts:\n"
+            << "    FullShard   (reshard after forward; the root unit keeps its params until the end of\n"
+            << "                 backward; one other unit at a time): full(root) + max_u full(u), u non-root\n"
+            << "    ShardGradOp (params kept from forward to backward): sum over all units of full(u)\n"
+            << "  ratio = peak / theory. shards = the padded shards one rank holds (ceil(dim0 / N) rows per\n"
+            << "  param); total = shards + peak vs shards + theory: a rank's param memory at the peak.\n"
+            << "  issued = the same peak, but a unit counts from the ISSUE of its all-gather (EngineHooks\n"
+            << "    on_unshard, a prefetch included) to its reshard: the all-gather buffer is live memory.\n"
+            << "  +prefetch = theory for `issued` with the engine defaults' backward prefetch: while unit u\n"
+            << "    computes its gradient the next unit's gather is in flight, so for FullShard\n"
+            << "    full(root) + max over consecutive non-root units of full(u) + full(next) (consecutive in\n"
+            << "    fully_shard order, the forward order of these models); ShardGradOp as above.\n"
+            << "  From thread ranks; fibers = the fiber ranks' peak and issued equal the threads' (yes/NO).\n";
+  for (size_t m = 0; m < config.models.size(); ++m) {
+    if (!config.models[m].multi) continue;
+    std::cout << "\n  " << config.models[m].label << "\n"
+              << format("  %5s %-12s %9s %9s %9s %6s %9s %9s %9s %9s %6s\n", "world", "strategy", "shards", "peak",
+                        "theory", "ratio", "total", "theory", "issued", "+prefetch", "fibers")
+              << format("  %5s %-12s %9s %9s %9s %6s %9s %9s %9s %9s %6s\n", "", "", "KiB", "KiB", "KiB", "", "KiB",
+                        "KiB", "KiB", "KiB", "");
+    for (int n : config.worlds) {
+      for (fsdp::ShardingStrategy strategy : kStrategies) {
+        auto found = results.find({m, n, sim::RankKind::Threads, strategy});
+        if (found == results.end() || !found->second.ran) {
+          std::cout << format("  %5d %-12s %10s\n", n, short_name(strategy), "not measured");
+          continue;
+        }
+        const MultiResult& r = found->second;
+        const int64_t theory = r.theory.peak_unsharded(strategy);
+        auto fibers = results.find({m, n, sim::RankKind::Fibers, strategy});
+        const char* same = fibers == results.end() || !fibers->second.ran ? "-"
+                           : fibers->second.peak_bytes == r.peak_bytes &&
+                                   fibers->second.issued_bytes == r.issued_bytes
+                               ? "yes"
+                               : "NO";
+        std::cout << format("  %5d %-12s %9.1f %9.1f %9.1f %6.3f %9.1f %9.1f %9.1f %9.1f %6s\n", n,
+                            short_name(strategy), kib(r.theory.shard_bytes), kib(r.peak_bytes), kib(theory),
+                            theory > 0 ? static_cast<double>(r.peak_bytes) / static_cast<double>(theory) : 0.0,
+                            kib(r.theory.shard_bytes + r.peak_bytes), kib(r.theory.shard_bytes + theory),
+                            kib(r.issued_bytes), kib(r.theory.peak_with_prefetch(strategy)), same);
+        if (!r.issued_error.empty()) std::cout << "        issued: " << r.issued_error << "\n";
+      }
+    }
+  }
+  std::cout << std::endl;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Config config;
+  try {
+    config = parse(argc, argv);
+  } catch (const UsageError& e) {
+    std::cerr << kProgram << ": " << e.what() << " (see --help)" << std::endl;
+    return 2;
+  }
+  at::set_num_threads(1);
+  try {
+    const int64_t started = now_ns();
+    std::cout << kProgram << ": " << (config.quick ? "quick" : "full") << " run, "
+              << std::thread::hardware_concurrency()
+              << " cores, ATen intra-op threads 1 (at::set_num_threads(1): the ranks share the cores), float32\n"
+              << std::endl;
+    Report report;
+    section_single(config, report);
+    std::map<MultiKey, MultiResult> multi;
+    section_multi(config, report, multi);
+    section_memory(config, multi);
+    std::cout << format("total %.1f s%s", seconds_since(started), report.failed ? ", SOME MEASUREMENTS FAILED" : "")
+              << std::endl;
+    return report.failed ? 1 : 0;
+  } catch (const std::exception& e) {
+    std::cerr << kProgram << ": " << e.what() << std::endl;
+    return 1;
+  }
+}

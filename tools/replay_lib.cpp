@@ -1,0 +1,851 @@
+// fsdpsim_replay: reading, check, planning and reports (no ranks run here;
+// see replay_run.cpp for the replay itself and replay_cli.cpp for the
+// command line).
+
+#include "tools/replay_lib.h"
+
+#include <c10/core/ScalarType.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iomanip>
+#include <limits>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <tuple>
+
+#include "sim/fake_process_group.h"
+
+namespace fsdpsim::tools {
+
+namespace {
+
+constexpr const char* kCompleted = "completed";
+constexpr const char* kFailed = "failed";
+constexpr const char* kInFlight = "in_flight";
+
+[[noreturn]] void fail_line(size_t line, const std::string& field, const std::string& what) {
+  throw TraceFileError("trace line " + std::to_string(line) + ": field '" + field + "': " + what);
+}
+
+std::string ranks_text(const std::vector<int>& ranks) {
+  return (ranks.size() == 1 ? "rank " + std::to_string(ranks[0]) : "ranks " + sim::rank_set_string(ranks));
+}
+
+std::string list_string(const std::vector<int>& ranks) {
+  std::string out = "[";
+  for (size_t i = 0; i < ranks.size(); ++i) out += (i ? "," : "") + std::to_string(ranks[i]);
+  return out + "]";
+}
+
+// Error texts come from other runs (and from hostile files): one line,
+// bounded, printable.
+std::string short_error(const std::string& text) {
+  constexpr size_t kMax = 300;
+  std::string out;
+  for (char c : text.substr(0, text.find('\n'))) {
+    if (out.size() >= kMax) {
+      out += "...";
+      break;
+    }
+    const auto u = static_cast<unsigned char>(c);
+    if (u < 0x20 || u == 0x7f) {
+      char buffer[8];
+      std::snprintf(buffer, sizeof buffer, "\\x%02x", u);
+      out += buffer;
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+// a * b with overflow detection (both >= 0).
+bool mul_overflows(int64_t a, int64_t b, int64_t& result) { return __builtin_mul_overflow(a, b, &result); }
+
+std::string human_bytes(double bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int unit = 0;
+  while (bytes >= 1024 && unit < 4) {
+    bytes /= 1024;
+    ++unit;
+  }
+  std::ostringstream out;
+  out << std::fixed << std::setprecision(unit ? 1 : 0) << bytes << " " << units[unit];
+  return out.str();
+}
+
+std::string fixed(double value, int digits) {
+  std::ostringstream out;
+  out << std::fixed << std::setprecision(digits) << value;
+  return out.str();
+}
+
+// "all_gather Float in [4] out [16]" (+ " op max" / " root 1" where it applies).
+std::string call_text(const sim::TraceEvent& e, bool show_reduce_op) {
+  std::string out = to_string(e.op);
+  if (e.op == CollectiveOp::Barrier) return out;
+  out += " " + e.dtype + " in [" + std::to_string(e.in_numel) + "] out [" + std::to_string(e.out_numel) + "]";
+  const bool reduces = e.op == CollectiveOp::ReduceScatter || e.op == CollectiveOp::AllReduce;
+  if (reduces && (show_reduce_op || e.reduce_op != ReduceOp::Sum)) out += std::string(" op ") + to_string(e.reduce_op);
+  if (e.op == CollectiveOp::Broadcast) out += " root " + std::to_string(e.root);
+  return out;
+}
+
+// The first attribute two records of one (group, seq) differ in, or none.
+enum class Difference { None, Op, Dtype, Size, ReduceOp, Root };
+
+Difference difference(const sim::TraceEvent& a, const sim::TraceEvent& b) {
+  if (a.op != b.op) return Difference::Op;
+  if (a.op == CollectiveOp::Barrier) return Difference::None;
+  if (a.dtype != b.dtype) return Difference::Dtype;
+  if (a.in_numel != b.in_numel || a.out_numel != b.out_numel) return Difference::Size;
+  const bool reduces = a.op == CollectiveOp::ReduceScatter || a.op == CollectiveOp::AllReduce;
+  if (reduces && a.reduce_op != b.reduce_op) return Difference::ReduceOp;
+  if (a.op == CollectiveOp::Broadcast && a.root != b.root) return Difference::Root;
+  return Difference::None;
+}
+
+std::optional<at::ScalarType> scalar_type_of(const std::string& name) {
+  for (int i = 0; i < static_cast<int>(c10::ScalarType::NumOptions); ++i) {
+    const auto type = static_cast<c10::ScalarType>(i);
+    if (name == c10::toString(type)) return type;
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Reading
+
+int64_t dtype_element_size(const std::string& dtype) {
+  auto type = scalar_type_of(dtype);
+  if (!type) throw TraceFileError("unknown dtype '" + short_error(dtype) + "'");
+  try {
+    return static_cast<int64_t>(c10::elementSize(*type));
+  } catch (const std::exception&) {
+    throw TraceFileError("dtype " + dtype + " has no element size");
+  }
+}
+
+ReplayTrace parse_replay_trace(std::istream& in) {
+  sim::JsonlTrace raw;
+  try {
+    raw = sim::TraceRecorder::read_jsonl_trace(in);
+  } catch (const std::runtime_error& e) {
+    throw TraceFileError(short_error(e.what()));
+  }
+  ReplayTrace trace;
+  trace.world_size = raw.world_size;
+  std::map<std::string, size_t> group_line;                            // group -> first line
+  std::map<std::tuple<int, std::string>, std::pair<uint64_t, size_t>> last_seq;  // (rank, group) -> (seq, line)
+  for (size_t i = 0; i < raw.events.size(); ++i) {
+    sim::TraceEvent& e = raw.events[i];
+    const size_t line = i + 2;  // the header is line 1; the reader refuses blank lines
+    if (!e.is_collective()) {
+      ++trace.engine_events;
+      continue;
+    }
+    auto [group, inserted] = trace.groups.emplace(e.group, e.group_ranks);
+    if (inserted) {
+      if (trace.groups.size() > kMaxTraceGroups) {
+        fail_line(line, "group", "more than " + std::to_string(kMaxTraceGroups) + " process groups");
+      }
+      group_line[e.group] = line;
+    } else if (group->second != e.group_ranks) {
+      fail_line(line, "group_ranks",
+                "group '" + short_error(e.group) + "' has ranks " + list_string(e.group_ranks) + " here but " +
+                    list_string(group->second) + " on line " + std::to_string(group_line[e.group]));
+    }
+    auto [prev, first] = last_seq.try_emplace({e.rank, e.group}, e.seq, line);
+    if (!first) {
+      if (e.seq == prev->second.first) {
+        fail_line(line, "seq",
+                  "rank " + std::to_string(e.rank) + " recorded group '" + short_error(e.group) + "' seq " +
+                      std::to_string(e.seq) + " twice (also on line " + std::to_string(prev->second.second) + ")");
+      }
+      if (e.seq < prev->second.first) {
+        fail_line(line, "seq",
+                  "rank " + std::to_string(e.rank) + " recorded group '" + short_error(e.group) + "' seq " +
+                      std::to_string(e.seq) + " after seq " + std::to_string(prev->second.first) + " (line " +
+                      std::to_string(prev->second.second) + "); a rank issues a group's collectives in seq order");
+      }
+      prev->second = {e.seq, line};
+    }
+    const int64_t n = static_cast<int64_t>(e.group_ranks.size());
+    const std::string op = to_string(e.op);
+    int64_t product = 0;
+    switch (e.op) {
+      case CollectiveOp::AllGather:
+        if (mul_overflows(e.in_numel, n, product) || product != e.out_numel) {
+          fail_line(line, "out_numel",
+                    op + " over " + std::to_string(n) + " ranks needs out_numel = " + std::to_string(n) +
+                        " x in_numel " + std::to_string(e.in_numel) + ", got " + std::to_string(e.out_numel));
+        }
+        break;
+      case CollectiveOp::ReduceScatter:
+        if (mul_overflows(e.out_numel, n, product) || product != e.in_numel) {
+          fail_line(line, "in_numel",
+                    op + " over " + std::to_string(n) + " ranks needs in_numel = " + std::to_string(n) +
+                        " x out_numel " + std::to_string(e.out_numel) + ", got " + std::to_string(e.in_numel));
+        }
+        break;
+      case CollectiveOp::AllReduce:
+      case CollectiveOp::Broadcast:
+        if (e.in_numel != e.out_numel) {
+          fail_line(line, "out_numel",
+                    op + " is in place: out_numel must equal in_numel " + std::to_string(e.in_numel) + ", got " +
+                        std::to_string(e.out_numel));
+        }
+        break;
+      case CollectiveOp::Barrier:
+        if (e.in_numel != 0 || e.out_numel != 0) fail_line(line, "in_numel", "a barrier moves no data; expected 0");
+        break;
+    }
+    trace.collectives.push_back(std::move(e));
+    trace.lines.push_back(line);
+  }
+  return trace;
+}
+
+ReplayTrace load_replay_trace(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw TraceFileError("cannot open '" + path + "'");
+  return parse_replay_trace(in);
+}
+
+// ---------------------------------------------------------------------------
+// check
+
+const char* to_string(CheckFinding::Kind kind) {
+  switch (kind) {
+    case CheckFinding::Kind::OpMismatch: return "collective type mismatch";
+    case CheckFinding::Kind::DtypeMismatch: return "dtype mismatch";
+    case CheckFinding::Kind::SizeMismatch: return "size mismatch";
+    case CheckFinding::Kind::ReduceOpMismatch: return "reduce op mismatch";
+    case CheckFinding::Kind::RootMismatch: return "broadcast root mismatch";
+    case CheckFinding::Kind::MissingRanks: return "missing ranks";
+    case CheckFinding::Kind::StateMismatch: return "state mismatch";
+    case CheckFinding::Kind::Failed: return "failed";
+    case CheckFinding::Kind::InFlight: return "in flight";
+  }
+  return "unknown";
+}
+
+std::string CheckReport::text() const {
+  std::ostringstream out;
+  out << "world " << world_size << ", " << groups << (groups == 1 ? " group, " : " groups, ") << collectives
+      << (collectives == 1 ? " collective, " : " collectives, ") << records << (records == 1 ? " record\n" : " records\n");
+  if (clean()) {
+    out << "OK: every collective of every group was joined by all its ranks with matching arguments and completed\n";
+    return out.str();
+  }
+  out << findings.size() << (findings.size() == 1 ? " problem:\n" : " problems:\n");
+  for (const auto& f : findings) out << "  " << f.message << "\n";
+  out << "where each rank was (its last recorded collective):\n";
+  for (const auto& line : where) out << "  " << line << "\n";
+  return out.str();
+}
+
+namespace {
+
+// How one rank stands on one group: seqs recorded.
+struct RankOnGroup {
+  uint64_t first = 0;
+  uint64_t last = 0;
+  std::set<uint64_t> seqs;
+};
+
+struct MissingRun {
+  size_t finding = 0;
+  std::vector<int> missing;
+  uint64_t first_seq = 0;
+  uint64_t last_seq = 0;
+};
+
+}  // namespace
+
+CheckReport check_trace(const ReplayTrace& trace) {
+  CheckReport report;
+  report.world_size = trace.world_size;
+  report.groups = trace.groups.size();
+  report.records = trace.collectives.size();
+
+  const auto& events = trace.collectives;
+  std::map<std::string, std::map<uint64_t, std::vector<size_t>>> by_group_seq;
+  std::map<std::pair<int, std::string>, RankOnGroup> on_group;
+  std::vector<std::optional<size_t>> last_of_rank(static_cast<size_t>(trace.world_size));
+  for (size_t i = 0; i < events.size(); ++i) {
+    const auto& e = events[i];
+    by_group_seq[e.group][e.seq].push_back(i);
+    auto& og = on_group[{e.rank, e.group}];
+    if (og.seqs.empty()) og.first = e.seq;
+    og.last = std::max(og.last, e.seq);
+    og.seqs.insert(e.seq);
+    last_of_rank[static_cast<size_t>(e.rank)] = i;
+  }
+
+  auto last_collective_text = [&](int rank) -> std::string {
+    const auto& last = last_of_rank[static_cast<size_t>(rank)];
+    if (!last) return "rank " + std::to_string(rank) + " recorded no collective";
+    const auto& e = events[*last];
+    return "rank " + std::to_string(rank) + "'s last collective: group " + e.group + " seq " + std::to_string(e.seq) +
+           " " + to_string(e.op) + " (" + e.status + ")";
+  };
+
+  std::vector<MissingRun> runs;  // missing-rank findings still open for extension
+  for (const auto& [group, seqs] : by_group_seq) {
+    const std::vector<int>& members = trace.groups.at(group);
+    report.collectives += seqs.size();
+    constexpr size_t kNone = std::numeric_limits<size_t>::max();
+    size_t open = kNone;  // index into runs of the run still being extended
+    for (const auto& [seq, indices] : seqs) {
+      // 1. Do the ranks that joined agree on what they called?
+      std::vector<std::pair<std::string, std::vector<int>>> calls;  // in order of the lowest rank
+      Difference worst = Difference::None;
+      const auto& reference = events[indices.front()];
+      for (size_t i : indices) {
+        Difference d = difference(reference, events[i]);
+        if (d != Difference::None && (worst == Difference::None || d < worst)) worst = d;
+      }
+      if (worst != Difference::None) {
+        const bool show_reduce = worst == Difference::ReduceOp;
+        std::vector<size_t> sorted = indices;
+        std::sort(sorted.begin(), sorted.end(), [&](size_t a, size_t b) { return events[a].rank < events[b].rank; });
+        for (size_t i : sorted) {
+          std::string call = call_text(events[i], show_reduce);
+          auto it = std::find_if(calls.begin(), calls.end(), [&](const auto& c) { return c.first == call; });
+          if (it == calls.end()) calls.push_back({call, {events[i].rank}});
+          else it->second.push_back(events[i].rank);
+        }
+        CheckFinding f;
+        f.group = group;
+        f.seq = seq;
+        switch (worst) {
+          case Difference::Op: f.kind = CheckFinding::Kind::OpMismatch; break;
+          case Difference::Dtype: f.kind = CheckFinding::Kind::DtypeMismatch; break;
+          case Difference::Size: f.kind = CheckFinding::Kind::SizeMismatch; break;
+          case Difference::ReduceOp: f.kind = CheckFinding::Kind::ReduceOpMismatch; break;
+          default: f.kind = CheckFinding::Kind::RootMismatch; break;
+        }
+        // The ranks at fault: all but the largest set (ties: the one holding the lowest rank).
+        size_t majority = 0;
+        for (size_t c = 1; c < calls.size(); ++c) {
+          if (calls[c].second.size() > calls[majority].second.size()) majority = c;
+        }
+        std::string text = "group " + group + " seq " + std::to_string(seq) + ": " + to_string(f.kind) + ": ";
+        for (size_t c = 0; c < calls.size(); ++c) {
+          text += (c ? ", " : "") + ranks_text(calls[c].second) + " called " + calls[c].first;
+          if (c != majority) f.ranks.insert(f.ranks.end(), calls[c].second.begin(), calls[c].second.end());
+        }
+        std::sort(f.ranks.begin(), f.ranks.end());
+        f.message = text;
+        report.findings.push_back(std::move(f));
+      }
+
+      // 2. Did every rank join? A rank whose record of the group starts
+      // later (a ring buffer that dropped old entries) is not counted missing
+      // before its first record.
+      std::set<int> present;
+      for (size_t i : indices) present.insert(events[i].rank);
+      std::vector<int> missing;
+      for (int r : members) {
+        if (present.count(r)) continue;
+        auto og = on_group.find({r, group});
+        if (og == on_group.end() || seq >= og->second.first) missing.push_back(r);
+      }
+      if (missing.empty()) {
+        open = kNone;
+      } else if (open != kNone && runs[open].missing == missing) {
+        runs[open].last_seq = seq;  // the same ranks are still missing: one finding
+      } else {
+        CheckFinding f;
+        f.kind = CheckFinding::Kind::MissingRanks;
+        f.group = group;
+        f.seq = seq;
+        f.ranks = missing;
+        report.findings.push_back(std::move(f));
+        runs.push_back(MissingRun{report.findings.size() - 1, missing, seq, seq});
+        open = runs.size() - 1;
+      }
+
+      // 3. Did it complete on the ranks that joined?
+      std::vector<int> completed, failed, in_flight;
+      const sim::TraceEvent* first_failure = nullptr;
+      std::vector<size_t> sorted = indices;
+      std::sort(sorted.begin(), sorted.end(), [&](size_t a, size_t b) { return events[a].rank < events[b].rank; });
+      for (size_t i : sorted) {
+        const auto& e = events[i];
+        if (e.status == kCompleted) {
+          completed.push_back(e.rank);
+        } else if (e.status == kFailed) {
+          failed.push_back(e.rank);
+          if (!first_failure) first_failure = &e;
+        } else {
+          in_flight.push_back(e.rank);
+        }
+      }
+      if (failed.empty() && in_flight.empty()) continue;
+      CheckFinding f;
+      f.group = group;
+      f.seq = seq;
+      const std::string head = "group " + group + " seq " + std::to_string(seq) + " " + to_string(reference.op);
+      std::string states;
+      auto add_state = [&](const std::vector<int>& ranks, const char* what) {
+        if (ranks.empty()) return;
+        states += (states.empty() ? "" : ", ") + ranks_text(ranks) + " " + what;
+      };
+      if (!completed.empty()) {
+        f.kind = CheckFinding::Kind::StateMismatch;
+        add_state(completed, "completed");
+        add_state(failed, "failed");
+        add_state(in_flight, "still in flight");
+        f.message = head + ": state mismatch: " + states;
+      } else if (!failed.empty()) {
+        f.kind = CheckFinding::Kind::Failed;
+        add_state(failed, "failed");
+        add_state(in_flight, "still in flight");
+        f.message = head + ": " + states;
+      } else {
+        f.kind = CheckFinding::Kind::InFlight;
+        f.message = head + ": never completed: " + ranks_text(in_flight) + " still in flight when the trace was written";
+      }
+      if (first_failure) {
+        f.message += "; rank " + std::to_string(first_failure->rank) + "'s error: " + short_error(first_failure->error);
+      }
+      f.ranks = failed;
+      f.ranks.insert(f.ranks.end(), in_flight.begin(), in_flight.end());
+      std::sort(f.ranks.begin(), f.ranks.end());
+      report.findings.push_back(std::move(f));
+    }
+  }
+
+  // Missing-rank messages, once their runs are known.
+  for (const auto& run : runs) {
+    CheckFinding& f = report.findings[run.finding];
+    std::string text = "not all ranks joined collective " + std::to_string(run.first_seq) + " of group " + f.group +
+                       ": missing ranks " + sim::rank_set_string(run.missing);
+    for (int r : run.missing) {
+      auto og = on_group.find({r, f.group});
+      if (og != on_group.end() && og->second.last > run.first_seq) {
+        text += "; rank " + std::to_string(r) + " has no record of it but recorded seq " +
+                std::to_string(*og->second.seqs.upper_bound(run.first_seq)) + " of the group later";
+      } else {
+        text += "; " + last_collective_text(r);
+      }
+    }
+    if (run.last_seq != run.first_seq) {
+      text += "; the same " + std::string(run.missing.size() == 1 ? "rank is" : "ranks are") +
+              " missing from every later collective of the group up to seq " + std::to_string(run.last_seq);
+    }
+    f.message = text;
+  }
+
+  if (report.findings.empty()) return report;
+
+  // Where each rank was. Costs stay linear in the trace's size: each
+  // group's member list is walked once.
+  std::vector<std::vector<const std::string*>> groups_of_rank(static_cast<size_t>(trace.world_size));
+  for (const auto& [group, ranks] : trace.groups) {
+    if (!by_group_seq.count(group)) continue;
+    for (int r : ranks) groups_of_rank[static_cast<size_t>(r)].push_back(&group);
+  }
+  std::vector<std::pair<std::string, std::vector<int>>> places;
+  std::map<std::string, size_t> place_index;
+  for (int r = 0; r < trace.world_size; ++r) {
+    std::string text;
+    const auto& last = last_of_rank[static_cast<size_t>(r)];
+    if (last) {
+      const auto& e = events[*last];
+      text = "group " + e.group + " seq " + std::to_string(e.seq) + " " + call_text(e, false) + " (" + e.status + ")";
+    } else {
+      text = "no collective recorded";
+    }
+    bool early = false;
+    for (const std::string* group : groups_of_rank[static_cast<size_t>(r)]) {
+      auto og = on_group.find({r, *group});
+      if (og == on_group.end() || og->second.last < by_group_seq[*group].rbegin()->first) early = true;
+    }
+    if (early) text += ", stopped early";
+    auto [it, inserted] = place_index.try_emplace(text, places.size());
+    if (inserted) places.push_back({text, {}});
+    places[it->second].second.push_back(r);
+  }
+  for (const auto& [text, ranks] : places) report.where.push_back(ranks_text(ranks) + ": " + text);
+  return report;
+}
+
+// ---------------------------------------------------------------------------
+// Planning
+
+namespace {
+
+bool replayable(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+    case at::kDouble:
+    case at::kHalf:
+    case at::kBFloat16:
+    case at::kInt:
+    case at::kLong:
+    case at::kShort:
+    case at::kChar:
+    case at::kByte:
+    case at::kBool: return true;
+    default: return false;
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+}  // namespace
+
+ReplayPlan make_replay_plan(const ReplayTrace& trace, int world_size, const ReplayLimits& limits) {
+  const int n = trace.world_size;
+  const int m = world_size == 0 ? n : world_size;
+  if (m < 1 || m > sim::TraceRecorder::kMaxWorldSize) {
+    throw ReplayPlanError("world size " + std::to_string(m) + " is outside [1, " +
+                          std::to_string(sim::TraceRecorder::kMaxWorldSize) + "]");
+  }
+  if (trace.collectives.empty()) throw ReplayPlanError("the trace holds no collective to replay");
+
+  ReplayPlan plan;
+  plan.trace_world_size = n;
+  plan.world_size = m;
+  std::map<std::string, size_t> group_index;
+  for (const auto& [name, ranks] : trace.groups) {
+    if (m != n && static_cast<int>(ranks.size()) != n) {
+      throw ReplayPlanError("group '" + short_error(name) + "' spans " + ranks_text(ranks) + " of the trace's " +
+                            std::to_string(n) + "; at world size " + std::to_string(m) +
+                            " only groups over the whole world can be replayed (they then span all " +
+                            std::to_string(m) + " ranks)");
+    }
+    PlannedGroup g;
+    g.name = name;
+    if (m == n) {
+      g.ranks = ranks;
+    } else {
+      for (int r = 0; r < m; ++r) g.ranks.push_back(r);
+    }
+    group_index[name] = plan.groups.size();
+    plan.groups.push_back(std::move(g));
+  }
+
+  // Every collective must have been joined by all its ranks with the same
+  // arguments, or the replay would hang or fail on purpose.
+  {
+    std::map<std::pair<std::string, uint64_t>, std::vector<size_t>> by_collective;
+    for (size_t i = 0; i < trace.collectives.size(); ++i) {
+      by_collective[{trace.collectives[i].group, trace.collectives[i].seq}].push_back(i);
+    }
+    for (const auto& [key, indices] : by_collective) {
+      const auto& members = trace.groups.at(key.first);
+      const auto& first = trace.collectives[indices.front()];
+      if (indices.size() != members.size()) {
+        std::set<int> present;
+        for (size_t i : indices) present.insert(trace.collectives[i].rank);
+        std::vector<int> missing;
+        for (int r : members) {
+          if (!present.count(r)) missing.push_back(r);
+        }
+        throw ReplayPlanError("cannot replay: not all ranks joined collective " + std::to_string(key.second) +
+                              " of group " + short_error(key.first) + ": missing ranks " + sim::rank_set_string(missing) +
+                              " (run 'fsdpsim_replay check' for the full report)");
+      }
+      for (size_t i : indices) {
+        if (difference(first, trace.collectives[i]) != Difference::None) {
+          throw ReplayPlanError("cannot replay: group " + short_error(key.first) + " seq " + std::to_string(key.second) +
+                                ": rank " + std::to_string(first.rank) + " called " + call_text(first, true) +
+                                ", rank " + std::to_string(trace.collectives[i].rank) + " called " +
+                                call_text(trace.collectives[i], true) +
+                                " (run 'fsdpsim_replay check' for the full report)");
+        }
+      }
+    }
+    plan.collectives = by_collective.size();
+  }
+
+  // Each trace rank's records in issue (file) order, with its idle gaps.
+  std::vector<std::vector<size_t>> of_rank(static_cast<size_t>(n));
+  for (size_t i = 0; i < trace.collectives.size(); ++i) {
+    of_rank[static_cast<size_t>(trace.collectives[i].rank)].push_back(i);
+  }
+  auto gaps_of = [&](int r) {
+    std::vector<int64_t> gaps;
+    const auto& idx = of_rank[static_cast<size_t>(r)];
+    for (size_t k = 0; k < idx.size(); ++k) {
+      int64_t gap = 0;
+      if (k > 0) {
+        const auto& prev = trace.collectives[idx[k - 1]];
+        const auto& cur = trace.collectives[idx[k]];
+        if (prev.end_ns > 0 && cur.issue_ns > prev.end_ns) gap = cur.issue_ns - prev.end_ns;
+      }
+      gaps.push_back(gap);
+    }
+    return gaps;
+  };
+
+  auto plan_op = [&](size_t index, int64_t gap) {
+    const auto& e = trace.collectives[index];
+    const size_t line = trace.lines[index];
+    PlannedOp op;
+    op.line = line;
+    op.group_index = group_index.at(e.group);
+    op.seq = e.seq;
+    op.op = e.op;
+    auto type = scalar_type_of(e.dtype);
+    if (!type || !replayable(*type)) {
+      throw ReplayPlanError("trace line " + std::to_string(line) + ": field 'dtype': " + short_error(e.dtype) +
+                            " cannot be replayed (Float, Double, Half, BFloat16, Int, Long, Short, Char, Byte, Bool)");
+    }
+    op.dtype = *type;
+    op.reduce_op = e.reduce_op;
+    op.root = e.root;
+    op.gap_ns = gap;
+    op.in_numel = e.in_numel;
+    op.out_numel = e.out_numel;
+    if (m != n) {
+      if (e.op == CollectiveOp::AllGather) {
+        op.in_numel = ceil_div(e.out_numel, m);
+        op.out_numel = op.in_numel * m;  // <= out_numel + m - 1: no overflow below the limits checked next
+      } else if (e.op == CollectiveOp::ReduceScatter) {
+        op.out_numel = ceil_div(e.in_numel, m);
+        op.in_numel = op.out_numel * m;
+      }
+      if (op.in_numel != e.in_numel || op.out_numel != e.out_numel) {
+        const int64_t total = e.op == CollectiveOp::AllGather ? e.out_numel : e.in_numel;
+        if (total % m != 0) plan.padded = true;
+      }
+      if (e.op == CollectiveOp::Broadcast && e.root >= m) {
+        throw ReplayPlanError("trace line " + std::to_string(line) + ": field 'root': broadcast root " + std::to_string(e.root) +
+                              " does not exist in a world of " + std::to_string(m));
+      }
+    }
+    const int64_t element = c10::elementSize(op.dtype);
+    const bool in_place = op.op == CollectiveOp::AllReduce || op.op == CollectiveOp::Broadcast;
+    const long double numel = in_place ? static_cast<long double>(op.in_numel)
+                                       : static_cast<long double>(op.in_numel) + static_cast<long double>(op.out_numel);
+    const long double bytes = numel * element;
+    if (bytes > static_cast<long double>(limits.max_bytes_per_collective)) {
+      std::ostringstream msg;
+      msg << "trace line " << line << ": field 'in_numel': " << to_string(op.op) << " of " << op.in_numel << " " << e.dtype
+          << " elements in and " << op.out_numel << " out needs " << std::setprecision(4) << bytes
+          << " bytes on each rank, over the limit of " << limits.max_bytes_per_collective
+          << " bytes per collective (--max-bytes)";
+      throw ReplayPlanError(msg.str());
+    }
+    op.buffer_bytes = static_cast<int64_t>(bytes);
+    op.total_bytes = sim::total_bytes(op.op, op.in_numel, op.out_numel, element);
+    plan.max_buffer_bytes = std::max(plan.max_buffer_bytes, op.buffer_bytes);
+    return op;
+  };
+
+  // Rescaling copies rank 0's program to every rank: bound the plan's size.
+  const long double planned = m == n ? static_cast<long double>(trace.collectives.size())
+                                     : static_cast<long double>(of_rank[0].size()) * m;
+  if (planned > static_cast<long double>(kMaxPlannedOps)) {
+    throw ReplayPlanError("the replay would hold " + std::to_string(static_cast<unsigned long long>(planned)) +
+                          " collective calls over all ranks, over the limit of " + std::to_string(kMaxPlannedOps));
+  }
+  plan.per_rank.resize(static_cast<size_t>(m));
+  if (m == n) {
+    for (int r = 0; r < n; ++r) {
+      const auto gaps = gaps_of(r);
+      const auto& idx = of_rank[static_cast<size_t>(r)];
+      for (size_t k = 0; k < idx.size(); ++k) plan.per_rank[static_cast<size_t>(r)].push_back(plan_op(idx[k], gaps[k]));
+    }
+  } else {
+    // Every group spans the world and every rank joined everything, so every
+    // rank has rank 0's program; the gaps come from trace rank r % n.
+    std::vector<std::vector<int64_t>> gaps(static_cast<size_t>(n));
+    for (int r = 0; r < n; ++r) gaps[static_cast<size_t>(r)] = gaps_of(r);
+    std::vector<PlannedOp> program;
+    for (size_t idx : of_rank[0]) program.push_back(plan_op(idx, 0));
+    for (int r = 0; r < m; ++r) {
+      auto& mine = plan.per_rank[static_cast<size_t>(r)];
+      mine = program;
+      const auto& g = gaps[static_cast<size_t>(r % n)];
+      for (size_t k = 0; k < mine.size() && k < g.size(); ++k) mine[k].gap_ns = g[k];
+    }
+  }
+  return plan;
+}
+
+// ---------------------------------------------------------------------------
+// Reports
+
+int64_t ReplayResult::total_latency_ns() const {
+  int64_t total = 0;
+  for (const auto& c : collectives) total += c.latency_ns;
+  return total;
+}
+
+std::vector<OpSummary> summarize(const std::vector<CollectiveTiming>& timings) {
+  std::vector<OpSummary> out;
+  for (CollectiveOp op : {CollectiveOp::AllGather, CollectiveOp::ReduceScatter, CollectiveOp::AllReduce,
+                          CollectiveOp::Broadcast, CollectiveOp::Barrier}) {
+    std::vector<int64_t> latencies;
+    OpSummary s;
+    s.op = op;
+    double bus_bytes = 0;
+    for (const auto& t : timings) {
+      if (t.op != op) continue;
+      ++s.count;
+      s.total_bytes += t.total_bytes;
+      s.per_rank_bytes += t.per_rank_bytes;
+      s.total_ns += t.latency_ns;
+      bus_bytes += static_cast<double>(t.total_bytes) * sim::bus_factor(op, t.group_size);
+      latencies.push_back(t.latency_ns);
+    }
+    if (s.count == 0) continue;
+    std::sort(latencies.begin(), latencies.end());
+    auto nearest_rank = [&](double q) {
+      size_t k = static_cast<size_t>(std::ceil(q * static_cast<double>(latencies.size())));
+      return latencies[std::min(latencies.size(), std::max<size_t>(k, 1)) - 1];
+    };
+    s.p50_ns = nearest_rank(0.50);
+    s.p95_ns = nearest_rank(0.95);
+    if (s.total_ns > 0) {
+      s.algbw_gbps = static_cast<double>(s.total_bytes) / static_cast<double>(s.total_ns);
+      s.busbw_gbps = bus_bytes / static_cast<double>(s.total_ns);
+    }
+    out.push_back(s);
+  }
+  return out;
+}
+
+std::string format_summary(const std::vector<OpSummary>& summary) {
+  std::ostringstream out;
+  char line[256];
+  std::snprintf(line, sizeof line, "  %-15s %6s %11s %11s %10s %10s %10s %8s %8s\n", "op", "count", "S total",
+                "msg/rank", "p50 us", "p95 us", "total ms", "algbw", "busbw");
+  out << line;
+  int64_t total_ns = 0;
+  size_t count = 0;
+  for (const auto& s : summary) {
+    std::snprintf(line, sizeof line, "  %-15s %6zu %11s %11s %10.1f %10.1f %10.3f %8.3f %8.3f\n", to_string(s.op),
+                  s.count, human_bytes(static_cast<double>(s.total_bytes)).c_str(),
+                  human_bytes(static_cast<double>(s.per_rank_bytes) / static_cast<double>(s.count)).c_str(),
+                  static_cast<double>(s.p50_ns) / 1e3, static_cast<double>(s.p95_ns) / 1e3,
+                  static_cast<double>(s.total_ns) / 1e6, s.algbw_gbps, s.busbw_gbps);
+    out << line;
+    total_ns += s.total_ns;
+    count += s.count;
+  }
+  std::snprintf(line, sizeof line, "  %-15s %6zu %11s %11s %10s %10s %10.3f\n", "total", count, "", "", "", "",
+                static_cast<double>(total_ns) / 1e6);
+  out << line;
+  out << "  (S = total size as nccl-tests counts it; msg/rank = mean input per rank; latency = last rank's call to\n"
+         "   last rank's completion; algbw = sum S / sum t, busbw = algbw x bus factor, GB/s)\n";
+  return out.str();
+}
+
+std::string format_plan_statistics(const ReplayTrace& trace, const ReplayPlan& plan) {
+  std::ostringstream out;
+  out << "trace: world " << trace.world_size << ", " << trace.groups.size()
+      << (trace.groups.size() == 1 ? " group, " : " groups, ") << plan.collectives << " collectives, "
+      << trace.collectives.size() << " collective records, " << trace.engine_events << " engine events\n";
+  if (plan.world_size != plan.trace_world_size) {
+    out << "replayed at world " << plan.world_size
+        << ": all_gather / reduce_scatter keep their total size S, per-rank counts S / " << plan.world_size
+        << (plan.padded ? " (rounded up: padded, as FSDP pads)" : "") << "\n";
+  }
+  // Per group and per op kind: distinct collectives, counted on each
+  // group's first rank (one pass over the programs).
+  struct Row {
+    size_t count = 0;
+    int64_t total = 0, min = std::numeric_limits<int64_t>::max(), max = 0, per_rank = 0;
+  };
+  std::vector<size_t> per_group(plan.groups.size(), 0);
+  std::map<CollectiveOp, Row> rows;
+  for (size_t r = 0; r < plan.per_rank.size(); ++r) {
+    for (const auto& op : plan.per_rank[r]) {
+      if (plan.groups[op.group_index].ranks.front() != static_cast<int>(r)) continue;
+      ++per_group[op.group_index];
+      Row& row = rows[op.op];
+      ++row.count;
+      row.total += op.total_bytes;
+      row.min = std::min(row.min, op.total_bytes);
+      row.max = std::max(row.max, op.total_bytes);
+      row.per_rank += op.in_numel * static_cast<int64_t>(c10::elementSize(op.dtype));
+    }
+  }
+  out << "groups:\n";
+  for (size_t gi = 0; gi < plan.groups.size(); ++gi) {
+    out << "  " << std::left << std::setw(24) << plan.groups[gi].name << std::right << " "
+        << ranks_text(plan.groups[gi].ranks) << ", " << per_group[gi] << " collectives\n";
+  }
+  char line[256];
+  out << "collectives per iteration (S = total size as nccl-tests counts it):\n";
+  std::snprintf(line, sizeof line, "  %-15s %6s %11s %11s %11s %11s\n", "op", "count", "S total", "S min", "S max",
+                "msg/rank");
+  out << line;
+  for (const auto& [op, row] : rows) {
+    std::snprintf(line, sizeof line, "  %-15s %6zu %11s %11s %11s %11s\n", to_string(op), row.count,
+                  human_bytes(static_cast<double>(row.total)).c_str(), human_bytes(static_cast<double>(row.min)).c_str(),
+                  human_bytes(static_cast<double>(row.max)).c_str(),
+                  human_bytes(static_cast<double>(row.per_rank) / static_cast<double>(row.count)).c_str());
+    out << line;
+  }
+  // Per rank: how much each allocates and sends.
+  std::map<std::pair<size_t, int64_t>, std::vector<int>> by_load;
+  for (int r = 0; r < plan.world_size; ++r) {
+    int64_t in_bytes = 0;
+    for (const auto& op : plan.per_rank[static_cast<size_t>(r)]) {
+      in_bytes += op.in_numel * static_cast<int64_t>(c10::elementSize(op.dtype));
+    }
+    by_load[{plan.per_rank[static_cast<size_t>(r)].size(), in_bytes}].push_back(r);
+  }
+  out << "per rank:\n";
+  for (const auto& [load, ranks] : by_load) {
+    out << "  " << ranks_text(ranks) << ": " << load.first << " collectives, "
+        << human_bytes(static_cast<double>(load.second)) << " of inputs\n";
+  }
+  out << "largest buffers of one rank for one collective: " << human_bytes(static_cast<double>(plan.max_buffer_bytes))
+      << "\n";
+  // The recorded timing, measured the way the replay measures.
+  std::map<std::pair<std::string, uint64_t>, std::pair<int64_t, int64_t>> span;  // last issue, last end
+  int64_t first_issue = std::numeric_limits<int64_t>::max(), last_end = 0;
+  bool complete = true;
+  for (const auto& e : trace.collectives) {
+    auto& s = span[{e.group, e.seq}];
+    s.first = std::max(s.first, e.issue_ns);
+    s.second = std::max(s.second, e.end_ns);
+    if (e.end_ns == 0) complete = false;
+    if (e.issue_ns > 0) first_issue = std::min(first_issue, e.issue_ns);
+    last_end = std::max(last_end, e.end_ns);
+  }
+  if (complete && last_end > 0) {
+    int64_t comm = 0;
+    for (const auto& [key, s] : span) comm += std::max<int64_t>(0, s.second - s.first);
+    out << "recorded: " << fixed(static_cast<double>(last_end - first_issue) / 1e6, 3)
+        << " ms from the first call to the last completion; communication " << fixed(static_cast<double>(comm) / 1e6, 3)
+        << " ms (sum over collectives of last call to last completion)\n";
+  }
+  return out.str();
+}
+
+// ---------------------------------------------------------------------------
+// predict
+
+int64_t predict_plan_ns(const ReplayPlan& plan, const sim::CostModelParams& params,
+                        std::map<CollectiveOp, int64_t>* per_op) {
+  int64_t total = 0;
+  std::set<std::pair<size_t, uint64_t>> seen;
+  for (const auto& program : plan.per_rank) {
+    for (const auto& op : program) {
+      if (!seen.insert({op.group_index, op.seq}).second) continue;
+      const int size = static_cast<int>(plan.groups[op.group_index].ranks.size());
+      const int64_t t = sim::predict_ns(op.op, op.total_bytes, size, params);
+      total += t;
+      if (per_op) (*per_op)[op.op] += t;
+    }
+  }
+  return total;
+}
+
+}  // namespace fsdpsim::tools

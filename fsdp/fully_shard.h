@@ -169,7 +169,9 @@ class Engine {
   void reshard_all();
 
   /// Bytes of gathered (full) params alive right now, and the peak since
-  /// construction or the last reset.
+  /// construction or the last reset. A unit counts from the wait of its
+  /// all-gather to its reshard; all-gather buffers in flight (prefetches) are
+  /// not counted (fsdpsim_bench_engine reports them separately as "issued").
   int64_t unsharded_bytes() const;
   int64_t peak_unsharded_bytes() const;
   void reset_peak_unsharded_bytes();

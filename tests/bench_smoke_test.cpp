@@ -1,6 +1,7 @@
-// Smoke test of fsdpsim_bench_comm: the --quick run ends with exit code 0 and
-// prints every table and ratio line; bad flags exit 2 with one error line.
-// Timings themselves are not checked (the machine may be busy).
+// Smoke tests of fsdpsim_bench_comm and fsdpsim_bench_engine: the --quick
+// run ends with exit code 0 and prints every table and target/ratio line;
+// bad flags exit 2 with one error line. Timings themselves are not checked
+// (the machine may be busy).
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -72,6 +73,39 @@ TEST(BenchCommSmoke, HelpExitsZero) {
   EXPECT_EQ(run.exit_code, 0);
   EXPECT_THAT(run.output, HasSubstr("usage: fsdpsim_bench_comm"));
   EXPECT_THAT(run.output, HasSubstr("--no-processes"));
+}
+
+const std::string kBenchEngine = std::string(FSDPSIM_TOOLS_DIR) + "/fsdpsim_bench_engine";
+
+TEST(BenchEngineSmoke, QuickRunPrintsTheTables) {
+  CommandResult run = run_command(kBenchEngine + " --quick");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  const std::string& out = run.output;
+  EXPECT_THAT(out, HasSubstr("ATen intra-op threads 1"));
+  EXPECT_THAT(out, HasSubstr("[1/3]"));
+  EXPECT_THAT(out, HasSubstr("[2/3]"));
+  EXPECT_THAT(out, HasSubstr("[3/3]"));
+  EXPECT_THAT(out, HasSubstr("== 1. world size 1: engine step vs plain step"));
+  EXPECT_THAT(out, HasSubstr("model             plain(ms) engine(ms)  overhead same loss   steps"));
+  EXPECT_THAT(out, HasSubstr("\ntarget: world-size-1 overhead < 15%: "));
+  EXPECT_THAT(out, HasSubstr("== 2. world size N: step time on fake ranks vs the plain model"));
+  EXPECT_THAT(out, HasSubstr("world strategy     ranks      step(ms)   x plain  x N*plain"));
+  EXPECT_THAT(out, HasSubstr("== 3. peak unsharded (gathered) param bytes per rank over a step vs theory"));
+  EXPECT_THAT(out, HasSubstr("world strategy        shards      peak    theory  ratio     total    theory    issued"));
+  // The quick run's rows: both models at world 1, world 2 on both rank kinds.
+  EXPECT_THAT(out, ContainsRegex("\n  mlp_stack d32 +[0-9.]+ +[0-9.]+ +[-+][0-9.]+% +yes +1\\+1\n"));
+  EXPECT_THAT(out, ContainsRegex("\n  transformer +[0-9.]+ +[0-9.]+ +[-+][0-9.]+% +yes +1\\+1\n"));
+  EXPECT_THAT(out, ContainsRegex("\n +2 FullShard +threads +[0-9.]+ "));
+  EXPECT_THAT(out, ContainsRegex("\n +2 ShardGradOp +fibers +[0-9.]+ "));
+  EXPECT_THAT(out, Not(HasSubstr("FAILED")));
+  EXPECT_THAT(out, Not(HasSubstr("not measured")));
+  EXPECT_THAT(out, HasSubstr("\ntotal "));
+}
+
+TEST(BenchEngineSmoke, BadFlagIsOneErrorLineAndExitCode2) {
+  CommandResult run = run_command(kBenchEngine + " --bogus");
+  EXPECT_EQ(run.exit_code, 2);
+  EXPECT_EQ(run.output, "fsdpsim_bench_engine: unknown option '--bogus' (see --help)\n");
 }
 
 }  // namespace

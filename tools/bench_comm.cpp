@@ -636,6 +636,25 @@ void section_gloo(const Config& config, Report& report) {
       }
     }
   }
+  {  // one line per op for the benchmark report: the largest world at 16 MiB (or the largest size)
+    const int n = config.worlds.back();
+    int64_t bytes = config.sizes.back();
+    for (int64_t size : config.sizes) {
+      if (size == 16 * kMiB) bytes = size;
+    }
+    for (Op op : kOps) {
+      const Key key{op, n, bytes};
+      auto fake = report.fake.find(key);
+      auto ratio = [&](const Results& results) -> std::string {
+        auto found = results.find(key);
+        if (fake == report.fake.end() || found == results.end() || !found->second.ok()) return "n/a";
+        return format("%.2f", found->second.median_ns / fake->second.median_ns);
+      };
+      std::cout << format("ratio gloo/fake %s at %d ranks, %s: threads %s, processes %s\n", op_name(op), n,
+                          size_label(bytes).c_str(), ratio(threads).c_str(),
+                          config.processes ? ratio(processes).c_str() : "skipped");
+    }
+  }
   for (const auto& [n, error] : thread_errors) {
     if (!error.empty()) std::cout << "  gloo-thr world " << n << " failed: " << error << "\n";
   }

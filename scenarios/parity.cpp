@@ -44,6 +44,7 @@ std::string ParityConfig::describe() const {
   if (rank_kind == sim::RankKind::Fibers && schedule == sim::SchedulePolicy::SeededRandom) {
     out << " schedule-seed " << schedule_seed;
   }
+  if (simulated_time) out << " simulated-time";
   out << " " << to_string(optimizer) << " steps " << steps;
   if (zero_grad_set_to_none_alternate) out << " alternate-set-to-none";
   if (!tolerance.exact()) out << " atol " << tolerance.atol << " rtol " << tolerance.rtol;
@@ -381,6 +382,9 @@ void run_rank(const ParityConfig& config, const Reference* reference, sim::RankC
   auto scenario = make_scenario(config.scenario, rank);
   fsdp::EngineOptions engine_options;
   engine_options.queue_backward_callback = sim::queue_backward_callback;
+  if (config.engine_hooks) {
+    if (auto hooks = config.engine_hooks(rank)) engine_options.hooks.push_back(std::move(hooks));
+  }
   fsdp::Engine engine(engine_options);
   scenario->shard(engine, setup);
 
@@ -438,6 +442,7 @@ void run_rank(const ParityConfig& config, const Reference* reference, sim::RankC
     counter->set(step, 0);
     zero_grad(params, set_to_none_at(config, step));
     auto loss = scenario->forward_loss(scenario->input(rank, step));
+    if (config.delay) config.delay(rank, "after_loss");
     counter->set(step, 1);
     sim::backward(loss);
     counter->set(step, 2);
@@ -448,6 +453,7 @@ void run_rank(const ParityConfig& config, const Reference* reference, sim::RankC
       compare_params(step, kParamAfterBackward, ref.param_after_backward);
       compare_params(step, kGrad, ref.grad);
     }
+    if (config.delay) config.delay(rank, "before_step");
     optimizer->step();
     if (reference != nullptr) compare_params(step, kParamAfterStep, reference->steps[static_cast<size_t>(step)].param_after_step);
     counter->stop();
@@ -471,6 +477,7 @@ ParityReport run_parity(const ParityConfig& config) {
   options.seed = config.schedule_seed;
   options.collective_timeout = config.collective_timeout;
   options.trace = config.trace;
+  options.simulated_time = config.simulated_time;
   if (config.fiber_stack_bytes != 0) options.fiber_stack_bytes = config.fiber_stack_bytes;
   options.validate();
   if (config.steps < 0) throw std::invalid_argument("run_parity: steps must be >= 0");

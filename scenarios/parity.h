@@ -86,6 +86,17 @@ struct ParityConfig {
   /// result hooks every collective of that rank (delays, failures), outside
   /// the harness's own counting hooks.
   std::function<std::shared_ptr<CommHooks>(int rank)> comm_hooks;
+  /// When set, called on each rank before its engine is built; a non-null
+  /// result joins the engine's hooks (observe engine events, or delay them:
+  /// a hook that sleeps in on_reshard delays the free).
+  std::function<std::shared_ptr<fsdp::EngineHooks>(int rank)> engine_hooks;
+  /// When set, called on each rank at every step's "after_loss" (the loss
+  /// computed, before backward) and "before_step" (after the checks, just
+  /// before the optimiser step), e.g. to sleep there.
+  std::function<void(int rank, const char* point)> delay;
+  /// Fibers on the fake backend: WorldOptions::simulated_time (sleeps, e.g.
+  /// injected delays, cost no real time).
+  bool simulated_time = false;
   /// 0: the World's default.
   size_t fiber_stack_bytes = 0;
   std::chrono::milliseconds collective_timeout{60000};

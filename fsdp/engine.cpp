@@ -351,7 +351,6 @@ void Engine::Impl::pre_forward(Unit::Impl& unit) {
     if (&unit == root) {
       if (!forward_order.empty()) last_forward_order = forward_order;
       forward_order.clear();
-      post_forward_order.clear();
     }
   }
   ++forward_depth;
@@ -371,9 +370,10 @@ void Engine::Impl::pre_forward(Unit::Impl& unit) {
 
 void Engine::Impl::post_forward(Unit::Impl& unit, const std::vector<at::Tensor>& outputs, bool grad_enabled) {
   --forward_depth;
-  post_forward_order.erase(std::remove(post_forward_order.begin(), post_forward_order.end(), &unit),
-                           post_forward_order.end());
-  post_forward_order.push_back(&unit);
+  // Every post-forward since the last backward: each backward step pops its
+  // unit's latest entry and prefetches the one before (two forwards before
+  // one backward replay the pattern twice).
+  if (grad_enabled) post_forward_order.push_back(&unit);
   if (grad_enabled) {
     Engine::Impl* engine = this;
     Unit::Impl* target = &unit;
@@ -402,6 +402,10 @@ void Engine::Impl::queue_final_callback() {
 void Engine::Impl::pre_backward(Unit::Impl& unit) {
   queue_final_callback();
   if (unit.needs_post_backward) return;  // this unit's backward already began
+  if (unit.prefetch_in_flight) {  // its own gather, prefetched, is now in use
+    unit.prefetch_in_flight = false;
+    --prefetches_in_flight;
+  }
   unit.state = TrainingState::PreBackward;
   unit.needs_post_backward = true;
   emit(&EngineHooks::on_pre_backward, unit);
@@ -439,6 +443,9 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
   }
   reshard(unit);
   if (grads.empty()) {
+    // No grad yet (a param used by two forwards accumulates once, after
+    // both) or none at all (frozen): still the unit's post-backward step.
+    emit(&EngineHooks::on_post_backward, unit);
     finish_post_backward(unit);
     return;
   }
@@ -532,10 +539,14 @@ void Engine::Impl::prefetch_backward(Unit::Impl& unit) {
     return;
   }
   // Backward runs in reverse post-forward order: the root (its outputs get
-  // their gradient first), then the last block, ...
+  // their gradient first), then the last block, ... The unit's latest entry
+  // goes; the entry before it is the next unit to run backward.
   auto it = std::find(post_forward_order.rbegin(), post_forward_order.rend(), &unit);
   Unit::Impl* next = nullptr;
-  if (it != post_forward_order.rend() && ++it != post_forward_order.rend() && !(*it)->backward_done) next = *it;
+  if (it != post_forward_order.rend()) {
+    auto position = post_forward_order.erase(std::next(it).base());
+    if (position != post_forward_order.begin()) next = *std::prev(position);
+  }
   prefetch(unit, next);
 }
 
@@ -582,6 +593,7 @@ void Engine::Impl::final_callback() {
     impl.state = TrainingState::Idle;
     impl.backward_done = false;
   }
+  post_forward_order.clear();
   if (root != nullptr) emit(&EngineHooks::on_final_callback, *root);
 }
 

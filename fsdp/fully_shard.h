@@ -64,7 +64,9 @@ class EngineHooks {
   virtual void on_reshard(const std::string& unit, TrainingState state) = 0;
   /// The first gradient for one of the unit's outputs arrived.
   virtual void on_pre_backward(const std::string& unit, TrainingState state) = 0;
-  /// The unit's gradient reduction issued.
+  /// The unit's post-backward step ran: its gradients' reduction issued,
+  /// or nothing to reduce yet (no gradient arrived, e.g. a param used by two
+  /// forwards accumulates once both passes are done).
   virtual void on_post_backward(const std::string& unit, TrainingState state) = 0;
   /// The end-of-backward step ran (once per backward pass, root unit).
   virtual void on_final_callback(const std::string& unit, TrainingState state) = 0;

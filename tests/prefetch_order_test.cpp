@@ -455,25 +455,22 @@ TEST_P(PrefetchOrder, ExplicitBackwardPrefetchOneBackEqualsImplicit) {
 
 TEST_P(PrefetchOrder, MaxPrefetchesInFlightOneLimitsExplicitBackwardPrefetch) {
   // Rule (engine.cpp): a prefetch is skipped while max_prefetches_in_flight
-  // gathers issued as prefetches are not yet waited on by their unit; a unit
-  // decides its backward prefetches after issuing its own gather and before
-  // waiting on it, so its own prefetched gather still counts then.
+  // gathers issued as prefetches are not yet used by their unit; a unit's
+  // own prefetched gather counts as used when its backward begins, before it
+  // decides its own prefetches (as in forward).
   //   root: P L3 -> U L3 (1 in flight)
-  //   L3:   P L2, P L1 skipped (1 >= 1); waits on L3 (0)
-  //   L2:   gathers itself (U L2), P L1 -> U L1 (1), P L0 skipped
-  //   L1:   P L0 skipped (L1 still counted); waits (0)
-  //   L0:   gathers itself (U L0)
-  // (Were a unit's own prefetched gather released before it decides, as
-  // the forward does, limit 1 would give the implicit order's gathers:
-  // U L3, U L2, R L3, PB L3, U L1, R L2, PB L2, U L0, R L1, ...)
+  //   L3:   its own gather in use (0); P L2 -> U L2 (1); P L1 skipped (1 >= 1)
+  //   L2:   in use (0); P L1 -> U L1 (1); P L0 skipped
+  //   L1:   in use (0); P L0 -> U L0 (1)
+  //   L0:   in use (0); nothing left
   OrderRun run;
   run.build = [] { return make_chain(layer_names(4)); };
   run.max_prefetches_in_flight = 1;
   run.configure = [](Engine& engine, Built& built) { set_backward_prefetch(engine, built, 4, 2); };
   run.kinds = {"U", "R", "PB", "P", "final"};
-  const Events backward = {"P root>L3", "U L3", "P L3>L2", "P L3>L1", "R L3", "PB L3", "U L2", "P L2>L1",
-                           "U L1", "P L2>L0", "R L2", "PB L2", "P L1>L0", "R L1", "PB L1", "U L0",
-                           "P L0>none", "R L0", "PB L0", "R root", "PB root", "final"};
+  const Events backward = {"P root>L3", "U L3", "P L3>L2", "U L2", "P L3>L1", "R L3", "PB L3",
+                           "P L2>L1", "U L1", "P L2>L0", "R L2", "PB L2", "P L1>L0", "U L0",
+                           "R L1", "PB L1", "P L0>none", "R L0", "PB L0", "R root", "PB root", "final"};
   run.expected = concat({kForward4, backward});
   expect_order(run, GetParam());
 }

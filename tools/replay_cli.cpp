@@ -345,7 +345,8 @@ int cmd_run(const Args& a, std::ostream& out, std::ostream& err) {
       err << "fsdpsim_replay: " << result.data_error << std::endl;
       return 1;
     }
-    out << "data check: " << result.checked_outputs << " outputs verified bit for bit\n";
+    out << "data check: " << result.checked_outputs << " outputs verified bit for bit (the latencies above include "
+           "other ranks' verification work; time without --check-data)\n";
   }
   return 0;
 }

@@ -267,6 +267,18 @@ struct MissingRun {
   uint64_t last_seq = 0;
 };
 
+// Consecutive collectives of one group left in the same state on the same
+// ranks (a hang leaves every later one in flight) make one finding.
+struct StateRun {
+  size_t finding = 0;
+  std::string key;   // kind + the per-state rank sets
+  std::string op;    // of the first collective
+  std::string body;  // the message after "group G seq N op: "
+  uint64_t first_seq = 0;
+  uint64_t last_seq = 0;
+  size_t count = 0;
+};
+
 }  // namespace
 
 CheckReport check_trace(const ReplayTrace& trace) {
@@ -297,12 +309,14 @@ CheckReport check_trace(const ReplayTrace& trace) {
            " " + to_string(e.op) + " (" + e.status + ")";
   };
 
-  std::vector<MissingRun> runs;  // missing-rank findings still open for extension
+  constexpr size_t kNone = std::numeric_limits<size_t>::max();
+  std::vector<MissingRun> runs;
+  std::vector<StateRun> state_runs;
   for (const auto& [group, seqs] : by_group_seq) {
     const std::vector<int>& members = trace.groups.at(group);
     report.collectives += seqs.size();
-    constexpr size_t kNone = std::numeric_limits<size_t>::max();
-    size_t open = kNone;  // index into runs of the run still being extended
+    size_t open = kNone;        // index into runs of the missing-rank run still being extended
+    size_t open_state = kNone;  // index into state_runs, likewise
     for (const auto& [seq, indices] : seqs) {
       // 1. Do the ranks that joined agree on what they called?
       std::vector<std::pair<std::string, std::vector<int>>> calls;  // in order of the lowest rank
@@ -389,38 +403,59 @@ CheckReport check_trace(const ReplayTrace& trace) {
           in_flight.push_back(e.rank);
         }
       }
-      if (failed.empty() && in_flight.empty()) continue;
+      if (failed.empty() && in_flight.empty()) {
+        open_state = kNone;
+        continue;
+      }
       CheckFinding f;
       f.group = group;
       f.seq = seq;
-      const std::string head = "group " + group + " seq " + std::to_string(seq) + " " + to_string(reference.op);
       std::string states;
       auto add_state = [&](const std::vector<int>& ranks, const char* what) {
         if (ranks.empty()) return;
         states += (states.empty() ? "" : ", ") + ranks_text(ranks) + " " + what;
       };
+      std::string body;
       if (!completed.empty()) {
         f.kind = CheckFinding::Kind::StateMismatch;
         add_state(completed, "completed");
         add_state(failed, "failed");
         add_state(in_flight, "still in flight");
-        f.message = head + ": state mismatch: " + states;
+        body = "state mismatch: " + states;
       } else if (!failed.empty()) {
         f.kind = CheckFinding::Kind::Failed;
         add_state(failed, "failed");
         add_state(in_flight, "still in flight");
-        f.message = head + ": " + states;
+        body = states;
       } else {
         f.kind = CheckFinding::Kind::InFlight;
-        f.message = head + ": never completed: " + ranks_text(in_flight) + " still in flight when the trace was written";
+        body = "never completed: " + ranks_text(in_flight) + " still in flight when the trace was written";
       }
+      const std::string key = std::string(to_string(f.kind)) + "|" + body;
       if (first_failure) {
-        f.message += "; rank " + std::to_string(first_failure->rank) + "'s error: " + short_error(first_failure->error);
+        body += "; rank " + std::to_string(first_failure->rank) + "'s error: " + short_error(first_failure->error);
+      }
+      if (open_state != kNone && state_runs[open_state].key == key) {
+        state_runs[open_state].last_seq = seq;
+        ++state_runs[open_state].count;
+        continue;
       }
       f.ranks = failed;
       f.ranks.insert(f.ranks.end(), in_flight.begin(), in_flight.end());
       std::sort(f.ranks.begin(), f.ranks.end());
       report.findings.push_back(std::move(f));
+      state_runs.push_back(StateRun{report.findings.size() - 1, key, to_string(reference.op), body, seq, seq, 1});
+      open_state = state_runs.size() - 1;
+    }
+  }
+
+  for (const auto& run : state_runs) {
+    CheckFinding& f = report.findings[run.finding];
+    if (run.count == 1) {
+      f.message = "group " + f.group + " seq " + std::to_string(run.first_seq) + " " + run.op + ": " + run.body;
+    } else {
+      f.message = "group " + f.group + " seqs " + std::to_string(run.first_seq) + "-" + std::to_string(run.last_seq) +
+                  " (" + std::to_string(run.count) + " collectives, from " + run.op + "): " + run.body;
     }
   }
 

@@ -273,9 +273,9 @@ int64_t predict_plan_ns(const ReplayPlan& plan, const sim::CostModelParams& para
                         std::map<CollectiveOp, int64_t>* per_op = nullptr);
 
 struct CalibrationOptions {
-  /// Sizes S per op: `sizes` points spaced geometrically over the plan's
-  /// range of S for that op, clamped to [min_bytes, max_bytes] and spanning
-  /// at least a factor 16.
+  /// Sizes S per op: `sizes` points spaced geometrically from a quarter of
+  /// the plan's smallest S for that op to four times its largest, clamped to
+  /// [min_bytes, max_bytes] and spanning at least a factor 16.
   int sizes = 4;
   int64_t min_bytes = 4 << 10;
   int64_t max_bytes = 64 << 20;

@@ -85,6 +85,9 @@ at::Tensor reduced(ReduceOp op, int ranks, int64_t start, int64_t count, at::Sca
 
 constexpr int kUntouched = 7;  // outside the crafted range [-5, 5]
 
+// A rank's buffer pool holds up to this many times its largest collective.
+constexpr int64_t kPoolBuffers = 2;
+
 std::string op_text(const PlannedOp& op, const std::string& group) {
   std::ostringstream out;
   out << "group " << group << " seq " << op.seq << " " << to_string(op.op);
@@ -134,9 +137,39 @@ std::vector<ProcessGroupPtr> build_groups(const ReplayPlan& plan, const ProcessG
   return groups;
 }
 
+// Timing runs reuse zero-filled buffers across collectives, so that no
+// allocation or page fault (on this rank or, through the shared cores, on the
+// others) lands inside a measured collective. Zeros stay zeros under every
+// collective and reduce op, so the buffers never need refilling. When the
+// pool would exceed its budget it starts over.
+class BufferPool {
+ public:
+  explicit BufferPool(int64_t budget_bytes) : budget_(budget_bytes) {}
+  at::Tensor get(at::ScalarType dtype, int64_t numel, int slot) {
+    const auto key = std::make_tuple(static_cast<int>(dtype), numel, slot);
+    auto it = tensors_.find(key);
+    if (it != tensors_.end()) return it->second;
+    at::Tensor t = at::zeros({numel}, dtype);
+    const int64_t bytes = static_cast<int64_t>(t.nbytes());
+    if (bytes_ + bytes > budget_) {
+      tensors_.clear();
+      bytes_ = 0;
+    }
+    bytes_ += bytes;
+    tensors_.emplace(key, t);
+    return t;
+  }
+
+ private:
+  int64_t budget_;
+  int64_t bytes_ = 0;
+  std::map<std::tuple<int, int64_t, int>, at::Tensor> tensors_;
+};
+
 void replay_rank(const ReplayPlan& plan, int rank, const ProcessGroupPtr& world, const ReplayOptions& options,
                  RankRecord& record) {
   const std::vector<ProcessGroupPtr> groups = build_groups(plan, world);
+  BufferPool pool(kPoolBuffers * plan.max_buffer_bytes);
   const auto& program = plan.per_rank.at(static_cast<size_t>(rank));
   record.start.assign(program.size() * static_cast<size_t>(options.iterations), 0);
   record.end.assign(record.start.size(), 0);
@@ -154,23 +187,27 @@ void replay_rank(const ReplayPlan& plan, int rank, const ProcessGroupPtr& world,
       const int n = group->size();
       const bool check = options.check_data;
       at::Tensor input, output;
-      switch (op.op) {
-        case CollectiveOp::AllGather:
-        case CollectiveOp::ReduceScatter:
-          input = check ? crafted(gr, 0, op.in_numel, op.dtype) : at::zeros({op.in_numel}, op.dtype);
-          output = at::full({op.out_numel}, check ? kUntouched : 0, op.dtype);
-          break;
-        case CollectiveOp::AllReduce:
-          input = check ? crafted(gr, 0, op.in_numel, op.dtype) : at::zeros({op.in_numel}, op.dtype);
-          output = input;
-          break;
-        case CollectiveOp::Broadcast:
-          input = check ? (gr == op.root ? crafted(gr, 0, op.in_numel, op.dtype)
-                                         : at::full({op.in_numel}, kUntouched, op.dtype))
-                        : at::zeros({op.in_numel}, op.dtype);
-          output = input;
-          break;
-        case CollectiveOp::Barrier: break;
+      if (check) {
+        switch (op.op) {
+          case CollectiveOp::AllGather:
+          case CollectiveOp::ReduceScatter:
+            input = crafted(gr, 0, op.in_numel, op.dtype);
+            output = at::full({op.out_numel}, kUntouched, op.dtype);
+            break;
+          case CollectiveOp::AllReduce:
+            input = output = crafted(gr, 0, op.in_numel, op.dtype);
+            break;
+          case CollectiveOp::Broadcast:
+            input = output = gr == op.root ? crafted(gr, 0, op.in_numel, op.dtype)
+                                           : at::full({op.in_numel}, kUntouched, op.dtype);
+            break;
+          case CollectiveOp::Barrier: break;
+        }
+      } else if (op.op != CollectiveOp::Barrier) {
+        input = pool.get(op.dtype, op.in_numel, 0);
+        output = op.op == CollectiveOp::AllReduce || op.op == CollectiveOp::Broadcast
+                     ? input
+                     : pool.get(op.dtype, op.out_numel, 1);
       }
 
       const int64_t start = now_ns();
@@ -290,8 +327,9 @@ ReplayResult collect(const ReplayPlan& plan, const ReplayOptions& options, const
 
 void check_limits(const ReplayPlan& plan, const ReplayOptions& options, int in_process_ranks) {
   if (options.iterations < 1) throw ReplayPlanError("iterations must be >= 1");
-  // Inputs, outputs and (data check) the expected tensors of every rank at once.
-  const long double per_rank = static_cast<long double>(plan.max_buffer_bytes) * (options.check_data ? 2 : 1);
+  // Per rank: the buffer pool (timing) or the buffers plus the expected
+  // tensors (data check), every in-process rank at once.
+  const long double per_rank = static_cast<long double>(plan.max_buffer_bytes) * (options.check_data ? 2 : kPoolBuffers);
   const long double memory = per_rank * in_process_ranks;
   if (memory > static_cast<long double>(options.limits.max_memory_bytes)) {
     std::ostringstream msg;
@@ -602,9 +640,11 @@ std::vector<sim::CostSample> calibrate_one(const ReplayPlan& plan, int world_siz
   };
   add(CollectiveOp::Barrier, 0);
   for (const auto& [kind, span] : range) {
-    const double lo = std::clamp<double>(static_cast<double>(span.first), static_cast<double>(calibration.min_bytes),
+    // Around the sizes the trace uses: a quarter of the smallest to four
+    // times the largest, at least a factor 16 wide.
+    const double lo = std::clamp<double>(static_cast<double>(span.first) / 4, static_cast<double>(calibration.min_bytes),
                                          static_cast<double>(calibration.max_bytes) / 16);
-    const double hi = std::clamp<double>(static_cast<double>(span.second), lo * 16,
+    const double hi = std::clamp<double>(static_cast<double>(span.second) * 4, lo * 16,
                                          static_cast<double>(calibration.max_bytes));
     for (int i = 0; i < calibration.sizes; ++i) {
       const double s = lo * std::pow(hi / lo, static_cast<double>(i) / (calibration.sizes - 1));

@@ -49,6 +49,7 @@
 #include "backends/gloo_process_group.h"
 #include "backends/process_group.h"
 #include "sim/world.h"
+#include "tools/bench_util.h"
 #include "tools/process_launcher.h"
 
 namespace {
@@ -182,27 +183,10 @@ Config parse(int argc, char** argv) {
 // ---------------------------------------------------------------------------
 // Small helpers
 
-int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-double median(std::vector<double> values) {
-  if (values.empty()) return 0;
-  std::sort(values.begin(), values.end());
-  const size_t mid = values.size() / 2;
-  return values.size() % 2 ? values[mid] : (values[mid - 1] + values[mid]) / 2;
-}
-
-std::string format(const char* pattern, ...) __attribute__((format(printf, 1, 2)));
-std::string format(const char* pattern, ...) {
-  char buffer[512];
-  va_list args;
-  va_start(args, pattern);
-  std::vsnprintf(buffer, sizeof buffer, pattern, args);
-  va_end(args);
-  return buffer;
-}
+using fsdpsim::tools::bench::format;
+using fsdpsim::tools::bench::median;
+using fsdpsim::tools::bench::now_ns;
+using fsdpsim::tools::bench::seconds_since;
 
 std::string size_label(int64_t bytes) {
   return bytes % kMiB == 0 ? format("%lld MiB", static_cast<long long>(bytes / kMiB))
@@ -213,7 +197,6 @@ double gbps(double bytes, double ns) { return ns > 0 ? bytes / ns : 0; }  // byt
 
 double bus_factor(int n) { return n > 1 ? static_cast<double>(n - 1) / n : 1.0; }
 
-double seconds_since(int64_t start_ns) { return static_cast<double>(now_ns() - start_ns) / 1e9; }
 
 void progress(const std::string& line) { std::cout << line << std::endl; }
 

@@ -46,6 +46,7 @@
 #include <utility>
 #include <vector>
 
+#include "tools/bench_util.h"
 #include "backends/process_group.h"
 #include "fsdp/fully_shard.h"
 #include "scenarios/models.h"
@@ -163,29 +164,11 @@ Config parse(int argc, char** argv) {
 // ---------------------------------------------------------------------------
 // Small helpers
 
-int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
+using fsdpsim::tools::bench::format;
+using fsdpsim::tools::bench::median;
+using fsdpsim::tools::bench::now_ns;
+using fsdpsim::tools::bench::seconds_since;
 
-double median(std::vector<double> values) {
-  if (values.empty()) return 0;
-  std::sort(values.begin(), values.end());
-  const size_t mid = values.size() / 2;
-  return values.size() % 2 ? values[mid] : (values[mid - 1] + values[mid]) / 2;
-}
-
-std::string format(const char* pattern, ...) __attribute__((format(printf, 1, 2)));
-std::string format(const char* pattern, ...) {
-  char buffer[512];
-  va_list args;
-  va_start(args, pattern);
-  std::vsnprintf(buffer, sizeof buffer, pattern, args);
-  va_end(args);
-  return buffer;
-}
-
-double seconds_since(int64_t start_ns) { return static_cast<double>(now_ns() - start_ns) / 1e9; }
 
 void progress(const std::string& line) { std::cout << line << std::endl; }
 

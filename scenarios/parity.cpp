@@ -462,6 +462,40 @@ void run_rank(const ParityConfig& config, const Reference* reference, sim::RankC
   result.comm_counts = counter->counts();
 }
 
+// Per-step maxima over ranks, every rank's counts and losses, and the
+// earliest mismatches in (step, phase, rank, param) order.
+void merge_results(ParityReport& report, std::vector<RankResult>& results) {
+  const ParityConfig& config = report.config;
+  report.steps.assign(static_cast<size_t>(config.steps), StepDiff{});
+  std::vector<std::tuple<int, int, int, size_t, Mismatch>> all;
+  for (size_t r = 0; r < results.size(); ++r) {
+    auto& result = results[r];
+    for (size_t s = 0; s < result.diffs.size() && s < report.steps.size(); ++s) {
+      auto merge = [](double& into, double value) {
+        if (std::isnan(value) || value > into) into = value;
+      };
+      merge(report.steps[s].loss, result.diffs[s].loss);
+      merge(report.steps[s].param_after_backward, result.diffs[s].param_after_backward);
+      merge(report.steps[s].grad, result.diffs[s].grad);
+      merge(report.steps[s].param_after_step, result.diffs[s].param_after_step);
+    }
+    report.mismatch_count += result.mismatch_count;
+    for (auto& m : result.mismatches) {
+      all.emplace_back(m.mismatch.step, m.phase, m.mismatch.rank, m.order, std::move(m.mismatch));
+    }
+    report.comm_counts.push_back(std::move(result.comm_counts));
+    report.losses.push_back(std::move(result.losses));
+    report.final_shards.push_back(std::move(result.final_shards));
+  }
+  std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
+    return std::tie(std::get<0>(a), std::get<1>(a), std::get<2>(a), std::get<3>(a)) <
+           std::tie(std::get<0>(b), std::get<1>(b), std::get<2>(b), std::get<3>(b));
+  });
+  for (size_t i = 0; i < all.size() && i < ParityReport::kMaxMismatches; ++i) {
+    report.mismatches.push_back(std::move(std::get<4>(all[i])));
+  }
+}
+
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
@@ -510,34 +544,38 @@ ParityReport run_parity(const ParityConfig& config) {
   report.seconds_sharded = seconds_since(start);
   if (!outcome.ok()) report.error = outcome.error_report();
 
-  report.steps.assign(static_cast<size_t>(config.steps), StepDiff{});
-  std::vector<std::tuple<int, int, int, size_t, Mismatch>> all;
-  for (size_t r = 0; r < results.size(); ++r) {
-    auto& result = results[r];
-    for (size_t s = 0; s < result.diffs.size() && s < report.steps.size(); ++s) {
-      auto merge = [](double& into, double value) {
-        if (std::isnan(value) || value > into) into = value;
-      };
-      merge(report.steps[s].loss, result.diffs[s].loss);
-      merge(report.steps[s].param_after_backward, result.diffs[s].param_after_backward);
-      merge(report.steps[s].grad, result.diffs[s].grad);
-      merge(report.steps[s].param_after_step, result.diffs[s].param_after_step);
-    }
-    report.mismatch_count += result.mismatch_count;
-    for (auto& m : result.mismatches) {
-      all.emplace_back(m.mismatch.step, m.phase, m.mismatch.rank, m.order, std::move(m.mismatch));
-    }
-    report.comm_counts.push_back(std::move(result.comm_counts));
-    report.losses.push_back(std::move(result.losses));
-    report.final_shards.push_back(std::move(result.final_shards));
+  merge_results(report, results);
+  return report;
+}
+
+ParityReport run_parity_rank(const ParityConfig& config, int rank, const ProcessGroupPtr& world_group) {
+  ParityReport report;
+  report.config = config;
+  if (rank < 0 || rank >= config.world_size || !world_group || world_group->size() != config.world_size) {
+    throw std::invalid_argument("run_parity_rank: rank " + std::to_string(rank) + " / group of size " +
+                                std::to_string(world_group ? world_group->size() : 0) + " do not fit world size " +
+                                std::to_string(config.world_size));
   }
-  std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
-    return std::tie(std::get<0>(a), std::get<1>(a), std::get<2>(a), std::get<3>(a)) <
-           std::tie(std::get<0>(b), std::get<1>(b), std::get<2>(b), std::get<3>(b));
-  });
-  for (size_t i = 0; i < all.size() && i < ParityReport::kMaxMismatches; ++i) {
-    report.mismatches.push_back(std::move(std::get<4>(all[i])));
+  Reference reference;
+  auto start = std::chrono::steady_clock::now();
+  try {
+    reference = run_reference(config);  // every process computes the same reference
+  } catch (const std::exception& e) {
+    report.error = std::string("reference: ") + e.what();
+    return report;
   }
+  report.seconds_reference = seconds_since(start);
+  std::vector<RankResult> results(1);
+  start = std::chrono::steady_clock::now();
+  sim::RankContext ctx(rank, config.world_size, sim::RankKind::Threads, world_group, &SteadyClock::instance(),
+                       nullptr);
+  try {
+    run_rank(config, &reference, ctx, results[0]);
+  } catch (const std::exception& e) {
+    report.error = "rank " + std::to_string(rank) + ": " + e.what();
+  }
+  report.seconds_sharded = seconds_since(start);
+  merge_results(report, results);
   return report;
 }
 

@@ -166,4 +166,10 @@ struct ParityReport {
 /// ParityReport::error); throws std::invalid_argument for a bad config.
 ParityReport run_parity(const ParityConfig& config);
 
+/// One rank of a parity run whose ranks live elsewhere (Gloo processes):
+/// this process computes the whole reference (the same arithmetic on every
+/// process) and compares its own shards. `world_group` spans config.world_size
+/// ranks; the world options of `config` (rank kind, backend) are ignored.
+ParityReport run_parity_rank(const ParityConfig& config, int rank, const ProcessGroupPtr& world_group);
+
 }  // namespace fsdpsim::scenarios

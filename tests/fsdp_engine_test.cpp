@@ -443,3 +443,62 @@ TEST(FsdpEngineTrace, EngineEventsAreRecordedBesideTheCollectives) {
 
 }  // namespace
 }  // namespace fsdpsim::fsdp
+
+#include "backends/comm_hooks.h"
+
+namespace fsdpsim::fsdp {
+namespace {
+
+// Records the options of every reduce-scatter it sees.
+class ReduceScatterSpy final : public DefaultCommHooks {
+ public:
+  void before(const CollectiveDesc& desc) override {
+    if (desc.op == CollectiveOp::ReduceScatter) seen.push_back(desc);
+  }
+  std::vector<CollectiveDesc> seen;
+};
+
+TEST(FsdpEngineSemantics, GradientPredivideFactorSplitsTheAverage) {
+  // With factor f each grad is divided by f before the sum and the sum by
+  // world / f after: (a/2 + b/2 + c/2 + d/2) / 2 is bitwise (a+b+c+d) / 4
+  // (halving is exact in fp32), so the grads equal the plain average's.
+  auto grads_with = [](double factor, std::vector<std::vector<CollectiveDesc>>* seen) {
+    std::vector<torch::Tensor> grads(4);
+    sim::World world(threads(4));
+    auto result = world.run([&](sim::RankContext& ctx) {
+      auto spy = std::make_shared<ReduceScatterSpy>();
+      auto group = std::make_shared<HookedProcessGroup>(ctx.world_group(), spy);
+      EngineOptions engine_options;
+      engine_options.queue_backward_callback = sim::queue_backward_callback;
+      Engine engine(engine_options);
+      torch::nn::Linear linear(8, 8);
+      {
+        torch::NoGradGuard no_grad;
+        linear->weight.copy_(torch::arange(64, torch::kFloat).reshape({8, 8}) / 7);
+        linear->bias.fill_(0.5);
+      }
+      FullyShardOptions options = full_shard(group);
+      options.gradient_predivide_factor = factor;
+      engine.fully_shard(linear.ptr(), options);
+      auto x = torch::arange(16, torch::kFloat).reshape({2, 8}) * (ctx.rank() + 1) / 3;
+      sim::backward(fsdp::call(linear.ptr(), x).pow(2).sum());
+      grads[ctx.rank()] = linear->weight.grad().clone();
+      if (seen) (*seen)[ctx.rank()] = spy->seen;
+    });
+    EXPECT_TRUE(result.ok()) << result.error_report();
+    return grads;
+  };
+  std::vector<std::vector<CollectiveDesc>> seen(4);
+  auto averaged = grads_with(1.0, nullptr);
+  auto predivided = grads_with(2.0, &seen);
+  for (int r = 0; r < 4; ++r) {
+    EXPECT_TRUE(torch::equal(averaged[r], predivided[r])) << "rank " << r;
+    ASSERT_EQ(seen[r].size(), 1u);
+    EXPECT_EQ(seen[r][0].reduce_op, ReduceOp::Sum);
+    EXPECT_EQ(seen[r][0].predivide_factor, 2.0);
+    EXPECT_EQ(seen[r][0].postdivide_factor, 2.0);
+  }
+}
+
+}  // namespace
+}  // namespace fsdpsim::fsdp

@@ -12,6 +12,7 @@
 #include "backends/gloo_process_group.h"
 #include "sim/fake_process_group.h"
 #include "sim/fiber_scheduler.h"
+#include "sim/flight_recorder.h"
 #include "sim/trace.h"
 
 namespace fsdpsim::sim {
@@ -171,6 +172,13 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
       return make_gloo_process_group(gloo);
     };
   }
+  std::shared_ptr<FlightRecorder> flight;
+  if (options_.flight_recorder_entries > 0) {
+    flight = std::make_shared<FlightRecorder>(n, options_.flight_recorder_entries);
+    make_group = [inner = make_group, flight, clock](int rank) -> ProcessGroupPtr {
+      return std::make_shared<FlightRecordingProcessGroup>(inner(rank), flight, rank, *clock);
+    };
+  }
   if (options_.trace) {
     make_group = [inner = make_group, trace = options_.trace, clock](int rank) -> ProcessGroupPtr {
       return std::make_shared<TracedProcessGroup>(inner(rank), trace, rank, *clock);
@@ -225,6 +233,7 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
     });
     host.join();
   }
+  if (flight && !result.ok()) result.flight_recorder = flight->dump();
   return result;
 }
 

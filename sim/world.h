@@ -55,6 +55,9 @@ struct WorldOptions {
   size_t thread_stack_bytes = 4 * 1024 * 1024;
   /// When set, every collective of every rank is recorded here.
   std::shared_ptr<TraceRecorder> trace;
+  /// Each rank's last collectives kept in a ring buffer (0: off); a failed
+  /// run returns their dump in WorldResult::flight_recorder.
+  size_t flight_recorder_entries = 16;
   /// Fiber ranks on the fake backend only: simulated time (see
   /// sim/sim_clock.h). Sleeps cost no real time, collectives take the cost
   /// model's time, and traces and Work times are in simulated nanoseconds.
@@ -101,6 +104,9 @@ struct RankOutcome {
 
 struct WorldResult {
   std::vector<RankOutcome> ranks;
+  /// When a rank failed: every rank's recent collectives and where each
+  /// rank was (sim/flight_recorder.h), for hang and desync diagnosis.
+  std::string flight_recorder;
   bool ok() const;
   /// One line per failed rank: "rank 3: <error>".
   std::string error_report() const;

@@ -218,6 +218,9 @@ TEST_P(FakeFailures, RankThatExitsWithoutCallingFailsTheCollectiveAtOnce) {
     ctx.world_group()->all_reduce(t, AllReduceOptions{})->wait();
   });
   EXPECT_TRUE(result.ranks[2].ok);
+  // The World's flight recorder says where each rank stopped.
+  EXPECT_THAT(result.flight_recorder, HasSubstr("rank 2 at seq 1 all_reduce (completed)"));
+  EXPECT_THAT(result.flight_recorder, HasSubstr("ranks {0-1} at seq 2 all_reduce (failed)"));
   for (int r : {0, 1}) {
     EXPECT_THAT(result.ranks[r].error, HasSubstr("group world seq 2 all_reduce: can never complete: rank 2 "
                                                  "exited normally without calling this collective"));

@@ -471,12 +471,21 @@ int run_process_worker(const RunOptions& options, const std::string& stats_path,
   try {
     const LaunchEnv env = LaunchEnv::from_env();
     auto trace = std::make_shared<sim::TraceRecorder>(env.world_size);
+    auto flight = std::make_shared<sim::FlightRecorder>(env.world_size, 16);
     ProcessGroupPtr group = make_gloo_process_group_from_env(std::chrono::seconds(60));
+    group = std::make_shared<sim::FlightRecordingProcessGroup>(group, flight, env.rank);
     group = std::make_shared<sim::TracedProcessGroup>(group, trace, env.rank);
-    RankStats stats = train_rank(options, env.rank, group, SteadyClock::instance(), nullptr, trace,
-                                 [&](int step, const RankStats& s) {
-                                   if (env.rank == 0) print_progress(std::cout, options, step, s, false);
-                                 });
+    RankStats stats;
+    try {
+      stats = train_rank(options, env.rank, group, SteadyClock::instance(), nullptr, trace,
+                         [&](int step, const RankStats& s) {
+                           if (env.rank == 0) print_progress(std::cout, options, step, s, false);
+                         });
+    } catch (const std::exception& e) {
+      // The launcher shows each rank's last lines: this rank's recent collectives.
+      err << "fsdpsim worker rank " << env.rank << ": " << e.what() << "\n" << flight->dump() << std::flush;
+      return 1;
+    }
     std::ofstream file(stats_path + ".rank" + std::to_string(env.rank));
     file << to_json(stats).dump() << "\n";
     trace->write_jsonl(file);
@@ -568,8 +577,7 @@ int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err
   write_traces(options, *recorder, err);
   if (!result.ok()) {
     err << "fsdpsim: the run failed:\n" << result.error_report();
-    // Where each rank was: its last collectives, from the trace.
-    err << sim::FlightRecorder::from_trace(recorder->events(), n, 16)->dump();
+    err << result.flight_recorder;  // where each rank was: its last collectives
     err << "fsdpsim: analyse with 'fsdpsim_replay check " << options.trace_path << ".jsonl'" << std::endl;
     return 1;
   }

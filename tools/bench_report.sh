@@ -44,6 +44,6 @@ row "Gloo/fake time, all_gather" "$(pick comm.log '^ratio gloo/fake all_gather')
 row "Gloo/fake time, reduce_scatter" "$(pick comm.log '^ratio gloo/fake reduce_scatter')" comm.log
 row "threads/fibers time at scale" "$(pick comm.log '^ratio threads/fibers')" comm.log
 row "engine vs plain step at world size 1" "$(pick engine.log '^target: world-size-1')" engine.log
-row "cost model vs measured replay" "$(pick predict.log 'error')" predict.log
+row "cost model vs measured replay" "$(pick predict.log 'prediction error')" predict.log
 echo "  total $(( $(date +%s) - started )) s; logs in $logs"
 exit $status

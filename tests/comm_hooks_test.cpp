@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <tuple>
 
+#include "tests/mock_comm_hooks.h"
 #include "backends/comm_hooks.h"
 #include "backends/errors.h"
 #include "sim/trace.h"
@@ -42,22 +43,7 @@ using ::testing::NotNull;
 using ::testing::Return;
 using ::testing::StrictMock;
 
-class MockCommHooks : public CommHooks {
- public:
-  MockCommHooks() {
-    ON_CALL(*this, before).WillByDefault([this](const CollectiveDesc& d) { default_.before(d); });
-    ON_CALL(*this, run).WillByDefault(
-        [this](const CollectiveDesc& d, const std::function<WorkPtr()>& issue) { return default_.run(d, issue); });
-    ON_CALL(*this, after).WillByDefault([this](const CollectiveDesc& d, const WorkPtr& w) { default_.after(d, w); });
-  }
-
-  MOCK_METHOD(void, before, (const CollectiveDesc& desc), (override));
-  MOCK_METHOD(WorkPtr, run, (const CollectiveDesc& desc, const std::function<WorkPtr()>& issue), (override));
-  MOCK_METHOD(void, after, (const CollectiveDesc& desc, const WorkPtr& work), (override));
-
- private:
-  DefaultCommHooks default_;
-};
+using fsdpsim::testing::MockCommHooks;
 
 // A Work that did nothing, complete from the start: what a hook returns
 // when it replaces a collective by a local no-op.

@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/mock_comm_hooks.h"
 #include "backends/comm_hooks.h"
 #include "fsdp/fully_shard.h"
 #include "scenarios/models.h"
@@ -418,21 +419,7 @@ TEST(ParityHarness, FailedRankIsReported) {
 // not resharded after forward) and 0 without (ShardGradOp); B + 1
 // reduce-scatters; no all-reduce; nothing in the optimiser step.
 
-class MockCommHooks : public CommHooks {
- public:
-  MockCommHooks() {
-    ON_CALL(*this, before).WillByDefault([this](const CollectiveDesc& d) { default_.before(d); });
-    ON_CALL(*this, run).WillByDefault(
-        [this](const CollectiveDesc& d, const std::function<WorkPtr()>& issue) { return default_.run(d, issue); });
-    ON_CALL(*this, after).WillByDefault([this](const CollectiveDesc& d, const WorkPtr& w) { default_.after(d, w); });
-  }
-  MOCK_METHOD(void, before, (const CollectiveDesc& desc), (override));
-  MOCK_METHOD(WorkPtr, run, (const CollectiveDesc& desc, const std::function<WorkPtr()>& issue), (override));
-  MOCK_METHOD(void, after, (const CollectiveDesc& desc, const WorkPtr& work), (override));
-
- private:
-  DefaultCommHooks default_;
-};
+using fsdpsim::testing::MockCommHooks;
 
 struct CommCase {
   const char* scenario;

@@ -49,7 +49,7 @@
 #include "backends/gloo_process_group.h"
 #include "backends/process_group.h"
 #include "sim/world.h"
-#include "tools/bench_util.h"
+#include "tools/format_util.h"
 #include "tools/process_launcher.h"
 
 namespace {
@@ -183,10 +183,10 @@ Config parse(int argc, char** argv) {
 // ---------------------------------------------------------------------------
 // Small helpers
 
-using fsdpsim::tools::bench::format;
-using fsdpsim::tools::bench::median;
-using fsdpsim::tools::bench::now_ns;
-using fsdpsim::tools::bench::seconds_since;
+using fsdpsim::tools::format;
+using fsdpsim::tools::median;
+using fsdpsim::tools::now_ns;
+using fsdpsim::tools::seconds_since;
 
 std::string size_label(int64_t bytes) {
   return bytes % kMiB == 0 ? format("%lld MiB", static_cast<long long>(bytes / kMiB))

@@ -46,7 +46,7 @@
 #include <utility>
 #include <vector>
 
-#include "tools/bench_util.h"
+#include "tools/format_util.h"
 #include "backends/process_group.h"
 #include "fsdp/fully_shard.h"
 #include "scenarios/models.h"
@@ -164,10 +164,10 @@ Config parse(int argc, char** argv) {
 // ---------------------------------------------------------------------------
 // Small helpers
 
-using fsdpsim::tools::bench::format;
-using fsdpsim::tools::bench::median;
-using fsdpsim::tools::bench::now_ns;
-using fsdpsim::tools::bench::seconds_since;
+using fsdpsim::tools::format;
+using fsdpsim::tools::median;
+using fsdpsim::tools::now_ns;
+using fsdpsim::tools::seconds_since;
 
 
 void progress(const std::string& line) { std::cout << line << std::endl; }

@@ -17,6 +17,7 @@
 #include <sstream>
 #include <thread>
 
+#include "tools/format_util.h"
 #include "tools/replay_lib.h"
 
 namespace fsdpsim::tools {
@@ -65,24 +66,6 @@ const char* kUsage =
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
-
-std::string human_bytes(double bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int unit = 0;
-  while (bytes >= 1024 && unit < 4) {
-    bytes /= 1024;
-    ++unit;
-  }
-  std::ostringstream out;
-  out << std::fixed << std::setprecision(unit ? 1 : 0) << bytes << " " << units[unit];
-  return out.str();
-}
-
-std::string fixed(double value, int digits) {
-  std::ostringstream out;
-  out << std::fixed << std::setprecision(digits) << value;
-  return out.str();
-}
 
 int64_t parse_int(const std::string& flag, const std::string& text, int64_t min, int64_t max) {
   size_t used = 0;

@@ -2,6 +2,7 @@
 // see replay_run.cpp for the replay itself and replay_cli.cpp for the
 // command line).
 
+#include "tools/format_util.h"
 #include "tools/replay_lib.h"
 
 #include <c10/core/ScalarType.h>
@@ -65,24 +66,6 @@ std::string short_error(const std::string& text) {
 
 // a * b with overflow detection (both >= 0).
 bool mul_overflows(int64_t a, int64_t b, int64_t& result) { return __builtin_mul_overflow(a, b, &result); }
-
-std::string human_bytes(double bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int unit = 0;
-  while (bytes >= 1024 && unit < 4) {
-    bytes /= 1024;
-    ++unit;
-  }
-  std::ostringstream out;
-  out << std::fixed << std::setprecision(unit ? 1 : 0) << bytes << " " << units[unit];
-  return out.str();
-}
-
-std::string fixed(double value, int digits) {
-  std::ostringstream out;
-  out << std::fixed << std::setprecision(digits) << value;
-  return out.str();
-}
 
 // "all_gather Float in [4] out [16]" (+ " op max" / " root 1" where it applies).
 std::string call_text(const sim::TraceEvent& e, bool show_reduce_op) {

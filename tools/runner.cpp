@@ -1,3 +1,4 @@
+#include "tools/format_util.h"
 #include "tools/runner.h"
 
 #include <ATen/ATen.h>
@@ -173,18 +174,6 @@ RankStats train_rank(const RunOptions& options, int rank, ProcessGroupPtr world_
     if (on_step) on_step(step, stats);
   }
   return stats;
-}
-
-std::string human_bytes(double bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB"};
-  int unit = 0;
-  while (bytes >= 1024 && unit < 3) {
-    bytes /= 1024;
-    ++unit;
-  }
-  std::ostringstream out;
-  out << std::fixed << std::setprecision(unit ? 1 : 0) << bytes << " " << units[unit];
-  return out.str();
 }
 
 int64_t median(std::vector<int64_t> values) {

@@ -1,6 +1,6 @@
 #pragma once
-// Small helpers the benchmark programs share: one clock reading, medians,
-// printf-style formatting for their tables.
+// Small helpers the tools share for their reports: one clock reading,
+// medians, printf-style formatting, byte counts for people.
 
 #include <algorithm>
 #include <chrono>
@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-namespace fsdpsim::tools::bench {
+namespace fsdpsim::tools {
 
 inline int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
@@ -37,4 +37,24 @@ inline std::string format(const char* pattern, ...) {
   return buffer;
 }
 
-}  // namespace fsdpsim::tools::bench
+/// "1.5 MiB" (binary units, one decimal; whole bytes below 1 KiB).
+inline std::string human_bytes(double bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int unit = 0;
+  while (bytes >= 1024 && unit < 4) {
+    bytes /= 1024;
+    ++unit;
+  }
+  char buffer[64];
+  std::snprintf(buffer, sizeof buffer, unit ? "%.1f %s" : "%.0f %s", bytes, units[unit]);
+  return buffer;
+}
+
+/// `value` with `digits` decimals.
+inline std::string fixed(double value, int digits) {
+  char buffer[64];
+  std::snprintf(buffer, sizeof buffer, "%.*f", digits, value);
+  return buffer;
+}
+
+}  // namespace fsdpsim::tools

@@ -1,13 +1,11 @@
 #include "backends/comm_hooks.h"
 
-#include "backends/collective_checks.h"
 #include "backends/errors.h"
 
 namespace fsdpsim {
 
 HookedProcessGroup::HookedProcessGroup(ProcessGroupPtr inner, std::shared_ptr<CommHooks> hooks)
-    : inner_(std::move(inner)), hooks_(std::move(hooks)) {
-  if (!inner_) throw CommError("HookedProcessGroup: the wrapped process group is null");
+    : ForwardingProcessGroup(std::move(inner), "HookedProcessGroup"), hooks_(std::move(hooks)) {
   if (!hooks_) throw CommError("HookedProcessGroup: hooks are null (use DefaultCommHooks)");
 }
 
@@ -19,32 +17,7 @@ WorkPtr HookedProcessGroup::call(const CollectiveDesc& desc, const std::function
   return work;
 }
 
-WorkPtr HookedProcessGroup::all_gather_into_tensor(const at::Tensor& output, const at::Tensor& input) {
-  return call(check_all_gather(*inner_, output, input),
-              [&] { return inner_->all_gather_into_tensor(output, input); });
-}
-
-WorkPtr HookedProcessGroup::reduce_scatter_tensor(const at::Tensor& output, const at::Tensor& input,
-                                                  const ReduceScatterOptions& options) {
-  return call(check_reduce_scatter(*inner_, output, input, options),
-              [&] { return inner_->reduce_scatter_tensor(output, input, options); });
-}
-
-WorkPtr HookedProcessGroup::all_reduce(const at::Tensor& tensor, const AllReduceOptions& options) {
-  return call(check_all_reduce(*inner_, tensor, options), [&] { return inner_->all_reduce(tensor, options); });
-}
-
-WorkPtr HookedProcessGroup::broadcast(const at::Tensor& tensor, const BroadcastOptions& options) {
-  return call(check_broadcast(*inner_, tensor, options), [&] { return inner_->broadcast(tensor, options); });
-}
-
-WorkPtr HookedProcessGroup::barrier() {
-  return call(describe_barrier(*inner_), [&] { return inner_->barrier(); });
-}
-
-ProcessGroupPtr HookedProcessGroup::split(const std::vector<std::vector<int>>& partition) {
-  ProcessGroupPtr sub = inner_->split(partition);
-  if (!sub) return nullptr;
+ProcessGroupPtr HookedProcessGroup::wrap(ProcessGroupPtr sub) {
   return std::make_shared<HookedProcessGroup>(std::move(sub), hooks_);
 }
 

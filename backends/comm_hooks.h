@@ -9,6 +9,7 @@
 
 #include <memory>
 
+#include "backends/forwarding_process_group.h"
 #include "backends/process_group.h"
 
 namespace fsdpsim {
@@ -34,31 +35,16 @@ class DefaultCommHooks : public CommHooks {
   void after(const CollectiveDesc&, const WorkPtr&) override {}
 };
 
-class HookedProcessGroup final : public ProcessGroup {
+class HookedProcessGroup final : public ForwardingProcessGroup {
  public:
   HookedProcessGroup(ProcessGroupPtr inner, std::shared_ptr<CommHooks> hooks);
 
-  int rank() const override { return inner_->rank(); }
-  int size() const override { return inner_->size(); }
-  const std::string& name() const override { return inner_->name(); }
-  const std::vector<int>& global_ranks() const override { return inner_->global_ranks(); }
-  uint64_t sequence_number() const override { return inner_->sequence_number(); }
-
-  WorkPtr all_gather_into_tensor(const at::Tensor& output, const at::Tensor& input) override;
-  WorkPtr reduce_scatter_tensor(const at::Tensor& output, const at::Tensor& input,
-                                const ReduceScatterOptions& options) override;
-  WorkPtr all_reduce(const at::Tensor& tensor, const AllReduceOptions& options) override;
-  WorkPtr broadcast(const at::Tensor& tensor, const BroadcastOptions& options) override;
-  WorkPtr barrier() override;
+ protected:
+  WorkPtr call(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue) override;
   /// The subgroup is hooked with the same hooks object.
-  ProcessGroupPtr split(const std::vector<std::vector<int>>& partition) override;
-
-  ProcessGroup& inner() { return *inner_; }
+  ProcessGroupPtr wrap(ProcessGroupPtr sub) override;
 
  private:
-  WorkPtr call(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue);
-
-  ProcessGroupPtr inner_;
   std::shared_ptr<CommHooks> hooks_;
 };
 

@@ -286,8 +286,10 @@ std::unique_ptr<FlightRecorder> FlightRecorder::from_trace(const std::vector<Tra
 
 FlightRecordingProcessGroup::FlightRecordingProcessGroup(ProcessGroupPtr inner, std::shared_ptr<FlightRecorder> recorder,
                                                          int global_rank, const Clock& clock)
-    : inner_(std::move(inner)), recorder_(std::move(recorder)), global_rank_(global_rank), clock_(&clock) {
-  if (!inner_) throw CommError("FlightRecordingProcessGroup: the wrapped process group is null");
+    : ForwardingProcessGroup(std::move(inner), "FlightRecordingProcessGroup"),
+      recorder_(std::move(recorder)),
+      global_rank_(global_rank),
+      clock_(&clock) {
   if (!recorder_) throw CommError("FlightRecordingProcessGroup: the flight recorder is null");
   if (global_rank < 0 || global_rank >= recorder_->world_size()) {
     throw CommError("FlightRecordingProcessGroup: global rank " + std::to_string(global_rank) +
@@ -295,9 +297,8 @@ FlightRecordingProcessGroup::FlightRecordingProcessGroup(ProcessGroupPtr inner, 
   }
 }
 
-template <typename Issue>
-WorkPtr FlightRecordingProcessGroup::recorded(const CollectiveDesc& desc, Issue&& issue) {
-  const FlightHandle handle = recorder_->record_scheduled(global_rank_, desc, inner_->global_ranks(), clock_->now_ns());
+WorkPtr FlightRecordingProcessGroup::call(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue) {
+  const FlightHandle handle = recorder_->record_scheduled(global_rank_, desc, global_ranks(), clock_->now_ns());
   WorkPtr work;
   try {
     work = issue();
@@ -306,7 +307,7 @@ WorkPtr FlightRecordingProcessGroup::recorded(const CollectiveDesc& desc, Issue&
     recorder_->record_failed(handle, 0, clock_->now_ns(), e.what());
     throw;
   }
-  // The callback owns the Work (see TracedProcessGroup::traced for why).
+  // The callback owns the Work (see TracedProcessGroup::call for why).
   work->on_completion([recorder = recorder_, work, handle, clock = clock_] {
     try {
       WorkTimes times = work->times();
@@ -323,31 +324,7 @@ WorkPtr FlightRecordingProcessGroup::recorded(const CollectiveDesc& desc, Issue&
   return work;
 }
 
-WorkPtr FlightRecordingProcessGroup::all_gather_into_tensor(const at::Tensor& output, const at::Tensor& input) {
-  return recorded(check_all_gather(*inner_, output, input), [&] { return inner_->all_gather_into_tensor(output, input); });
-}
-
-WorkPtr FlightRecordingProcessGroup::reduce_scatter_tensor(const at::Tensor& output, const at::Tensor& input,
-                                                           const ReduceScatterOptions& options) {
-  return recorded(check_reduce_scatter(*inner_, output, input, options),
-                  [&] { return inner_->reduce_scatter_tensor(output, input, options); });
-}
-
-WorkPtr FlightRecordingProcessGroup::all_reduce(const at::Tensor& tensor, const AllReduceOptions& options) {
-  return recorded(check_all_reduce(*inner_, tensor, options), [&] { return inner_->all_reduce(tensor, options); });
-}
-
-WorkPtr FlightRecordingProcessGroup::broadcast(const at::Tensor& tensor, const BroadcastOptions& options) {
-  return recorded(check_broadcast(*inner_, tensor, options), [&] { return inner_->broadcast(tensor, options); });
-}
-
-WorkPtr FlightRecordingProcessGroup::barrier() {
-  return recorded(describe_barrier(*inner_), [&] { return inner_->barrier(); });
-}
-
-ProcessGroupPtr FlightRecordingProcessGroup::split(const std::vector<std::vector<int>>& partition) {
-  ProcessGroupPtr sub = inner_->split(partition);
-  if (!sub) return nullptr;
+ProcessGroupPtr FlightRecordingProcessGroup::wrap(ProcessGroupPtr sub) {
   return std::make_shared<FlightRecordingProcessGroup>(std::move(sub), recorder_, global_rank_, *clock_);
 }
 

@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "backends/forwarding_process_group.h"
 #include "backends/clock.h"
 #include "backends/process_group.h"
 
@@ -118,30 +119,16 @@ class FlightRecorder {
 /// group and its subgroups; subgroups from split() are recorded too.
 ///
 /// Thread-safety: as ProcessGroup (one rank's group); the recorder is shared.
-class FlightRecordingProcessGroup final : public ProcessGroup {
+class FlightRecordingProcessGroup final : public ForwardingProcessGroup {
  public:
   FlightRecordingProcessGroup(ProcessGroupPtr inner, std::shared_ptr<FlightRecorder> recorder, int global_rank,
                               const Clock& clock = SteadyClock::instance());
 
-  int rank() const override { return inner_->rank(); }
-  int size() const override { return inner_->size(); }
-  const std::string& name() const override { return inner_->name(); }
-  const std::vector<int>& global_ranks() const override { return inner_->global_ranks(); }
-  uint64_t sequence_number() const override { return inner_->sequence_number(); }
-
-  WorkPtr all_gather_into_tensor(const at::Tensor& output, const at::Tensor& input) override;
-  WorkPtr reduce_scatter_tensor(const at::Tensor& output, const at::Tensor& input,
-                                const ReduceScatterOptions& options) override;
-  WorkPtr all_reduce(const at::Tensor& tensor, const AllReduceOptions& options) override;
-  WorkPtr broadcast(const at::Tensor& tensor, const BroadcastOptions& options) override;
-  WorkPtr barrier() override;
-  ProcessGroupPtr split(const std::vector<std::vector<int>>& partition) override;
+ protected:
+  WorkPtr call(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue) override;
+  ProcessGroupPtr wrap(ProcessGroupPtr sub) override;
 
  private:
-  template <typename Issue>
-  WorkPtr recorded(const CollectiveDesc& desc, Issue&& issue);
-
-  ProcessGroupPtr inner_;
   std::shared_ptr<FlightRecorder> recorder_;
   int global_rank_;
   const Clock* clock_;

@@ -772,14 +772,16 @@ std::vector<TraceEvent> TraceRecorder::read_jsonl(std::istream& in) { return rea
 
 TracedProcessGroup::TracedProcessGroup(ProcessGroupPtr inner, std::shared_ptr<TraceRecorder> recorder,
                                        int global_rank, const Clock& clock)
-    : inner_(std::move(inner)), recorder_(std::move(recorder)), global_rank_(global_rank), clock_(&clock) {
-  if (!inner_) throw CommError("TracedProcessGroup: the wrapped process group is null");
+    : ForwardingProcessGroup(std::move(inner), "TracedProcessGroup"),
+      recorder_(std::move(recorder)),
+      global_rank_(global_rank),
+      clock_(&clock) {
   if (!recorder_) throw CommError("TracedProcessGroup: the trace recorder is null");
-  const auto& ranks = inner_->global_ranks();
-  const int r = inner_->rank();
+  const auto& ranks = global_ranks();
+  const int r = rank();
   if (r < 0 || static_cast<size_t>(r) >= ranks.size() || ranks[static_cast<size_t>(r)] != global_rank) {
     throw CommError("TracedProcessGroup: global rank " + std::to_string(global_rank) +
-                    " is not group rank " + std::to_string(r) + " of group " + inner_->name());
+                    " is not group rank " + std::to_string(r) + " of group " + name());
   }
   if (global_rank < 0 || global_rank >= recorder_->world_size()) {
     throw CommError("TracedProcessGroup: global rank " + std::to_string(global_rank) +
@@ -787,9 +789,8 @@ TracedProcessGroup::TracedProcessGroup(ProcessGroupPtr inner, std::shared_ptr<Tr
   }
 }
 
-template <typename Issue>
-WorkPtr TracedProcessGroup::traced(const CollectiveDesc& desc, Issue&& issue) {
-  const size_t id = recorder_->record_issue(global_rank_, desc, inner_->global_ranks(), clock_->now_ns());
+WorkPtr TracedProcessGroup::call(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue) {
+  const size_t id = recorder_->record_issue(global_rank_, desc, global_ranks(), clock_->now_ns());
   WorkPtr work;
   try {
     work = issue();
@@ -815,32 +816,7 @@ WorkPtr TracedProcessGroup::traced(const CollectiveDesc& desc, Issue&& issue) {
   return work;
 }
 
-WorkPtr TracedProcessGroup::all_gather_into_tensor(const at::Tensor& output, const at::Tensor& input) {
-  return traced(check_all_gather(*inner_, output, input),
-                [&] { return inner_->all_gather_into_tensor(output, input); });
-}
-
-WorkPtr TracedProcessGroup::reduce_scatter_tensor(const at::Tensor& output, const at::Tensor& input,
-                                                  const ReduceScatterOptions& options) {
-  return traced(check_reduce_scatter(*inner_, output, input, options),
-                [&] { return inner_->reduce_scatter_tensor(output, input, options); });
-}
-
-WorkPtr TracedProcessGroup::all_reduce(const at::Tensor& tensor, const AllReduceOptions& options) {
-  return traced(check_all_reduce(*inner_, tensor, options), [&] { return inner_->all_reduce(tensor, options); });
-}
-
-WorkPtr TracedProcessGroup::broadcast(const at::Tensor& tensor, const BroadcastOptions& options) {
-  return traced(check_broadcast(*inner_, tensor, options), [&] { return inner_->broadcast(tensor, options); });
-}
-
-WorkPtr TracedProcessGroup::barrier() {
-  return traced(describe_barrier(*inner_), [&] { return inner_->barrier(); });
-}
-
-ProcessGroupPtr TracedProcessGroup::split(const std::vector<std::vector<int>>& partition) {
-  ProcessGroupPtr sub = inner_->split(partition);
-  if (!sub) return nullptr;
+ProcessGroupPtr TracedProcessGroup::wrap(ProcessGroupPtr sub) {
   return std::make_shared<TracedProcessGroup>(std::move(sub), recorder_, global_rank_, *clock_);
 }
 

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "backends/clock.h"
+#include "backends/forwarding_process_group.h"
 #include "backends/process_group.h"
 
 namespace fsdpsim::sim {
@@ -163,34 +164,19 @@ class TraceRecorder {
 /// Thread-safety: as ProcessGroup (one rank's group); the recorder is shared.
 /// The completion callback calls Work::times() and Work::exception(), so a
 /// backend must run on_completion callbacks without holding the lock those take.
-class TracedProcessGroup final : public ProcessGroup {
+class TracedProcessGroup final : public ForwardingProcessGroup {
  public:
   TracedProcessGroup(ProcessGroupPtr inner, std::shared_ptr<TraceRecorder> recorder, int global_rank,
                      const Clock& clock = SteadyClock::instance());
 
-  int rank() const override { return inner_->rank(); }
-  int size() const override { return inner_->size(); }
-  const std::string& name() const override { return inner_->name(); }
-  const std::vector<int>& global_ranks() const override { return inner_->global_ranks(); }
-  uint64_t sequence_number() const override { return inner_->sequence_number(); }
-
-  WorkPtr all_gather_into_tensor(const at::Tensor& output, const at::Tensor& input) override;
-  WorkPtr reduce_scatter_tensor(const at::Tensor& output, const at::Tensor& input,
-                                const ReduceScatterOptions& options) override;
-  WorkPtr all_reduce(const at::Tensor& tensor, const AllReduceOptions& options) override;
-  WorkPtr broadcast(const at::Tensor& tensor, const BroadcastOptions& options) override;
-  WorkPtr barrier() override;
-  /// The subgroup is traced into the same recorder.
-  ProcessGroupPtr split(const std::vector<std::vector<int>>& partition) override;
-
-  ProcessGroup& inner() { return *inner_; }
   const std::shared_ptr<TraceRecorder>& recorder() const { return recorder_; }
 
- private:
-  template <typename Issue>
-  WorkPtr traced(const CollectiveDesc& desc, Issue&& issue);
+ protected:
+  WorkPtr call(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue) override;
+  /// The subgroup is traced into the same recorder.
+  ProcessGroupPtr wrap(ProcessGroupPtr sub) override;
 
-  ProcessGroupPtr inner_;
+ private:
   std::shared_ptr<TraceRecorder> recorder_;
   int global_rank_;
   const Clock* clock_;

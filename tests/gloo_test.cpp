@@ -26,6 +26,7 @@
 
 #include "backends/errors.h"
 #include "backends/gloo_process_group.h"
+#include "sim/flight_recorder.h"
 #include "sim/fake_process_group.h"
 #include "tests/worker_registry.h"
 #include "tools/process_launcher.h"
@@ -976,6 +977,20 @@ TEST(GlooProcessFailures, RankExitingAfterRendezvousFailsTheOthers) {
   expect_peer_failure_reported(result, output.str());
 }
 
+TEST(GlooProcessFailures, FailingRanksDumpTheirRecentCollectives) {
+  std::ostringstream output;
+  LaunchResult result = launch_processes(worker_launch(3, "gloo_rank1_exits_flight_recorder", &output));
+  EXPECT_EQ(result.ranks.at(1).exit_code, 3);
+  for (int r : {0, 2}) {
+    const std::string& tail = result.ranks.at(r).output_tail;
+    EXPECT_NE(result.ranks.at(r).exit_code, 0) << tail;
+    // The launcher's report carries each rank's ring: the completed barrier,
+    // then the all-reduce that failed when rank 1 went away.
+    EXPECT_THAT(tail, HasSubstr("barrier")) << tail;
+    EXPECT_THAT(tail, HasSubstr("rank " + std::to_string(r) + " at seq 2 all_reduce (failed)")) << tail;
+  }
+}
+
 TEST(GlooProcessFailures, RankKilledBySigkillFailsTheOthers) {
   std::ostringstream output;
   const auto start = std::chrono::steady_clock::now();
@@ -1054,6 +1069,25 @@ FSDPSIM_REGISTER_WORKER(gloo_rank1_exits) {
     std::_Exit(3);
   }
   return all_reduce_expecting_failure(*pg);
+}
+
+// As gloo_rank1_exits, after one barrier, every rank recording its
+// collectives in a flight recorder that it dumps when it fails.
+FSDPSIM_REGISTER_WORKER(gloo_rank1_exits_flight_recorder) {
+  using namespace fsdpsim;
+  ProcessGroupPtr gloo = worker_group_after_full_rendezvous();
+  auto flight = std::make_shared<sim::FlightRecorder>(gloo->size(), 8);
+  ProcessGroupPtr pg = std::make_shared<sim::FlightRecordingProcessGroup>(gloo, flight, gloo->rank());
+  pg->barrier()->wait();
+  if (pg->rank() == 1) std::_Exit(3);
+  at::Tensor tensor = at::ones({16});
+  try {
+    pg->all_reduce(tensor, AllReduceOptions{})->wait();
+  } catch (const CommError& e) {
+    std::cerr << "caught: " << e.what() << "\n" << flight->dump() << std::flush;
+    return 1;
+  }
+  return 0;
 }
 
 FSDPSIM_REGISTER_WORKER(gloo_rank1_sigkill) {

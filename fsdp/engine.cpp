@@ -145,7 +145,6 @@ struct Unit::Impl {
 };
 
 struct Engine::Impl {
-  Engine* self = nullptr;
   EngineOptions options;
   std::vector<std::unique_ptr<Unit>> units;
   std::unordered_map<const torch::nn::Module*, Unit::Impl*> by_module;
@@ -379,8 +378,7 @@ void Engine::Impl::post_forward(Unit::Impl& unit, const std::vector<at::Tensor>&
     Unit::Impl* target = &unit;
     for (const auto& output : outputs) {
       if (!output.defined() || !output.requires_grad()) continue;
-      const_cast<at::Tensor&>(output).register_hook(
-          [engine, target](const at::Tensor&) { engine->pre_backward(*target); });
+      output.register_hook([engine, target](const at::Tensor&) { engine->pre_backward(*target); });
     }
   }
   // Without grad there is no backward to keep params for: free them all.
@@ -643,7 +641,6 @@ class UnitForwardScope final : public Engine::ForwardScope {
 }  // namespace
 
 Engine::Engine(EngineOptions options) : impl_(std::make_unique<Impl>()) {
-  impl_->self = this;
   impl_->options = std::move(options);
   for (const auto& hooks : impl_->options.hooks) {
     if (!hooks) throw std::invalid_argument("EngineOptions::hooks holds a null entry");

@@ -228,19 +228,19 @@ TEST_P(FakeFailures, RankThatExitsWithoutCallingFailsTheCollectiveAtOnce) {
 }
 
 TEST_P(FakeFailures, TimeoutNamesMissingRanksAndWhereEachRankIs) {
-  World world(options(3, std::chrono::milliseconds(300)));
+  World world(options(3, std::chrono::milliseconds(1000)));
   auto result = world.run([](RankContext& ctx) {
     auto& group = *ctx.world_group();
     auto t = at::ones({4});
     group.barrier()->wait();
     if (ctx.rank() == 2) {
-      sleep_for(std::chrono::seconds(1));  // alive, but late
+      sleep_for(std::chrono::seconds(3));  // alive, but late
     }
     group.all_reduce(t, AllReduceOptions{})->wait();
   });
   for (int r : {0, 1}) {
     const auto& error = result.ranks[r].error;
-    EXPECT_THAT(error, HasSubstr("group world seq 2 all_reduce: timed out after 300 ms waiting for ranks {2}"));
+    EXPECT_THAT(error, HasSubstr("group world seq 2 all_reduce: timed out after 1000 ms waiting for ranks {2}"));
     EXPECT_THAT(error, HasSubstr("ranks {0-1}: waiting in all_reduce group world seq 2"));
     EXPECT_THAT(error, HasSubstr("rank 2: running, last issued barrier group world seq 1"));
   }

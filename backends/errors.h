@@ -2,6 +2,7 @@
 // Typed errors of the comm layer. Every message carries its context (rank,
 // group, sequence number, op, shapes) so one line tells what went wrong where.
 
+#include <exception>
 #include <stdexcept>
 #include <string>
 
@@ -31,5 +32,18 @@ class WorldAbortedError : public CommError {
  public:
   using CommError::CommError;
 };
+
+/// what() of the exception in `error` ("" for none, "unknown exception" for
+/// one that is no std::exception).
+inline std::string error_text(const std::exception_ptr& error) {
+  if (!error) return {};
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+    return "unknown exception";
+  }
+}
 
 }  // namespace fsdpsim

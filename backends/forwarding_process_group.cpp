@@ -31,6 +31,29 @@ WorkPtr ForwardingProcessGroup::barrier() {
   return call(describe_barrier(*inner_), [&] { return inner_->barrier(); });
 }
 
+WorkPtr ForwardingProcessGroup::issue_observed(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue,
+                                               const Clock& clock, EndObserver ended) {
+  WorkPtr work;
+  try {
+    work = issue();
+    if (!work) throw CommError("backend returned no Work for " + desc.to_string());
+  } catch (...) {
+    ended(WorkTimes{0, 0, clock.now_ns()}, std::current_exception());
+    throw;
+  }
+  // The cycle the callback makes through a backend that stores callbacks
+  // (Work -> callback -> Work) ends when they run.
+  work->on_completion([work, clock = &clock, ended = std::move(ended)] {
+    try {
+      WorkTimes times = work->times();
+      if (times.end_ns == 0) times.end_ns = clock->now_ns();
+      ended(times, work->exception());
+    } catch (...) {
+    }
+  });
+  return work;
+}
+
 ProcessGroupPtr ForwardingProcessGroup::split(const std::vector<std::vector<int>>& partition) {
   ProcessGroupPtr sub = inner_->split(partition);
   return sub ? wrap(std::move(sub)) : nullptr;

@@ -32,17 +32,6 @@ namespace {
 
 std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
 
-std::string error_text(const std::exception_ptr& error) {
-  if (!error) return {};
-  try {
-    std::rethrow_exception(error);
-  } catch (const std::exception& e) {
-    return e.what();
-  } catch (...) {
-    return "unknown exception";
-  }
-}
-
 std::string ms(int64_t ns, int64_t origin) {
   char buffer[32];
   std::snprintf(buffer, sizeof buffer, "%.3f", static_cast<double>(ns - origin) / 1e6);
@@ -299,29 +288,14 @@ FlightRecordingProcessGroup::FlightRecordingProcessGroup(ProcessGroupPtr inner, 
 
 WorkPtr FlightRecordingProcessGroup::call(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue) {
   const FlightHandle handle = recorder_->record_scheduled(global_rank_, desc, global_ranks(), clock_->now_ns());
-  WorkPtr work;
-  try {
-    work = issue();
-    if (!work) throw CommError("backend returned no Work for " + desc.to_string());
-  } catch (const std::exception& e) {
-    recorder_->record_failed(handle, 0, clock_->now_ns(), e.what());
-    throw;
-  }
-  // The callback owns the Work (see TracedProcessGroup::call for why).
-  work->on_completion([recorder = recorder_, work, handle, clock = clock_] {
-    try {
-      WorkTimes times = work->times();
-      if (times.end_ns == 0) times.end_ns = clock->now_ns();
-      if (std::exception_ptr error = work->exception()) {
-        recorder->record_failed(handle, times.start_ns, times.end_ns, error_text(error));
-      } else {
-        recorder->record_completed(handle, times.start_ns, times.end_ns);
-      }
-    } catch (...) {
-      // Recording must never break a collective's completion path.
-    }
-  });
-  return work;
+  return issue_observed(desc, issue, *clock_,
+                        [recorder = recorder_, handle](const WorkTimes& times, std::exception_ptr error) {
+                          if (error) {
+                            recorder->record_failed(handle, times.start_ns, times.end_ns, error_text(error));
+                          } else {
+                            recorder->record_completed(handle, times.start_ns, times.end_ns);
+                          }
+                        });
 }
 
 ProcessGroupPtr FlightRecordingProcessGroup::wrap(ProcessGroupPtr sub) {

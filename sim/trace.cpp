@@ -32,17 +32,6 @@ bool is_engine_kind(const std::string& kind) {
                      [](char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_'; });
 }
 
-std::string error_text(const std::exception_ptr& error) {
-  if (!error) return {};
-  try {
-    std::rethrow_exception(error);
-  } catch (const std::exception& e) {
-    return e.what();
-  } catch (...) {
-    return "unknown exception";
-  }
-}
-
 std::string ranks_string(const std::vector<int>& ranks) {
   std::string out = "[";
   for (size_t i = 0; i < ranks.size(); ++i) out += (i ? ", " : "") + std::to_string(ranks[i]);
@@ -791,29 +780,9 @@ TracedProcessGroup::TracedProcessGroup(ProcessGroupPtr inner, std::shared_ptr<Tr
 
 WorkPtr TracedProcessGroup::call(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue) {
   const size_t id = recorder_->record_issue(global_rank_, desc, global_ranks(), clock_->now_ns());
-  WorkPtr work;
-  try {
-    work = issue();
-    if (!work) throw CommError("backend returned no Work for " + desc.to_string());
-  } catch (...) {
-    recorder_->record_completion(id, WorkTimes{0, 0, clock_->now_ns()}, std::current_exception());
-    throw;
-  }
-  // The callback owns the Work: a caller may drop its Work (e.g. while a
-  // failed wait() unwinds) before the backend runs the callbacks on another
-  // thread. The cycle this makes through a backend that stores callbacks ends
-  // when they run, i.e. when the Work completes or fails.
-  work->on_completion([recorder = recorder_, work, id, clock = clock_] {
-    try {
-      WorkTimes times = work->times();
-      std::exception_ptr error = work->exception();
-      if (times.end_ns == 0) times.end_ns = clock->now_ns();
-      recorder->record_completion(id, times, error);
-    } catch (...) {
-      // Tracing must never break a collective's completion path.
-    }
+  return issue_observed(desc, issue, *clock_, [recorder = recorder_, id](const WorkTimes& times, std::exception_ptr error) {
+    recorder->record_completion(id, times, error);
   });
-  return work;
 }
 
 ProcessGroupPtr TracedProcessGroup::wrap(ProcessGroupPtr sub) {

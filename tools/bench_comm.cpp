@@ -94,18 +94,7 @@ struct Config {
 };
 
 long long parse_integer(const std::string& flag, const std::string& text, long long min, long long max) {
-  size_t used = 0;
-  long long value = 0;
-  try {
-    value = std::stoll(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used == 0 || used != text.size() || value < min || value > max) {
-    throw UsageError(flag + " needs an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "], got '" +
-                     text + "'");
-  }
-  return value;
+  return fsdpsim::tools::parse_integer<UsageError>(flag, text, min, max);
 }
 
 std::vector<int64_t> parse_sizes_mib(const std::string& text) {

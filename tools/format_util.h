@@ -1,16 +1,39 @@
 #pragma once
-// Small helpers the tools share for their reports: one clock reading,
-// medians, printf-style formatting, byte counts for people.
+// Small helpers the tools share for their command lines and reports: integer
+// flags, one clock reading, medians, printf-style formatting, byte counts.
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 namespace fsdpsim::tools {
+
+/// The integer value of `flag`; throws Error naming the flag for text that is
+/// not exactly one integer ("needs an integer, got 'x'") or one outside
+/// [min, max] ("must be in [min, max], got x").
+template <typename Error = std::invalid_argument>
+int64_t parse_integer(const std::string& flag, const std::string& text, int64_t min, int64_t max) {
+  size_t used = 0;
+  long long value = 0;
+  if (!text.empty() && !std::isspace(static_cast<unsigned char>(text[0]))) {
+    try {
+      value = std::stoll(text, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+  }
+  if (used == 0 || used != text.size()) throw Error(flag + " needs an integer, got '" + text + "'");
+  if (value < min || value > max) {
+    throw Error(flag + " must be in [" + std::to_string(min) + ", " + std::to_string(max) + "], got " + text);
+  }
+  return value;
+}
 
 inline int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())

@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "tools/format_util.h"
 #include "tools/process_launcher.h"
 
 namespace {
@@ -29,16 +30,7 @@ struct UsageError : std::runtime_error {
 };
 
 long parse_integer(const std::string& flag, const std::string& text, long min, long max) {
-  errno = 0;
-  char* end = nullptr;
-  long value = std::strtol(text.c_str(), &end, 10);
-  if (text.empty() || errno != 0 || *end != '\0' || std::isspace(static_cast<unsigned char>(text[0]))) {
-    throw UsageError(flag + " needs an integer, got '" + text + "'");
-  }
-  if (value < min || value > max) {
-    throw UsageError(flag + " must be in [" + std::to_string(min) + ", " + std::to_string(max) + "], got " + text);
-  }
-  return value;
+  return fsdpsim::tools::parse_integer<UsageError>(flag, text, min, max);
 }
 
 fsdpsim::LaunchOptions parse(int argc, char** argv) {

@@ -68,18 +68,7 @@ struct UsageError : std::runtime_error {
 };
 
 int64_t parse_int(const std::string& flag, const std::string& text, int64_t min, int64_t max) {
-  size_t used = 0;
-  long long value = 0;
-  try {
-    value = std::stoll(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used == 0 || used != text.size() || value < min || value > max) {
-    throw UsageError(flag + " needs an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "], got '" +
-                     text + "'");
-  }
-  return value;
+  return parse_integer<UsageError>(flag, text, min, max);
 }
 
 double parse_double(const std::string& flag, const std::string& text, double min, double max) {

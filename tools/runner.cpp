@@ -39,19 +39,7 @@ std::chrono::nanoseconds ms_to_ns(double ms) {
 }
 
 int64_t parse_int(const std::string& flag, const std::string& value, int64_t min, int64_t max) {
-  size_t used = 0;
-  int64_t parsed = 0;
-  try {
-    parsed = std::stoll(value, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used == 0 || used != value.size()) throw std::invalid_argument(flag + " needs an integer, got '" + value + "'");
-  if (parsed < min || parsed > max) {
-    throw std::invalid_argument(flag + " must be in [" + std::to_string(min) + ", " + std::to_string(max) +
-                                "], got " + value);
-  }
-  return parsed;
+  return parse_integer(flag, value, min, max);
 }
 
 double parse_ms(const std::string& flag, const std::string& value) {

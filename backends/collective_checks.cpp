@@ -4,6 +4,7 @@
 
 #include <sstream>
 
+#include "backends/collective_label.h"
 #include "backends/errors.h"
 
 namespace fsdpsim {
@@ -25,13 +26,14 @@ CollectiveDesc base_desc(const ProcessGroup& group, CollectiveOp op) {
   desc.group_size = group.size();
   desc.seq = group.sequence_number() + 1;
   desc.op = op;
+  desc.label = current_collective_label();
   return desc;
 }
 
 [[noreturn]] void fail(const CollectiveDesc& desc, const std::string& what) {
   throw CommError("rank " + std::to_string(desc.group_rank) + " group " + desc.group + " seq " +
                   std::to_string(desc.seq) + " " + to_string(desc.op) + ": " + what + " (" +
-                  desc.call_string() + ")");
+                  desc.labelled_call_string() + ")");
 }
 
 void check_tensor(const CollectiveDesc& desc, const at::Tensor& tensor, const char* role) {

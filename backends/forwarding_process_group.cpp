@@ -1,6 +1,7 @@
 #include "backends/forwarding_process_group.h"
 
 #include "backends/collective_checks.h"
+#include "backends/collective_label.h"
 #include "backends/errors.h"
 
 namespace fsdpsim {
@@ -9,26 +10,42 @@ ForwardingProcessGroup::ForwardingProcessGroup(ProcessGroupPtr inner, const char
   if (!inner_) throw CommError(std::string(what) + ": the wrapped process group is null");
 }
 
+namespace {
+// Runs `forward` (the call on the wrapped group) under the label the call
+// came with: a decorator may yield (a fiber sleeping in a hook) between
+// reading the label and forwarding, and the label is thread-local.
+template <typename Forward>
+WorkPtr under_label(const CollectiveDesc& desc, Forward&& forward) {
+  ScopedCollectiveLabel label(desc.label);
+  return forward();
+}
+}  // namespace
+
 WorkPtr ForwardingProcessGroup::all_gather_into_tensor(const at::Tensor& output, const at::Tensor& input) {
-  return call(check_all_gather(*inner_, output, input), [&] { return inner_->all_gather_into_tensor(output, input); });
+  const CollectiveDesc desc = check_all_gather(*inner_, output, input);
+  return call(desc, [&] { return under_label(desc, [&] { return inner_->all_gather_into_tensor(output, input); }); });
 }
 
 WorkPtr ForwardingProcessGroup::reduce_scatter_tensor(const at::Tensor& output, const at::Tensor& input,
                                                       const ReduceScatterOptions& options) {
-  return call(check_reduce_scatter(*inner_, output, input, options),
-              [&] { return inner_->reduce_scatter_tensor(output, input, options); });
+  const CollectiveDesc desc = check_reduce_scatter(*inner_, output, input, options);
+  return call(desc,
+              [&] { return under_label(desc, [&] { return inner_->reduce_scatter_tensor(output, input, options); }); });
 }
 
 WorkPtr ForwardingProcessGroup::all_reduce(const at::Tensor& tensor, const AllReduceOptions& options) {
-  return call(check_all_reduce(*inner_, tensor, options), [&] { return inner_->all_reduce(tensor, options); });
+  const CollectiveDesc desc = check_all_reduce(*inner_, tensor, options);
+  return call(desc, [&] { return under_label(desc, [&] { return inner_->all_reduce(tensor, options); }); });
 }
 
 WorkPtr ForwardingProcessGroup::broadcast(const at::Tensor& tensor, const BroadcastOptions& options) {
-  return call(check_broadcast(*inner_, tensor, options), [&] { return inner_->broadcast(tensor, options); });
+  const CollectiveDesc desc = check_broadcast(*inner_, tensor, options);
+  return call(desc, [&] { return under_label(desc, [&] { return inner_->broadcast(tensor, options); }); });
 }
 
 WorkPtr ForwardingProcessGroup::barrier() {
-  return call(describe_barrier(*inner_), [&] { return inner_->barrier(); });
+  const CollectiveDesc desc = describe_barrier(*inner_);
+  return call(desc, [&] { return under_label(desc, [&] { return inner_->barrier(); }); });
 }
 
 WorkPtr ForwardingProcessGroup::issue_observed(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue,

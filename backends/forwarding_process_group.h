@@ -29,7 +29,7 @@ class ForwardingProcessGroup : public ProcessGroup {
   WorkPtr broadcast(const at::Tensor& tensor, const BroadcastOptions& options) final;
   WorkPtr barrier() final;
   /// The subgroup, wrapped by wrap() (nullptr when this rank is in none).
-  ProcessGroupPtr split(const std::vector<std::vector<int>>& partition) final;
+  ProcessGroupPtr split(const std::vector<std::vector<int>>& partition) override;
 
   ProcessGroup& inner() { return *inner_; }
 

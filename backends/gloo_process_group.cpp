@@ -1,5 +1,7 @@
 #include "backends/gloo_process_group.h"
 
+#include "backends/checked_process_group.h"
+
 // LibTorch's CMake config does not export USE_C10D_GLOO, but the Debian
 // libtorch is built with Gloo; the class is only visible with the macro.
 #ifndef USE_C10D_GLOO
@@ -485,6 +487,14 @@ int env_int(const char* name, long min, long max) {
 }  // namespace
 
 ProcessGroupPtr make_gloo_process_group(GlooOptions options) {
+  if (options.check_collectives) {
+    GlooOptions side = options;
+    side.name += "/check";
+    side.check_collectives = false;
+    options.check_collectives = false;
+    ProcessGroupPtr inner = make_gloo_process_group(std::move(options));
+    return std::make_shared<CheckedProcessGroup>(std::move(inner), make_gloo_process_group(std::move(side)));
+  }
   const std::string context = "rank " + std::to_string(options.rank) + " group " + options.name;
   if (!options.store) throw CommError(context + ": GlooOptions.store is null");
   if (options.size < 1) throw CommError(context + ": group size " + std::to_string(options.size) + " < 1");
@@ -547,13 +557,14 @@ LaunchEnv LaunchEnv::from_env() {
   return env;
 }
 
-ProcessGroupPtr make_gloo_process_group_from_env(std::chrono::milliseconds timeout) {
+ProcessGroupPtr make_gloo_process_group_from_env(std::chrono::milliseconds timeout, bool check_collectives) {
   LaunchEnv env = LaunchEnv::from_env();
   GlooOptions options;
   options.store = make_tcp_store(env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout);
   options.rank = env.rank;
   options.size = env.world_size;
   options.timeout = timeout;
+  options.check_collectives = check_collectives;
   return make_gloo_process_group(std::move(options));
 }
 

@@ -37,7 +37,8 @@
 // have run.
 //
 // Unlike the fake, Gloo cannot tell that ranks called different collectives
-// under one sequence number: mismatched sizes fail inside Gloo or time out.
+// under one sequence number (mismatched sizes fail inside Gloo or time out):
+// GlooOptions::check_collectives (on by default) adds that check.
 //
 // Errors: argument errors throw CommError at the call (collective_checks.h).
 // Transport failures (a peer died, a timeout) travel in the Work and wait()
@@ -82,6 +83,10 @@ struct GlooOptions {
   std::string hostname = "127.0.0.1";
   /// Timestamps of Work::times(); nullptr = SteadyClock::instance().
   const Clock* clock = nullptr;
+  /// Check every collective across ranks first (backends/checked_process_group.h)
+  /// over a side group "<name>/check": a mismatch fails with a report instead
+  /// of mixing data, crashing inside Gloo or hanging.
+  bool check_collectives = true;
 };
 
 /// Builds this rank's group; blocks until every rank of the group has
@@ -116,6 +121,6 @@ struct LaunchEnv {
 
 /// Rendezvous from the environment (rank 0 hosts the TCP store at
 /// MASTER_ADDR:MASTER_PORT) and builds the group "world" over all ranks.
-ProcessGroupPtr make_gloo_process_group_from_env(std::chrono::milliseconds timeout);
+ProcessGroupPtr make_gloo_process_group_from_env(std::chrono::milliseconds timeout, bool check_collectives = true);
 
 }  // namespace fsdpsim

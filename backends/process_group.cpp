@@ -52,7 +52,7 @@ int64_t CollectiveDesc::input_numel() const { return op == CollectiveOp::Barrier
 int64_t CollectiveDesc::output_numel() const { return op == CollectiveOp::Barrier ? 0 : numel_of(output_shape); }
 
 bool CollectiveDesc::matches(const CollectiveDesc& other) const {
-  if (op != other.op) return false;
+  if (op != other.op || label != other.label) return false;
   if (op == CollectiveOp::Barrier) return true;
   if (dtype != other.dtype || input_shape != other.input_shape || output_shape != other.output_shape) return false;
   switch (op) {
@@ -63,6 +63,10 @@ bool CollectiveDesc::matches(const CollectiveDesc& other) const {
     case CollectiveOp::Broadcast: return root == other.root;
     default: return true;
   }
+}
+
+std::string CollectiveDesc::labelled_call_string() const {
+  return label.empty() ? call_string() : call_string() + " for " + label;
 }
 
 std::string CollectiveDesc::call_string() const {
@@ -83,7 +87,7 @@ std::string CollectiveDesc::call_string() const {
 
 std::string CollectiveDesc::to_string() const {
   std::ostringstream out;
-  out << "group " << group << " seq " << seq << " rank " << group_rank << ": " << call_string();
+  out << "group " << group << " seq " << seq << " rank " << group_rank << ": " << labelled_call_string();
   return out.str();
 }
 

@@ -66,13 +66,17 @@ struct CollectiveDesc {
   int root = 0;
   double predivide_factor = 1.0;
   double postdivide_factor = 1.0;
+  /// What the caller issued it for (backends/collective_label.h); "" if unlabelled.
+  std::string label;
 
   int64_t input_numel() const;
   int64_t output_numel() const;
-  /// Same op, dtype, shapes, reduce op, root and factors (ignores the rank).
+  /// Same op, dtype, shapes, reduce op, root, factors and label (ignores the rank).
   bool matches(const CollectiveDesc& other) const;
   /// "all_gather float in [4] out [8]" (plus reduce op / root where they apply).
   std::string call_string() const;
+  /// call_string() plus " for <label>" when labelled: what mismatch reports show.
+  std::string labelled_call_string() const;
   /// "group world seq 3 rank 1: all_gather float in [4] out [8]".
   std::string to_string() const;
 };

@@ -2,16 +2,19 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/sequential.h>
 
 #include <algorithm>
+#include <functional>
 #include <mutex>
 #include <sstream>
 #include <stdexcept>
 #include <unordered_map>
 #include <unordered_set>
 
+#include "backends/collective_label.h"
 #include "backends/errors.h"
 #include "fsdp/fully_shard.h"
 
@@ -138,11 +141,21 @@ struct Unit::Impl {
   bool backward_done = false;      // its post-backward ran in this backward pass
   bool prefetch_in_flight = false; // gathered ahead, not yet used by the unit
   std::vector<PendingReduction> pending;
+  std::vector<Unit::Impl*> sub_units;  // units inside this unit's module (known once the root is)
+  uint64_t last_forward_call = 0;      // Engine::Impl::forward_calls at its latest pre-forward
   std::vector<Unit::Impl*> forward_prefetch;   // explicit lists (empty: implicit)
   std::vector<Unit::Impl*> backward_prefetch;
   bool explicit_forward_prefetch = false;
   bool explicit_backward_prefetch = false;
 };
+
+namespace {
+// Labels a unit's collectives, so ranks that issue them for different units
+// under one sequence number fail with a report instead of mixing data.
+std::string collective_label(const char* what, const Unit::Impl& unit) {
+  return std::string("fsdp ") + what + " of unit '" + unit.fqn + "'";
+}
+}  // namespace
 
 struct Engine::Impl {
   EngineOptions options;
@@ -151,6 +164,7 @@ struct Engine::Impl {
   std::unordered_set<const c10::TensorImpl*> managed;
   Unit::Impl* root = nullptr;
   int forward_depth = 0;
+  uint64_t forward_calls = 0;  // pre-forwards so far: tells which units ran inside another's forward
   bool final_callback_queued = false;
   std::vector<Unit::Impl*> forward_order;       // units in the order their forward started
   std::vector<Unit::Impl*> post_forward_order;  // ... and finished; reversed, the backward order
@@ -174,8 +188,10 @@ struct Engine::Impl {
   void post_forward(Unit::Impl& unit, const std::vector<at::Tensor>& outputs, bool grad_enabled);
   void pre_backward(Unit::Impl& unit);
   void post_backward(Unit::Impl& unit);
+  std::vector<std::pair<size_t, at::Tensor>> take_full_grads(Unit::Impl& unit);
   void finish_reductions(Unit::Impl& unit);
   void final_callback();
+  void abandon_backward();
   void queue_final_callback();
   void finish_post_backward(Unit::Impl& unit);
   void prefetch(Unit::Impl& unit, Unit::Impl* target);
@@ -236,6 +252,10 @@ void Engine::Impl::lazy_init_root(Unit::Impl& unit) {
   }
   for (auto& u : units) {
     auto& impl = u->impl();
+    for (const auto& child : impl.module->modules(/*include_self=*/false)) {
+      auto sub = by_module.find(child.get());
+      if (sub != by_module.end()) impl.sub_units.push_back(sub->second);
+    }
     auto it = module_names.find(impl.module.get());
     impl.fqn = it == module_names.end() ? "<outside root>" : it->second;
     for (auto& p : impl.params) {
@@ -281,10 +301,7 @@ void Engine::Impl::check_gathered(Unit::Impl& unit, const char* when) {
 
 void Engine::Impl::unshard(Unit::Impl& unit) {
   if (unit.unsharded || unit.gather_work) return;  // a no-op unshard is not an event
-  if (unit.shard_world == 1) {
-    // The shard is the whole param: nothing to gather, but the sharded grad
-    // still steps aside so this backward's grad is reduced on its own.
-    for (auto& p : unit.params) stash_grad(p);
+  if (unit.shard_world == 1) {  // the shard is the whole param: nothing to gather
     unit.unsharded = true;
     return;
   }
@@ -293,6 +310,7 @@ void Engine::Impl::unshard(Unit::Impl& unit) {
   unit.gather_buffer = at::empty({unit.shard_world * total}, unit.tensor_options);
   at::Tensor mine = unit.gather_buffer.narrow(0, unit.shard_rank * total, total);
   for (auto& p : unit.params) mine.narrow(0, p.offset, p.chunk_numel()).copy_(p.padded_shard.view(-1));
+  ScopedCollectiveLabel label(collective_label("all-gather", unit));
   unit.gather_work = unit.options.shard_group->all_gather_into_tensor(unit.gather_buffer, mine);
   emit(&EngineHooks::on_unshard, unit);
 }
@@ -315,7 +333,6 @@ void Engine::Impl::wait_unshard(Unit::Impl& unit) {
     // return a strided view, which changes kernels' paths and results).
     at::Tensor full =
         by_rank.narrow(1, p.offset, p.chunk_numel()).reshape(padded_shape).contiguous().narrow(0, 0, p.dim0);
-    stash_grad(p);
     p.full = full;
     p.param.set_data(full);
     unsharded_bytes += full.nbytes();
@@ -346,6 +363,7 @@ void Engine::Impl::reshard(Unit::Impl& unit) {
 
 void Engine::Impl::pre_forward(Unit::Impl& unit) {
   if (forward_depth == 0) {
+    if (final_callback_queued) abandon_backward();
     lazy_init_root(unit);
     if (&unit == root) {
       if (!forward_order.empty()) last_forward_order = forward_order;
@@ -353,6 +371,7 @@ void Engine::Impl::pre_forward(Unit::Impl& unit) {
     }
   }
   ++forward_depth;
+  unit.last_forward_call = ++forward_calls;
   unit.state = TrainingState::Forward;
   if (std::find(forward_order.begin(), forward_order.end(), &unit) == forward_order.end()) {
     forward_order.push_back(&unit);
@@ -406,6 +425,10 @@ void Engine::Impl::pre_backward(Unit::Impl& unit) {
   }
   unit.state = TrainingState::PreBackward;
   unit.needs_post_backward = true;
+  // The sharded grads step aside only now, so that a zero_grad between
+  // forward and backward still reaches them; this backward's full-size
+  // grads then accumulate alone and are reduced into them.
+  for (auto& p : unit.params) stash_grad(p);
   emit(&EngineHooks::on_pre_backward, unit);
   check_gathered(unit, "between forward and backward");
   unshard(unit);
@@ -420,6 +443,29 @@ void Engine::Impl::pre_backward(Unit::Impl& unit) {
   }
 }
 
+// This backward's full-size grads of `unit`, taken off the params. When any
+// param has one, every param that requires grad takes part (an undefined
+// grad: unused on this rank, reduced as zeros), so that ranks whose forward
+// used different params still issue the same reduce-scatter.
+std::vector<std::pair<size_t, at::Tensor>> Engine::Impl::take_full_grads(Unit::Impl& unit) {
+  std::vector<std::pair<size_t, at::Tensor>> grads;
+  bool any = false;
+  for (size_t i = 0; i < unit.params.size(); ++i) {
+    auto& p = unit.params[i];
+    if (!p.param.requires_grad()) continue;
+    at::Tensor grad = p.param.grad();
+    if (grad.defined() && grad.sizes() != at::IntArrayRef(p.full_shape)) {
+      throw std::runtime_error("grad of param '" + p.fqn + "' of unit '" + unit.fqn + "' has shape " +
+                               shape_of(grad.sizes()) + ", expected the full shape " + shape_of(p.full_shape));
+    }
+    any = any || grad.defined();
+    grads.emplace_back(i, std::move(grad));
+    p.param.mutable_grad() = at::Tensor();
+  }
+  if (!any) grads.clear();
+  return grads;
+}
+
 void Engine::Impl::post_backward(Unit::Impl& unit) {
   if (!unit.unsharded) return;  // nothing was computed with gathered params
   unit.state = TrainingState::PostBackward;
@@ -427,18 +473,7 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
   unit.backward_done = true;
   // Take the full-size grads aside, free the gathered params (reshard first,
   // as PyTorch's FSDP does), then reduce-scatter the grads.
-  std::vector<std::pair<size_t, at::Tensor>> grads;
-  for (size_t i = 0; i < unit.params.size(); ++i) {
-    auto& p = unit.params[i];
-    const at::Tensor& grad = p.param.grad();
-    if (!grad.defined()) continue;
-    if (grad.sizes() != at::IntArrayRef(p.full_shape)) {
-      throw std::runtime_error("grad of param '" + p.fqn + "' of unit '" + unit.fqn + "' has shape " +
-                               shape_of(grad.sizes()) + ", expected the full shape " + shape_of(p.full_shape));
-    }
-    grads.emplace_back(i, grad);
-    p.param.mutable_grad() = at::Tensor();
-  }
+  std::vector<std::pair<size_t, at::Tensor>> grads = take_full_grads(unit);
   reshard(unit);
   if (grads.empty()) {
     // No grad yet (a param used by two forwards accumulates once, after
@@ -452,6 +487,7 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
   if (world == 1 && !replicated) {
     // A world of one: the grad is already the reduced, sharded grad.
     for (auto& [index, grad] : grads) {
+      if (!grad.defined()) continue;  // unused here, and no other rank to hear from
       at::Tensor& current = unit.params[index].param.mutable_grad();
       if (current.defined()) {
         current.add_(grad);
@@ -474,6 +510,7 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
   at::Tensor by_rank = reduction.input.view({world, total});
   for (size_t k = 0; k < grads.size(); ++k) {
     const auto& p = unit.params[grads[k].first];
+    if (!grads[k].second.defined()) continue;  // unused on this rank: contributes zeros
     const at::Tensor flat_rows = grads[k].second.reshape({p.dim0, p.row_numel});
     for (int r = 0; r < world; ++r) {
       const int64_t begin = r * p.rows_per_rank;
@@ -494,6 +531,7 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
       scatter.predivide_factor = factor;
       scatter.postdivide_factor = static_cast<double>(world) / factor;
     }
+    ScopedCollectiveLabel label(collective_label("reduce-scatter", unit));
     reduction.reduce_scatter = unit.options.shard_group->reduce_scatter_tensor(reduction.output, reduction.input, scatter);
   }
   unit.pending.push_back(std::move(reduction));
@@ -554,6 +592,7 @@ void Engine::Impl::finish_reductions(Unit::Impl& unit) {
     if (unit.options.replicate_group && unit.options.replicate_group->size() > 1) {
       AllReduceOptions average;
       average.reduce_op = ReduceOp::Avg;
+      ScopedCollectiveLabel label(collective_label("all-reduce", unit));
       unit.options.replicate_group->all_reduce(reduction.output, average)->wait();
     }
     for (size_t k = 0; k < reduction.params.size(); ++k) {
@@ -570,6 +609,32 @@ void Engine::Impl::finish_reductions(Unit::Impl& unit) {
     }
   }
   unit.pending.clear();
+}
+
+// A backward began (a pre-backward queued the final callback) but its
+// end-of-backward step never ran: it threw, and LibTorch drops the callbacks
+// of a failed pass. Land what is in flight (every rank issued it), drop this
+// pass's partial grads and reductions, and free everything, so the next step
+// runs as if the failed backward never had.
+void Engine::Impl::abandon_backward() {
+  final_callback_queued = false;
+  for (auto& u : units) {
+    auto& unit = u->impl();
+    for (auto& reduction : unit.pending) {
+      if (reduction.reduce_scatter) reduction.reduce_scatter->wait();
+    }
+    unit.pending.clear();
+    if (unit.needs_post_backward) {
+      for (auto& p : unit.params) p.param.mutable_grad() = at::Tensor();  // partial: this pass's
+    }
+    reshard(unit);  // restores the grads stashed at pre-backward
+    unit.needs_post_backward = false;
+    unit.backward_done = false;
+    unit.prefetch_in_flight = false;
+    unit.state = TrainingState::Idle;
+  }
+  prefetches_in_flight = 0;
+  post_forward_order.clear();
 }
 
 void Engine::Impl::final_callback() {
@@ -604,6 +669,7 @@ class UnitForwardScope final : public Engine::ForwardScope {
   UnitForwardScope(Engine::Impl& engine, Unit::Impl& unit)
       : engine_(engine), unit_(unit), grad_enabled_(at::GradMode::is_enabled()) {
     engine_.pre_forward(unit_);
+    my_call_ = unit_.last_forward_call;
   }
   ~UnitForwardScope() override {
     if (!finished_) {  // the forward threw: leave the engine consistent
@@ -627,15 +693,92 @@ class UnitForwardScope final : public Engine::ForwardScope {
     return inputs;
   }
   void finish(const std::vector<at::Tensor>& outputs) override {
+    if (grad_enabled_) check_no_shards_used(outputs);
     finished_ = true;
     engine_.post_forward(unit_, outputs, grad_enabled_);
   }
+  std::exception_ptr with_context(std::exception_ptr error) override {
+    const std::vector<Unit::Impl*> skipped = sub_units_not_run();
+    if (skipped.empty()) return error;
+    std::string what = "unknown error";
+    try {
+      std::rethrow_exception(error);
+    } catch (const std::exception& e) {
+      what = e.what();
+    } catch (...) {
+    }
+    return std::make_exception_ptr(std::runtime_error(
+        "forward of unit '" + unit_.fqn + "' failed: " + what + "\n  note: its sub-unit(s) " + names(skipped) +
+        " were not called through fsdp::call before the failure; a forward that calls them directly computes "
+        "with their shards. " + kFix));
+  }
+
+ private:
+  static constexpr const char* kFix =
+      "Call sharded children as fsdp::call(child, args...) inside the forward (a torch::nn::Sequential: "
+      "fsdp::call(sequential, x) or fsdp::forward_sequential).";
+
+  // Sub-units whose pre-forward did not run inside this unit's forward.
+  std::vector<Unit::Impl*> sub_units_not_run() const {
+    std::vector<Unit::Impl*> skipped;
+    for (Unit::Impl* sub : unit_.sub_units) {
+      if (sub->last_forward_call < my_call_) skipped.push_back(sub);
+    }
+    return skipped;
+  }
+
+  static std::string names(const std::vector<Unit::Impl*>& units) {
+    std::string out;
+    for (const Unit::Impl* unit : units) out += (out.empty() ? "'" : ", '") + unit->fqn + "'";
+    return out;
+  }
+
+  // A sub-unit that did not run through fsdp::call may still have been
+  // computed with (called directly): its params' grad accumulators are then
+  // in the outputs' graph. Those shards give wrong numbers or shape errors.
+  void check_no_shards_used(const std::vector<at::Tensor>& outputs) const {
+    const std::vector<Unit::Impl*> skipped = sub_units_not_run();
+    if (skipped.empty()) return;
+    std::unordered_map<const torch::autograd::Node*, std::pair<Unit::Impl*, const ShardedParam*>> accumulators;
+    for (Unit::Impl* sub : skipped) {
+      for (const auto& p : sub->params) {
+        if (auto node = torch::autograd::impl::try_get_grad_accumulator(p.param)) {
+          accumulators.emplace(node.get(), std::make_pair(sub, &p));
+        }
+      }
+    }
+    if (accumulators.empty()) return;
+    std::vector<const torch::autograd::Node*> stack;
+    std::unordered_set<const torch::autograd::Node*> seen;
+    for (const auto& output : outputs) {
+      if (output.defined() && output.grad_fn()) stack.push_back(output.grad_fn().get());
+    }
+    while (!stack.empty()) {
+      const torch::autograd::Node* node = stack.back();
+      stack.pop_back();
+      if (!seen.insert(node).second) continue;
+      auto found = accumulators.find(node);
+      if (found != accumulators.end()) {
+        const auto& [sub, param] = found->second;
+        throw std::runtime_error("forward of unit '" + unit_.fqn + "' computed with the shard of param '" +
+                                 param->fqn + "' of sub-unit '" + sub->fqn + "' (shape " +
+                                 shape_of(param->param.sizes()) + ", full " + shape_of(param->full_shape) +
+                                 "): the forward called '" + sub->fqn + "' directly. " + kFix);
+      }
+      for (const auto& edge : node->next_edges()) {
+        if (edge.function) stack.push_back(edge.function.get());
+      }
+    }
+  }
+
+ public:
 
  private:
   Engine::Impl& engine_;
   Unit::Impl& unit_;
   bool grad_enabled_;
   bool finished_ = false;
+  uint64_t my_call_ = 0;
 };
 
 }  // namespace
@@ -850,27 +993,42 @@ std::vector<int64_t> Unit::shard_rows() const {
   return rows;
 }
 
-at::Tensor forward_sequential(torch::nn::Sequential& sequential, at::Tensor input) {
-  auto run_children = [&](at::Tensor x) {
+namespace {
+// `forward(x)` as `module`'s forward: through its unit when it is one (the
+// tensor-only path of fsdp::call).
+at::Tensor forward_as_unit(const torch::nn::Module* module, const std::function<at::Tensor(at::Tensor)>& forward,
+                           at::Tensor x) {
+  Engine* engine = detail::engine_of(module);
+  if (engine == nullptr) return forward(std::move(x));
+  auto scope = engine->begin_forward(module);
+  at::Tensor output;
+  try {
+    output = forward(scope->wrap_inputs({std::move(x)})[0]);
+  } catch (...) {
+    std::rethrow_exception(scope->with_context(std::current_exception()));
+  }
+  scope->finish({output});
+  return output;
+}
+}  // namespace
+
+at::Tensor forward_sequential(const std::shared_ptr<torch::nn::SequentialImpl>& sequential, at::Tensor input) {
+  auto run_children = [&sequential](at::Tensor x) {
     for (auto& child : *sequential) {
-      const torch::nn::Module* raw = child.ptr().get();
-      Engine* engine = detail::engine_of(raw);
-      if (engine == nullptr) {
-        x = child.forward(x);
-        continue;
+      if (auto nested = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(child.ptr())) {
+        x = forward_sequential(nested, std::move(x));
+      } else {
+        x = forward_as_unit(child.ptr().get(), [&child](at::Tensor in) { return child.forward(std::move(in)); },
+                            std::move(x));
       }
-      auto scope = engine->begin_forward(raw);
-      x = child.forward(scope->wrap_inputs({x})[0]);
-      scope->finish({x});
     }
     return x;
   };
-  Engine* engine = detail::engine_of(sequential.ptr().get());
-  if (engine == nullptr) return run_children(std::move(input));
-  auto scope = engine->begin_forward(sequential.ptr().get());
-  at::Tensor output = run_children(scope->wrap_inputs({std::move(input)})[0]);
-  scope->finish({output});
-  return output;
+  return forward_as_unit(sequential.get(), run_children, std::move(input));
+}
+
+at::Tensor forward_sequential(torch::nn::Sequential& sequential, at::Tensor input) {
+  return forward_sequential(sequential.ptr(), std::move(input));
 }
 
 }  // namespace fsdpsim::fsdp

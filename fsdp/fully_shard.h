@@ -31,6 +31,7 @@
 #include <torch/nn/modules/container/sequential.h>
 
 #include <functional>
+#include <exception>
 #include <map>
 #include <memory>
 #include <string>
@@ -140,6 +141,9 @@ template <typename ModuleType, typename... Args>
 auto call(const std::shared_ptr<ModuleType>& module, Args&&... args);
 
 /// forward through every element of `sequential`, each through fsdp::call.
+/// fsdp::call on a Sequential comes here, so its children that are units
+/// gather (Sequential::forward would call them directly, with their shards).
+at::Tensor forward_sequential(const std::shared_ptr<torch::nn::SequentialImpl>& sequential, at::Tensor input);
 at::Tensor forward_sequential(torch::nn::Sequential& sequential, at::Tensor input);
 
 class Engine {
@@ -221,7 +225,12 @@ struct Engine::ForwardScope {
   /// Inputs that require grad pass through the unit's post-backward hook.
   virtual std::vector<at::Tensor> wrap_inputs(std::vector<at::Tensor> inputs) = 0;
   /// Registers pre-backward hooks on the outputs and frees params if due.
+  /// Throws if the forward computed with a sub-unit's shards (a child unit
+  /// called directly, not through fsdp::call).
   virtual void finish(const std::vector<at::Tensor>& outputs) = 0;
+  /// The forward threw `error`: the error to throw instead, with a note
+  /// naming sub-units it never gathered (a likely cause: shards' shapes).
+  virtual std::exception_ptr with_context(std::exception_ptr error) = 0;
 };
 
 namespace detail {
@@ -258,27 +267,48 @@ decltype(auto) replace_tensors(T&& value, const std::vector<at::Tensor>& replace
 
 }  // namespace detail
 
+namespace detail {
+
 template <typename ModuleType, typename... Args>
-auto call(const std::shared_ptr<ModuleType>& module, Args&&... args) {
-  const torch::nn::Module* raw = module.get();
-  Engine* engine = detail::engine_of(raw);
-  if (engine == nullptr) return module->forward(std::forward<Args>(args)...);
-  auto scope = engine->begin_forward(raw);
+auto call_unit(Engine& engine, const std::shared_ptr<ModuleType>& module, Args&&... args) {
+  auto scope = engine.begin_forward(module.get());
   std::vector<at::Tensor> inputs;
-  (detail::collect_tensors(args, inputs), ...);
+  (collect_tensors(args, inputs), ...);
   std::vector<at::Tensor> wrapped = scope->wrap_inputs(std::move(inputs));
   size_t next = 0;
   // A braced initialiser evaluates left to right (function arguments do not),
   // so the i-th tensor argument gets the i-th wrapped tensor.
-  std::tuple<decltype(detail::replace_tensors(std::forward<Args>(args), wrapped, next))...> replaced{
-      detail::replace_tensors(std::forward<Args>(args), wrapped, next)...};
-  auto output = std::apply(
-      [&](auto&&... forwarded) { return module->forward(std::forward<decltype(forwarded)>(forwarded)...); },
-      std::move(replaced));
+  std::tuple<decltype(replace_tensors(std::forward<Args>(args), wrapped, next))...> replaced{
+      replace_tensors(std::forward<Args>(args), wrapped, next)...};
+  auto run_forward = [&]() {
+    try {
+      return std::apply(
+          [&](auto&&... forwarded) { return module->forward(std::forward<decltype(forwarded)>(forwarded)...); },
+          std::move(replaced));
+    } catch (...) {
+      std::rethrow_exception(scope->with_context(std::current_exception()));
+    }
+  };
+  auto output = run_forward();
   std::vector<at::Tensor> outputs;
-  detail::collect_tensors(output, outputs);
+  collect_tensors(output, outputs);
   scope->finish(outputs);
   return output;
+}
+
+}  // namespace detail
+
+template <typename ModuleType, typename... Args>
+auto call(const std::shared_ptr<ModuleType>& module, Args&&... args) {
+  if constexpr (std::is_base_of_v<torch::nn::SequentialImpl, ModuleType> && sizeof...(Args) == 1 &&
+                (std::is_convertible_v<Args, at::Tensor> && ...)) {
+    return forward_sequential(std::static_pointer_cast<torch::nn::SequentialImpl>(module),
+                              at::Tensor(std::forward<Args>(args))...);
+  } else {
+    Engine* engine = detail::engine_of(module.get());
+    if (engine == nullptr) return module->forward(std::forward<Args>(args)...);
+    return detail::call_unit(*engine, module, std::forward<Args>(args)...);
+  }
 }
 
 template <typename ModuleType, typename... Args>

@@ -292,6 +292,44 @@ class DoubleLinearImpl : public torch::nn::Module {
 };
 TORCH_MODULE(DoubleLinear);
 
+/// A block whose `branch` runs on some ranks only: rank-divergent control
+/// flow inside one unit (PyTorch's FSDP reduces the unit's whole gradient,
+/// zeros where a rank did not use a param).
+class BranchBlockImpl : public torch::nn::Module {
+ public:
+  BranchBlockImpl(int64_t dim, bool takes_branch)
+      : main(register_module("main", torch::nn::Linear(dim, dim))),
+        branch(register_module("branch", torch::nn::Linear(dim, dim))),
+        takes_branch_(takes_branch) {}
+  at::Tensor forward(at::Tensor x) {
+    at::Tensor out = main(x);
+    if (takes_branch_) out = out + torch::tanh(branch(x));
+    return torch::relu(out);
+  }
+  torch::nn::Linear main;
+  torch::nn::Linear branch;
+
+ private:
+  bool takes_branch_;
+};
+TORCH_MODULE(BranchBlock);
+
+class RankDivergentImpl : public torch::nn::Module {
+ public:
+  RankDivergentImpl(int64_t dim, bool takes_branch)
+      : trunk(register_module("trunk", torch::nn::Linear(dim, dim))),
+        block(register_module("block", BranchBlock(dim, takes_branch))),
+        head(register_module("head", torch::nn::Linear(dim, 3))) {}
+  at::Tensor forward(at::Tensor x) {
+    x = torch::relu(fsdp::call(trunk, std::move(x)));
+    return head(fsdp::call(block, std::move(x)));
+  }
+  torch::nn::Linear trunk;
+  BranchBlock block;
+  torch::nn::Linear head;
+};
+TORCH_MODULE(RankDivergent);
+
 class MlpImpl : public torch::nn::Module {
  public:
   MlpImpl(int64_t dim, int64_t mult, bool with_buffer)
@@ -386,6 +424,10 @@ class ScenarioBase : public Scenario {
     return generator(derive_seed(config_.seed, kInputStream, static_cast<uint64_t>(rank), static_cast<uint64_t>(step)));
   }
   at::Generator init_generator() const { return generator(derive_seed(config_.seed, kInitStream)); }
+  /// randn(4, mlp_dim): the batch of the dense models (mlp_stack, double_linear, rank_divergent).
+  std::vector<at::Tensor> dense_input(int rank, int step) const {
+    return {at::randn({4, config_.mlp_dim}, input_generator(rank, step))};
+  }
 
   std::string name_;
   ScenarioConfig config_;
@@ -537,9 +579,7 @@ class DoubleLinearScenario : public ScenarioBase {
     add_unit(model_->lin2.ptr());
     add_unit(root_);
   }
-  std::vector<at::Tensor> input(int rank, int step) override {
-    return {at::randn({4, config_.mlp_dim}, input_generator(rank, step))};
-  }
+  std::vector<at::Tensor> input(int rank, int step) override { return dense_input(rank, step); }
   at::Tensor forward_loss(const std::vector<at::Tensor>& input) override {
     at::Tensor loss;
     for (const auto& out : fsdp::call(model_, at::Tensor(input.at(0)))) {
@@ -575,15 +615,34 @@ class MlpStackScenario : public ScenarioBase {
     add_unit(third.ptr());
     add_unit(root_);
   }
-  std::vector<at::Tensor> input(int rank, int step) override {
-    return {at::randn({4, config_.mlp_dim}, input_generator(rank, step))};
-  }
+  std::vector<at::Tensor> input(int rank, int step) override { return dense_input(rank, step); }
   at::Tensor forward_loss(const std::vector<at::Tensor>& input) override {
     return fsdp::call(model_, at::Tensor(input.at(0))).sum();
   }
 
  private:
   Chain model_;
+};
+
+/// trunk and block units, the root owns head; block.branch runs on even
+/// ranks only. Input randn(4, dim), loss out.sum().
+class RankDivergentScenario : public ScenarioBase {
+ public:
+  RankDivergentScenario(const ScenarioConfig& config, int rank)
+      : ScenarioBase("rank_divergent", config), model_(config.mlp_dim, rank % 2 == 0) {
+    root_ = model_.ptr();
+    init_parameters(*root_, init_generator());
+    add_unit(model_->trunk.ptr());
+    add_unit(model_->block.ptr());
+    add_unit(root_);
+  }
+  std::vector<at::Tensor> input(int rank, int step) override { return dense_input(rank, step); }
+  at::Tensor forward_loss(const std::vector<at::Tensor>& input) override {
+    return fsdp::call(model_, at::Tensor(input.at(0))).sum();
+  }
+
+ private:
+  RankDivergent model_;
 };
 
 class UnevenShapesScenario : public ScenarioBase {
@@ -612,8 +671,8 @@ class UnevenShapesScenario : public ScenarioBase {
 }  // namespace
 
 std::vector<std::string> scenario_names() {
-  return {"nested_wrapped",       "always_wrap_nested", "transformer", "mixture_of_experts",
-          "non_uniform_req_grad", "double_linear",      "mlp_stack",   "uneven_shapes"};
+  return {"nested_wrapped", "always_wrap_nested", "transformer",   "mixture_of_experts", "non_uniform_req_grad",
+          "double_linear",  "mlp_stack",          "uneven_shapes", "rank_divergent"};
 }
 
 std::unique_ptr<Scenario> make_scenario(const ScenarioConfig& config, int rank) {
@@ -626,6 +685,7 @@ std::unique_ptr<Scenario> make_scenario(const ScenarioConfig& config, int rank) 
   if (name == "double_linear") return std::make_unique<DoubleLinearScenario>(config);
   if (name == "mlp_stack") return std::make_unique<MlpStackScenario>(config);
   if (name == "uneven_shapes") return std::make_unique<UnevenShapesScenario>(config);
+  if (name == "rank_divergent") return std::make_unique<RankDivergentScenario>(config, rank);
   std::string known;
   for (const auto& candidate : scenario_names()) known += (known.empty() ? "" : ", ") + candidate;
   throw std::invalid_argument("unknown scenario '" + name + "'; known: " + known);

@@ -71,7 +71,7 @@ struct ScenarioConfig {
   /// double_linear: forward returns both linears' outputs (true) or lin1's
   /// only, leaving lin2 unused.
   bool use_second_linear = true;
-  /// mlp_stack and double_linear: the model dimension.
+  /// mlp_stack, double_linear and rank_divergent: the model dimension.
   int64_t mlp_dim = 16;
   /// mlp_stack: each MLP adds a (non-trainable) buffer to its output.
   bool mlp_buffer = false;
@@ -105,7 +105,8 @@ class Scenario {
 std::unique_ptr<Scenario> make_scenario(const ScenarioConfig& config, int rank);
 
 /// nested_wrapped, always_wrap_nested, transformer, mixture_of_experts,
-/// non_uniform_req_grad, double_linear, mlp_stack, uneven_shapes.
+/// non_uniform_req_grad, double_linear, mlp_stack, uneven_shapes,
+/// rank_divergent (a branch inside a unit taken on even ranks only).
 std::vector<std::string> scenario_names();
 
 /// named_parameters() with each TensorImpl once, under the first FQN it is

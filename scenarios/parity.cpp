@@ -25,6 +25,14 @@ const char* to_string(OptimizerKind kind) {
   return "?";
 }
 
+const char* to_string(ZeroGradAt at) {
+  switch (at) {
+    case ZeroGradAt::BeforeForward: return "before-forward";
+    case ZeroGradAt::BeforeBackward: return "before-backward";
+  }
+  return "?";
+}
+
 int64_t CollectiveCounts::total() const {
   int64_t sum = 0;
   for (int64_t count : by_op) sum += count;
@@ -46,7 +54,12 @@ std::string ParityConfig::describe() const {
   }
   if (simulated_time) out << " simulated-time";
   out << " " << to_string(optimizer) << " steps " << steps;
-  if (zero_grad_set_to_none_alternate) out << " alternate-set-to-none";
+  if (zero_grad_set_to_none_alternate) {
+    out << " alternate-set-to-none";
+  } else if (!zero_grad_set_to_none) {
+    out << " zero-grad-in-place";
+  }
+  if (zero_grad_at != ZeroGradAt::BeforeForward) out << " zero-grad-" << to_string(zero_grad_at);
   if (!tolerance.exact()) out << " atol " << tolerance.atol << " rtol " << tolerance.rtol;
   return out.str();
 }
@@ -118,7 +131,7 @@ void zero_grad(const std::vector<at::Tensor>& params, bool set_to_none) {
 }
 
 bool set_to_none_at(const ParityConfig& config, int step) {
-  return !config.zero_grad_set_to_none_alternate || step % 2 == 0;
+  return config.zero_grad_set_to_none_alternate ? step % 2 == 0 : config.zero_grad_set_to_none;
 }
 
 /// Values of one phase of one step, by param index: one tensor shared by
@@ -440,8 +453,9 @@ void run_rank(const ParityConfig& config, const Reference* reference, sim::RankC
 
   for (int step = 0; step < config.steps; ++step) {
     counter->set(step, 0);
-    zero_grad(params, set_to_none_at(config, step));
+    if (config.zero_grad_at == ZeroGradAt::BeforeForward) zero_grad(params, set_to_none_at(config, step));
     auto loss = scenario->forward_loss(scenario->input(rank, step));
+    if (config.zero_grad_at == ZeroGradAt::BeforeBackward) zero_grad(params, set_to_none_at(config, step));
     if (config.delay) config.delay(rank, "after_loss");
     counter->set(step, 1);
     sim::backward(loss);

@@ -60,6 +60,12 @@ struct Tolerance {
   bool exact() const { return atol == 0.0 && rtol == 0.0; }
 };
 
+enum class ZeroGradAt {
+  BeforeForward,
+  BeforeBackward,  ///< after the loss: the root (and ShardGradOp units) are still gathered
+};
+const char* to_string(ZeroGradAt at);
+
 struct ParityConfig {
   ScenarioConfig scenario;
   fsdp::ShardingStrategy strategy = fsdp::ShardingStrategy::FullShard;
@@ -75,8 +81,12 @@ struct ParityConfig {
   int steps = 5;
   OptimizerKind optimizer = OptimizerKind::SGD;
   /// zero_grad(set_to_none = step % 2 == 0) as the newer tests do; otherwise
-  /// grads are set to none before every step.
+  /// zero_grad(set_to_none = zero_grad_set_to_none) every step.
   bool zero_grad_set_to_none_alternate = false;
+  bool zero_grad_set_to_none = true;
+  /// Where the sharded run zeroes its grads each step (the reference: before
+  /// its forward; both placements are the same step there).
+  ZeroGradAt zero_grad_at = ZeroGradAt::BeforeForward;
   Tolerance tolerance;
   /// false: only the sharded run (no reference, no comparisons).
   bool run_reference = true;

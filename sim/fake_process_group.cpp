@@ -562,7 +562,7 @@ void FakeWork::wait() {
       std::ostringstream msg;
       msg << p.header() << " " << to_string(desc_.op) << ": timed out after " << world_->timeout().count()
           << " ms waiting for ranks " << rank_set_string(p.missing_global_ranks()) << " ("
-          << p.first_desc().call_string() << "); where each rank is: " << impl.where_locked();
+          << p.first_desc().labelled_call_string() << "); where each rank is: " << impl.where_locked();
       callbacks = impl.fail_locked(p, std::make_exception_ptr(CollectiveTimeoutError(msg.str())));
     }
   }
@@ -694,7 +694,7 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
     if (mismatch) {
       std::map<std::string, std::vector<int>> by_call;
       for (size_t r = 0; r < p.arrivals.size(); ++r) {
-        if (p.arrivals[r]) by_call[p.arrivals[r]->desc.call_string()].push_back(p.global_ranks[r]);
+        if (p.arrivals[r]) by_call[p.arrivals[r]->desc.labelled_call_string()].push_back(p.global_ranks[r]);
       }
       std::ostringstream msg;
       msg << "collective mismatch in " << p.header() << ":";

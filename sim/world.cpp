@@ -169,6 +169,7 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
       gloo.rank = rank;
       gloo.size = options_.world_size;
       gloo.timeout = options_.collective_timeout;
+      gloo.check_collectives = options_.gloo_check_collectives;
       return make_gloo_process_group(gloo);
     };
   }

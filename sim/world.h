@@ -49,6 +49,9 @@ struct WorldOptions {
   uint64_t seed = 0;
   /// A collective that not every rank reaches within this fails.
   std::chrono::milliseconds collective_timeout{60000};
+  /// Gloo: check each collective across ranks before it runs
+  /// (GlooOptions::check_collectives); the fake backend always checks.
+  bool gloo_check_collectives = true;
   /// Stack of each fiber rank (LibTorch ops need more than Boost's default).
   size_t fiber_stack_bytes = 512 * 1024;
   /// Stack of each thread rank.

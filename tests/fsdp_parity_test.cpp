@@ -257,7 +257,7 @@ ParityCase seeded(ParityCase c, uint64_t seed) {
 std::vector<Model> all_models() {
   return {model("nested_wrapped"),      model("always_wrap_nested"), model("transformer"),
           model("mixture_of_experts"),  model("non_uniform_req_grad"), model("double_linear"),
-          lin1_only(),                  model("mlp_stack")};
+          lin1_only(),                  model("mlp_stack"),            model("rank_divergent")};
 }
 
 /// Every model x {FullShard, ShardGradOp, NoShard} x worlds {1, 2, 3, 4, 8},
@@ -323,6 +323,52 @@ std::vector<ParityCase> gloo_cases() {
   };
 }
 
+ParityCase zero_grad_at(ParityCase c, ZeroGradAt at, bool set_to_none) {
+  c.config.zero_grad_at = at;
+  c.config.zero_grad_set_to_none = set_to_none;
+  c.name += std::string("_zero_grad_") + (at == ZeroGradAt::BeforeForward ? "before_forward" : "before_backward") +
+            (set_to_none ? "_to_none" : "_in_place");
+  return c;
+}
+
+/// zero_grad before forward and between forward and backward (the root and
+/// ShardGradOp units are still gathered there), set to none or zeroed in
+/// place, on every backend.
+std::vector<ParityCase> zero_grad_cases() {
+  std::vector<ParityCase> cases;
+  const auto fibers = RankKind::Fibers;
+  const auto threads = RankKind::Threads;
+  for (auto at : {ZeroGradAt::BeforeForward, ZeroGradAt::BeforeBackward}) {
+    for (bool set_to_none : {true, false}) {
+      for (auto strategy : {ShardingStrategy::FullShard, ShardingStrategy::ShardGradOp, ShardingStrategy::NoShard}) {
+        cases.push_back(zero_grad_at(make_case(model("mlp_stack"), strategy, 3), at, set_to_none));
+      }
+      cases.push_back(zero_grad_at(make_case(model("nested_wrapped"), ShardingStrategy::FullShard, 4, fibers), at,
+                                   set_to_none));
+      cases.push_back(zero_grad_at(
+          make_case(model("transformer"), ShardingStrategy::ShardGradOp, 2, threads, CommBackend::Gloo), at,
+          set_to_none));
+    }
+  }
+  cases.push_back(zero_grad_at(make_case(model("mlp_stack"), ShardingStrategy::FullShard, 4, threads,
+                                         CommBackend::Fake, OptimizerKind::Adam),
+                               ZeroGradAt::BeforeBackward, true));
+  return cases;
+}
+
+/// rank_divergent (a branch inside a unit taken on even ranks only) beyond
+/// the thread cases of every model: fibers, Gloo, an odd world.
+std::vector<ParityCase> rank_divergent_cases() {
+  const Model m = model("rank_divergent");
+  return {
+      make_case(m, ShardingStrategy::FullShard, 5, RankKind::Fibers),
+      seeded(make_case(m, ShardingStrategy::ShardGradOp, 3, RankKind::Fibers), 7),
+      make_case(m, ShardingStrategy::FullShard, 3, RankKind::Threads, CommBackend::Gloo),
+      make_case(m, ShardingStrategy::NoShard, 2, RankKind::Threads, CommBackend::Gloo),
+      make_case(m, ShardingStrategy::FullShard, 3, RankKind::Threads, CommBackend::Fake, OptimizerKind::Adam),
+  };
+}
+
 class FsdpParity : public ::testing::TestWithParam<ParityCase> {};
 
 TEST_P(FsdpParity, MatchesTheDdpReference) {
@@ -338,6 +384,8 @@ INSTANTIATE_TEST_SUITE_P(SgdThreads, FsdpParity, ::testing::ValuesIn(sgd_thread_
 INSTANTIATE_TEST_SUITE_P(Adam, FsdpParity, ::testing::ValuesIn(adam_cases()), case_name);
 INSTANTIATE_TEST_SUITE_P(Fibers, FsdpParity, ::testing::ValuesIn(fiber_cases()), case_name);
 INSTANTIATE_TEST_SUITE_P(Gloo, FsdpParity, ::testing::ValuesIn(gloo_cases()), case_name);
+INSTANTIATE_TEST_SUITE_P(ZeroGrad, FsdpParity, ::testing::ValuesIn(zero_grad_cases()), case_name);
+INSTANTIATE_TEST_SUITE_P(RankDivergent, FsdpParity, ::testing::ValuesIn(rank_divergent_cases()), case_name);
 
 // ---------------------------------------------------------------------------
 // The harness itself, and parity under delayed collectives (reference

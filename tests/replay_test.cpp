@@ -1077,6 +1077,10 @@ TEST(ReplayCli, UsageErrorsExit2WithOneLine) {
       {"predict", file.path(), "--world-size", "4", "--preset", "nope"},
       {"check", "/nonexistent/trace.jsonl"},
       {"run", file.path(), "--backend", "gloo-processes"},  // no worker command
+      {"run", file.path(), "--world-size", "+4"},
+      {"run", file.path(), "--timeout-s", "0x10"},
+      {"predict", file.path(), "--world-size", "4", "--calibrate-world-sizes", "2,"},
+      {"predict", file.path(), "--world-size", "4", "--calibrate-world-sizes", "2,,4"},
   };
   for (const auto& args : cases) {
     std::string joined;

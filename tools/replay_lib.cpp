@@ -32,9 +32,7 @@ constexpr const char* kInFlight = "in_flight";
   throw TraceFileError("trace line " + std::to_string(line) + ": field '" + field + "': " + what);
 }
 
-std::string ranks_text(const std::vector<int>& ranks) {
-  return (ranks.size() == 1 ? "rank " + std::to_string(ranks[0]) : "ranks " + sim::rank_set_string(ranks));
-}
+using sim::ranks_text;
 
 std::string list_string(const std::vector<int>& ranks) {
   std::string out = "[";

@@ -1010,7 +1010,7 @@ TEST(GlooProcessFailures, RankKilledBySigkillFailsTheOthers) {
 TEST(GlooProcessFailures, StoppedRankIsNamedAsTheOneThatStoppedMakingProgress) {
   std::ostringstream output;
   LaunchOptions options = worker_launch(3, "gloo_rank1_sigstop", &output);
-  options.extra_env["FSDPSIM_TEST_TIMEOUT_MS"] = "3000";
+  options.extra_env["FSDPSIM_TEST_TIMEOUT_MS"] = "5000";  // rendezvous and the all-reduce
   options.timeout = 120s;  // a grace the launcher must not wait out for a stopped process
   LaunchResult result = launch_processes(options);
   const std::string context = result.report() + output.str();

@@ -269,7 +269,9 @@ TEST(Runner, SeededSimulatedRunsWithoutMeasuredComputeAreBitwiseReproducible) {
 }
 
 TEST(Runner, StoppedProcessRankIsNamedWithTheTimeoutThatFired) {
-  BackgroundRun run({"run", "--backend", "gloo", "--ranks", "processes", "--world-size", "3", "--timeout", "2",
+  // 8 s: short next to the default 60 s, long enough for the ranks' start-up
+  // skew on a loaded machine (the timeout covers the first collective too).
+  BackgroundRun run({"run", "--backend", "gloo", "--ranks", "processes", "--world-size", "3", "--timeout", "8",
                      "--steps", "1000000", "--trace", temp_trace("stopped")});
   ASSERT_TRUE(run.read_until("[rank 0]   step 2/")) << run.output();
   const pid_t rank1 = rank_process(run.pid(), 1);
@@ -282,7 +284,7 @@ TEST(Runner, StoppedProcessRankIsNamedWithTheTimeoutThatFired) {
   const std::string summary = last_line(output);
   EXPECT_THAT(summary, ::testing::StartsWith("fsdpsim: error: rank processes failed; rank 1 stopped making progress "
                                              "(process stopped, state T; killed by the launcher); rank "));
-  EXPECT_THAT(summary, HasSubstr("; the collective timeout (2.0 s, --timeout) fired on rank")) << output;
+  EXPECT_THAT(summary, HasSubstr("; the collective timeout (8.0 s, --timeout) fired on rank")) << output;
   EXPECT_THAT(output, HasSubstr("rank 1: killed by signal 9 (Killed), sent by the launcher; its process was stopped "
                                 "(state T)  <- stopped making progress"));
 }

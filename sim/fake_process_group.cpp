@@ -156,6 +156,10 @@ std::string rank_set_string(const std::vector<int>& ranks_in) {
   return out.str();
 }
 
+std::string ranks_text(const std::vector<int>& ranks) {
+  return ranks.size() == 1 ? "rank " + std::to_string(ranks[0]) : "ranks " + rank_set_string(ranks);
+}
+
 enum class CollectiveState { Gathering, Ready, Done, Failed };
 
 struct Arrival {
@@ -253,8 +257,7 @@ struct FakeWorldState::Impl {
     std::ostringstream out;
     bool first = true;
     for (const auto& [state, ranks] : by_state) {
-      out << (first ? "" : "; ") << (ranks.size() == 1 ? "rank " + std::to_string(ranks[0])
-                                                       : "ranks " + rank_set_string(ranks))
+      out << (first ? "" : "; ") << ranks_text(ranks)
           << ": " << state;
       first = false;
     }

@@ -90,5 +90,7 @@ class FakeWorldState : public std::enable_shared_from_this<FakeWorldState> {
 
 /// Formats rank sets compactly: "{0-3,5}".
 std::string rank_set_string(const std::vector<int>& ranks);
+/// "rank 3" for one rank, "ranks {0-2,5}" for more.
+std::string ranks_text(const std::vector<int>& ranks);
 
 }  // namespace fsdpsim::sim

@@ -173,7 +173,7 @@ std::string FlightRecorder::dump() const {
     }
   }
   if (!silent.empty()) {
-    out << (silent.size() == 1 ? "rank " + std::to_string(silent[0]) : "ranks " + rank_set_string(silent))
+    out << ranks_text(silent)
         << ": no collective recorded\n";
   }
 
@@ -204,12 +204,12 @@ std::string FlightRecorder::dump() const {
     for (auto it = by_place.rbegin(); it != by_place.rend(); ++it) {
       const auto& [seq, op, state] = it->first;
       const auto& rs = it->second;
-      out << (first ? " " : "; ") << (rs.size() == 1 ? "rank " + std::to_string(rs[0]) : "ranks " + rank_set_string(rs))
+      out << (first ? " " : "; ") << ranks_text(rs)
           << " at seq " << seq << " " << op << " (" << state << ")";
       first = false;
     }
     if (!none.empty()) {
-      out << (first ? " " : "; ") << (none.size() == 1 ? "rank " + std::to_string(none[0]) : "ranks " + rank_set_string(none))
+      out << (first ? " " : "; ") << ranks_text(none)
           << ": no record";
     }
     out << "\n";

@@ -7,9 +7,10 @@
 
 namespace fsdpsim::sim {
 
-SimClock::SimClock(int world_size, ComputeTime compute, double compute_scale)
+SimClock::SimClock(int world_size, ComputeTime compute, double compute_scale, int64_t fixed_compute_ns)
     : compute_mode_(compute),
       compute_scale_(compute_scale),
+      fixed_compute_ns_(fixed_compute_ns),
       time_(world_size, 0),
       exposed_(world_size, 0),
       compute_(world_size, 0),
@@ -17,6 +18,7 @@ SimClock::SimClock(int world_size, ComputeTime compute, double compute_scale)
       in_backend_(world_size, 0) {
   if (world_size < 1) throw std::invalid_argument("SimClock: world_size must be >= 1");
   if (!(compute_scale >= 0.0)) throw std::invalid_argument("SimClock: compute_scale must be >= 0");
+  if (fixed_compute_ns < 0) throw std::invalid_argument("SimClock: fixed_compute_ns must be >= 0");
 }
 
 int64_t SimClock::now_ns() const {
@@ -33,13 +35,23 @@ void SimClock::wait_until(int rank, int64_t end_ns) {
 
 void SimClock::charge(int rank) {
   const auto now = std::chrono::steady_clock::now();
-  if (compute_mode_ == ComputeTime::Measured && in_backend_[rank] == 0) {
-    const auto real = std::chrono::duration_cast<std::chrono::nanoseconds>(now - slice_start_[rank]).count();
-    const auto charged = static_cast<int64_t>(static_cast<double>(real) * compute_scale_);
+  if (in_backend_[rank] == 0) {
+    const int64_t charged = slice_cost(now - slice_start_[rank]);
     time_[rank] += charged;
     compute_[rank] += charged;
   }
   slice_start_[rank] = now;
+}
+
+int64_t SimClock::slice_cost(std::chrono::steady_clock::duration real) const {
+  switch (compute_mode_) {
+    case ComputeTime::Measured:
+      return static_cast<int64_t>(
+          static_cast<double>(std::chrono::duration_cast<std::chrono::nanoseconds>(real).count()) * compute_scale_);
+    case ComputeTime::Fixed: return fixed_compute_ns_;
+    case ComputeTime::Zero: return 0;
+  }
+  return 0;
 }
 
 void SimClock::on_switch_in(int rank) { slice_start_[rank] = std::chrono::steady_clock::now(); }

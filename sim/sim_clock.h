@@ -2,7 +2,8 @@
 // Simulated time of a fiber world: one virtual clock per rank.
 //
 // A rank's clock advances by (a) its compute: the real run time of its fiber
-// slices (scaled), or nothing in ComputeTime::Zero, (b) sleeps, which cost no
+// slices (scaled), or nothing in ComputeTime::Zero, or a fixed cost per slice
+// in ComputeTime::Fixed, (b) sleeps, which cost no
 // real time, and (c) waiting: a collective starts when its last rank arrives
 // (the latest issue time) and ends after the cost model's duration; a rank
 // that waits on it jumps to that end if it is not past it already. The jump
@@ -23,11 +24,13 @@ namespace fsdpsim::sim {
 enum class ComputeTime {
   Measured,  ///< compute costs its real run time x compute_scale
   Zero,      ///< compute is free: only sleeps and collectives take time (fully deterministic)
+  Fixed,     ///< each slice of rank code (between comm calls and switches) costs a fixed time (deterministic)
 };
 
 class SimClock final : public Clock {
  public:
-  SimClock(int world_size, ComputeTime compute, double compute_scale);
+  /// fixed_compute_ns: the cost of one slice under ComputeTime::Fixed.
+  SimClock(int world_size, ComputeTime compute, double compute_scale, int64_t fixed_compute_ns = 0);
 
   /// The calling rank's time; outside a rank, the latest of all ranks.
   int64_t now_ns() const override;
@@ -49,9 +52,12 @@ class SimClock final : public Clock {
 
  private:
   void charge(int rank);
+  /// Simulated cost of a slice of rank code that took `real`.
+  int64_t slice_cost(std::chrono::steady_clock::duration real) const;
 
   ComputeTime compute_mode_;
   double compute_scale_;
+  int64_t fixed_compute_ns_;
   std::vector<int64_t> time_;
   std::vector<int64_t> exposed_;
   std::vector<int64_t> compute_;

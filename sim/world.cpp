@@ -41,6 +41,7 @@ void WorldOptions::validate() const {
   }
   if (simulated_time) cost_model.validate();
   if (!(compute_scale >= 0.0)) throw std::invalid_argument("compute_scale must be >= 0");
+  if (fixed_compute_ns < 0) throw std::invalid_argument("fixed_compute_ns must be >= 0");
   if (fiber_stack_bytes < 64 * 1024) throw std::invalid_argument("fiber_stack_bytes must be >= 64 KiB");
   if (thread_stack_bytes < 256 * 1024) throw std::invalid_argument("thread_stack_bytes must be >= 256 KiB");
 }
@@ -132,6 +133,13 @@ class RankRunner {
   RankOutcome& outcome_;
 };
 
+// Ranks [first, n) never started: they fail with `error`, and the world
+// aborts so the started ranks do not wait for them.
+void fail_unstarted(WorldResult& result, int first, const std::string& error, FakeWorldState* fake_state) {
+  for (int q = first; q < static_cast<int>(result.ranks.size()); ++q) result.ranks[q] = RankOutcome{q, false, error};
+  if (fake_state) fake_state->abort(error);
+}
+
 void* run_runner(void* arg) {
   at::set_num_threads(1);  // one intra-op thread per rank: ranks already fill the cores
   (*static_cast<RankRunner*>(arg))();
@@ -151,7 +159,7 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
   sim_clock_.reset();
   const Clock* clock = &SteadyClock::instance();
   if (options_.simulated_time) {
-    sim_clock_ = std::make_shared<SimClock>(n, options_.compute_time, options_.compute_scale);
+    sim_clock_ = std::make_shared<SimClock>(n, options_.compute_time, options_.compute_scale, options_.fixed_compute_ns);
     clock = sim_clock_.get();
   }
   if (options_.backend == CommBackend::Fake) {
@@ -199,16 +207,12 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
     pthread_attr_setstacksize(&attr, options_.thread_stack_bytes);
     std::vector<pthread_t> threads;
     threads.reserve(n);
-    std::string spawn_error;
     for (int r = 0; r < n; ++r) {
       pthread_t thread;
       int rc = pthread_create(&thread, &attr, &run_runner, runners[r].get());
       if (rc != 0) {
-        spawn_error = "could not start rank thread " + std::to_string(r) + ": " + std::strerror(rc);
-        for (int q = r; q < n; ++q) {
-          result.ranks[q] = RankOutcome{q, false, spawn_error};
-          if (fake_state_) fake_state_->abort(spawn_error);
-        }
+        fail_unstarted(result, r, "could not start rank thread " + std::to_string(r) + ": " + std::strerror(rc),
+                       fake_state_.get());
         break;
       }
       threads.push_back(thread);
@@ -218,17 +222,25 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
   } else {
     // All fibers on one fresh OS thread: the caller's thread keeps its own
     // scheduler, and one thread makes the interleaving deterministic.
+    // Nothing may escape the host thread (std::terminate): a fiber that
+    // cannot get its stack fails its rank and the ranks after it.
     std::thread host([&] {
       at::set_num_threads(1);
-      boost::fibers::use_scheduling_algorithm<RankScheduler>(options_.schedule, options_.seed, sim_clock_.get());
       std::vector<boost::fibers::fiber> fibers;
-      fibers.reserve(n);
-      for (int r = 0; r < n; ++r) {
-        fibers.emplace_back(std::allocator_arg, boost::fibers::protected_fixedsize_stack(options_.fiber_stack_bytes),
-                            [runner = runners[r].get()] {
-                              (*runner)();
-                              if (auto* scheduler = RankScheduler::current()) scheduler->fiber_finishing();
-                            });
+      try {
+        boost::fibers::use_scheduling_algorithm<RankScheduler>(options_.schedule, options_.seed, sim_clock_.get());
+        fibers.reserve(n);
+        for (int r = 0; r < n; ++r) {
+          fibers.emplace_back(std::allocator_arg, boost::fibers::protected_fixedsize_stack(options_.fiber_stack_bytes),
+                              [runner = runners[r].get()] {
+                                (*runner)();
+                                if (auto* scheduler = RankScheduler::current()) scheduler->fiber_finishing();
+                              });
+        }
+      } catch (const std::exception& e) {
+        const int started = static_cast<int>(fibers.size());
+        fail_unstarted(result, started, "could not start rank fiber " + std::to_string(started) + ": " + e.what(),
+                       fake_state_.get());
       }
       for (auto& fiber : fibers) fiber.join();
     });

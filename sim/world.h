@@ -68,6 +68,8 @@ struct WorldOptions {
   CostModelParams cost_model = cost_model_preset("fake-2core");
   ComputeTime compute_time = ComputeTime::Measured;
   double compute_scale = 1.0;
+  /// ComputeTime::Fixed: what each slice of rank code costs.
+  int64_t fixed_compute_ns = 0;
   /// Checks the options; throws std::invalid_argument naming the bad one.
   void validate() const;
 };

@@ -848,6 +848,11 @@ TEST(GlooLauncher, FailureStopsTheOthersAfterTheGracePeriod) {
   EXPECT_THAT(report, HasSubstr("rank 0: killed by signal 15"));
   EXPECT_THAT(report, HasSubstr("sent by the launcher"));
   EXPECT_THAT(report, HasSubstr("--- last output of rank 1 ---\nboom\n"));
+  // Which timeout fired: the launcher's grace, on the ranks it had to stop.
+  EXPECT_TRUE(result.grace_expired);
+  EXPECT_EQ(result.stalled_ranks(), (std::vector<int>{0, 2}));
+  EXPECT_THAT(report, HasSubstr("; the launcher's grace of 0.3 s after the first failure ran out: ranks {0,2} still "
+                                "running, stopped by the launcher"));
 }
 
 TEST(GlooLauncher, SigkillFollowsAnIgnoredSigterm) {
@@ -1002,6 +1007,28 @@ TEST(GlooProcessFailures, RankKilledBySigkillFailsTheOthers) {
   expect_peer_failure_reported(result, output.str());
 }
 
+TEST(GlooProcessFailures, StoppedRankIsNamedAsTheOneThatStoppedMakingProgress) {
+  std::ostringstream output;
+  LaunchOptions options = worker_launch(3, "gloo_rank1_sigstop", &output);
+  options.extra_env["FSDPSIM_TEST_TIMEOUT_MS"] = "5000";  // rendezvous and the all-reduce
+  options.timeout = 120s;  // a grace the launcher must not wait out for a stopped process
+  LaunchResult result = launch_processes(options);
+  const std::string context = result.report() + output.str();
+  const ProcessOutcome& stopped = result.ranks.at(1);
+  EXPECT_TRUE(stopped.process_was_stopped) << context;
+  EXPECT_TRUE(stopped.stopped_by_launcher) << context;
+  EXPECT_EQ(stopped.signal, SIGKILL) << context;
+  EXPECT_FALSE(result.grace_expired) << context;
+  EXPECT_EQ(result.stalled_ranks(), std::vector<int>{1});
+  for (int r : {0, 2}) {
+    EXPECT_EQ(result.ranks.at(r).exit_code, 1) << context;
+    EXPECT_FALSE(result.ranks.at(r).stopped_by_launcher) << context;
+  }
+  EXPECT_THAT(result.report(), HasSubstr("; rank 1 stopped making progress (process stopped, state T; killed by the "
+                                         "launcher); rank "));
+  EXPECT_THAT(result.report(), HasSubstr("  <- stopped making progress"));
+}
+
 // Workers ------------------------------------------------------------------
 
 ProcessGroupPtr worker_group() {
@@ -1096,6 +1123,17 @@ FSDPSIM_REGISTER_WORKER(gloo_rank1_sigkill) {
   if (pg->rank() == 1) {
     std::cout << "rank 1 kills itself" << std::endl;
     std::raise(SIGKILL);
+  }
+  return all_reduce_expecting_failure(*pg);
+}
+
+FSDPSIM_REGISTER_WORKER(gloo_rank1_sigstop) {
+  using namespace fsdpsim;
+  ProcessGroupPtr pg = worker_group_after_full_rendezvous();
+  if (pg->rank() == 1) {
+    std::cout << "rank 1 stops itself" << std::endl;
+    std::raise(SIGSTOP);
+    return 0;
   }
   return all_reduce_expecting_failure(*pg);
 }

@@ -362,7 +362,9 @@ TEST(ReplayParse, HugeSizesAreRefusedBeforeAnythingIsAllocated) {
 TEST(ReplayParse, EmptyTraceAndHeaderOnly) {
   const ReplayTrace trace = parse(header(3));
   EXPECT_EQ(trace.world_size, 3);
-  EXPECT_TRUE(check_trace(trace).clean());
+  const CheckReport report = check_trace(trace);
+  ASSERT_EQ(report.findings.size(), 1u) << report.text();
+  EXPECT_EQ(report.findings[0].message, "the trace holds no collective record (world 3)");
   EXPECT_THROW(make_replay_plan(trace, 0, {}), ReplayPlanError);
 }
 
@@ -871,9 +873,52 @@ TEST(ReplayRunFake, UnmatchedTracesAreNotReplayed) {
     FAIL();
   } catch (const ReplayPlanError& e) {
     EXPECT_EQ(std::string(e.what()),
-              "cannot replay: not all ranks joined collective 2 of group world: missing ranks {3} (run "
-              "'fsdpsim_replay check' for the full report)");
+              "cannot replay: not all ranks joined collective 2 of group world: missing ranks {3}; rank 3's last "
+              "collective: group world seq 1 all_gather (completed) (run 'fsdpsim_replay check' for the full report)");
   }
+}
+
+// check and run share one verdict: every trace run refuses, check reports,
+// with the same words.
+void expect_check_reports_what_run_refuses(const std::string& text, CheckFinding::Kind kind,
+                                           const std::string& message) {
+  const CheckReport report = check_trace(parse(text));
+  const CheckFinding* finding = find(report, kind);
+  ASSERT_NE(finding, nullptr) << report.text();
+  EXPECT_EQ(finding->message, message);
+  TempFile file(text);
+  CliResult checked = cli({"check", file.path()});
+  EXPECT_EQ(checked.code, 1) << checked.out;
+  EXPECT_THAT(checked.out, HasSubstr(message));
+  CliResult ran = cli({"run", file.path()});
+  EXPECT_EQ(ran.code, 2) << ran.out;
+  EXPECT_EQ(ran.err, "fsdpsim_replay: " + file.path() + ": cannot replay: " + message +
+                         " (run 'fsdpsim_replay check' for the full report)\n");
+}
+
+TEST(ReplayRunFake, CheckReportsARankWhoseRecordsStartLate) {
+  // Rank 1 lacks seq 1 but recorded seq 2: a ring buffer that dropped it.
+  auto recs = clean_records(2, 2);
+  recs.erase(recs.begin() + 2);
+  expect_check_reports_what_run_refuses(
+      make_trace(2, recs), CheckFinding::Kind::MissingRanks,
+      "not all ranks joined collective 1 of group world: missing ranks {1}; rank 1 has no record of it but recorded "
+      "seq 2 of the group later");
+}
+
+TEST(ReplayRunFake, CheckReportsAHeaderWorldTheRecordsDoNotBack) {
+  // The header claims 8192 ranks; two of them recorded a collective of their pair.
+  std::vector<Rec> recs = clean_records(2, 1);
+  for (auto& r : recs) r.ranks = {0, 1}, r.out = 8;
+  expect_check_reports_what_run_refuses(
+      make_trace(8192, recs), CheckFinding::Kind::AbsentRanks,
+      "ranks {2-8191} of the header's world of 8192 recorded no collective and belong to no group: the header's "
+      "world_size does not match the records");
+}
+
+TEST(ReplayRunFake, CheckReportsATraceWithoutCollectives) {
+  expect_check_reports_what_run_refuses(header(3), CheckFinding::Kind::NoCollectives,
+                                        "the trace holds no collective record (world 3)");
 }
 
 // Corrupts element 5 of the output of the `target`-th all-gather.
@@ -1032,6 +1077,10 @@ TEST(ReplayCli, UsageErrorsExit2WithOneLine) {
       {"predict", file.path(), "--world-size", "4", "--preset", "nope"},
       {"check", "/nonexistent/trace.jsonl"},
       {"run", file.path(), "--backend", "gloo-processes"},  // no worker command
+      {"run", file.path(), "--world-size", "+4"},
+      {"run", file.path(), "--timeout-s", "0x10"},
+      {"predict", file.path(), "--world-size", "4", "--calibrate-world-sizes", "2,"},
+      {"predict", file.path(), "--world-size", "4", "--calibrate-world-sizes", "2,,4"},
   };
   for (const auto& args : cases) {
     std::string joined;

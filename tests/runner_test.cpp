@@ -4,9 +4,17 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <regex>
 #include <sstream>
 
 #include "sim/trace.h"
@@ -19,6 +27,134 @@ using ::testing::HasSubstr;
 
 std::string temp_trace(const std::string& name) {
   return (std::filesystem::temp_directory_path() / ("fsdpsim-runner-" + name + ".json")).string();
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// `fsdpsim ARGS` through the shell (stdout and stderr together).
+struct CliRun {
+  int status = 0;  // as waitpid reports it
+  std::string output;
+};
+
+CliRun run_cli(const std::string& args, const std::string& shell_prefix = "") {
+  const std::string command = shell_prefix + std::string(FSDPSIM_TOOLS_DIR) + "/fsdpsim " + args + " 2>&1";
+  CliRun run;
+  FILE* pipe = popen(command.c_str(), "r");
+  if (pipe == nullptr) return run;
+  char buffer[4096];
+  while (size_t n = fread(buffer, 1, sizeof(buffer), pipe)) run.output.append(buffer, n);
+  run.status = pclose(pipe);
+  return run;
+}
+
+std::string last_line(const std::string& text) {
+  const size_t end = text.find_last_not_of('\n');
+  if (end == std::string::npos) return "";
+  const size_t begin = text.rfind('\n', end);
+  return text.substr(begin == std::string::npos ? 0 : begin + 1, end - (begin == std::string::npos ? 0 : begin + 1) + 1);
+}
+
+// `fsdpsim ARGS` in the background, its stdout and stderr on one pipe, so a
+// test can act on a running run (signal it or one of its rank processes).
+class BackgroundRun {
+ public:
+  BackgroundRun(const std::vector<std::string>& args, const std::map<std::string, std::string>& env = {}) {
+    std::vector<std::string> argv_text = {std::string(FSDPSIM_TOOLS_DIR) + "/fsdpsim"};
+    argv_text.insert(argv_text.end(), args.begin(), args.end());
+    std::vector<std::string> env_text;
+    for (char** entry = environ; *entry != nullptr; ++entry) {
+      const std::string text(*entry);
+      if (env.count(text.substr(0, text.find('='))) == 0) env_text.push_back(text);
+    }
+    for (const auto& [key, value] : env) env_text.push_back(key + "=" + value);
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) != 0) return;
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
+    posix_spawn_file_actions_adddup2(&actions, fds[1], 2);
+    std::vector<char*> argv = pointers(argv_text);
+    std::vector<char*> envp = pointers(env_text);
+    if (posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), envp.data()) != 0) pid_ = -1;
+    posix_spawn_file_actions_destroy(&actions);
+    close(fds[1]);
+    fd_ = fds[0];
+  }
+  ~BackgroundRun() {
+    if (pid_ > 0 && !reaped_) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+    if (fd_ >= 0) close(fd_);
+  }
+  BackgroundRun(const BackgroundRun&) = delete;
+  BackgroundRun& operator=(const BackgroundRun&) = delete;
+
+  pid_t pid() const { return pid_; }
+  const std::string& output() const { return output_; }
+
+  /// Reads until `text` appeared (true) or the output ended (false).
+  bool read_until(const std::string& text) {
+    char buffer[4096];
+    while (output_.find(text) == std::string::npos) {
+      const ssize_t n = read(fd_, buffer, sizeof buffer);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return false;
+      output_.append(buffer, static_cast<size_t>(n));
+    }
+    return true;
+  }
+
+  /// Reads the rest of the output; the status as waitpid reports it.
+  int wait() {
+    read_until(std::string(1, '\0'));
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    reaped_ = true;
+    return status;
+  }
+
+ private:
+  static std::vector<char*> pointers(std::vector<std::string>& texts) {
+    std::vector<char*> out;
+    for (auto& text : texts) out.push_back(text.data());
+    out.push_back(nullptr);
+    return out;
+  }
+
+  pid_t pid_ = -1;
+  int fd_ = -1;
+  bool reaped_ = false;
+  std::string output_;
+};
+
+// The child of `parent` whose environment holds RANK=`rank` (a rank process
+// of the runner's launcher), or -1.
+pid_t rank_process(pid_t parent, int rank) {
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    const std::string stat = read_file("/proc/" + name + "/stat");
+    const size_t paren = stat.rfind(')');
+    if (paren == std::string::npos) continue;
+    std::istringstream fields(stat.substr(paren + 2));
+    char state = 0;
+    pid_t ppid = 0;
+    fields >> state >> ppid;
+    if (ppid != parent) continue;
+    std::string environment = read_file("/proc/" + name + "/environ");
+    std::replace(environment.begin(), environment.end(), '\0', '\n');
+    if (("\n" + environment).find("\nRANK=" + std::to_string(rank) + "\n") != std::string::npos) {
+      return static_cast<pid_t>(std::stol(name));
+    }
+  }
+  return -1;
 }
 
 TEST(Runner, ThreadRunPrintsProgressSummaryAndWritesReadableTraces) {
@@ -71,13 +207,132 @@ TEST(Runner, GlooProcessRanksThroughTheCli) {
   EXPECT_THAT(output, HasSubstr("all_gather x14 reduce_scatter x8"));
 }
 
+TEST(Runner, AllocationFailureIsOneErrorLineNotATerminate) {
+  // 3 GB of address space: LibTorch loads, the model of --mlp-dim 65536 cannot.
+  const CliRun run = run_cli("run --mlp-dim 65536 --steps 1 --trace " + temp_trace("alloc"), "ulimit -v 3000000; ");
+  ASSERT_TRUE(WIFEXITED(run.status)) << "ended by signal " << WTERMSIG(run.status) << "\n" << run.output;
+  EXPECT_EQ(WEXITSTATUS(run.status), 1) << run.output;
+  EXPECT_THAT(run.output, ::testing::Not(HasSubstr("terminate called")));
+  EXPECT_THAT(last_line(run.output), ::testing::StartsWith("fsdpsim: error: the run failed on ranks {0-3}; rank 0: "));
+  EXPECT_THAT(last_line(run.output), HasSubstr("can't allocate memory"));
+}
+
+TEST(Runner, UnwritableTraceIsAUsageErrorBeforeTheRun) {
+  for (const std::string path : {"/proc/fsdpsim-x.json", "/nonexistent-fsdpsim-dir/x.json"}) {
+    const CliRun run = run_cli("run --steps 1 --trace " + path);
+    ASSERT_TRUE(WIFEXITED(run.status)) << run.output;
+    EXPECT_EQ(WEXITSTATUS(run.status), 2) << run.output;
+    EXPECT_EQ(run.output, "fsdpsim: error: --trace: cannot write '" + path +
+                              "': No such file or directory (see 'fsdpsim run --help')\n");
+  }
+}
+
+// What a seeded simulated fiber run prints and writes, minus real time.
+struct SimulatedRun {
+  std::string predictions;  // every "predicted ..." figure
+  std::string chrome;
+  std::string jsonl;
+};
+
+SimulatedRun run_simulated(const std::string& compute_time, const std::string& name) {
+  RunOptions options =
+      parse_run_options({"--ranks", "fibers", "--world-size", "4", "--steps", "3", "--simulated-time", "--cost-model",
+                         "ib-ndr400", "--compute-time", compute_time, "--schedule", "seeded-random", "--seed", "7",
+                         "--trace", temp_trace(name)});
+  std::ostringstream out, err;
+  EXPECT_EQ(run_scenario(options, out, err), 0) << err.str();
+  SimulatedRun run;
+  const std::regex predicted("predicted[^\n]*? ([0-9.]+) ms");
+  const std::string text = out.str();
+  for (auto it = std::sregex_iterator(text.begin(), text.end(), predicted); it != std::sregex_iterator(); ++it) {
+    run.predictions += (*it)[1].str() + " ";
+  }
+  run.chrome = read_file(options.trace_path);
+  run.jsonl = read_file(options.trace_path + ".jsonl");
+  return run;
+}
+
+TEST(Runner, SeededSimulatedRunsWithoutMeasuredComputeAreBitwiseReproducible) {
+  for (const std::string compute : {"zero", "fixed:250"}) {
+    SCOPED_TRACE(compute);
+    const SimulatedRun first = run_simulated(compute, "repro-a");
+    const SimulatedRun second = run_simulated(compute, "repro-b");
+    // 3 progress lines + the summary's median.
+    EXPECT_EQ(std::count(first.predictions.begin(), first.predictions.end(), ' '), 4) << first.predictions;
+    EXPECT_EQ(first.predictions, second.predictions);
+    EXPECT_FALSE(first.jsonl.empty());
+    EXPECT_TRUE(first.chrome == second.chrome) << "Chrome traces differ";
+    EXPECT_TRUE(first.jsonl == second.jsonl) << "JSONL traces differ";
+  }
+  // A fixed compute cost is charged: the step takes longer than with none.
+  EXPECT_NE(run_simulated("zero", "repro-c").predictions, run_simulated("fixed:250", "repro-d").predictions);
+}
+
+TEST(Runner, StoppedProcessRankIsNamedWithTheTimeoutThatFired) {
+  // 8 s: short next to the default 60 s, long enough for the ranks' start-up
+  // skew on a loaded machine (the timeout covers the first collective too).
+  BackgroundRun run({"run", "--backend", "gloo", "--ranks", "processes", "--world-size", "3", "--timeout", "8",
+                     "--steps", "1000000", "--trace", temp_trace("stopped")});
+  ASSERT_TRUE(run.read_until("[rank 0]   step 2/")) << run.output();
+  const pid_t rank1 = rank_process(run.pid(), 1);
+  ASSERT_GT(rank1, 0) << "no rank 1 process under the runner";
+  ASSERT_EQ(kill(rank1, SIGSTOP), 0);
+  const int status = run.wait();
+  const std::string& output = run.output();
+  ASSERT_TRUE(WIFEXITED(status)) << output;
+  EXPECT_EQ(WEXITSTATUS(status), 1) << output;
+  const std::string summary = last_line(output);
+  EXPECT_THAT(summary, ::testing::StartsWith("fsdpsim: error: rank processes failed; rank 1 stopped making progress "
+                                             "(process stopped, state T; killed by the launcher); rank "));
+  EXPECT_THAT(summary, HasSubstr("; the collective timeout (8.0 s, --timeout) fired on rank")) << output;
+  EXPECT_THAT(output, HasSubstr("rank 1: killed by signal 9 (Killed), sent by the launcher; its process was stopped "
+                                "(state T)  <- stopped making progress"));
+}
+
+TEST(Runner, InterruptedProcessRunStopsItsRanksAndRemovesItsTemporaryFiles) {
+  const std::filesystem::path tmp =
+      std::filesystem::temp_directory_path() / ("fsdpsim-runner-tmp-" + std::to_string(getpid()));
+  std::filesystem::remove_all(tmp);
+  std::filesystem::create_directories(tmp);
+  {
+    BackgroundRun run({"run", "--backend", "gloo", "--ranks", "processes", "--world-size", "2", "--steps", "1000000",
+                       "--trace", temp_trace("interrupted")},
+                      {{"TMPDIR", tmp.string()}});
+    ASSERT_TRUE(run.read_until("[rank 0]   step 1/")) << run.output();
+    ASSERT_EQ(std::distance(std::filesystem::directory_iterator(tmp), {}), 1) << "the run's directory is not in TMPDIR";
+    ASSERT_EQ(kill(run.pid(), SIGTERM), 0);
+    const int status = run.wait();
+    ASSERT_TRUE(WIFSIGNALED(status)) << run.output();
+    EXPECT_EQ(WTERMSIG(status), SIGTERM);
+    EXPECT_EQ(last_line(run.output()), "fsdpsim: error: interrupted by signal 15; the rank processes were stopped");
+  }
+  EXPECT_EQ(std::distance(std::filesystem::directory_iterator(tmp), {}), 0) << "a temporary file was left behind";
+  std::filesystem::remove_all(tmp);
+}
+
 TEST(Runner, BadOptionsAreOneLineErrors) {
   const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"--strategy", "hybrid_shard", "--mesh", "2x4", "--world-size", "6"},
+       "--mesh 2x4 has 8 ranks but --world-size is 6"},
+      {{"--strategy", "hybrid_shard", "--world-size", "6", "--mesh", "2x4"},
+       "--mesh 2x4 has 8 ranks but --world-size is 6"},
+      {{"--world-size", "+4"}, "--world-size needs an integer, got '+4'"},
+      {{"--world-size", "0x10"}, "--world-size needs an integer, got '0x10'"},
+      {{"--delay-reduce-scatter", "0x10"}, "--delay-reduce-scatter needs milliseconds in [0, 3600000], got '0x10'"},
+      {{"--delay-reduce-scatter", "+1"}, "--delay-reduce-scatter needs milliseconds"},
+      {{"--delay-all-gather", "inf"}, "--delay-all-gather needs milliseconds"},
+      {{"--cost-model", "nope"}, "--cost-model needs --simulated-time"},
+      {{"--compute-time", "zero"}, "--compute-time needs --simulated-time"},
+      {{"--ranks", "fibers", "--simulated-time", "--compute-time", "sometimes"}, "--compute-time must be one of"},
+      {{"--ranks", "fibers", "--simulated-time", "--compute-time", "fixed:-1"}, "--compute-time fixed:US needs"},
+      {{"--schedule", "seeded-random"}, "--schedule needs --ranks fibers"},
+      {{"--delay-rank", "1"}, "--delay-rank needs a delay it restricts"},
+      {{"--timeout", "0"}, "--timeout needs seconds in [0.001, 86400], got '0'"},
       {{"--world-size", "0"}, "--world-size must be in [1, 8192], got 0"},
       {{"--scenario", "nope"}, "unknown scenario 'nope'"},
       {{"--ranks", "processes"}, "--ranks processes needs --backend gloo"},
       {{"--strategy", "hybrid_shard"}, "hybrid_shard needs --mesh RxS"},
-      {{"--mesh", "3x2", "--world-size", "4"}, "does not split into 3 replicas"},
+      {{"--mesh", "3x2", "--world-size", "4"}, "--mesh 3x2 has 6 ranks but --world-size is 4"},
       {{"--ranks", "fibers", "--backend", "gloo"}, "not fibers"},
       {{"--simulated-time"}, "simulated_time needs fiber ranks"},
       {{"--ranks", "fibers", "--simulated-time", "--cost-model", "warp-drive"}, "warp-drive"},

@@ -172,6 +172,7 @@ Config parse(int argc, char** argv) {
 // ---------------------------------------------------------------------------
 // Small helpers
 
+using fsdpsim::tools::first_line;
 using fsdpsim::tools::format;
 using fsdpsim::tools::median;
 using fsdpsim::tools::now_ns;
@@ -189,7 +190,6 @@ double bus_factor(int n) { return n > 1 ? static_cast<double>(n - 1) / n : 1.0; 
 
 void progress(const std::string& line) { std::cout << line << std::endl; }
 
-std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
 
 // ---------------------------------------------------------------------------
 // Measurement
@@ -760,7 +760,7 @@ void section_scale(const Config& config) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+static int bench_main(int argc, char** argv) {
   Config config;
   try {
     config = parse(argc, argv);
@@ -787,4 +787,8 @@ int main(int argc, char** argv) {
     std::cerr << kProgram << ": " << e.what() << std::endl;
     return 1;
   }
+}
+
+int main(int argc, char** argv) {
+  return fsdpsim::tools::guarded_main(kProgram, [&] { return bench_main(argc, argv); });
 }

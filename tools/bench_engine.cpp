@@ -164,15 +164,14 @@ Config parse(int argc, char** argv) {
 // ---------------------------------------------------------------------------
 // Small helpers
 
+using fsdpsim::tools::first_line;
 using fsdpsim::tools::format;
 using fsdpsim::tools::median;
 using fsdpsim::tools::now_ns;
 using fsdpsim::tools::seconds_since;
 
-
 void progress(const std::string& line) { std::cout << line << std::endl; }
 
-std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
 
 double kib(int64_t bytes) { return static_cast<double>(bytes) / 1024.0; }
 
@@ -686,7 +685,7 @@ void section_memory(const Config& config, const std::map<MultiKey, MultiResult>&
 
 }  // namespace
 
-int main(int argc, char** argv) {
+static int bench_main(int argc, char** argv) {
   Config config;
   try {
     config = parse(argc, argv);
@@ -713,4 +712,8 @@ int main(int argc, char** argv) {
     std::cerr << kProgram << ": " << e.what() << std::endl;
     return 1;
   }
+}
+
+int main(int argc, char** argv) {
+  return fsdpsim::tools::guarded_main(kProgram, [&] { return bench_main(argc, argv); });
 }

@@ -5,25 +5,37 @@
 #include <algorithm>
 #include <cctype>
 #include <chrono>
+#include <cmath>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
+#include <functional>
+#include <iostream>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 namespace fsdpsim::tools {
 
+/// A limit in a message: "3600000", "0.001" (no trailing zeros).
+inline std::string format_limit(double value) {
+  char buffer[64];
+  std::snprintf(buffer, sizeof buffer, "%.10g", value);
+  return buffer;
+}
+
 /// The integer value of `flag`; throws Error naming the flag for text that is
-/// not exactly one integer ("needs an integer, got 'x'") or one outside
-/// [min, max] ("must be in [min, max], got x").
+/// not exactly one decimal integer ("needs an integer, got 'x'": no sign
+/// prefix '+', no spaces, no hex) or one outside [min, max] ("must be in
+/// [min, max], got x").
 template <typename Error = std::invalid_argument>
 int64_t parse_integer(const std::string& flag, const std::string& text, int64_t min, int64_t max) {
   size_t used = 0;
   long long value = 0;
-  if (!text.empty() && !std::isspace(static_cast<unsigned char>(text[0]))) {
+  const bool plain = !text.empty() && (std::isdigit(static_cast<unsigned char>(text[0])) || text[0] == '-');
+  if (plain) {
     try {
-      value = std::stoll(text, &used);
+      value = std::stoll(text, &used, 10);
     } catch (const std::exception&) {
       used = 0;
     }
@@ -33,6 +45,63 @@ int64_t parse_integer(const std::string& flag, const std::string& text, int64_t 
     throw Error(flag + " must be in [" + std::to_string(min) + ", " + std::to_string(max) + "], got " + text);
   }
   return value;
+}
+
+/// The decimal number `text` ("2", "0.5", "1e-3") as a finite double in
+/// [min, max]; throws Error "<flag> needs <what> in [min, max], got 'text'"
+/// otherwise. Hex floats, inf, nan and a '+' prefix are refused.
+template <typename Error = std::invalid_argument>
+double parse_number(const std::string& flag, const std::string& text, double min, double max,
+                    const std::string& what = "a number") {
+  auto refuse = [&]() -> Error {
+    return Error(flag + " needs " + what + " in [" + format_limit(min) + ", " + format_limit(max) + "], got '" +
+                 text + "'");
+  };
+  const bool decimal = !text.empty() && text.find_first_not_of("0123456789.eE+-") == std::string::npos &&
+                       text[0] != '+';
+  if (!decimal) throw refuse();
+  size_t used = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size() || !std::isfinite(value) || value < min || value > max) throw refuse();
+  return value;
+}
+
+/// Integers separated by commas ("2,4,8"), each as parse_integer reads it;
+/// an empty item (a leading, trailing or doubled comma) is refused.
+template <typename Error = std::invalid_argument>
+std::vector<int64_t> parse_integer_list(const std::string& flag, const std::string& text, int64_t min, int64_t max) {
+  std::vector<int64_t> values;
+  size_t begin = 0;
+  for (;;) {
+    const size_t comma = text.find(',', begin);
+    const std::string item = text.substr(begin, comma == std::string::npos ? std::string::npos : comma - begin);
+    if (item.empty()) throw Error(flag + " needs a comma-separated list of integers, got '" + text + "'");
+    values.push_back(parse_integer<Error>(flag, item, min, max));
+    if (comma == std::string::npos) return values;
+    begin = comma + 1;
+  }
+}
+
+/// The first line of an error message (c10 errors append a backtrace).
+inline std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+/// A tool's main body: whatever escapes it becomes one line
+/// "<program>: error: <first line>" on stderr and exit code 1, never
+/// std::terminate.
+inline int guarded_main(const char* program, const std::function<int()>& body) {
+  try {
+    return body();
+  } catch (const std::exception& e) {
+    std::cerr << program << ": error: " << first_line(e.what()) << std::endl;
+  } catch (...) {
+    std::cerr << program << ": error: unknown exception" << std::endl;
+  }
+  return 1;
 }
 
 inline int64_t now_ns() {

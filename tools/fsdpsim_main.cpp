@@ -7,11 +7,15 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <csignal>
+#include <cstdlib>
 #include <iostream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "scenarios/models.h"
+#include "tools/format_util.h"
 #include "tools/runner.h"
 
 namespace {
@@ -19,15 +23,20 @@ namespace {
 constexpr const char* kUsage =
     "usage: fsdpsim run [options] | fsdpsim list | fsdpsim --help\n";
 
+// Usage errors: one line, exit 2.
 int usage_error(const std::string& message) {
-  std::cerr << "fsdpsim: " << message << " (see 'fsdpsim run --help')" << std::endl;
+  std::cerr << "fsdpsim: error: " << message << " (see 'fsdpsim run --help')" << std::endl;
   return 2;
 }
 
-}  // namespace
+// Dies of `signal` as if it had not been caught (the temporary files are gone).
+[[noreturn]] void reraise(int signal) {
+  std::signal(signal, SIG_DFL);
+  std::raise(signal);
+  std::_Exit(128 + signal);
+}
 
-int main(int argc, char** argv) {
-  std::vector<std::string> args(argv + 1, argv + argc);
+int run_command(std::vector<std::string> args) {
   if (args.empty()) {
     std::cerr << kUsage;
     return 2;
@@ -58,14 +67,22 @@ int main(int argc, char** argv) {
   fsdpsim::tools::RunOptions options;
   try {
     options = fsdpsim::tools::parse_run_options(run_args);
+    if (!worker) fsdpsim::tools::check_trace_writable(options.trace_path);
   } catch (const std::invalid_argument& e) {
     return usage_error(e.what());
   }
+  if (worker) return fsdpsim::tools::run_process_worker(options, stats_path, std::cerr);
   try {
-    if (worker) return fsdpsim::tools::run_process_worker(options, stats_path, std::cerr);
     return fsdpsim::tools::run_scenario(options, std::cout, std::cerr);
-  } catch (const std::exception& e) {
-    std::cerr << "fsdpsim: " << e.what() << std::endl;
-    return 1;
+  } catch (const fsdpsim::tools::RunInterruptedError& e) {
+    std::cerr << "fsdpsim: error: " << e.what() << std::endl;
+    reraise(e.signal());
   }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  return fsdpsim::tools::guarded_main("fsdpsim", [&] { return run_command(args); });
 }

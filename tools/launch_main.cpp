@@ -74,9 +74,7 @@ fsdpsim::LaunchOptions parse(int argc, char** argv) {
   return options;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int launch_main(int argc, char** argv) {
   fsdpsim::LaunchOptions options;
   try {
     options = parse(argc, argv);
@@ -93,4 +91,10 @@ int main(int argc, char** argv) {
     std::cerr << "fsdpsim_launch: " << e.what() << std::endl;
     return 2;
   }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return fsdpsim::tools::guarded_main("fsdpsim_launch", [&] { return launch_main(argc, argv); });
 }

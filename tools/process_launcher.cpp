@@ -10,13 +10,17 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <deque>
+#include <fstream>
 #include <iomanip>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
+
+#include "sim/fake_process_group.h"
 
 extern char** environ;
 
@@ -35,6 +39,18 @@ constexpr std::chrono::milliseconds kKillGrace{2000};
 constexpr std::chrono::milliseconds kPipeDrainGrace{1000};
 
 std::string errno_string(int error) { return std::strerror(error); }
+
+// Whether `pid` is stopped by a signal or a tracer: state T or t in
+// /proc/PID/stat (the field after the command name in parentheses).
+bool process_is_stopped(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string text;
+  std::getline(stat, text);
+  const size_t paren = text.rfind(')');
+  if (paren == std::string::npos || paren + 2 >= text.size()) return false;
+  const char state = text[paren + 2];
+  return state == 'T' || state == 't';
+}
 
 struct Child {
   int rank = 0;
@@ -58,6 +74,7 @@ class Launch {
 
   LaunchResult run() {
     start_ = Clock::now();
+    result_.grace = options_.timeout;
     result_.master_port = options_.master_port != 0 ? options_.master_port : pick_free_port();
     children_.resize(options_.nproc);
     for (int rank = 0; rank < options_.nproc; ++rank) spawn(rank);
@@ -250,10 +267,14 @@ class Launch {
   void escalate(Clock::time_point deadline) {
     const auto now = Clock::now();
     if (!term_sent_at_) {
-      bool grace_over = failed_at_ && now - *failed_at_ >= options_.timeout;
-      bool past_deadline = now >= deadline;
-      if (!grace_over && !past_deadline) return;
-      result_.deadline_exceeded = past_deadline && !grace_over;
+      kill_stopped_ranks();
+      const bool grace_over = failed_at_ && now - *failed_at_ >= options_.timeout;
+      const bool past_deadline = now >= deadline;
+      const int interrupt = options_.stop_signal != nullptr ? *options_.stop_signal : 0;
+      if (!grace_over && !past_deadline && interrupt == 0) return;
+      result_.interrupted_by = interrupt;
+      result_.deadline_exceeded = past_deadline && !grace_over && interrupt == 0;
+      result_.grace_expired = grace_over && interrupt == 0 && any_running_unsignalled();
       signal_running(SIGTERM);
       term_sent_at_ = now;
       return;
@@ -262,6 +283,25 @@ class Launch {
       signal_running(SIGKILL);
       kill_sent_ = true;
     }
+  }
+
+  // After a failure, a rank whose process is stopped cannot end on its own
+  // (SIGTERM would wait for a SIGCONT): it gets SIGKILL now, not the grace.
+  void kill_stopped_ranks() {
+    if (!failed_at_) return;
+    for (auto& child : children_) {
+      if (!child.running || child.signalled || !process_is_stopped(child.pid)) continue;
+      child.signalled = true;
+      child.outcome.process_was_stopped = true;
+      kill(child.pid, SIGKILL);
+    }
+  }
+
+  bool any_running_unsignalled() const {
+    for (const auto& child : children_) {
+      if (child.running && !child.signalled) return true;
+    }
+    return false;
   }
 
   void signal_running(int sig) {
@@ -293,12 +333,15 @@ std::string last_lines(const std::string& text, size_t lines) {
   return text.substr(begin);
 }
 
+using sim::ranks_text;
+
 std::string describe_outcome(const ProcessOutcome& outcome) {
   std::ostringstream out;
   if (outcome.signal != 0) {
     const char* name = strsignal(outcome.signal);
     out << "killed by signal " << outcome.signal << " (" << (name ? name : "?") << ")";
     if (outcome.stopped_by_launcher) out << ", sent by the launcher";
+    if (outcome.process_was_stopped) out << "; its process was stopped (state T)";
   } else {
     out << "exit code " << outcome.exit_code;
     if (outcome.stopped_by_launcher) out << " after the launcher's SIGTERM";
@@ -334,6 +377,14 @@ bool LaunchResult::ok() const {
   return true;
 }
 
+std::vector<int> LaunchResult::stalled_ranks() const {
+  std::vector<int> stalled;
+  for (const auto& rank : ranks) {
+    if (rank.process_was_stopped || (grace_expired && rank.stopped_by_launcher)) stalled.push_back(rank.rank);
+  }
+  return stalled;
+}
+
 std::string LaunchResult::report() const {
   std::ostringstream out;
   out << std::fixed << std::setprecision(1);
@@ -342,22 +393,44 @@ std::string LaunchResult::report() const {
     out << "launch: all " << ranks.size() << " ranks exited 0 in " << seconds << " s\n";
     return out.str();
   }
-  out << "launch: FAILED after " << seconds << " s";
-  if (first_failed_rank >= 0) {
-    out << "; rank " << first_failed_rank << " failed first ("
-        << describe_outcome(ranks.at(first_failed_rank)) << ")";
-  }
-  if (deadline_exceeded) out << "; the launch deadline passed and the remaining ranks were stopped";
-  out << "\n";
+  out << "launch: FAILED after " << seconds << " s" << headline() << "\n";
+  const std::vector<int> stalled = stalled_ranks();
   for (const auto& rank : ranks) {
     out << "  rank " << rank.rank << ": " << describe_outcome(rank);
     if (rank.rank == first_failed_rank) out << "  <- failed first";
+    if (std::count(stalled.begin(), stalled.end(), rank.rank)) out << "  <- stopped making progress";
     out << "\n";
   }
   for (const auto& rank : ranks) {
     if (rank.ok() || rank.stopped_by_launcher || rank.output_tail.empty()) continue;
     out << "--- last output of rank " << rank.rank << " ---\n" << last_lines(rank.output_tail, 10);
   }
+  return out.str();
+}
+
+std::string LaunchResult::headline() const {
+  std::ostringstream out;
+  out << std::fixed << std::setprecision(1);
+  std::vector<int> stopped;
+  for (const auto& rank : ranks) {
+    if (rank.process_was_stopped) stopped.push_back(rank.rank);
+  }
+  if (!stopped.empty()) {
+    out << "; " << ranks_text(stopped) << " stopped making progress (process stopped, state T; killed by the launcher)";
+  }
+  if (first_failed_rank >= 0) {
+    out << "; rank " << first_failed_rank << " failed first (" << describe_outcome(ranks.at(first_failed_rank)) << ")";
+  }
+  if (grace_expired) {
+    std::vector<int> late;
+    for (const auto& rank : ranks) {
+      if (rank.stopped_by_launcher && !rank.process_was_stopped) late.push_back(rank.rank);
+    }
+    out << "; the launcher's grace of " << static_cast<double>(grace.count()) / 1000.0 << " s after the first failure ran out: "
+        << ranks_text(late) << " still running, stopped by the launcher";
+  }
+  if (deadline_exceeded) out << "; the launch deadline passed and the remaining ranks were stopped";
+  if (interrupted_by != 0) out << "; interrupted by signal " << interrupted_by << ", every rank was stopped";
   return out.str();
 }
 

@@ -8,15 +8,20 @@
 //
 // Failure contract: when a rank exits non-zero or dies of a signal, the others
 // get `timeout` to end on their own (a peer's failure usually makes their
-// collectives fail quickly), then SIGTERM, then SIGKILL 2 s later. A
-// whole-launch `deadline` applies the same escalation to everybody, so
+// collectives fail quickly), then SIGTERM, then SIGKILL 2 s later. A rank
+// whose process is stopped (SIGSTOP, state T) once another failed cannot end
+// on its own: it is the rank that stopped making progress, and it gets
+// SIGKILL at once instead of the grace. A whole-launch `deadline`, or
+// `stop_signal` becoming non-zero, applies the escalation to everybody, so
 // launch_processes() always returns.
 //
 // Thread-safety: launch_processes() is reentrant apart from writing to
-// options.output; it does not install signal handlers. Children inherit the
+// options.output; it does not install signal handlers (a caller's handler
+// may set *stop_signal). Children inherit the
 // caller's environment plus the variables above and options.extra_env.
 
 #include <chrono>
+#include <csignal>
 #include <iostream>
 #include <map>
 #include <string>
@@ -42,6 +47,9 @@ struct LaunchOptions {
   std::ostream* output = &std::cout;
   /// Extra variables for every child (they override inherited ones).
   std::map<std::string, std::string> extra_env;
+  /// When set and non-zero (a signal number, set by the caller's signal
+  /// handler), every rank is stopped and the launch returns.
+  const volatile std::sig_atomic_t* stop_signal = nullptr;
 };
 
 struct ProcessOutcome {
@@ -54,6 +62,8 @@ struct ProcessOutcome {
   /// The launcher sent the signal that ended it (after another rank failed
   /// or the deadline passed).
   bool stopped_by_launcher = false;
+  /// Its process was stopped (state T) when the launcher ended it.
+  bool process_was_stopped = false;
   /// Its last lines of output (at most ~50), newline-separated.
   std::string output_tail;
 
@@ -66,15 +76,28 @@ struct LaunchResult {
   /// The rank whose failure was noticed first, -1 if none failed.
   int first_failed_rank = -1;
   bool deadline_exceeded = false;
+  /// The grace after the first failure ran out with ranks still running.
+  bool grace_expired = false;
+  /// The grace the launch ran with (LaunchOptions::timeout).
+  std::chrono::milliseconds grace{0};
+  /// The stop_signal that ended the launch, 0 if none.
+  int interrupted_by = 0;
   std::chrono::milliseconds elapsed{0};
   /// The master port the ranks were given.
   int master_port = 0;
 
   /// Every rank exited with code 0.
   bool ok() const;
-  /// One line per rank (exit code or signal, who failed first), then the last
-  /// lines of output of the ranks that failed on their own.
+  /// The ranks that stopped making progress: their process was stopped, or
+  /// it was still running when the grace after a failure ran out.
+  std::vector<int> stalled_ranks() const;
+  /// One line per rank (exit code or signal, who failed first, who stopped
+  /// making progress), then the last lines of output of the ranks that failed
+  /// on their own.
   std::string report() const;
+  /// The report's first line after "launch: FAILED after X s": "; rank 2
+  /// stopped making progress (...); rank 0 failed first (...)", or "".
+  std::string headline() const;
 };
 
 /// Runs the ranks to completion. Throws std::invalid_argument for bad options

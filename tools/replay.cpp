@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "tools/format_util.h"
 #include "tools/replay_lib.h"
 
 namespace {
@@ -27,10 +28,12 @@ std::string self_exe() {
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
-  at::set_num_threads(1);
-  if (!args.empty() && args[0] == "worker") return fsdpsim::tools::replay_worker_main();
-  std::vector<std::string> worker;
-  const std::string exe = self_exe();
-  if (!exe.empty()) worker = {exe, "worker"};
-  return fsdpsim::tools::replay_main(args, std::cout, std::cerr, worker);
+  return fsdpsim::tools::guarded_main("fsdpsim_replay", [&] {
+    at::set_num_threads(1);
+    if (!args.empty() && args[0] == "worker") return fsdpsim::tools::replay_worker_main();
+    std::vector<std::string> worker;
+    const std::string exe = self_exe();
+    if (!exe.empty()) worker = {exe, "worker"};
+    return fsdpsim::tools::replay_main(args, std::cout, std::cerr, worker);
+  });
 }

@@ -28,8 +28,9 @@ const char* kUsage =
     "usage:\n"
     "  fsdpsim_replay check TRACE.jsonl\n"
     "      match every collective of every group across ranks by (group, seq); report op / dtype / size\n"
-    "      mismatches, missing ranks, ranks that stopped early, failed and in-flight collectives.\n"
-    "      exit 0 clean, 1 problems found.\n"
+    "      mismatches, missing ranks, ranks that stopped early, failed and in-flight collectives, a trace\n"
+    "      without collectives or with ranks the records do not back. Everything 'run' refuses is a\n"
+    "      problem here (one verdict for both). exit 0 clean, 1 problems found.\n"
     "  fsdpsim_replay run TRACE.jsonl [options]\n"
     "      replay the collectives with the recorded sizes, dtypes and order; per op: count, p50/p95\n"
     "      latency, algbw, busbw.\n"
@@ -72,17 +73,7 @@ int64_t parse_int(const std::string& flag, const std::string& text, int64_t min,
 }
 
 double parse_double(const std::string& flag, const std::string& text, double min, double max) {
-  size_t used = 0;
-  double value = 0;
-  try {
-    value = std::stod(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used == 0 || used != text.size() || !std::isfinite(value) || value < min || value > max) {
-    throw UsageError(flag + " needs a number in [" + fixed(min, 3) + ", " + fixed(max, 3) + "], got '" + text + "'");
-  }
-  return value;
+  return parse_number<UsageError>(flag, text, min, max);
 }
 
 int64_t parse_bytes(const std::string& flag, const std::string& text) {
@@ -163,13 +154,10 @@ Args parse(const std::vector<std::string>& argv) {
       a.world_size = static_cast<int>(parse_int(flag, value(), 1, 65536));
     } else if (flag == "--calibrate-world-sizes") {
       only(is_predict);
-      std::stringstream list(value());
-      std::string item;
       a.calibrate_world_sizes.clear();
-      while (std::getline(list, item, ',')) {
-        a.calibrate_world_sizes.push_back(static_cast<int>(parse_int(flag, item, 2, 65536)));
+      for (int64_t world : parse_integer_list<UsageError>(flag, value(), 2, 65536)) {
+        a.calibrate_world_sizes.push_back(static_cast<int>(world));
       }
-      if (a.calibrate_world_sizes.empty()) throw UsageError(flag + " needs a comma-separated list of world sizes");
     } else if (flag == "--iterations") {
       only(is_run || is_predict);
       a.options.iterations = static_cast<int>(parse_int(flag, value(), 1, 1000000));

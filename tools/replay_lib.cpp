@@ -32,9 +32,7 @@ constexpr const char* kInFlight = "in_flight";
   throw TraceFileError("trace line " + std::to_string(line) + ": field '" + field + "': " + what);
 }
 
-std::string ranks_text(const std::vector<int>& ranks) {
-  return (ranks.size() == 1 ? "rank " + std::to_string(ranks[0]) : "ranks " + sim::rank_set_string(ranks));
-}
+using sim::ranks_text;
 
 std::string list_string(const std::vector<int>& ranks) {
   std::string out = "[";
@@ -215,6 +213,8 @@ const char* to_string(CheckFinding::Kind kind) {
     case CheckFinding::Kind::StateMismatch: return "state mismatch";
     case CheckFinding::Kind::Failed: return "failed";
     case CheckFinding::Kind::InFlight: return "in flight";
+    case CheckFinding::Kind::NoCollectives: return "no collectives";
+    case CheckFinding::Kind::AbsentRanks: return "absent ranks";
   }
   return "unknown";
 }
@@ -238,7 +238,6 @@ namespace {
 
 // How one rank stands on one group: seqs recorded.
 struct RankOnGroup {
-  uint64_t first = 0;
   uint64_t last = 0;
   std::set<uint64_t> seqs;
 };
@@ -262,13 +261,48 @@ struct StateRun {
   size_t count = 0;
 };
 
+// Problems of the trace as a whole: no collective at all, or ranks of the
+// header's world that appear nowhere (a world_size the records do not back).
+void add_world_findings(const ReplayTrace& trace, CheckReport& report) {
+  if (trace.collectives.empty()) {
+    CheckFinding f;
+    f.kind = CheckFinding::Kind::NoCollectives;
+    f.message = "the trace holds no collective record (world " + std::to_string(trace.world_size) + ")";
+    report.findings.push_back(std::move(f));
+    return;
+  }
+  std::vector<bool> in_group(static_cast<size_t>(trace.world_size), false);
+  for (const auto& [name, ranks] : trace.groups) {
+    for (int r : ranks) in_group[static_cast<size_t>(r)] = true;
+  }
+  CheckFinding f;
+  f.kind = CheckFinding::Kind::AbsentRanks;
+  for (int r = 0; r < trace.world_size; ++r) {
+    if (!in_group[static_cast<size_t>(r)]) f.ranks.push_back(r);
+  }
+  if (f.ranks.empty()) return;
+  f.message = ranks_text(f.ranks) + " of the header's world of " + std::to_string(trace.world_size) +
+              " recorded no collective and belong to no group: the header's world_size does not match the records";
+  report.findings.push_back(std::move(f));
+}
+
 }  // namespace
+
+bool blocks_replay(CheckFinding::Kind kind) {
+  switch (kind) {
+    case CheckFinding::Kind::StateMismatch:
+    case CheckFinding::Kind::Failed:
+    case CheckFinding::Kind::InFlight: return false;  // replayed with the recorded arguments
+    default: return true;
+  }
+}
 
 CheckReport check_trace(const ReplayTrace& trace) {
   CheckReport report;
   report.world_size = trace.world_size;
   report.groups = trace.groups.size();
   report.records = trace.collectives.size();
+  add_world_findings(trace, report);
 
   const auto& events = trace.collectives;
   std::map<std::string, std::map<uint64_t, std::vector<size_t>>> by_group_seq;
@@ -278,7 +312,6 @@ CheckReport check_trace(const ReplayTrace& trace) {
     const auto& e = events[i];
     by_group_seq[e.group][e.seq].push_back(i);
     auto& og = on_group[{e.rank, e.group}];
-    if (og.seqs.empty()) og.first = e.seq;
     og.last = std::max(og.last, e.seq);
     og.seqs.insert(e.seq);
     last_of_rank[static_cast<size_t>(e.rank)] = i;
@@ -288,8 +321,8 @@ CheckReport check_trace(const ReplayTrace& trace) {
     const auto& last = last_of_rank[static_cast<size_t>(rank)];
     if (!last) return "rank " + std::to_string(rank) + " recorded no collective";
     const auto& e = events[*last];
-    return "rank " + std::to_string(rank) + "'s last collective: group " + e.group + " seq " + std::to_string(e.seq) +
-           " " + to_string(e.op) + " (" + e.status + ")";
+    return "rank " + std::to_string(rank) + "'s last collective: group " + short_error(e.group) + " seq " +
+           std::to_string(e.seq) + " " + to_string(e.op) + " (" + e.status + ")";
   };
 
   constexpr size_t kNone = std::numeric_limits<size_t>::max();
@@ -334,7 +367,7 @@ CheckReport check_trace(const ReplayTrace& trace) {
         for (size_t c = 1; c < calls.size(); ++c) {
           if (calls[c].second.size() > calls[majority].second.size()) majority = c;
         }
-        std::string text = "group " + group + " seq " + std::to_string(seq) + ": " + to_string(f.kind) + ": ";
+        std::string text = "group " + short_error(group) + " seq " + std::to_string(seq) + ": " + to_string(f.kind) + ": ";
         for (size_t c = 0; c < calls.size(); ++c) {
           text += (c ? ", " : "") + ranks_text(calls[c].second) + " called " + calls[c].first;
           if (c != majority) f.ranks.insert(f.ranks.end(), calls[c].second.begin(), calls[c].second.end());
@@ -344,16 +377,14 @@ CheckReport check_trace(const ReplayTrace& trace) {
         report.findings.push_back(std::move(f));
       }
 
-      // 2. Did every rank join? A rank whose record of the group starts
-      // later (a ring buffer that dropped old entries) is not counted missing
-      // before its first record.
+      // 2. Did every rank join? A replay needs every member's record, so a
+      // rank whose records of the group start later (a ring buffer that
+      // dropped old entries) is missing before its first record too.
       std::set<int> present;
       for (size_t i : indices) present.insert(events[i].rank);
       std::vector<int> missing;
       for (int r : members) {
-        if (present.count(r)) continue;
-        auto og = on_group.find({r, group});
-        if (og == on_group.end() || seq >= og->second.first) missing.push_back(r);
+        if (!present.count(r)) missing.push_back(r);
       }
       if (missing.empty()) {
         open = kNone;
@@ -435,9 +466,9 @@ CheckReport check_trace(const ReplayTrace& trace) {
   for (const auto& run : state_runs) {
     CheckFinding& f = report.findings[run.finding];
     if (run.count == 1) {
-      f.message = "group " + f.group + " seq " + std::to_string(run.first_seq) + " " + run.op + ": " + run.body;
+      f.message = "group " + short_error(f.group) + " seq " + std::to_string(run.first_seq) + " " + run.op + ": " + run.body;
     } else {
-      f.message = "group " + f.group + " seqs " + std::to_string(run.first_seq) + "-" + std::to_string(run.last_seq) +
+      f.message = "group " + short_error(f.group) + " seqs " + std::to_string(run.first_seq) + "-" + std::to_string(run.last_seq) +
                   " (" + std::to_string(run.count) + " collectives, from " + run.op + "): " + run.body;
     }
   }
@@ -445,7 +476,8 @@ CheckReport check_trace(const ReplayTrace& trace) {
   // Missing-rank messages, once their runs are known.
   for (const auto& run : runs) {
     CheckFinding& f = report.findings[run.finding];
-    std::string text = "not all ranks joined collective " + std::to_string(run.first_seq) + " of group " + f.group +
+    std::string text = "not all ranks joined collective " + std::to_string(run.first_seq) + " of group " +
+                       short_error(f.group) +
                        ": missing ranks " + sim::rank_set_string(run.missing);
     for (int r : run.missing) {
       auto og = on_group.find({r, f.group});
@@ -479,7 +511,8 @@ CheckReport check_trace(const ReplayTrace& trace) {
     const auto& last = last_of_rank[static_cast<size_t>(r)];
     if (last) {
       const auto& e = events[*last];
-      text = "group " + e.group + " seq " + std::to_string(e.seq) + " " + call_text(e, false) + " (" + e.status + ")";
+      text = "group " + short_error(e.group) + " seq " + std::to_string(e.seq) + " " + call_text(e, false) + " (" +
+             e.status + ")";
     } else {
       text = "no collective recorded";
     }
@@ -520,6 +553,20 @@ bool replayable(at::ScalarType t) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
+// Every collective must have been joined by all its ranks with the same
+// arguments, or the replay would hang or fail on purpose. The verdict is
+// check's own, so `check` finds everything a replay refuses. Returns the
+// number of distinct collectives.
+size_t refuse_unreplayable(const ReplayTrace& trace) {
+  const CheckReport report = check_trace(trace);
+  for (const auto& finding : report.findings) {
+    if (blocks_replay(finding.kind)) {
+      throw ReplayPlanError("cannot replay: " + finding.message + " (run 'fsdpsim_replay check' for the full report)");
+    }
+  }
+  return report.collectives;
+}
+
 }  // namespace
 
 ReplayPlan make_replay_plan(const ReplayTrace& trace, int world_size, const ReplayLimits& limits) {
@@ -529,9 +576,9 @@ ReplayPlan make_replay_plan(const ReplayTrace& trace, int world_size, const Repl
     throw ReplayPlanError("world size " + std::to_string(m) + " is outside [1, " +
                           std::to_string(sim::TraceRecorder::kMaxWorldSize) + "]");
   }
-  if (trace.collectives.empty()) throw ReplayPlanError("the trace holds no collective to replay");
 
   ReplayPlan plan;
+  plan.collectives = refuse_unreplayable(trace);
   plan.trace_world_size = n;
   plan.world_size = m;
   std::map<std::string, size_t> group_index;
@@ -551,40 +598,6 @@ ReplayPlan make_replay_plan(const ReplayTrace& trace, int world_size, const Repl
     }
     group_index[name] = plan.groups.size();
     plan.groups.push_back(std::move(g));
-  }
-
-  // Every collective must have been joined by all its ranks with the same
-  // arguments, or the replay would hang or fail on purpose.
-  {
-    std::map<std::pair<std::string, uint64_t>, std::vector<size_t>> by_collective;
-    for (size_t i = 0; i < trace.collectives.size(); ++i) {
-      by_collective[{trace.collectives[i].group, trace.collectives[i].seq}].push_back(i);
-    }
-    for (const auto& [key, indices] : by_collective) {
-      const auto& members = trace.groups.at(key.first);
-      const auto& first = trace.collectives[indices.front()];
-      if (indices.size() != members.size()) {
-        std::set<int> present;
-        for (size_t i : indices) present.insert(trace.collectives[i].rank);
-        std::vector<int> missing;
-        for (int r : members) {
-          if (!present.count(r)) missing.push_back(r);
-        }
-        throw ReplayPlanError("cannot replay: not all ranks joined collective " + std::to_string(key.second) +
-                              " of group " + short_error(key.first) + ": missing ranks " + sim::rank_set_string(missing) +
-                              " (run 'fsdpsim_replay check' for the full report)");
-      }
-      for (size_t i : indices) {
-        if (difference(first, trace.collectives[i]) != Difference::None) {
-          throw ReplayPlanError("cannot replay: group " + short_error(key.first) + " seq " + std::to_string(key.second) +
-                                ": rank " + std::to_string(first.rank) + " called " + call_text(first, true) +
-                                ", rank " + std::to_string(trace.collectives[i].rank) + " called " +
-                                call_text(trace.collectives[i], true) +
-                                " (run 'fsdpsim_replay check' for the full report)");
-        }
-      }
-    }
-    plan.collectives = by_collective.size();
   }
 
   // Each trace rank's records in issue (file) order, with its idle gaps.

@@ -108,6 +108,8 @@ struct CheckFinding {
     StateMismatch,     ///< some ranks completed it, some did not
     Failed,            ///< failed on every rank that joined
     InFlight,          ///< never completed on any rank that joined
+    NoCollectives,     ///< the trace holds no collective record
+    AbsentRanks,       ///< ranks of the header's world in no group and without records
   };
   Kind kind = Kind::OpMismatch;
   std::string group;
@@ -133,6 +135,11 @@ struct CheckReport {
 };
 
 CheckReport check_trace(const ReplayTrace& trace);
+
+/// Whether a finding of this kind makes every replay of the trace refuse it
+/// (make_replay_plan throws the finding's message): mismatches, missing or
+/// absent ranks, no collectives. Failed and in-flight collectives replay.
+bool blocks_replay(CheckFinding::Kind kind);
 
 // ---------------------------------------------------------------------------
 // Planning a replay
@@ -184,8 +191,9 @@ struct ReplayPlan {
 /// Builds the per-rank programs. world_size 0 = the trace's. At another
 /// world size every group must span the whole trace world (it then spans the
 /// new one) and all-gather / reduce-scatter keep their total size S (per-rank
-/// counts S / n, rounded up). Needs a trace whose every collective was joined
-/// by all its ranks with matching arguments. Throws ReplayPlanError.
+/// counts S / n, rounded up). Needs a trace without findings that
+/// blocks_replay(): the error is check's first such finding. Throws
+/// ReplayPlanError.
 ReplayPlan make_replay_plan(const ReplayTrace& trace, int world_size, const ReplayLimits& limits);
 
 // ---------------------------------------------------------------------------

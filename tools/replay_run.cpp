@@ -24,6 +24,7 @@
 
 #include "backends/gloo_process_group.h"
 #include "sim/world.h"
+#include "tools/format_util.h"
 #include "tools/process_launcher.h"
 #include "tools/replay_lib.h"
 
@@ -32,13 +33,6 @@ namespace fsdpsim::tools {
 namespace {
 
 using Json = nlohmann::json;
-
-int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
 
 /// What one rank measured and found.
 struct RankRecord {

@@ -6,23 +6,32 @@
 #include <torch/optim/sgd.h>
 
 #include <algorithm>
+#include <array>
+#include <cerrno>
 #include <chrono>
+#include <csignal>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 #include <stdexcept>
+#include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include "backends/comm_hooks.h"
+#include "backends/errors.h"
 #include "backends/gloo_process_group.h"
 #include "scenarios/engine_trace.h"
 #include "scenarios/models.h"
 #include "sim/cost_model.h"
+#include "sim/fake_process_group.h"
 #include "sim/fiber_autograd.h"
 #include "sim/flight_recorder.h"
 #include "sim/trace.h"
@@ -43,17 +52,7 @@ int64_t parse_int(const std::string& flag, const std::string& value, int64_t min
 }
 
 double parse_ms(const std::string& flag, const std::string& value) {
-  size_t used = 0;
-  double parsed = 0;
-  try {
-    parsed = std::stod(value, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used == 0 || used != value.size() || !(parsed >= 0) || parsed > 3.6e6) {
-    throw std::invalid_argument(flag + " needs milliseconds in [0, 3600000], got '" + value + "'");
-  }
-  return parsed;
+  return parse_number(flag, value, 0, 3.6e6, "milliseconds");
 }
 
 template <typename Enum>
@@ -170,6 +169,15 @@ int64_t median(std::vector<int64_t> values) {
   return values[values.size() / 2];
 }
 
+std::string compute_time_text(const RunOptions& options) {
+  switch (options.compute_time) {
+    case sim::ComputeTime::Measured: return "measured";
+    case sim::ComputeTime::Zero: return "zero";
+    case sim::ComputeTime::Fixed: return fixed(static_cast<double>(options.fixed_compute_ns) / 1000, 3) + " us per slice";
+  }
+  return "?";
+}
+
 std::string describe(const RunOptions& options) {
   std::ostringstream out;
   out << "scenario " << options.scenario << ", " << options.world_size << " ranks as "
@@ -181,7 +189,9 @@ std::string describe(const RunOptions& options) {
   out << ", prefetch " << fsdp::to_string(options.backward_prefetch)
       << (options.forward_prefetch ? " + forward" : "") << ", " << options.steps << " steps, seed "
       << options.seed;
-  if (options.simulated_time) out << ", simulated time (" << options.cost_model << ")";
+  if (options.simulated_time) {
+    out << ", simulated time (" << options.cost_model << ", compute " << compute_time_text(options) << ")";
+  }
   return out.str();
 }
 
@@ -198,15 +208,28 @@ void print_progress(std::ostream& out, const RunOptions& options, int step, cons
   out << std::defaultfloat << std::endl;
 }
 
-void write_traces(const RunOptions& options, sim::TraceRecorder& recorder, std::ostream& err) {
+void write_traces(const RunOptions& options, sim::TraceRecorder& recorder) {
   std::ofstream chrome(options.trace_path);
   std::ofstream lines(options.trace_path + ".jsonl");
-  if (!chrome || !lines) {
-    err << "fsdpsim: cannot write the trace to " << options.trace_path << std::endl;
-    return;
+  if (chrome) recorder.write_chrome_trace(chrome);
+  if (lines) recorder.write_jsonl(lines);
+  if (!chrome.flush() || !lines.flush()) {
+    throw RunFailedError("cannot write the trace to " + options.trace_path + " or " + options.trace_path + ".jsonl: " +
+                         std::strerror(errno));
   }
-  recorder.write_chrome_trace(chrome);
-  recorder.write_jsonl(lines);
+}
+
+// One line for a failed world: the failed ranks and the first one's error.
+std::string world_failure_summary(const sim::WorldResult& result) {
+  std::vector<int> failed;
+  const sim::RankOutcome* first = nullptr;
+  for (const auto& rank : result.ranks) {
+    if (rank.ok) continue;
+    failed.push_back(rank.rank);
+    if (!first) first = &rank;
+  }
+  return "the run failed on " + sim::ranks_text(failed) + "; rank " + std::to_string(first->rank) + ": " +
+         first_line(first->error);
 }
 
 void print_summary(std::ostream& out, const RunOptions& options, const std::vector<RankStats>& ranks,
@@ -265,6 +288,32 @@ void print_summary(std::ostream& out, const RunOptions& options, const std::vect
       << std::defaultfloat << std::endl;
 }
 
+// The name alone: building the scenario to check it would allocate the
+// whole model (--mlp-dim 65536 is gigabytes) while parsing the command line.
+void check_scenario_name(const std::string& name) {
+  const auto names = scenarios::scenario_names();
+  if (std::find(names.begin(), names.end(), name) != names.end()) return;
+  std::string known;
+  for (const auto& candidate : names) known += (known.empty() ? "" : ", ") + candidate;
+  throw std::invalid_argument("unknown scenario '" + name + "'; known: " + known);
+}
+
+sim::WorldOptions world_options(const RunOptions& options, std::shared_ptr<sim::TraceRecorder> recorder) {
+  sim::WorldOptions world;
+  world.world_size = options.world_size;
+  world.rank_kind = options.rank_kind;
+  world.backend = options.backend;
+  world.schedule = options.schedule;
+  world.seed = options.seed;
+  world.collective_timeout = options.collective_timeout;
+  world.trace = std::move(recorder);
+  world.simulated_time = options.simulated_time;
+  world.compute_time = options.compute_time;
+  world.fixed_compute_ns = options.fixed_compute_ns;
+  if (options.simulated_time) world.cost_model = sim::cost_model_preset(options.cost_model);
+  return world;
+}
+
 int run_parity_check(const RunOptions& options, std::ostream& out) {
   scenarios::ParityConfig config;
   config.scenario = scenario_config(options);
@@ -277,6 +326,7 @@ int run_parity_check(const RunOptions& options, std::ostream& out) {
   config.schedule_seed = options.seed;
   config.steps = options.steps;
   config.optimizer = options.optimizer;
+  config.collective_timeout = options.collective_timeout;
   if (options.strategy == fsdp::ShardingStrategy::HybridShard ||
       (options.backend == sim::CommBackend::Gloo && options.strategy == fsdp::ShardingStrategy::NoShard)) {
     config.tolerance = {1e-5, 1e-5};  // two-stage or Gloo-ordered sums: not the reference's arithmetic
@@ -291,8 +341,9 @@ int run_parity_check(const RunOptions& options, std::ostream& out) {
 }  // namespace
 
 void RunOptions::validate() const {
-  scenarios::make_scenario(scenario_config(*this), 0);  // unknown names throw, listing the known ones
+  check_scenario_name(scenario);
   if (world_size < 1) throw std::invalid_argument("--world-size must be >= 1");
+  if (collective_timeout.count() <= 0) throw std::invalid_argument("--timeout must be positive");
   if (processes && backend != sim::CommBackend::Gloo) {
     throw std::invalid_argument("--ranks processes needs --backend gloo");
   }
@@ -312,14 +363,20 @@ void RunOptions::validate() const {
     throw std::invalid_argument("a delay names a rank outside the world of " + std::to_string(world_size));
   }
   if (!processes) {
-    sim::WorldOptions world;
-    world.world_size = world_size;
-    world.rank_kind = rank_kind;
-    world.backend = backend;
-    world.simulated_time = simulated_time;
-    world.validate();
+    world_options(*this, nullptr).validate();
   } else if (world_size > 64) {
     throw std::invalid_argument("--ranks processes is limited to 64 processes");
+  }
+}
+
+void check_trace_writable(const std::string& path) {
+  for (const std::string& file : {path, path + ".jsonl"}) {
+    std::error_code ignored;
+    const bool existed = std::filesystem::exists(file, ignored);
+    const int fd = open(file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd < 0) throw std::invalid_argument("--trace: cannot write '" + file + "': " + std::strerror(errno));
+    close(fd);
+    if (!existed) unlink(file.c_str());  // the probe leaves nothing behind
   }
 }
 
@@ -334,8 +391,13 @@ std::string run_usage() {
          "  --prefetch backward_pre|backward_post|none   backward prefetch (default backward_pre)\n"
          "  --forward-prefetch        implicit forward prefetch\n"
          "  --steps N  --seed N  --optimizer sgd|adam  --mlp-dim N\n"
-         "  --schedule round-robin|seeded-random        fiber schedule (seeded by --seed)\n"
+         "  --schedule round-robin|seeded-random        fiber schedule (seeded by --seed; fibers only)\n"
          "  --simulated-time [--cost-model PRESET]     fibers: simulated clock, predicted step time\n"
+         "  --compute-time measured|zero|fixed:US      simulated time: what compute costs (default measured);\n"
+         "                            zero or fixed:US (per slice of rank code) make a seeded run's\n"
+         "                            times and traces reproducible bit for bit\n"
+         "  --timeout S               collective timeout in seconds (default 60); process ranks: also the\n"
+         "                            launcher's grace for the other ranks after one fails\n"
          "  --delay-reduce-scatter MS --delay-all-gather MS --delay-after-all-gather MS\n"
          "  --delay-rank R            the comm delays above on rank R only\n"
          "  --straggler R:MS          rank R sleeps MS before every collective\n"
@@ -344,12 +406,58 @@ std::string run_usage() {
          "  --check-parity            also run the unsharded reference and compare every step\n";
 }
 
+namespace {
+
+// --compute-time measured|zero|fixed:US
+void parse_compute_time(const std::string& value, RunOptions& options) {
+  const std::string fixed_prefix = "fixed:";
+  if (value.rfind(fixed_prefix, 0) == 0) {
+    const double us = parse_number("--compute-time fixed:US", value.substr(fixed_prefix.size()), 0, 3.6e9,
+                                   "microseconds");
+    options.compute_time = sim::ComputeTime::Fixed;
+    options.fixed_compute_ns = static_cast<int64_t>(us * 1000);
+    return;
+  }
+  options.compute_time = parse_choice<sim::ComputeTime>(
+      "--compute-time", value, {{"measured", sim::ComputeTime::Measured}, {"zero", sim::ComputeTime::Zero}});
+}
+
+// --mesh RxS gives the world size, or must match --world-size, in any order.
+void resolve_mesh(bool world_given, int mesh_shards, RunOptions& options) {
+  const int64_t mesh_size = int64_t{options.replicate_size} * mesh_shards;
+  if (world_given && mesh_size != options.world_size) {
+    throw std::invalid_argument("--mesh " + std::to_string(options.replicate_size) + "x" +
+                                std::to_string(mesh_shards) + " has " + std::to_string(mesh_size) +
+                                " ranks but --world-size is " + std::to_string(options.world_size));
+  }
+  if (mesh_size > 8192) throw std::invalid_argument("--mesh has " + std::to_string(mesh_size) + " ranks, over 8192");
+  options.world_size = static_cast<int>(mesh_size);
+}
+
+// Options that mean nothing without another one are refused, not ignored.
+void require_companions(const std::set<std::string>& given, const RunOptions& options) {
+  auto require = [&](const char* flag, bool present, const char* needed) {
+    if (given.count(flag) && !present) throw std::invalid_argument(std::string(flag) + " needs " + needed);
+  };
+  require("--cost-model", options.simulated_time, "--simulated-time");
+  require("--compute-time", options.simulated_time, "--simulated-time");
+  require("--schedule", !options.processes && options.rank_kind == sim::RankKind::Fibers, "--ranks fibers");
+  const sim::DelayOptions& d = options.delays;
+  require("--delay-rank",
+          d.before_reduce_scatter.count() > 0 || d.before_all_gather.count() > 0 || d.after_all_gather.count() > 0,
+          "a delay it restricts (--delay-reduce-scatter, --delay-all-gather or --delay-after-all-gather)");
+}
+
+}  // namespace
+
 RunOptions parse_run_options(const std::vector<std::string>& args) {
   RunOptions options;
   options.args = args;
-  bool explicit_world = false;
+  std::set<std::string> given;
+  int mesh_shards = 0;
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& flag = args[i];
+    given.insert(flag);
     auto value = [&]() -> const std::string& {
       if (i + 1 >= args.size()) throw std::invalid_argument(flag + " needs a value");
       return args[++i];
@@ -368,7 +476,6 @@ RunOptions parse_run_options(const std::vector<std::string>& args) {
       }
     } else if (flag == "--world-size") {
       options.world_size = static_cast<int>(parse_int(flag, value(), 1, 8192));
-      explicit_world = true;
     } else if (flag == "--strategy") {
       options.strategy = parse_choice<fsdp::ShardingStrategy>(
           flag, value(),
@@ -381,12 +488,7 @@ RunOptions parse_run_options(const std::vector<std::string>& args) {
       const size_t x = v.find('x');
       if (x == std::string::npos) throw std::invalid_argument("--mesh needs RxS, got '" + v + "'");
       options.replicate_size = static_cast<int>(parse_int(flag, v.substr(0, x), 1, 8192));
-      const int shard = static_cast<int>(parse_int(flag, v.substr(x + 1), 1, 8192));
-      if (explicit_world && options.world_size != options.replicate_size * shard) {
-        throw std::invalid_argument("--mesh " + v + " does not multiply to --world-size " +
-                                    std::to_string(options.world_size));
-      }
-      options.world_size = options.replicate_size * shard;
+      mesh_shards = static_cast<int>(parse_int(flag, v.substr(x + 1), 1, 8192));
     } else if (flag == "--prefetch") {
       options.backward_prefetch = parse_choice<fsdp::BackwardPrefetch>(
           flag, value(),
@@ -412,6 +514,11 @@ RunOptions parse_run_options(const std::vector<std::string>& args) {
       options.simulated_time = true;
     } else if (flag == "--cost-model") {
       options.cost_model = value();
+    } else if (flag == "--compute-time") {
+      parse_compute_time(value(), options);
+    } else if (flag == "--timeout") {
+      options.collective_timeout = std::chrono::milliseconds(
+          static_cast<int64_t>(parse_number(flag, value(), 0.001, 86400, "seconds") * 1000));
     } else if (flag == "--delay-reduce-scatter") {
       options.delays.before_reduce_scatter = ms_to_ns(parse_ms(flag, value()));
     } else if (flag == "--delay-all-gather") {
@@ -440,6 +547,8 @@ RunOptions parse_run_options(const std::vector<std::string>& args) {
       throw std::invalid_argument("unknown option '" + flag + "'");
     }
   }
+  if (mesh_shards > 0) resolve_mesh(given.count("--world-size") > 0, mesh_shards, options);
+  require_companions(given, options);
   options.validate();
   return options;
 }
@@ -449,7 +558,7 @@ int run_process_worker(const RunOptions& options, const std::string& stats_path,
     const LaunchEnv env = LaunchEnv::from_env();
     auto trace = std::make_shared<sim::TraceRecorder>(env.world_size);
     auto flight = std::make_shared<sim::FlightRecorder>(env.world_size, 16);
-    ProcessGroupPtr group = make_gloo_process_group_from_env(std::chrono::seconds(60));
+    ProcessGroupPtr group = make_gloo_process_group_from_env(options.collective_timeout);
     group = std::make_shared<sim::FlightRecordingProcessGroup>(group, flight, env.rank);
     group = std::make_shared<sim::TracedProcessGroup>(group, trace, env.rank);
     RankStats stats;
@@ -460,56 +569,127 @@ int run_process_worker(const RunOptions& options, const std::string& stats_path,
                          });
     } catch (const std::exception& e) {
       // The launcher shows each rank's last lines: this rank's recent collectives.
-      err << "fsdpsim worker rank " << env.rank << ": " << e.what() << "\n" << flight->dump() << std::flush;
-      return 1;
+      err << "fsdpsim worker rank " << env.rank << ": " << first_line(e.what()) << "\n" << flight->dump() << std::flush;
+      return dynamic_cast<const CollectiveTimeoutError*>(&e) ? kWorkerTimedOutExit : 1;
     }
     std::ofstream file(stats_path + ".rank" + std::to_string(env.rank));
     file << to_json(stats).dump() << "\n";
     trace->write_jsonl(file);
     return file ? 0 : 1;
   } catch (const std::exception& e) {
-    err << "fsdpsim worker: " << e.what() << std::endl;
+    err << "fsdpsim worker: " << first_line(e.what()) << std::endl;
     return 1;
   }
 }
 
 namespace {
 
+// A fresh directory under TMPDIR (default /tmp), removed with its files when
+// the scope ends, whichever way it ends.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& prefix) {
+    std::string path = (std::filesystem::temp_directory_path() / (prefix + "XXXXXX")).string();
+    if (mkdtemp(path.data()) == nullptr) {
+      throw RunFailedError("cannot create a temporary directory " + path + ": " + std::strerror(errno));
+    }
+    path_ = path;
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+volatile std::sig_atomic_t stop_signal = 0;
+
+extern "C" void note_stop_signal(int signal) { stop_signal = signal; }
+
+// While it lives, SIGINT, SIGTERM and SIGHUP only set stop_signal: the
+// launcher then stops the ranks and the run unwinds (and cleans up).
+class ScopedStopSignals {
+ public:
+  ScopedStopSignals() {
+    stop_signal = 0;
+    struct sigaction action {};
+    action.sa_handler = note_stop_signal;
+    action.sa_flags = SA_RESTART;  // writes of the ranks' output go on; poll() still wakes
+    sigemptyset(&action.sa_mask);
+    for (size_t i = 0; i < kSignals.size(); ++i) sigaction(kSignals[i], &action, &previous_[i]);
+  }
+  ~ScopedStopSignals() {
+    for (size_t i = 0; i < kSignals.size(); ++i) sigaction(kSignals[i], &previous_[i], nullptr);
+  }
+  ScopedStopSignals(const ScopedStopSignals&) = delete;
+  ScopedStopSignals& operator=(const ScopedStopSignals&) = delete;
+
+ private:
+  static constexpr std::array<int, 3> kSignals = {SIGINT, SIGTERM, SIGHUP};
+  std::array<struct sigaction, 3> previous_{};
+};
+
+// One line for a failed launch: who stopped making progress, who failed
+// first, and which timeout fired where.
+std::string launch_failure_summary(const LaunchResult& launched, const RunOptions& options) {
+  std::string summary = "rank processes failed" + launched.headline();
+  std::vector<int> timed_out;
+  for (const auto& rank : launched.ranks) {
+    if (rank.exit_code == kWorkerTimedOutExit && !rank.stopped_by_launcher) timed_out.push_back(rank.rank);
+  }
+  if (!timed_out.empty()) {
+    summary += "; the collective timeout (" + fixed(options.collective_timeout.count() / 1000.0, 1) +
+               " s, --timeout) fired on " + sim::ranks_text(timed_out);
+  }
+  return summary;
+}
+
+RankStats read_rank_stats(const std::string& path, int rank, sim::TraceRecorder& merged) {
+  try {
+    std::ifstream file(path);
+    std::string first;
+    std::getline(file, first);
+    RankStats stats = stats_from_json(nlohmann::json::parse(first));
+    merged.import_events(sim::TraceRecorder::read_jsonl(file));
+    return stats;
+  } catch (const std::exception& e) {
+    throw RunFailedError("rank " + std::to_string(rank) + "'s results in " + path + ": " + first_line(e.what()));
+  }
+}
+
 int run_processes(const RunOptions& options, const std::vector<std::string>& worker_args, std::ostream& out,
                   std::ostream& err) {
-  char dir_template[] = "/tmp/fsdpsim-run-XXXXXX";
-  const char* dir = mkdtemp(dir_template);
-  if (dir == nullptr) {
-    err << "fsdpsim: cannot create a temporary directory" << std::endl;
-    return 1;
-  }
-  const std::string stats_path = std::string(dir) + "/stats";
+  const TempDir dir("fsdpsim-run-");
+  const ScopedStopSignals signals;
+  const std::string stats_path = dir.path() + "/stats";
   LaunchOptions launch;
   launch.nproc = options.world_size;
   launch.command = worker_args;
   launch.command.push_back("--stats");
   launch.command.push_back(stats_path);
-  launch.timeout = std::chrono::seconds(30);
+  // Ranks blocked with a failed one time out within one collective timeout.
+  launch.timeout = options.collective_timeout;
   launch.output = &out;
+  launch.stop_signal = &stop_signal;
   const auto started = std::chrono::steady_clock::now();
   LaunchResult launched = launch_processes(launch);
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  if (launched.interrupted_by != 0) throw RunInterruptedError(launched.interrupted_by);
   if (!launched.ok()) {
     err << "fsdpsim: a rank process failed:\n" << launched.report();
-    std::filesystem::remove_all(dir);
-    return 1;
+    throw RunFailedError(launch_failure_summary(launched, options));
   }
   std::vector<RankStats> ranks;
   sim::TraceRecorder merged(options.world_size);
   for (int r = 0; r < options.world_size; ++r) {
-    std::ifstream file(stats_path + ".rank" + std::to_string(r));
-    std::string first;
-    std::getline(file, first);
-    ranks.push_back(stats_from_json(nlohmann::json::parse(first)));
-    merged.import_events(sim::TraceRecorder::read_jsonl(file));
+    ranks.push_back(read_rank_stats(stats_path + ".rank" + std::to_string(r), r, merged));
   }
-  std::filesystem::remove_all(dir);
-  write_traces(options, merged, err);
+  write_traces(options, merged);
   print_summary(out, options, ranks, merged, false, wall);
   return 0;
 }
@@ -528,16 +708,7 @@ int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err
     return run_processes(options, args, out, err);
   }
   auto recorder = std::make_shared<sim::TraceRecorder>(options.world_size);
-  sim::WorldOptions world_options;
-  world_options.world_size = options.world_size;
-  world_options.rank_kind = options.rank_kind;
-  world_options.backend = options.backend;
-  world_options.schedule = options.schedule;
-  world_options.seed = options.seed;
-  world_options.trace = recorder;
-  world_options.simulated_time = options.simulated_time;
-  if (options.simulated_time) world_options.cost_model = sim::cost_model_preset(options.cost_model);
-  sim::World world(world_options);
+  sim::World world(world_options(options, recorder));
   const int n = options.world_size;
   std::vector<RankStats> ranks(n);
   std::mutex progress;
@@ -551,12 +722,15 @@ int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err
                                    });
   });
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-  write_traces(options, *recorder, err);
+  write_traces(options, *recorder);
   if (!result.ok()) {
-    err << "fsdpsim: the run failed:\n" << result.error_report();
+    err << "fsdpsim: the run failed:\n";
+    for (const auto& rank : result.ranks) {
+      if (!rank.ok) err << "rank " << rank.rank << ": " << first_line(rank.error) << "\n";  // no c10 backtraces
+    }
     err << result.flight_recorder;  // where each rank was: its last collectives
     err << "fsdpsim: analyse with 'fsdpsim_replay check " << options.trace_path << ".jsonl'" << std::endl;
-    return 1;
+    throw RunFailedError(world_failure_summary(result));
   }
   print_summary(out, options, ranks, *recorder, options.simulated_time, wall);
   if (options.check_parity) return run_parity_check(options, out);

@@ -4,8 +4,10 @@
 // summary (loss per step, measured and predicted step time, bytes gathered
 // and reduced per rank, peak unsharded memory, exposed communication).
 
+#include <chrono>
 #include <cstdint>
 #include <iosfwd>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -25,6 +27,9 @@ struct RunOptions {
   int world_size = 4;
   /// HybridShard: replicas (the mesh is replicate_size x world/replicate_size).
   int replicate_size = 1;
+  /// A collective not joined by every rank within this fails (fake and Gloo);
+  /// process ranks: also the launcher's grace for the others after a failure.
+  std::chrono::milliseconds collective_timeout{60000};
   fsdp::ShardingStrategy strategy = fsdp::ShardingStrategy::FullShard;
   fsdp::BackwardPrefetch backward_prefetch = fsdp::BackwardPrefetch::BackwardPre;
   bool forward_prefetch = false;
@@ -34,6 +39,10 @@ struct RunOptions {
   /// Fibers: simulated time with this cost model preset.
   bool simulated_time = false;
   std::string cost_model = "fake-2core";
+  /// Simulated time: what the ranks' compute costs (Zero and Fixed make a
+  /// seeded run's times reproducible bit for bit).
+  sim::ComputeTime compute_time = sim::ComputeTime::Measured;
+  int64_t fixed_compute_ns = 0;
   scenarios::OptimizerKind optimizer = scenarios::OptimizerKind::SGD;
   int64_t mlp_dim = 64;
   /// Comm delays (real on threads, simulated on fibers with simulated time).
@@ -57,11 +66,40 @@ struct RunOptions {
 RunOptions parse_run_options(const std::vector<std::string>& args);
 std::string run_usage();
 
-/// Runs the scenario; returns the process exit code (0 ok, 1 failed).
+/// Throws std::invalid_argument (one line) unless the trace and its .jsonl
+/// can be written at `path`; checked before a run, not after it.
+void check_trace_writable(const std::string& path);
+
+/// The run failed (a rank, a process, the launcher); one line, after the
+/// details went to `err`.
+class RunFailedError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// SIGINT, SIGTERM or SIGHUP reached a run of process ranks: the ranks were
+/// stopped and the temporary files removed; the caller may re-raise it.
+class RunInterruptedError : public RunFailedError {
+ public:
+  explicit RunInterruptedError(int signal)
+      : RunFailedError("interrupted by signal " + std::to_string(signal) + "; the rank processes were stopped"),
+        signal_(signal) {}
+  int signal() const { return signal_; }
+
+ private:
+  int signal_;
+};
+
+/// Runs the scenario; returns 0 (or 1 when --check-parity finds a
+/// difference). Throws RunFailedError when the run fails, after writing what
+/// each rank did to `err`.
 int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err);
 
+/// Exit code of a process rank whose collective timed out (others: 1).
+constexpr int kWorkerTimedOutExit = 3;
+
 /// Entry of a Gloo process rank (the runner re-executes itself with
-/// `--worker`): reads RANK / WORLD_SIZE / MASTER_* and the run options.
+/// `run-worker`): reads RANK / WORLD_SIZE / MASTER_* and the run options.
 int run_process_worker(const RunOptions& options, const std::string& stats_path, std::ostream& err);
 
 }  // namespace fsdpsim::tools

@@ -1,9 +1,9 @@
 #include "backends/gloo_process_group.h"
 
-// LibTorch's CMake config does not export USE_C10D_GLOO, but the Debian
-// libtorch is built with Gloo; the class is only visible with the macro.
+// cmake/Torch.cmake defines USE_C10D_GLOO, as the wheel's torch_cpu target
+// does; without it ProcessGroupGloo.hpp declares nothing.
 #ifndef USE_C10D_GLOO
-#define USE_C10D_GLOO 1
+#error "USE_C10D_GLOO is not defined: build through cmake/Torch.cmake"
 #endif
 
 #include <ATen/ATen.h>
@@ -11,6 +11,7 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/headeronly/version.h>
 
 #include <atomic>
 #include <cctype>
@@ -24,6 +25,19 @@
 
 #include "backends/collective_checks.h"
 #include "backends/errors.h"
+
+// The wheel ships no Gloo headers, so ProcessGroupGloo.hpp is compiled
+// against Debian's libgloo-dev (an older Gloo) while the class itself lives,
+// compiled against PyTorch's own Gloo, in libtorch_cpu.so. That is sound only
+// while every Gloo type in the class is held by pointer, so that this file
+// and the library agree on its layout: we allocate it (make_intrusive) and
+// call its virtual functions, nothing inline that touches a Gloo type. The
+// size below is the library's own allocation (its split() news 0x220 bytes);
+// recheck it, and this reasoning, when the torch pin changes.
+static_assert(TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 15,
+              "re-check the ProcessGroupGloo layout assumption for this LibTorch");
+static_assert(sizeof(c10d::ProcessGroupGloo) == 0x220,
+              "ProcessGroupGloo's layout differs from libtorch_cpu.so's: the Gloo headers do not fit this LibTorch");
 
 namespace fsdpsim {
 
@@ -331,7 +345,7 @@ class GlooProcessGroup final : public ProcessGroup {
     at::Tensor send = flat(transport_view(input, state->desc));
     at::Tensor recv = flat(transport_view(received, state->desc));
     std::vector<int64_t> equal_splits;
-    return issue(state, [&] { return pg_->alltoall_base(recv, send, equal_splits, equal_splits); });
+    return issue(state, [&] { return pg_->all_to_all_single(recv, send, equal_splits, equal_splits); });
   }
 
   WorkPtr all_reduce(const at::Tensor& tensor, const AllReduceOptions& options) override {

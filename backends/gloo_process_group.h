@@ -1,5 +1,5 @@
 #pragma once
-// Real communication: fsdpsim::ProcessGroup over LibTorch 1.13's
+// Real communication: fsdpsim::ProcessGroup over LibTorch 2.x's
 // c10d::ProcessGroupGloo on the loopback TCP device, usable from thread ranks
 // of one process (a shared HashStore or TCPStore) or from separate processes
 // (a TCPStore, e.g. from make_gloo_process_group_from_env()).

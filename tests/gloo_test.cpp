@@ -1024,7 +1024,7 @@ ProcessGroupPtr worker_group_after_full_rendezvous() {
   ProcessGroupPtr pg = make_gloo_process_group(options);
   std::vector<std::string> keys;
   for (int r = 0; r < env.world_size; ++r) keys.push_back("test/constructed/" + std::to_string(r));
-  options.store->set(keys[env.rank], {1});
+  options.store->set(keys[env.rank], std::vector<uint8_t>{1});
   options.store->wait(keys, timeout);
   return pg;
 }

@@ -479,6 +479,11 @@ class GlooProcessGroup final : public ProcessGroup {
 
 [[noreturn]] void bad_env(const std::string& what) { throw std::invalid_argument("launch environment: " + what); }
 
+bool is_set(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && *value != '\0';
+}
+
 int env_int(const char* name, long min, long max) {
   const char* value = std::getenv(name);
   if (value == nullptr || *value == '\0') bad_env(std::string(name) + " is not set");
@@ -558,13 +563,22 @@ LaunchEnv LaunchEnv::from_env() {
   env.master_port = env_int("MASTER_PORT", 1, 65535);
   env.world_size = env_int("WORLD_SIZE", 1, 1 << 20);
   env.rank = env_int("RANK", 0, env.world_size - 1);
+  env.local_rank = is_set("LOCAL_RANK") ? env_int("LOCAL_RANK", 0, env.world_size - 1) : env.rank;
+  env.agent_store = is_set("TORCHELASTIC_USE_AGENT_STORE") &&
+                    std::string(std::getenv("TORCHELASTIC_USE_AGENT_STORE")) == "True";
+  env.restart_count = is_set("TORCHELASTIC_RESTART_COUNT") ? env_int("TORCHELASTIC_RESTART_COUNT", 0, 1 << 20) : 0;
   return env;
 }
 
 ProcessGroupPtr make_gloo_process_group_from_env(std::chrono::milliseconds timeout) {
   LaunchEnv env = LaunchEnv::from_env();
   GlooOptions options;
-  options.store = make_tcp_store(env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout);
+  const bool hosts_store = env.rank == 0 && !env.agent_store;
+  options.store = make_tcp_store(env.master_addr, env.master_port, env.world_size, hosts_store, timeout);
+  if (env.agent_store) {
+    const std::string attempt = "fsdpsim/attempt" + std::to_string(env.restart_count);
+    options.store = c10::make_intrusive<c10d::PrefixStore>(attempt, options.store);
+  }
   options.rank = env.rank;
   options.size = env.world_size;
   options.timeout = timeout;

@@ -106,16 +106,27 @@ struct LaunchEnv {
   int master_port = 0;
   int rank = 0;
   int world_size = 1;
+  /// LOCAL_RANK (this process's index on its node); RANK when unset.
+  int local_rank = 0;
+  /// torchrun's agent already hosts the TCP store at MASTER_ADDR:MASTER_PORT
+  /// (TORCHELASTIC_USE_AGENT_STORE=True): every rank, rank 0 too, connects.
+  bool agent_store = false;
+  /// TORCHELASTIC_RESTART_COUNT (0 when unset): which attempt of the job this is.
+  int restart_count = 0;
 
-  /// Reads MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE. Throws
-  /// std::invalid_argument naming the variable if one is missing, not a
-  /// number, or out of range (port 1..65535, world size >= 1,
-  /// 0 <= rank < world size).
+  /// Reads MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE, and when set
+  /// LOCAL_RANK, TORCHELASTIC_USE_AGENT_STORE and TORCHELASTIC_RESTART_COUNT.
+  /// Throws std::invalid_argument naming the variable if one is missing, not
+  /// a number, or out of range (port 1..65535, world size >= 1,
+  /// 0 <= rank, local rank < world size, restart count >= 0).
   static LaunchEnv from_env();
 };
 
-/// Rendezvous from the environment (rank 0 hosts the TCP store at
-/// MASTER_ADDR:MASTER_PORT) and builds the group "world" over all ranks.
+/// Rendezvous from the environment and builds the group "world" over all
+/// ranks. Rank 0 hosts the TCP store at MASTER_ADDR:MASTER_PORT, unless
+/// torchrun's agent hosts it (LaunchEnv::agent_store); then this attempt's
+/// keys go under "fsdpsim/attempt<restart_count>/", so a restarted job never
+/// reads the rendezvous keys of an earlier attempt from the agent's store.
 ProcessGroupPtr make_gloo_process_group_from_env(std::chrono::milliseconds timeout);
 
 }  // namespace fsdpsim

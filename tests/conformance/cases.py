@@ -17,7 +17,7 @@ Modes:
 import sys
 from dataclasses import dataclass
 
-SCENARIOS = ["mlp_stack", "nested_wrapped", "transformer", "mixture_of_experts", "uneven_shapes"]
+SCENARIOS = ["mlp_stack", "nested_wrapped", "transformer", "mixture_of_experts", "uneven_shapes", "double_linear"]
 WORLDS = [2, 3, 4, 5]
 MODES = ["raf_on", "raf_off", "hsdp", "prefetch"]
 STEPS = 3
@@ -33,6 +33,7 @@ FORWARD_UNITS = {
                     "transformer.decoder.layers.0", "transformer.decoder.layers.1"],
     "mixture_of_experts": ["module.1", "module.2"],
     "uneven_shapes": ["block0", "block1"],
+    "double_linear": ["lin1", "lin2"],
 }
 PREFETCH_DEPTH = 2
 

@@ -159,6 +159,18 @@ class UnevenShapes(nn.Module):
         return first + second + param_block_terms([self.b2], inputs, 7)
 
 
+class DoubleLinear(nn.Module):
+    """A root without params of its own: lin1 and lin2 are units."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.lin1 = nn.Linear(dim, dim)
+        self.lin2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return [F.relu(self.lin1(x)), F.relu(self.lin2(x))]
+
+
 class Twin:
     """A scenario: the module, its units (children first, root last, as
     module FQNs; "" is the root), rank-local units and the loss."""
@@ -192,6 +204,16 @@ def make_twin(name):
         units = ["transformer.encoder.layers.0", "transformer.encoder.layers.1",
                  "transformer.decoder.layers.0", "transformer.decoder.layers.1", ""]
         return Twin(model, units, loss)
+    if name == "double_linear":
+        model = DoubleLinear(16)
+
+        def loss(m, x):
+            total = None
+            for out in m(x[0]):
+                total = out.sum() if total is None else total + out.sum()
+            return total
+
+        return Twin(model, ["lin1", "lin2", ""], loss)
     if name == "uneven_shapes":
         return Twin(UnevenShapes(), ["block0", "block1", ""], lambda m, x: m(list(x)))
     raise ValueError(f"no Python twin for scenario {name!r}")

@@ -287,6 +287,7 @@ def compare_numerics(case, rank, ours_json, ours_t, theirs_json, theirs_t, repor
         la, lb = ours_json["losses"][step], theirs_json["losses"][step]
         d = abs(la - lb)
         report["loss"] = max(report["loss"], d)
+        report["ratio"] = max(report["ratio"], d / (ATOL + RTOL * abs(lb)))
         if d > ATOL + RTOL * abs(lb):
             problems.append(f"step {step} loss: ours {la!r}, fsdp2 {lb!r}, |diff| {d:.3g}")
     placements = ours_json["placements"]
@@ -324,6 +325,7 @@ def compare_numerics(case, rank, ours_json, ours_t, theirs_json, theirs_t, repor
                 diff = (a.double() - expected.double()).abs()
                 report[what] = max(report[what], diff.max().item())
                 bound = ATOL + RTOL * expected.double().abs()
+                report["ratio"] = max(report["ratio"], (diff / bound).max().item())
                 bad = diff > bound
                 if bad.any():
                     k = int(bad.flatten().nonzero()[0])
@@ -348,7 +350,7 @@ def compare_case(root, name, verbose):
         for f in failures:
             print("  FAIL " + f)
         return False
-    report = {"loss": 0.0, "param": 0.0, "grad": 0.0}
+    report = {"loss": 0.0, "param": 0.0, "grad": 0.0, "ratio": 0.0}
     known_all = Counter()
     ok = True
     for rank in range(case.world):
@@ -385,7 +387,7 @@ def compare_case(root, name, verbose):
                     b = coll_str(tj["collectives"][step][k]) if k < len(tj["collectives"][step]) else "-"
                     print(f"    {a:<60} | {b}")
     print(f"  max |diff| over ranks and steps: loss {report['loss']:.3g}, params {report['param']:.3g}, "
-          f"grads {report['grad']:.3g}")
+          f"grads {report['grad']:.3g}; worst element at {report['ratio']:.2g} of its tolerance")
     for k, n in sorted(known_all.items()):
         print(f"  KNOWN DIFFERENCE {k}: explains {n} rank-steps (see compare.py / README)")
     print(f"  {'PASS' if ok else 'FAIL'}")

@@ -28,8 +28,7 @@ strict comparison fails and reported by id when it explains the difference:
      output across replicas right after its reduce-scatter (foreach_reduce);
      our engine issues every all-reduce at the end of backward
      (finish_reductions). The check: the sequences without all-reduces are
-     equal (strict, or under K1), and the all-reduces agree as a multiset,
-     each after its unit's reduce-scatter on both sides.
+     equal (strict, or under K1), and all collectives agree as a multiset.
   K3 parameter-less root: our engine makes such a root a unit anyway: it
      issues an all-gather of 0 elements every forward, emits its unshard /
      pre_backward / reshard / post_backward, and its backward prefetch
@@ -244,26 +243,24 @@ def compare_collectives_once(ours, theirs, ours_events, theirs_events):
         return False, set(), (f"different collectives: only ours {[coll_str_k(k) for k in only_a.elements()]}, "
                               f"only fsdp2 {[coll_str_k(k) for k in only_b.elements()]}\n"
                               f"    first difference at collective #{diff[0]}:\n{diff[1]}")
-    known = set()
 
     def tail_equal(xs, ys, xs_items, ys_items):
         ix = tail_start(ours_events, xs_items)
         iy = tail_start(theirs_events, ys_items)
         return xs[:ix] == ys[:iy] and Counter(xs[ix:]) == Counter(ys[iy:])
 
-    if tail_equal(a, b, ours, theirs):
-        return True, {"K1"}, ""
-    # K2: all-reduces placed differently.
+    # K2 (all-reduces placed differently) before K1, so that each report names
+    # the narrowest rule that explains the difference.
     oa = [c for c in ours if c["op"] != "all_reduce"]
     ob = [c for c in theirs if c["op"] != "all_reduce"]
     ka, kb = [coll_key(c) for c in oa], [coll_key(c) for c in ob]
-    if any(c["op"] == "all_reduce" for c in theirs):
-        if ka == kb:
-            known = {"K2"}
-        elif tail_equal(ka, kb, oa, ob):
-            known = {"K1", "K2"}
-        if known:
-            return True, known, ""
+    has_all_reduce = any(c["op"] == "all_reduce" for c in theirs)
+    if has_all_reduce and ka == kb:
+        return True, {"K2"}, ""
+    if tail_equal(a, b, ours, theirs):
+        return True, {"K1"}, ""
+    if has_all_reduce and tail_equal(ka, kb, oa, ob):
+        return True, {"K1", "K2"}, ""
     diff = first_diff(a, b, coll_str_k)
     return False, set(), f"first difference at collective #{diff[0]}:\n{diff[1]}"
 

@@ -47,6 +47,9 @@ Vocabulary mapping (not differences in behaviour, so always applied):
      yet post-backwarded, also for groups that never unsharded (a no-op);
      our on_post_backward fires only for units that computed with gathered
      params: FSDP2's calls on a group that was not unsharded are dropped.
+  V4 FSDP2's end-of-backward callback runs on the state whose pre-backward
+     queued it (not always the root's); ours names the root. The
+     final_callback event is compared without its unit.
 """
 
 import argparse
@@ -99,6 +102,8 @@ def coll_str(c):
 
 
 def ev_key(e):
+    if e["kind"] == "final_callback":
+        return ("final_callback", "")  # V4
     return (e["kind"], e["unit"]) + ((e.get("target"),) if e["kind"] == "prefetch" else ())
 
 
@@ -166,8 +171,11 @@ def k3_events(events):
     all-gather a root prefetch issued moves behind its target's pre_backward
     (where FSDP2, with no root group to prefetch, issues it)."""
     root = [e["kind"] for e in events if e["unit"] == "" and e["kind"] not in ("final_callback", "prefetch")]
-    if not events or ev_key(events[0]) != ("unshard", "") or \
-            root not in (["unshard", "pre_backward", "reshard", "post_backward"],):
+    # A root on a shard group of one gathers and frees nothing (no unshard /
+    # reshard, as V2); otherwise its empty gather is the step's first event.
+    gathered = root == ["unshard", "pre_backward", "reshard", "post_backward"]
+    if not (gathered and events and ev_key(events[0]) == ("unshard", "")) and \
+            root != ["pre_backward", "post_backward"]:
         return None  # not the pattern K3 describes: no excuse
     out, held = [], {}
     i = 0

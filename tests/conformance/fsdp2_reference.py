@@ -204,6 +204,13 @@ def make_twin(name):
         units = ["transformer.encoder.layers.0", "transformer.encoder.layers.1",
                  "transformer.decoder.layers.0", "transformer.decoder.layers.1", ""]
         return Twin(model, units, loss)
+    if name == "non_uniform_req_grad":
+        chain = nn.Sequential(nn.Linear(8, 4), nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 16)),
+                              nn.Sequential(nn.Linear(16, 4), nn.Linear(4, 8)))
+        model = NestedRoot(chain)
+        for fqn, p in model.named_parameters():
+            p.requires_grad_(fqn.startswith("module.2.1."))  # only the last Linear trains
+        return Twin(model, ["module.1.0", "module.1", "module.2", ""], lambda m, x: m(x[0]).sum())
     if name == "double_linear":
         model = DoubleLinear(16)
 

@@ -25,11 +25,12 @@ fsdp2_error.txt and makes the exit status non-zero.
 Usage:
   fsdp2_reference.py --root DIR --case NAME [--case NAME ...]
   fsdp2_reference.py --root DIR --cases-file FILE   (one case name a line)
-Case names: "<scenario>.<mode>.w<W>", modes raf_on, raf_off, hsdp, prefetch
-(see cases.py).
+Case names: "<scenario>.<mode>.w<W>", modes raf_on, raf_off, hsdp<R>x<S>,
+prefetch (see cases.py). Normally run through generate.py, after the driver.
 """
 
 import argparse
+import datetime
 import json
 import os
 import socket
@@ -461,7 +462,7 @@ def _run_rank(rank, case, case_dir, port, result_queue):
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(port)
         dist.init_process_group("gloo", rank=rank, world_size=case.world,
-                                timeout=__import__("datetime").timedelta(seconds=120))
+                                timeout=datetime.timedelta(seconds=120))
         _install_collective_recorders()
         _install_event_recorders()
         _train(rank, case, case_dir)
@@ -529,7 +530,6 @@ def _train(rank, case, case_dir):
 
     params = list(model.parameters())  # DTensors now; tied once
     optimizer = torch.optim.SGD(params, lr=1e-2, momentum=0.9)
-    names = [n for n, _ in model.named_parameters()]
 
     losses, collectives, events = [], [], []
     tensors = {}
@@ -549,7 +549,6 @@ def _train(rank, case, case_dir):
             tensors[f"step/{step}/param/{n}"] = p.full_tensor().detach().clone()
             if p.grad is not None:
                 tensors[f"step/{step}/grad/{n}"] = p.grad.full_tensor().detach().clone()
-    del names
     torch.save(tensors, os.path.join(case_dir, f"fsdp2_rank{rank}.pt"))
     with open(os.path.join(case_dir, f"fsdp2_rank{rank}.json"), "w") as f:
         json.dump({"case": case.name, "rank": rank, "torch": torch.__version__, "losses": losses,

@@ -1,9 +1,9 @@
 #include "backends/gloo_process_group.h"
 
-// LibTorch's CMake config does not export USE_C10D_GLOO, but the Debian
-// libtorch is built with Gloo; the class is only visible with the macro.
+// cmake/Torch.cmake defines USE_C10D_GLOO, as the wheel's torch_cpu target
+// does; without it ProcessGroupGloo.hpp declares nothing.
 #ifndef USE_C10D_GLOO
-#define USE_C10D_GLOO 1
+#error "USE_C10D_GLOO is not defined: build through cmake/Torch.cmake"
 #endif
 
 #include <ATen/ATen.h>
@@ -11,6 +11,7 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/headeronly/version.h>
 
 #include <atomic>
 #include <cctype>
@@ -24,6 +25,19 @@
 
 #include "backends/collective_checks.h"
 #include "backends/errors.h"
+
+// The wheel ships no Gloo headers, so ProcessGroupGloo.hpp is compiled
+// against Debian's libgloo-dev (an older Gloo) while the class itself lives,
+// compiled against PyTorch's own Gloo, in libtorch_cpu.so. That is sound only
+// while every Gloo type in the class is held by pointer, so that this file
+// and the library agree on its layout: we allocate it (make_intrusive) and
+// call its virtual functions, nothing inline that touches a Gloo type. The
+// size below is the library's own allocation (its split() news 0x220 bytes);
+// recheck it, and this reasoning, when the torch pin changes.
+static_assert(TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 15,
+              "re-check the ProcessGroupGloo layout assumption for this LibTorch");
+static_assert(sizeof(c10d::ProcessGroupGloo) == 0x220,
+              "ProcessGroupGloo's layout differs from libtorch_cpu.so's: the Gloo headers do not fit this LibTorch");
 
 namespace fsdpsim {
 
@@ -331,7 +345,7 @@ class GlooProcessGroup final : public ProcessGroup {
     at::Tensor send = flat(transport_view(input, state->desc));
     at::Tensor recv = flat(transport_view(received, state->desc));
     std::vector<int64_t> equal_splits;
-    return issue(state, [&] { return pg_->alltoall_base(recv, send, equal_splits, equal_splits); });
+    return issue(state, [&] { return pg_->all_to_all_single(recv, send, equal_splits, equal_splits); });
   }
 
   WorkPtr all_reduce(const at::Tensor& tensor, const AllReduceOptions& options) override {
@@ -465,6 +479,11 @@ class GlooProcessGroup final : public ProcessGroup {
 
 [[noreturn]] void bad_env(const std::string& what) { throw std::invalid_argument("launch environment: " + what); }
 
+bool is_set(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && *value != '\0';
+}
+
 int env_int(const char* name, long min, long max) {
   const char* value = std::getenv(name);
   if (value == nullptr || *value == '\0') bad_env(std::string(name) + " is not set");
@@ -544,13 +563,22 @@ LaunchEnv LaunchEnv::from_env() {
   env.master_port = env_int("MASTER_PORT", 1, 65535);
   env.world_size = env_int("WORLD_SIZE", 1, 1 << 20);
   env.rank = env_int("RANK", 0, env.world_size - 1);
+  env.local_rank = is_set("LOCAL_RANK") ? env_int("LOCAL_RANK", 0, env.world_size - 1) : env.rank;
+  env.agent_store = is_set("TORCHELASTIC_USE_AGENT_STORE") &&
+                    std::string(std::getenv("TORCHELASTIC_USE_AGENT_STORE")) == "True";
+  env.restart_count = is_set("TORCHELASTIC_RESTART_COUNT") ? env_int("TORCHELASTIC_RESTART_COUNT", 0, 1 << 20) : 0;
   return env;
 }
 
 ProcessGroupPtr make_gloo_process_group_from_env(std::chrono::milliseconds timeout) {
   LaunchEnv env = LaunchEnv::from_env();
   GlooOptions options;
-  options.store = make_tcp_store(env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout);
+  const bool hosts_store = env.rank == 0 && !env.agent_store;
+  options.store = make_tcp_store(env.master_addr, env.master_port, env.world_size, hosts_store, timeout);
+  if (env.agent_store) {
+    const std::string attempt = "fsdpsim/attempt" + std::to_string(env.restart_count);
+    options.store = c10::make_intrusive<c10d::PrefixStore>(attempt, options.store);
+  }
   options.rank = env.rank;
   options.size = env.world_size;
   options.timeout = timeout;

@@ -1,15 +1,18 @@
 #pragma once
-// Real communication: fsdpsim::ProcessGroup over LibTorch 1.13's
+// Real communication: fsdpsim::ProcessGroup over LibTorch 2.x's
 // c10d::ProcessGroupGloo on the loopback TCP device, usable from thread ranks
 // of one process (a shared HashStore or TCPStore) or from separate processes
 // (a TCPStore, e.g. from make_gloo_process_group_from_env()).
 //
-// What Gloo lacks and how it is filled in:
+// How each collective maps onto Gloo (LibTorch 2.15 has native
+// all_gather_single and reduce_scatter_single; measured against these on
+// loopback, the first was no faster and the second slower and not in rank
+// order, so neither is used):
 // - all_gather_into_tensor: Gloo's list allgather writing into views (chunks)
 //   of the flat output; `input` may itself be this rank's chunk (Gloo reads
 //   the input into its own buffer before it writes the outputs).
-// - reduce_scatter_tensor: an alltoall (rank j receives chunk j of every
-//   rank's input) followed by a LOCAL reduction in rank order,
+// - reduce_scatter_tensor: an all_to_all_single (rank j receives chunk j of
+//   every rank's input) followed by a LOCAL reduction in rank order,
 //   in_0 op in_1 op ... op in_{n-1}, with ATen ops in the tensor's dtype:
 //   pre-divide each input (x / predivide, computed in float for half/bf16
 //   and rounded once) when predivide != 1, sum, divide by the group size for
@@ -106,16 +109,27 @@ struct LaunchEnv {
   int master_port = 0;
   int rank = 0;
   int world_size = 1;
+  /// LOCAL_RANK (this process's index on its node); RANK when unset.
+  int local_rank = 0;
+  /// torchrun's agent already hosts the TCP store at MASTER_ADDR:MASTER_PORT
+  /// (TORCHELASTIC_USE_AGENT_STORE=True): every rank, rank 0 too, connects.
+  bool agent_store = false;
+  /// TORCHELASTIC_RESTART_COUNT (0 when unset): which attempt of the job this is.
+  int restart_count = 0;
 
-  /// Reads MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE. Throws
-  /// std::invalid_argument naming the variable if one is missing, not a
-  /// number, or out of range (port 1..65535, world size >= 1,
-  /// 0 <= rank < world size).
+  /// Reads MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE, and when set
+  /// LOCAL_RANK, TORCHELASTIC_USE_AGENT_STORE and TORCHELASTIC_RESTART_COUNT.
+  /// Throws std::invalid_argument naming the variable if one is missing, not
+  /// a number, or out of range (port 1..65535, world size >= 1,
+  /// 0 <= rank, local rank < world size, restart count >= 0).
   static LaunchEnv from_env();
 };
 
-/// Rendezvous from the environment (rank 0 hosts the TCP store at
-/// MASTER_ADDR:MASTER_PORT) and builds the group "world" over all ranks.
+/// Rendezvous from the environment and builds the group "world" over all
+/// ranks. Rank 0 hosts the TCP store at MASTER_ADDR:MASTER_PORT, unless
+/// torchrun's agent hosts it (LaunchEnv::agent_store); then this attempt's
+/// keys go under "fsdpsim/attempt<restart_count>/", so a restarted job never
+/// reads the rendezvous keys of an earlier attempt from the agent's store.
 ProcessGroupPtr make_gloo_process_group_from_env(std::chrono::milliseconds timeout);
 
 }  // namespace fsdpsim

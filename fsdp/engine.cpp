@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <unordered_map>
@@ -206,7 +207,7 @@ class PostBackwardNode final : public torch::autograd::Node {
 // Routes `inputs` through one PostBackwardNode (one node for all of them, so
 // it runs only after every input's gradient is complete).
 torch::autograd::variable_list attach_post_backward(const torch::autograd::variable_list& inputs, Unit::Impl* unit) {
-  auto node = std::shared_ptr<PostBackwardNode>(new PostBackwardNode(unit), torch::autograd::deleteNode);
+  auto node = c10::make_intrusive<PostBackwardNode>(unit);
   node->set_next_edges(torch::autograd::collect_next_edges(inputs));
   torch::autograd::variable_list outputs;
   for (const auto& input : inputs) {
@@ -710,8 +711,8 @@ void Engine::fully_shard(const std::shared_ptr<torch::nn::Module>& module, const
   }
 
   std::unordered_set<const c10::TensorImpl*> seen;
-  c10::optional<at::Device> device;
-  c10::optional<at::ScalarType> dtype;
+  std::optional<at::Device> device;
+  std::optional<at::ScalarType> dtype;
   for (const auto& item : module->named_parameters()) {
     const at::Tensor& param = item.value();
     const c10::TensorImpl* key = param.unsafeGetTensorImpl();

@@ -102,7 +102,7 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(OptimizerKind kind, cons
   throw std::invalid_argument("unknown optimizer");
 }
 
-// LibTorch 1.13's Optimizer::zero_grad() only zeroes; PyTorch's newer tests
+// Zeroing or dropping (set_to_none) the grads by hand, per param list; PyTorch's newer tests
 // alternate with set_to_none (None vs zero matters for Adam).
 void zero_grad(const std::vector<at::Tensor>& params, bool set_to_none) {
   for (const auto& param : params) {

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <exception>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -96,8 +97,9 @@ std::string node_context(const Node& fn) { return "(in backward node " + fn.name
 }
 
 // What the engine's validate_outputs does for CPU tensors: undefined grads
-// pass, a shape the input can be broadcast to is summed back, a different
-// real dtype is cast; anything else is an error naming `who`.
+// pass, a shape the input can be broadcast to is summed back, a gradient of
+// another real dtype is cast to the input's grad_dtype (none: any dtype is
+// kept, LibTorch 2.x); anything else is an error naming `who`.
 void validate_grads(const edge_list& edges, variable_list& grads, const std::string& who) {
   TORCH_CHECK(grads.size() == edges.size(), who, " returned an invalid number of gradients - expected ",
               edges.size(), ", but got ", grads.size());
@@ -106,16 +108,15 @@ void validate_grads(const edge_list& edges, variable_list& grads, const std::str
     at::Tensor& grad = grads[i];
     if (!edge.is_valid() || !grad.defined()) continue;
     const auto& meta = edge.function->input_metadata(edge.input_nr);
-    if (!meta.is_same_shape(grad)) {
-      TORCH_CHECK(meta.is_expandable_to_shape(grad), who, " returned an ",
-                  meta.incompatible_shape_error_message(i, grad).str());
-      grad = meta.reduce_grad(grad);
+    grad = meta.maybe_reduce(i, std::move(grad), [&](const std::string& message) { return who + " returned an " + message; });
+    const std::optional<at::ScalarType> expected =
+        meta.was_default_constructed() ? std::nullopt : meta.grad_dtype();
+    if (expected) {
+      TORCH_CHECK(at::isFloatingType(grad.scalar_type()) || at::isComplexType(*expected) == grad.is_complex(), who,
+                  " returned an invalid gradient at index ", i, " - expected dtype ", *expected, " but got ",
+                  grad.scalar_type());
+      if (grad.scalar_type() != *expected) grad = grad.to(*expected);
     }
-    const at::ScalarType expected = c10::typeMetaToScalarType(meta.dtype());
-    TORCH_CHECK(at::isFloatingType(grad.scalar_type()) || at::isComplexType(expected) == grad.is_complex(), who,
-                " returned an invalid gradient at index ", i, " - expected dtype ", expected, " but got ",
-                grad.scalar_type());
-    if (grad.scalar_type() != expected) grad = grad.to(expected);
     TORCH_CHECK(grad.layout() == meta.layout() || grad.is_sparse(), who, " returned an invalid gradient at index ",
                 i, " - expected layout ", meta.layout(), " but got ", grad.layout());
     if (grad.device() != meta.device()) {
@@ -141,7 +142,7 @@ void add_grad(at::Tensor& slot, at::Tensor&& grad) {
 
 // A node whose every dependency has delivered, with its summed input grads.
 struct ReadyNode {
-  std::shared_ptr<Node> fn;
+  c10::intrusive_ptr<Node> fn;
   variable_list inputs;
 };
 
@@ -190,13 +191,24 @@ std::unordered_map<Node*, int> count_dependencies(Node* root) {
   return dependencies;
 }
 
+// The hooks that see a node's incoming gradients, in the engine's order
+// (call_tensor_pre_hooks, then call_pre_hooks): tensor pre-hooks (a leaf's
+// register_hook lands on its AccumulateGrad's), then retains_grad hooks, then
+// the node's own pre-hooks.
+variable_list run_pre_hooks(Node& fn, variable_list inputs) {
+  for (const auto& hook : fn.tensor_pre_hooks()) inputs = (*hook)(inputs);
+  for (const auto& entry : fn.retains_grad_hooks()) inputs = (*entry.second)(inputs);
+  for (const auto& hook : fn.pre_hooks()) inputs = (*hook)(inputs);
+  return inputs;
+}
+
 // Pre-hooks, the node, validation, post-hooks (the engine's call_function),
 // then the saved variables are freed (retain_graph=false).
 variable_list run_node(Node& fn, variable_list inputs) {
   variable_list outputs;
   const bool has_post_hooks = !fn.post_hooks().empty();
   try {
-    for (const auto& hook : fn.pre_hooks()) inputs = (*hook)(inputs);
+    inputs = run_pre_hooks(fn, std::move(inputs));
     fn.will_release_variables();
     // Without post hooks the inputs are moved in, so AccumulateGrad may steal
     // the incoming grad exactly as under the engine.

@@ -14,11 +14,17 @@
 // before everything), so the same graph gives the same node order, the same
 // gradient sums and bitwise the same gradients as Tensor::backward().
 //
+// Hooks, as LibTorch 2.x's engine runs them around each node: tensor
+// pre-hooks (Tensor::register_hook; a leaf's live on its AccumulateGrad),
+// then retains_grad hooks, then the node's pre-hooks; the node; its
+// post-hooks. Post-accumulate-grad hooks run inside AccumulateGrad itself.
+//
 // Thread-safety: each pass belongs to the thread or fiber that runs it; its
 // state (the callback list of queue_backward_callback) is per fiber. Passes of
 // different fibers may interleave on one OS thread as long as they do not
-// share graph nodes; in particular a leaf with a blocking tensor hook must not
-// be shared between fibers (its hooks run under AccumulateGrad's std::mutex).
+// share graph nodes; in particular a leaf with a blocking post-accumulate-grad
+// hook must not be shared between fibers (it runs under AccumulateGrad's
+// std::mutex).
 //
 // Not supported by run_graph_backward (LibTorch's engine is used elsewhere):
 // retain_graph, create_graph, autograd::grad(inputs=...), anomaly mode, CUDA

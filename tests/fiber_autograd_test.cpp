@@ -264,7 +264,7 @@ struct ScriptedNode : torch::autograd::Node {
 // A fresh tensor of `shape` whose grad_fn is a ScriptedNode feeding a and b.
 torch::Tensor scripted(std::vector<int64_t> shape, const torch::Tensor& a, const torch::Tensor& b,
                        std::function<torch::autograd::variable_list(torch::autograd::variable_list&&)> body) {
-  std::shared_ptr<ScriptedNode> node(new ScriptedNode(), torch::autograd::deleteNode);
+  auto node = c10::make_intrusive<ScriptedNode>();
   node->body = std::move(body);
   node->set_next_edges(torch::autograd::collect_next_edges(a, b));
   auto out = torch::zeros(shape);

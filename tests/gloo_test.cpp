@@ -739,6 +739,40 @@ TEST(GlooLaunchEnv, ReadsValidEnvironment) {
   EXPECT_EQ(env.world_size, 4);
 }
 
+TEST(GlooLaunchEnv, TorchrunVariablesDefaultWhenUnset) {
+  ScopedEnv a("MASTER_ADDR", "h"), p("MASTER_PORT", "29500"), r("RANK", "2"), w("WORLD_SIZE", "4");
+  ScopedEnv l("LOCAL_RANK", nullptr), s("TORCHELASTIC_USE_AGENT_STORE", nullptr),
+      c("TORCHELASTIC_RESTART_COUNT", nullptr);
+  LaunchEnv env = LaunchEnv::from_env();
+  EXPECT_EQ(env.local_rank, 2);
+  EXPECT_FALSE(env.agent_store);
+  EXPECT_EQ(env.restart_count, 0);
+}
+
+TEST(GlooLaunchEnv, ReadsTorchrunVariables) {
+  ScopedEnv a("MASTER_ADDR", "h"), p("MASTER_PORT", "29500"), r("RANK", "3"), w("WORLD_SIZE", "4");
+  ScopedEnv l("LOCAL_RANK", "1"), s("TORCHELASTIC_USE_AGENT_STORE", "True"), c("TORCHELASTIC_RESTART_COUNT", "2");
+  LaunchEnv env = LaunchEnv::from_env();
+  EXPECT_EQ(env.rank, 3);
+  EXPECT_EQ(env.local_rank, 1);
+  EXPECT_TRUE(env.agent_store);
+  EXPECT_EQ(env.restart_count, 2);
+  ScopedEnv not_true("TORCHELASTIC_USE_AGENT_STORE", "False");
+  EXPECT_FALSE(LaunchEnv::from_env().agent_store);
+}
+
+TEST(GlooLaunchEnv, RejectsBadTorchrunVariablesNamingThem) {
+  ScopedEnv a("MASTER_ADDR", "h"), p("MASTER_PORT", "29500"), r("RANK", "0"), w("WORLD_SIZE", "4");
+  {
+    ScopedEnv l("LOCAL_RANK", "4");
+    EXPECT_THAT([] { LaunchEnv::from_env(); },
+                ::testing::ThrowsMessage<std::invalid_argument>(HasSubstr("LOCAL_RANK=4 is outside [0, 3]")));
+  }
+  ScopedEnv c("TORCHELASTIC_RESTART_COUNT", "-1");
+  EXPECT_THAT([] { LaunchEnv::from_env(); },
+              ::testing::ThrowsMessage<std::invalid_argument>(HasSubstr("TORCHELASTIC_RESTART_COUNT=-1 is outside")));
+}
+
 TEST(GlooLaunchEnv, RejectsMissingOrBadVariablesNamingThem) {
   const std::vector<EnvCase> cases = {
       {nullptr, "1234", "0", "1", "MASTER_ADDR is not set"},
@@ -1024,7 +1058,7 @@ ProcessGroupPtr worker_group_after_full_rendezvous() {
   ProcessGroupPtr pg = make_gloo_process_group(options);
   std::vector<std::string> keys;
   for (int r = 0; r < env.world_size; ++r) keys.push_back("test/constructed/" + std::to_string(r));
-  options.store->set(keys[env.rank], {1});
+  options.store->set(keys[env.rank], std::vector<uint8_t>{1});
   options.store->wait(keys, timeout);
   return pg;
 }

@@ -369,7 +369,8 @@ TEST(ReplayParse, EmptyTraceAndHeaderOnly) {
 // ---------------------------------------------------------------------------
 // The corpus, and mutations of a real trace
 
-std::filesystem::path corpus_dir() { return std::filesystem::path(__FILE__).parent_path() / "replay_corpus"; }
+// Not __FILE__: ccache with base_dir makes it relative to the build directory.
+std::filesystem::path corpus_dir() { return std::filesystem::path(FSDPSIM_TESTS_SOURCE_DIR) / "replay_corpus"; }
 
 // Parse + check + plan; returns "" or the error. Anything but our error types fails the test.
 std::string exercise(const std::string& text) {

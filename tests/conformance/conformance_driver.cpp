@@ -1,0 +1,319 @@
+// Our side of the FSDP2 conformance suite (tests/conformance/README.md).
+//
+// For one case it writes, into --out DIR:
+//   init_rank{r}.pt   the initial params (full, by FQN, each tied TensorImpl
+//                     once) and the inputs of every step, from
+//                     scenarios::make_scenario: the single source of the
+//                     numbers, which fsdp2_reference.py loads;
+//   ours_rank{r}.json losses, every collective (op, group's global ranks,
+//                     dtype, element counts, reduce op) and every EngineHooks
+//                     event of every step, and each param's shard placement;
+//   ours_rank{r}.pt   each param's shard and grad shard after every step.
+// It runs fsdp::Engine on fake thread ranks (exact, rank-order reductions),
+// with the same optimiser as FSDP2's side: SGD lr 1e-2 momentum 0.9, grads
+// set to none before every step.
+//
+//   fsdpsim_conformance_driver --out DIR --scenario S --world W --mode M
+//       [--replicate R] [--steps N] [--forward-prefetch UNIT=T1,T2]...
+//       [--backward-prefetch UNIT=T1,T2]...
+
+#include <torch/csrc/jit/serialization/pickle.h>
+#include <torch/torch.h>
+
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "backends/comm_hooks.h"
+#include "fsdp/fully_shard.h"
+#include "scenarios/models.h"
+#include "sim/fiber_autograd.h"
+#include "sim/world.h"
+
+namespace {
+
+using fsdpsim::CollectiveDesc;
+using fsdpsim::CollectiveOp;
+using nlohmann::json;
+namespace fsdp = fsdpsim::fsdp;
+namespace scenarios = fsdpsim::scenarios;
+namespace sim = fsdpsim::sim;
+
+struct Options {
+  std::string out;
+  std::string scenario;
+  std::string mode;  // raf_on, raf_off, hsdp, prefetch
+  int world = 2;
+  int replicate = 1;
+  int steps = 3;
+  std::vector<std::pair<std::string, std::vector<std::string>>> forward_prefetch;
+  std::vector<std::pair<std::string, std::vector<std::string>>> backward_prefetch;
+};
+
+std::pair<std::string, std::vector<std::string>> parse_list(const std::string& text) {
+  const auto eq = text.find('=');
+  if (eq == std::string::npos) throw std::invalid_argument("expected UNIT=T1,T2, got '" + text + "'");
+  std::pair<std::string, std::vector<std::string>> result{text.substr(0, eq), {}};
+  std::stringstream rest(text.substr(eq + 1));
+  std::string item;
+  while (std::getline(rest, item, ',')) result.second.push_back(item);
+  return result;
+}
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    if (i + 1 >= argc) throw std::invalid_argument("flag " + flag + " needs a value");
+    const std::string value = argv[++i];
+    if (flag == "--out") o.out = value;
+    else if (flag == "--scenario") o.scenario = value;
+    else if (flag == "--mode") o.mode = value;
+    else if (flag == "--world") o.world = std::stoi(value);
+    else if (flag == "--replicate") o.replicate = std::stoi(value);
+    else if (flag == "--steps") o.steps = std::stoi(value);
+    else if (flag == "--forward-prefetch") o.forward_prefetch.push_back(parse_list(value));
+    else if (flag == "--backward-prefetch") o.backward_prefetch.push_back(parse_list(value));
+    else throw std::invalid_argument("unknown flag " + flag);
+  }
+  if (o.out.empty() || o.scenario.empty() || o.mode.empty()) {
+    throw std::invalid_argument("--out, --scenario and --mode are required");
+  }
+  if (o.mode != "raf_on" && o.mode != "raf_off" && o.mode != "hsdp" && o.mode != "prefetch") {
+    throw std::invalid_argument("unknown mode " + o.mode);
+  }
+  return o;
+}
+
+fsdp::ShardingStrategy strategy_of(const Options& o) {
+  if (o.mode == "raf_off") return fsdp::ShardingStrategy::ShardGradOp;
+  if (o.mode == "hsdp") return fsdp::ShardingStrategy::HybridShard;
+  return fsdp::ShardingStrategy::FullShard;
+}
+
+void write_file(const std::string& path, const std::vector<char>& bytes) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  if (!out) throw std::runtime_error("cannot write " + path);
+}
+
+void save_tensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
+  c10::Dict<std::string, at::Tensor> dict;
+  for (const auto& [key, value] : tensors) dict.insert(key, value.detach().contiguous());
+  write_file(path, torch::pickle_save(c10::IValue(dict)));
+}
+
+/// Records each collective this rank issues while `on`.
+/// One rank's timeline position, shared by its two recorders so collectives
+/// and engine events can be ordered against each other.
+struct Timeline {
+  int64_t next = 0;
+};
+
+class RecordingCommHooks final : public fsdpsim::DefaultCommHooks {
+ public:
+  explicit RecordingCommHooks(std::shared_ptr<Timeline> timeline) : timeline_(std::move(timeline)) {}
+  bool on = false;
+  std::vector<std::vector<std::pair<int64_t, CollectiveDesc>>> steps;
+  void before(const CollectiveDesc& desc) override {
+    if (on) steps.back().emplace_back(timeline_->next++, desc);
+  }
+
+ private:
+  std::shared_ptr<Timeline> timeline_;
+};
+
+class RecordingEngineHooks final : public fsdp::EngineHooks {
+ public:
+  explicit RecordingEngineHooks(std::shared_ptr<Timeline> timeline) : timeline_(std::move(timeline)) {}
+  bool on = false;
+  std::vector<json> steps;  // one array per step
+  void on_unshard(const std::string& unit, fsdp::TrainingState s) override { add("unshard", unit, s); }
+  void on_reshard(const std::string& unit, fsdp::TrainingState s) override { add("reshard", unit, s); }
+  void on_pre_backward(const std::string& unit, fsdp::TrainingState s) override { add("pre_backward", unit, s); }
+  void on_post_backward(const std::string& unit, fsdp::TrainingState s) override { add("post_backward", unit, s); }
+  void on_final_callback(const std::string& unit, fsdp::TrainingState s) override {
+    add("final_callback", unit, s);
+  }
+  void on_prefetch(const std::string& unit, const std::string& target, fsdp::TrainingState s) override {
+    if (!on) return;
+    steps.back().push_back({{"seq", timeline_->next++},
+                            {"kind", "prefetch"},
+                            {"unit", unit},
+                            {"target", target},
+                            {"state", fsdp::to_string(s)}});
+  }
+
+ private:
+  void add(const char* kind, const std::string& unit, fsdp::TrainingState s) {
+    if (on) {
+      steps.back().push_back(
+          {{"seq", timeline_->next++}, {"kind", kind}, {"unit", unit}, {"state", fsdp::to_string(s)}});
+    }
+  }
+  std::shared_ptr<Timeline> timeline_;
+};
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "float16";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kByte: return "uint8";
+    default: return c10::toString(t);
+  }
+}
+
+void run_rank(const Options& o, sim::RankContext& ctx) {
+  const int rank = ctx.rank();
+  auto timeline = std::make_shared<Timeline>();
+  auto comm = std::make_shared<RecordingCommHooks>(timeline);
+  auto events = std::make_shared<RecordingEngineHooks>(timeline);
+  fsdpsim::ProcessGroupPtr world = std::make_shared<fsdpsim::HookedProcessGroup>(ctx.world_group(), comm);
+  auto setup = scenarios::make_sharding_setup(world, strategy_of(o), o.replicate);
+  std::map<std::string, std::vector<int>> group_ranks;
+  for (const auto& group : {setup.world, setup.shard_group, setup.replicate_group, setup.self_group}) {
+    if (group) group_ranks[group->name()] = group->global_ranks();
+  }
+
+  scenarios::ScenarioConfig config;
+  config.name = o.scenario;
+  auto scenario = scenarios::make_scenario(config, rank);
+  fsdp::EngineOptions engine_options;
+  engine_options.queue_backward_callback = sim::queue_backward_callback;
+  engine_options.hooks.push_back(events);
+  fsdp::Engine engine(engine_options);
+  scenario->shard(engine, setup);
+  auto module = scenario->module();
+
+  std::map<std::string, std::shared_ptr<torch::nn::Module>> modules;
+  for (const auto& item : module->named_modules()) modules[item.key()] = item.value();
+  auto module_at = [&](const std::string& fqn) {
+    auto found = modules.find(fqn);
+    if (found == modules.end()) throw std::invalid_argument("no module '" + fqn + "' in " + o.scenario);
+    return found->second;
+  };
+  for (const auto& [unit, targets] : o.forward_prefetch) {
+    std::vector<std::shared_ptr<torch::nn::Module>> list;
+    for (const auto& t : targets) list.push_back(module_at(t));
+    engine.set_forward_prefetch(module_at(unit), list);
+  }
+  for (const auto& [unit, targets] : o.backward_prefetch) {
+    std::vector<std::shared_ptr<torch::nn::Module>> list;
+    for (const auto& t : targets) list.push_back(module_at(t));
+    engine.set_backward_prefetch(module_at(unit), list);
+  }
+
+  const auto named = scenarios::unique_named_parameters(*module);
+  std::vector<at::Tensor> params;
+  for (const auto& item : named) params.push_back(item.second);
+  torch::optim::SGD optimizer(params, torch::optim::SGDOptions(1e-2).momentum(0.9));
+
+  json losses = json::array();
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (int step = 0; step < o.steps; ++step) {
+    comm->steps.emplace_back();
+    events->steps.push_back(json::array());
+    comm->on = events->on = true;
+    for (auto& p : params) p.mutable_grad().reset();  // zero_grad(set_to_none=True)
+    auto loss = scenario->forward_loss(scenario->input(rank, step));
+    sim::backward(loss);
+    optimizer.step();
+    comm->on = events->on = false;
+    losses.push_back(loss.item<double>());
+    for (const auto& [fqn, param] : named) {
+      // Copies now: the optimiser updates these tensors in place.
+      tensors.emplace_back("step/" + std::to_string(step) + "/param/" + fqn, param.detach().clone());
+      if (param.grad().defined()) {
+        tensors.emplace_back("step/" + std::to_string(step) + "/grad/" + fqn, param.grad().detach().clone());
+      }
+    }
+  }
+
+  json placements = json::object();
+  std::map<std::string, std::string> unit_of_param;
+  for (const fsdp::Unit* unit : engine.units()) {
+    const auto& group = unit->options().shard_group;
+    for (const auto& fqn : unit->param_fqns()) {
+      placements[fqn] = {{"index", group->rank()}, {"count", group->size()}, {"unit", unit->fqn()}};
+    }
+  }
+  json collectives = json::array();
+  for (const auto& step : comm->steps) {
+    json list = json::array();
+    for (const auto& [seq, d] : step) {
+      auto found = group_ranks.find(d.group);
+      json entry = {{"seq", seq},
+                    {"op", fsdpsim::to_string(d.op)},
+                    {"group", found == group_ranks.end() ? json(d.group) : json(found->second)},
+                    {"group_name", d.group},
+                    {"dtype", dtype_name(d.dtype)},
+                    {"in_numel", d.input_numel()},
+                    {"out_numel", d.output_numel()},
+                    {"reduce_op", nullptr}};
+      if (d.op == CollectiveOp::ReduceScatter || d.op == CollectiveOp::AllReduce) {
+        entry["reduce_op"] = fsdpsim::to_string(d.reduce_op);
+        if (d.predivide_factor != 1.0 || d.postdivide_factor != 1.0) {
+          entry["predivide"] = d.predivide_factor;
+          entry["postdivide"] = d.postdivide_factor;
+        }
+      }
+      list.push_back(entry);
+    }
+    collectives.push_back(list);
+  }
+  json out = {{"rank", rank},           {"torch", std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." + std::to_string(TORCH_VERSION_PATCH)}, {"losses", losses},
+              {"collectives", collectives}, {"events", events->steps}, {"placements", placements}};
+  std::ofstream(o.out + "/ours_rank" + std::to_string(rank) + ".json") << out.dump(1) << "\n";
+  save_tensors(o.out + "/ours_rank" + std::to_string(rank) + ".pt", tensors);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Options o = parse(argc, argv);
+    at::set_num_threads(1);
+    // The numbers both sides start from.
+    scenarios::ScenarioConfig config;
+    config.name = o.scenario;
+    for (int r = 0; r < o.world; ++r) {
+      auto scenario = scenarios::make_scenario(config, r);
+      std::vector<std::pair<std::string, at::Tensor>> init;
+      for (const auto& [fqn, param] : scenarios::unique_named_parameters(*scenario->module())) {
+        init.emplace_back("param/" + fqn, param);
+      }
+      for (int step = 0; step < o.steps; ++step) {
+        const auto inputs = scenario->input(r, step);
+        for (size_t i = 0; i < inputs.size(); ++i) {
+          init.emplace_back("input/" + std::to_string(step) + "/" + std::to_string(i), inputs[i]);
+        }
+      }
+      save_tensors(o.out + "/init_rank" + std::to_string(r) + ".pt", init);
+    }
+
+    sim::WorldOptions options;
+    options.world_size = o.world;
+    options.rank_kind = sim::RankKind::Threads;
+    options.backend = sim::CommBackend::Fake;
+    sim::World world(options);
+    auto result = world.run([&](sim::RankContext& ctx) { run_rank(o, ctx); });
+    if (!result.ok()) {
+      std::cerr << "conformance_driver: " << result.error_report() << "\n";
+      return 1;
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    std::cerr << "conformance_driver: " << e.what() << "\n";
+    return 2;
+  }
+}

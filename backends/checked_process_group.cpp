@@ -7,6 +7,7 @@
 #include <map>
 #include <sstream>
 
+#include "backends/collective_checks.h"
 #include "backends/errors.h"
 
 namespace fsdpsim {
@@ -25,11 +26,6 @@ int64_t fingerprint(const CollectiveDesc& desc) {
 // Bytes of each rank's call text in a mismatch report.
 constexpr int64_t kTextBytes = 512;
 
-std::string rank_list(const std::vector<int>& ranks) {
-  std::string out = ranks.size() == 1 ? "rank " : "ranks {";
-  for (size_t i = 0; i < ranks.size(); ++i) out += (i ? "," : "") + std::to_string(ranks[i]);
-  return ranks.size() == 1 ? out : out + "}";
-}
 
 // A collective that failed its check: never issued, completed with the error
 // (the ProcessGroup contract: calls return a Work, wait() throws).
@@ -97,7 +93,7 @@ void CheckedProcessGroup::report_mismatch(const CollectiveDesc& desc) {
   }
   std::ostringstream msg;
   msg << "collective mismatch in group " << name() << " seq " << desc.seq << " (seen by rank " << rank() << "):";
-  for (const auto& [call, ranks] : by_call) msg << " " << rank_list(ranks) << " called " << call << ";";
+  for (const auto& [call, ranks] : by_call) msg << " " << ranks_text(ranks) << " called " << call << ";";
   throw CollectiveMismatchError(msg.str());
 }
 

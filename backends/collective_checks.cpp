@@ -2,6 +2,7 @@
 
 #include <c10/core/ScalarType.h>
 
+#include <algorithm>
 #include <sstream>
 
 #include "backends/collective_label.h"
@@ -15,6 +16,26 @@ std::string shape_string(const std::vector<int64_t>& shape) {
   for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
   out << "]";
   return out.str();
+}
+
+std::string rank_set_string(const std::vector<int>& ranks_in) {
+  std::vector<int> ranks = ranks_in;
+  std::sort(ranks.begin(), ranks.end());
+  std::ostringstream out;
+  out << "{";
+  for (size_t i = 0; i < ranks.size();) {
+    size_t j = i;
+    while (j + 1 < ranks.size() && ranks[j + 1] == ranks[j] + 1) ++j;
+    out << (i ? "," : "") << ranks[i];
+    if (j > i) out << "-" << ranks[j];
+    i = j + 1;
+  }
+  out << "}";
+  return out.str();
+}
+
+std::string ranks_text(const std::vector<int>& ranks) {
+  return ranks.size() == 1 ? "rank " + std::to_string(ranks[0]) : "ranks " + rank_set_string(ranks);
 }
 
 namespace {

@@ -19,5 +19,9 @@ CollectiveDesc describe_barrier(const ProcessGroup& group);
 
 /// "[2, 3]"
 std::string shape_string(const std::vector<int64_t>& shape);
+/// "{0-2,5}": ranks sorted, runs collapsed.
+std::string rank_set_string(const std::vector<int>& ranks);
+/// "rank 3" or "ranks {0-2,5}".
+std::string ranks_text(const std::vector<int>& ranks);
 
 }  // namespace fsdpsim

@@ -121,6 +121,9 @@ struct PendingReduction {
 
 }  // namespace
 
+// A unit without params of its own (a param-less root) is FSDP2's state
+// without a param group: it gathers, prefetches and reports nothing, and
+// still runs the bookkeeping (pre-backward queues the final callback).
 struct Unit::Impl {
   Engine::Impl* engine = nullptr;
   std::shared_ptr<torch::nn::Module> module;
@@ -167,6 +170,7 @@ struct Engine::Impl {
   int forward_depth = 0;
   uint64_t forward_calls = 0;  // pre-forwards so far: tells which units ran inside another's forward
   bool final_callback_queued = false;
+  std::vector<Unit::Impl*> preorder_units;      // units under the root, in module pre-order
   std::vector<Unit::Impl*> forward_order;       // units in the order their forward started
   std::vector<Unit::Impl*> post_forward_order;  // ... and finished; reversed, the backward order
   std::vector<Unit::Impl*> last_forward_order;  // forward_order of the previous forward
@@ -251,6 +255,13 @@ void Engine::Impl::lazy_init_root(Unit::Impl& unit) {
   for (const auto& item : unit.module->named_parameters()) {
     param_names.emplace(item.value().unsafeGetTensorImpl(), item.key());
   }
+  for (const auto& module : unit.module->modules(/*include_self=*/true)) {
+    auto found = by_module.find(module.get());
+    if (found != by_module.end() &&
+        std::find(preorder_units.begin(), preorder_units.end(), found->second) == preorder_units.end()) {
+      preorder_units.push_back(found->second);
+    }
+  }
   for (auto& u : units) {
     auto& impl = u->impl();
     for (const auto& child : impl.module->modules(/*include_self=*/false)) {
@@ -302,7 +313,7 @@ void Engine::Impl::check_gathered(Unit::Impl& unit, const char* when) {
 
 void Engine::Impl::unshard(Unit::Impl& unit) {
   if (unit.unsharded || unit.gather_work) return;  // a no-op unshard is not an event
-  if (unit.shard_world == 1) {  // the shard is the whole param: nothing to gather
+  if (unit.shard_world == 1 || unit.params.empty()) {  // nothing to gather
     unit.unsharded = true;
     return;
   }
@@ -347,7 +358,7 @@ void Engine::Impl::reshard(Unit::Impl& unit) {
   if (unit.gather_work) wait_unshard(unit);  // never free a buffer a collective still writes
   if (!unit.unsharded) return;
   // The event comes before the free: a hook that delays here delays the free.
-  if (unit.shard_world > 1) emit(&EngineHooks::on_reshard, unit);
+  if (unit.shard_world > 1 && !unit.params.empty()) emit(&EngineHooks::on_reshard, unit);
   unit.unsharded = false;
   for (auto& p : unit.params) {
     if (unit.shard_world > 1) {
@@ -384,7 +395,7 @@ void Engine::Impl::pre_forward(Unit::Impl& unit) {
   }
   unshard(unit);
   wait_unshard(unit);
-  prefetch_forward(unit);
+  if (!unit.params.empty()) prefetch_forward(unit);
 }
 
 void Engine::Impl::post_forward(Unit::Impl& unit, const std::vector<at::Tensor>& outputs, bool grad_enabled) {
@@ -430,10 +441,10 @@ void Engine::Impl::pre_backward(Unit::Impl& unit) {
   // forward and backward still reaches them; this backward's full-size
   // grads then accumulate alone and are reduced into them.
   for (auto& p : unit.params) stash_grad(p);
-  emit(&EngineHooks::on_pre_backward, unit);
+  if (!unit.params.empty()) emit(&EngineHooks::on_pre_backward, unit);
   check_gathered(unit, "between forward and backward");
   unshard(unit);
-  if (options.backward_prefetch == BackwardPrefetch::BackwardPre) prefetch_backward(unit);
+  if (options.backward_prefetch == BackwardPrefetch::BackwardPre && !unit.params.empty()) prefetch_backward(unit);
   wait_unshard(unit);
   for (auto& p : unit.params) {
     if (p.param.sizes() != at::IntArrayRef(p.full_shape)) {
@@ -479,7 +490,7 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
   if (grads.empty()) {
     // No grad yet (a param used by two forwards accumulates once, after
     // both) or none at all (frozen): still the unit's post-backward step.
-    emit(&EngineHooks::on_post_backward, unit);
+    if (!unit.params.empty()) emit(&EngineHooks::on_post_backward, unit);
     finish_post_backward(unit);
     return;
   }
@@ -541,7 +552,7 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
 }
 
 void Engine::Impl::finish_post_backward(Unit::Impl& unit) {
-  if (options.backward_prefetch == BackwardPrefetch::BackwardPost) prefetch_backward(unit);
+  if (options.backward_prefetch == BackwardPrefetch::BackwardPost && !unit.params.empty()) prefetch_backward(unit);
   unit.state = TrainingState::Idle;
 }
 
@@ -641,9 +652,9 @@ void Engine::Impl::abandon_backward() {
 void Engine::Impl::final_callback() {
   final_callback_queued = false;
   // Units whose inputs needed no grad have no post-backward hook: reduce
-  // them here, innermost (last to run forward) first.
-  for (auto it = forward_order.rbegin(); it != forward_order.rend(); ++it) {
-    if ((*it)->needs_post_backward) post_backward(**it);
+  // them here in module pre-order, the root first (FSDP2's order).
+  for (Unit::Impl* unit : preorder_units) {
+    if (unit->needs_post_backward) post_backward(*unit);
   }
   for (auto& unit : units) {
     auto& impl = unit->impl();

@@ -140,25 +140,6 @@ bool overlaps(const at::Tensor& a, const at::Tensor& b) {
 
 }  // namespace
 
-std::string rank_set_string(const std::vector<int>& ranks_in) {
-  std::vector<int> ranks = ranks_in;
-  std::sort(ranks.begin(), ranks.end());
-  std::ostringstream out;
-  out << "{";
-  for (size_t i = 0; i < ranks.size();) {
-    size_t j = i;
-    while (j + 1 < ranks.size() && ranks[j + 1] == ranks[j] + 1) ++j;
-    out << (i ? "," : "") << ranks[i];
-    if (j > i) out << "-" << ranks[j];
-    i = j + 1;
-  }
-  out << "}";
-  return out.str();
-}
-
-std::string ranks_text(const std::vector<int>& ranks) {
-  return ranks.size() == 1 ? "rank " + std::to_string(ranks[0]) : "ranks " + rank_set_string(ranks);
-}
 
 enum class CollectiveState { Gathering, Ready, Done, Failed };
 
@@ -702,7 +683,7 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
       std::ostringstream msg;
       msg << "collective mismatch in " << p.header() << ":";
       for (const auto& [call, ranks] : by_call) {
-        msg << (ranks.size() == 1 ? " rank " + std::to_string(ranks[0]) : " ranks " + rank_set_string(ranks))
+        msg << " " << ranks_text(ranks)
             << " called " << call << ";";
       }
       auto missing = p.missing_global_ranks();

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "backends/clock.h"
+#include "backends/collective_checks.h"
 #include "backends/process_group.h"
 #include "sim/cost_model.h"
 #include "sim/sim_clock.h"
@@ -88,9 +89,8 @@ class FakeWorldState : public std::enable_shared_from_this<FakeWorldState> {
   std::unique_ptr<Impl> impl_;
 };
 
-/// Formats rank sets compactly: "{0-3,5}".
-std::string rank_set_string(const std::vector<int>& ranks);
-/// "rank 3" for one rank, "ranks {0-2,5}" for more.
-std::string ranks_text(const std::vector<int>& ranks);
+// Rank-set formatting lives beside the other report helpers (backends/collective_checks.h).
+using fsdpsim::rank_set_string;
+using fsdpsim::ranks_text;
 
 }  // namespace fsdpsim::sim

@@ -17,26 +17,17 @@ Per rank and step it checks:
 
 Known differences (README "Known differences"), each applied only when the
 strict comparison fails and reported by id when it explains the difference:
-  K1 final-callback order: units whose post-backward runs in the end-of-
-     backward callback (their forward inputs need no grad, e.g. the root and
-     the first block) are processed root-first in module pre-order by FSDP2
-     (FSDPState._root_post_backward_final_callback walks all_states), in
-     reverse forward order by our engine (Engine::Impl::final_callback). The
-     check: the segments after the last pre_backward agree as multisets of
-     per-unit event blocks and of collectives; everything before is strict.
+  (K1, the end-of-backward order of units without a post-backward hook,
+     was a difference until the engine took FSDP2's root-first module
+     pre-order; it is now checked strictly.)
   K2 HSDP all-reduce placement: FSDP2 all-reduces each unit's reduce-scatter
      output across replicas right after its reduce-scatter (foreach_reduce);
      our engine issues every all-reduce at the end of backward
      (finish_reductions). The check: the sequences without all-reduces are
-     equal (strict, or under K1), and all collectives agree as a multiset.
-  K3 parameter-less root: our engine makes such a root a unit anyway: it
-     issues an all-gather of 0 elements every forward, emits its unshard /
-     pre_backward / reshard / post_backward, and its backward prefetch
-     gathers the last block before that block's pre_backward. FSDP2 builds no
-     param group for it: no collective, no event, no prefetch. The check:
-     without our 0-element all-gathers and the root's events (the all-gather
-     its prefetch issued moved behind the target's pre_backward), strict or
-     under K1/K2.
+     equal, and all collectives agree as a multiset.
+  (K3, a parameter-less root issuing a 0-element all-gather and events of
+     its own, was a difference until the engine treated such a unit as
+     FSDP2 does a state without a param group; it is now checked strictly.)
 Vocabulary mapping (not differences in behaviour, so always applied):
   V1 our on_prefetch with an empty target ("nothing to prefetch") has no
      FSDP2 counterpart: dropped.
@@ -146,99 +137,17 @@ def first_diff(a, b, fmt):
     return i, "\n".join(lines)
 
 
-def tail_start(events, seq_list):
-    """Index in seq_list of the first item after the step's last pre_backward."""
-    last_pb = max((e["seq"] for e in events if e["kind"] == "pre_backward"), default=None)
-    if last_pb is None:
-        return len(seq_list)
-    return next((i for i, item in enumerate(seq_list) if item["seq"] > last_pb), len(seq_list))
-
-
-def unit_blocks(events):
-    blocks, current = [], []
-    for e in events:
-        if current and current[-1]["unit"] != e["unit"]:
-            blocks.append(tuple(ev_key(x) for x in current))
-            current = []
-        current.append(e)
-    if current:
-        blocks.append(tuple(ev_key(x) for x in current))
-    return Counter(blocks)
-
-
-def k3_events(events):
-    """K3: drop the param-less root's own events and prefetch decisions; the
-    all-gather a root prefetch issued moves behind its target's pre_backward
-    (where FSDP2, with no root group to prefetch, issues it)."""
-    root = [e["kind"] for e in events if e["unit"] == "" and e["kind"] not in ("final_callback", "prefetch")]
-    # A root on a shard group of one gathers and frees nothing (no unshard /
-    # reshard, as V2); otherwise its empty gather is the step's first event.
-    gathered = root == ["unshard", "pre_backward", "reshard", "post_backward"]
-    if not (gathered and events and ev_key(events[0]) == ("unshard", "")) and \
-            root != ["pre_backward", "post_backward"]:
-        return None  # not the pattern K3 describes: no excuse
-    out, held = [], {}
-    i = 0
-    while i < len(events):
-        e = events[i]
-        if e["unit"] == "" and e["kind"] != "final_callback":
-            if e["kind"] == "prefetch" and i + 1 < len(events) and events[i + 1]["kind"] == "unshard" \
-                    and events[i + 1]["unit"] == e.get("target"):
-                held[e["target"]] = events[i + 1]
-                i += 1
-            i += 1
-            continue
-        out.append(e)
-        if e["kind"] == "pre_backward" and e["unit"] in held:
-            out.append(held.pop(e["unit"]))
-        i += 1
-    return out
-
-
-def compare_events(ours, theirs, param_less_root=False):
+def compare_events(ours, theirs):
     """Returns (ok, known_ids, message)."""
-    ok, known, msg = compare_events_once(ours, theirs)
-    if ok or not param_less_root:
-        return ok, known, msg
-    trimmed = k3_events(ours)
-    if trimmed is None:
-        return ok, known, msg
-    ok3, known3, _ = compare_events_once(trimmed, theirs)
-    return (True, known3 | {"K3"}, "") if ok3 else (ok, known, msg)
-
-
-def compare_events_once(ours, theirs):
     a = [ev_key(e) for e in ours]
     b = [ev_key(e) for e in theirs]
     if a == b:
         return True, set(), ""
-    # K1: strict before the last pre_backward; the tail (without the final
-    # callback event, compared last) as a multiset of per-unit blocks.
-    ia, ib = tail_start(ours, ours), tail_start(theirs, theirs)
-    strip = lambda evs: [e for e in evs if e["kind"] != "final_callback"]  # noqa: E731
-    if a[:ia] == b[:ib] and unit_blocks(strip(ours[ia:])) == unit_blocks(strip(theirs[ib:])) \
-            and a[-1:] == b[-1:]:
-        return True, {"K1"}, ""
     diff = first_diff(a, b, lambda k: " ".join(str(x) if x != "" else "<root>" for x in k))
     return False, set(), f"first difference at event #{diff[0]}:\n{diff[1]}"
 
 
-def compare_collectives(ours, theirs, ours_events, theirs_events, param_less_root=False):
-    ok, known, msg = compare_collectives_once(ours, theirs, ours_events, theirs_events)
-    if ok or not param_less_root:
-        return ok, known, msg
-    # K3: the param-less root's empty all-gathers.
-    # Exactly one, the step's first collective, on the group of the next all-gather.
-    empty = [i for i, c in enumerate(ours) if c["op"] == "all_gather" and c["in_numel"] == 0]
-    trimmed_events = k3_events(ours_events)
-    if empty != [0] or len(ours) < 2 or ours[1]["op"] != "all_gather" or ours[0]["group"] != ours[1]["group"] \
-            or ours[0]["out_numel"] != 0 or trimmed_events is None:
-        return ok, known, msg
-    ok3, known3, _ = compare_collectives_once(ours[1:], theirs, trimmed_events, theirs_events)
-    return (True, known3 | {"K3"}, "") if ok3 else (ok, known, msg)
-
-
-def compare_collectives_once(ours, theirs, ours_events, theirs_events):
+def compare_collectives(ours, theirs):
     a = [coll_key(c) for c in ours]
     b = [coll_key(c) for c in theirs]
     if a == b:
@@ -252,23 +161,11 @@ def compare_collectives_once(ours, theirs, ours_events, theirs_events):
                               f"only fsdp2 {[coll_str_k(k) for k in only_b.elements()]}\n"
                               f"    first difference at collective #{diff[0]}:\n{diff[1]}")
 
-    def tail_equal(xs, ys, xs_items, ys_items):
-        ix = tail_start(ours_events, xs_items)
-        iy = tail_start(theirs_events, ys_items)
-        return xs[:ix] == ys[:iy] and Counter(xs[ix:]) == Counter(ys[iy:])
-
-    # K2 (all-reduces placed differently) before K1, so that each report names
-    # the narrowest rule that explains the difference.
-    oa = [c for c in ours if c["op"] != "all_reduce"]
-    ob = [c for c in theirs if c["op"] != "all_reduce"]
-    ka, kb = [coll_key(c) for c in oa], [coll_key(c) for c in ob]
-    has_all_reduce = any(c["op"] == "all_reduce" for c in theirs)
-    if has_all_reduce and ka == kb:
+    # K2: the all-reduces placed differently, everything else in order.
+    ka = [coll_key(c) for c in ours if c["op"] != "all_reduce"]
+    kb = [coll_key(c) for c in theirs if c["op"] != "all_reduce"]
+    if any(c["op"] == "all_reduce" for c in theirs) and ka == kb:
         return True, {"K2"}, ""
-    if tail_equal(a, b, ours, theirs):
-        return True, {"K1"}, ""
-    if has_all_reduce and tail_equal(ka, kb, oa, ob):
-        return True, {"K1", "K2"}, ""
     diff = first_diff(a, b, coll_str_k)
     return False, set(), f"first difference at collective #{diff[0]}:\n{diff[1]}"
 
@@ -367,15 +264,13 @@ def compare_case(root, name, verbose):
         oj, tj = load_json(paths["ours"] + ".json"), load_json(paths["fsdp2"] + ".json")
         ot, tt = load_cpp_pickle(paths["ours"] + ".pt"), load_cpp_pickle(paths["fsdp2"] + ".pt")
         problems = compare_numerics(case, rank, oj, ot, tj, tt, report)
-        param_less_root = not any(p["unit"] == "" for p in oj["placements"].values())
         for step in range(case.steps):
             oe, te = normalise_ours_events(oj["events"][step]), normalise_fsdp2_events(tj["events"][step])
-            good, known, msg = compare_collectives(oj["collectives"][step], tj["collectives"][step], oe, te,
-                                                   param_less_root)
+            good, known, msg = compare_collectives(oj["collectives"][step], tj["collectives"][step])
             known_all.update(f"{k} (collectives)" for k in known)
             if not good:
                 problems.append(f"step {step} collectives: {msg}")
-            good, known, msg = compare_events(oe, te, param_less_root)
+            good, known, msg = compare_events(oe, te)
             known_all.update(f"{k} (events)" for k in known)
             if not good:
                 problems.append(f"step {step} events: {msg}")

@@ -712,15 +712,8 @@ class UnitForwardScope final : public Engine::ForwardScope {
   std::exception_ptr with_context(std::exception_ptr error) override {
     const std::vector<Unit::Impl*> skipped = sub_units_not_run();
     if (skipped.empty()) return error;
-    std::string what = "unknown error";
-    try {
-      std::rethrow_exception(error);
-    } catch (const std::exception& e) {
-      what = e.what();
-    } catch (...) {
-    }
     return std::make_exception_ptr(std::runtime_error(
-        "forward of unit '" + unit_.fqn + "' failed: " + what + "\n  note: its sub-unit(s) " + names(skipped) +
+        "forward of unit '" + unit_.fqn + "' failed: " + error_text(error) + "\n  note: its sub-unit(s) " + names(skipped) +
         " were not called through fsdp::call before the failure; a forward that calls them directly computes "
         "with their shards. " + kFix));
   }

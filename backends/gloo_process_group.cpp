@@ -15,9 +15,12 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/headeronly/version.h>
 
+#include <signal.h>
+
 #include <atomic>
 #include <cctype>
 #include <cerrno>
+#include <csignal>
 #include <condition_variable>
 #include <cstdlib>
 #include <iostream>
@@ -503,9 +506,23 @@ int env_int(const char* name, long min, long max) {
   return static_cast<int>(parsed);
 }
 
+// Gloo writes to its peers' sockets without MSG_NOSIGNAL on some paths, so a
+// peer that dies can kill this process with SIGPIPE before the write's EPIPE
+// becomes a CommError. Python ignores SIGPIPE at start-up, which is why
+// torch.distributed does not see this; a C++ program must do it itself. A
+// handler the program installed is left alone.
+void ignore_default_sigpipe() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction current {};
+    if (sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) std::signal(SIGPIPE, SIG_IGN);
+  });
+}
+
 }  // namespace
 
 ProcessGroupPtr make_gloo_process_group(GlooOptions options) {
+  ignore_default_sigpipe();
   if (options.check_collectives) {
     GlooOptions side = options;
     side.name += "/check";

@@ -44,7 +44,10 @@
 // GlooOptions::check_collectives (on by default) adds that check.
 //
 // Errors: argument errors throw CommError at the call (collective_checks.h).
-// Transport failures (a peer died, a timeout) travel in the Work and wait()
+// Building a group sets SIGPIPE to ignored if it is still at its default (as
+// Python does), so that a peer's death reaches the caller as an error and
+// does not kill the process. Transport failures (a peer died, a timeout)
+// travel in the Work and wait()
 // throws CommError -- CollectiveTimeoutError for Gloo timeouts -- whose
 // message holds the CollectiveDesc (rank, group, seq, op, shapes) and the
 // first line of Gloo's message. Rendezvous failures throw CommError from the

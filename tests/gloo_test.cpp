@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -1016,6 +1017,17 @@ TEST(GlooProcessFailures, RankExitingAfterRendezvousFailsTheOthers) {
   expect_peer_failure_reported(result, output.str());
 }
 
+// Gloo may write to a peer that has gone: the process must see EPIPE, not
+// die of SIGPIPE (rank 0 of RankKilledBySigkillFailsTheOthers did, now and
+// then). The worker builds a group, then writes to a pipe nobody reads.
+TEST(GlooProcessFailures, ProcessWithAGroupSurvivesWritingToAClosedConnection) {
+  std::ostringstream output;
+  LaunchResult result = launch_processes(worker_launch(1, "gloo_write_to_closed_pipe", &output));
+  EXPECT_EQ(result.ranks.at(0).signal, 0) << result.report() << output.str();
+  EXPECT_EQ(result.ranks.at(0).exit_code, 0) << result.report() << output.str();
+  EXPECT_THAT(result.ranks.at(0).output_tail, HasSubstr("write failed with EPIPE"));
+}
+
 TEST(GlooProcessFailures, FailingRanksDumpTheirRecentCollectives) {
   std::ostringstream output;
   LaunchResult result = launch_processes(worker_launch(3, "gloo_rank1_exits_flight_recorder", &output));
@@ -1149,6 +1161,19 @@ FSDPSIM_REGISTER_WORKER(gloo_rank1_exits_flight_recorder) {
     return 1;
   }
   return 0;
+}
+
+FSDPSIM_REGISTER_WORKER(gloo_write_to_closed_pipe) {
+  using namespace fsdpsim;
+  ProcessGroupPtr pg = worker_group();
+  int fds[2];
+  if (pipe(fds) != 0) return 4;
+  close(fds[0]);
+  const char byte = 0;
+  const bool epipe = write(fds[1], &byte, 1) == -1 && errno == EPIPE;
+  close(fds[1]);
+  std::cout << (epipe ? "write failed with EPIPE" : "write did not fail with EPIPE") << std::endl;
+  return epipe ? 0 : 5;
 }
 
 FSDPSIM_REGISTER_WORKER(gloo_rank1_sigkill) {

@@ -804,12 +804,9 @@ Engine::~Engine() {
   for (const auto& [module, unit] : impl_->by_module) r.engines.erase(module);
 }
 
-void Engine::fully_shard(const std::shared_ptr<torch::nn::Module>& module, const FullyShardOptions& options) {
-  if (!module) throw std::invalid_argument("fully_shard: module is null");
-  const std::string name = module->name();
-  if (detail::engine_of(module.get()) != nullptr) {
-    throw std::invalid_argument("fully_shard: module " + name + " is already sharded");
-  }
+namespace {
+
+void check_shard_options(const std::string& name, const FullyShardOptions& options) {
   if (!options.shard_group) throw std::invalid_argument("fully_shard(" + name + "): shard_group is null");
   const bool replicated = options.strategy == ShardingStrategy::NoShard ||
                           options.strategy == ShardingStrategy::HybridShard;
@@ -827,6 +824,98 @@ void Engine::fully_shard(const std::shared_ptr<torch::nn::Module>& module, const
   if (!(options.gradient_predivide_factor > 0.0)) {
     throw std::invalid_argument("fully_shard(" + name + "): gradient_predivide_factor must be positive");
   }
+}
+
+// Broadcasts rank 0's values of the module's params (those no nested unit
+// owns yet) and buffers over both groups, so every rank starts alike.
+void sync_module_states(torch::nn::Module& module, const FullyShardOptions& options,
+                        const std::unordered_set<const c10::TensorImpl*>& managed) {
+  torch::NoGradGuard no_grad;
+  auto broadcast_into = [](ProcessGroup& group, const at::Tensor& target) {
+    at::Tensor contiguous = target.contiguous();
+    group.broadcast(contiguous, BroadcastOptions{})->wait();
+    if (!contiguous.is_same(target)) target.copy_(contiguous);
+  };
+  for (const auto& group : {options.shard_group, options.replicate_group}) {
+    if (!group || group->size() == 1) continue;
+    for (auto& tensor : module.parameters()) {
+      if (!managed.count(tensor.unsafeGetTensorImpl())) broadcast_into(*group, tensor.data());
+    }
+    for (auto& buffer : module.buffers()) broadcast_into(*group, buffer);
+  }
+}
+
+// One unit's params agree on device and dtype (they share one flat
+// all-gather buffer) and have a dim 0 to shard.
+class UnitParamChecker {
+ public:
+  explicit UnitParamChecker(std::string unit_name) : unit_name_(std::move(unit_name)) {}
+
+  void check(const std::string& fqn, const at::Tensor& param) {
+    if (device_ && param.device() != *device_) {
+      throw std::invalid_argument("fully_shard(" + unit_name_ + "): param '" + fqn + "' is on " +
+                                  param.device().str() + ", other params of the unit on " + device_->str());
+    }
+    if (dtype_ && param.scalar_type() != *dtype_) {
+      throw std::invalid_argument("fully_shard(" + unit_name_ + "): param '" + fqn + "' is " +
+                                  c10::toString(param.scalar_type()) + ", other params of the unit " +
+                                  c10::toString(*dtype_));
+    }
+    if (param.dim() == 0) {
+      throw std::invalid_argument("fully_shard(" + unit_name_ + "): param '" + fqn + "' is 0-dim; shard it as [1]");
+    }
+    device_ = param.device();
+    dtype_ = param.scalar_type();
+  }
+
+  at::TensorOptions tensor_options() const {
+    return at::TensorOptions().dtype(dtype_.value_or(at::kFloat)).device(device_.value_or(at::kCPU));
+  }
+
+ private:
+  std::string unit_name_;
+  std::optional<at::Device> device_;
+  std::optional<at::ScalarType> dtype_;
+};
+
+// Swaps `param` to this rank's rows of dim 0 (padded to an equal chunk per
+// rank) with its identity kept; a grad it already has is sharded alike.
+ShardedParam shard_param(std::string fqn, const at::Tensor& param, Unit::Impl& unit) {
+  ShardedParam p;
+  p.fqn = std::move(fqn);
+  p.param = param;
+  p.full_shape = param.sizes().vec();
+  p.dim0 = p.full_shape[0];
+  p.row_numel = 1;
+  for (size_t d = 1; d < p.full_shape.size(); ++d) p.row_numel *= p.full_shape[d];
+  p.rows_per_rank = (p.dim0 + unit.shard_world - 1) / unit.shard_world;
+  const int64_t begin = unit.shard_rank * p.rows_per_rank;
+  p.my_rows = std::max<int64_t>(0, std::min(p.rows_per_rank, p.dim0 - begin));
+  p.offset = unit.chunk_total;
+  unit.chunk_total += p.chunk_numel();
+
+  torch::NoGradGuard no_grad;
+  p.padded_shard = at::zeros(p.rows_shape(p.rows_per_rank), param.options().requires_grad(false));
+  p.shard_view = p.padded_shard.narrow(0, 0, p.my_rows);
+  if (p.my_rows > 0) p.shard_view.copy_(param.detach().narrow(0, begin, p.my_rows));
+  const at::Tensor& grad = param.grad();
+  at::Tensor sharded_grad;
+  if (grad.defined()) sharded_grad = grad.narrow(0, begin, p.my_rows).clone();
+  p.param.mutable_grad() = at::Tensor();
+  p.param.set_data(p.shard_view);
+  if (sharded_grad.defined()) p.param.mutable_grad() = sharded_grad;
+  return p;
+}
+
+}  // namespace
+
+void Engine::fully_shard(const std::shared_ptr<torch::nn::Module>& module, const FullyShardOptions& options) {
+  if (!module) throw std::invalid_argument("fully_shard: module is null");
+  const std::string name = module->name();
+  if (detail::engine_of(module.get()) != nullptr) {
+    throw std::invalid_argument("fully_shard: module " + name + " is already sharded");
+  }
+  check_shard_options(name, options);
 
   auto unit_impl = std::make_unique<Unit::Impl>();
   Unit::Impl& unit = *unit_impl;
@@ -837,75 +926,17 @@ void Engine::fully_shard(const std::shared_ptr<torch::nn::Module>& module, const
   unit.shard_rank = options.shard_group->rank();
   unit.reshard_after_forward = options.strategy == ShardingStrategy::FullShard ||
                                options.strategy == ShardingStrategy::HybridShard;
-
-  if (options.sync_module_states) {
-    torch::NoGradGuard no_grad;
-    for (const auto& group : {options.shard_group, options.replicate_group}) {
-      if (!group || group->size() == 1) continue;
-      for (auto& tensor : module->parameters()) {
-        if (impl_->managed.count(tensor.unsafeGetTensorImpl())) continue;
-        at::Tensor data = tensor.data();
-        at::Tensor contiguous = data.contiguous();
-        group->broadcast(contiguous, BroadcastOptions{})->wait();
-        if (!contiguous.is_same(data)) data.copy_(contiguous);
-      }
-      for (auto& buffer : module->buffers()) {
-        at::Tensor contiguous = buffer.contiguous();
-        group->broadcast(contiguous, BroadcastOptions{})->wait();
-        if (!contiguous.is_same(buffer)) buffer.copy_(contiguous);
-      }
-    }
-  }
+  if (options.sync_module_states) sync_module_states(*module, options, impl_->managed);
 
   std::unordered_set<const c10::TensorImpl*> seen;
-  std::optional<at::Device> device;
-  std::optional<at::ScalarType> dtype;
+  UnitParamChecker checker(name);
   for (const auto& item : module->named_parameters()) {
-    const at::Tensor& param = item.value();
-    const c10::TensorImpl* key = param.unsafeGetTensorImpl();
+    const c10::TensorImpl* key = item.value().unsafeGetTensorImpl();
     if (impl_->managed.count(key) || !seen.insert(key).second) continue;  // a nested unit's, or tied
-    if (device && param.device() != *device) {
-      throw std::invalid_argument("fully_shard(" + name + "): param '" + item.key() + "' is on " +
-                                  param.device().str() + ", other params of the unit on " + device->str());
-    }
-    if (dtype && param.scalar_type() != *dtype) {
-      throw std::invalid_argument("fully_shard(" + name + "): param '" + item.key() + "' is " +
-                                  c10::toString(param.scalar_type()) + ", other params of the unit " +
-                                  c10::toString(*dtype));
-    }
-    if (param.dim() == 0) {
-      throw std::invalid_argument("fully_shard(" + name + "): param '" + item.key() + "' is 0-dim; shard it as [1]");
-    }
-    device = param.device();
-    dtype = param.scalar_type();
-
-    ShardedParam p;
-    p.fqn = item.key();
-    p.param = param;
-    p.full_shape = param.sizes().vec();
-    p.dim0 = p.full_shape[0];
-    p.row_numel = 1;
-    for (size_t d = 1; d < p.full_shape.size(); ++d) p.row_numel *= p.full_shape[d];
-    p.rows_per_rank = (p.dim0 + unit.shard_world - 1) / unit.shard_world;
-    const int64_t begin = unit.shard_rank * p.rows_per_rank;
-    p.my_rows = std::max<int64_t>(0, std::min(p.rows_per_rank, p.dim0 - begin));
-    p.offset = unit.chunk_total;
-    unit.chunk_total += p.chunk_numel();
-    {
-      torch::NoGradGuard no_grad;
-      p.padded_shard = at::zeros(p.rows_shape(p.rows_per_rank), param.options().requires_grad(false));
-      p.shard_view = p.padded_shard.narrow(0, 0, p.my_rows);
-      if (p.my_rows > 0) p.shard_view.copy_(param.detach().narrow(0, begin, p.my_rows));
-      const at::Tensor& grad = param.grad();
-      at::Tensor sharded_grad;
-      if (grad.defined()) sharded_grad = grad.narrow(0, begin, p.my_rows).clone();
-      p.param.mutable_grad() = at::Tensor();
-      p.param.set_data(p.shard_view);
-      if (sharded_grad.defined()) p.param.mutable_grad() = sharded_grad;
-    }
-    unit.params.push_back(std::move(p));
+    checker.check(item.key(), item.value());
+    unit.params.push_back(shard_param(item.key(), item.value(), unit));
   }
-  unit.tensor_options = at::TensorOptions().dtype(dtype.value_or(at::kFloat)).device(device.value_or(at::kCPU));
+  unit.tensor_options = checker.tensor_options();
 
   for (const auto& p : unit.params) impl_->managed.insert(p.param.unsafeGetTensorImpl());
   impl_->by_module[module.get()] = &unit;

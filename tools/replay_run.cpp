@@ -609,7 +609,8 @@ std::vector<sim::CostSample> calibrate_one(const ReplayPlan& plan, int world_siz
   for (int r = 0; r < world_size; ++r) group.ranks.push_back(r);
   cal.groups.push_back(group);
   std::vector<PlannedOp> program;
-  const int64_t unit = int64_t{4} * world_size;  // S must split into float chunks
+  const int64_t element = static_cast<int64_t>(c10::elementSize(at::kFloat));
+  const int64_t unit = element * world_size;  // S must split into float chunks
   auto add = [&](CollectiveOp kind, int64_t bytes) {
     const int64_t chunk = std::max<int64_t>(1, (bytes + unit - 1) / unit);
     PlannedOp op;
@@ -623,9 +624,9 @@ std::vector<sim::CostSample> calibrate_one(const ReplayPlan& plan, int world_siz
       case CollectiveOp::Broadcast: op.in_numel = op.out_numel = chunk * world_size; break;
       case CollectiveOp::Barrier: break;
     }
-    op.total_bytes = sim::total_bytes(kind, op.in_numel, op.out_numel, 4);
+    op.total_bytes = sim::total_bytes(kind, op.in_numel, op.out_numel, element);
     const bool in_place = kind == CollectiveOp::AllReduce || kind == CollectiveOp::Broadcast;
-    op.buffer_bytes = (in_place ? op.in_numel : op.in_numel + op.out_numel) * 4;
+    op.buffer_bytes = (in_place ? op.in_numel : op.in_numel + op.out_numel) * element;
     cal.max_buffer_bytes = std::max(cal.max_buffer_bytes, op.buffer_bytes);
     for (int rep = 0; rep <= calibration.reps; ++rep) {
       op.seq = program.size() + 1;

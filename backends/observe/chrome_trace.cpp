@@ -83,7 +83,10 @@ OrderedJson base_json(const char* ph, const std::string& name, const char* cat, 
 
 std::string ranks_string(const std::vector<int>& ranks) {
   std::string out = "[";
-  for (size_t i = 0; i < ranks.size(); ++i) out += (i ? ", " : "") + std::to_string(ranks[i]);
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    if (i) out += ", ";  // appended separately: GCC 12 misreads "" + string (-Wrestrict)
+    out += std::to_string(ranks[i]);
+  }
   return out + "]";
 }
 

@@ -1,6 +1,9 @@
 #pragma once
-// Time in this project is int64 nanoseconds everywhere; ns_to_us is the one
-// conversion (for Chrome traces, which count microseconds).
+// Time in this project is int64 nanoseconds everywhere; ns_to_us and ns_to_ms
+// are the conversions (Chrome traces count microseconds, reports milliseconds).
+//
+// Thread-safety: a Clock is read from every rank at once; now_ns() is const
+// and thread-safe (SteadyClock holds no state).
 
 #include <chrono>
 #include <cstdint>
@@ -30,5 +33,6 @@ class SteadyClock final : public Clock {
 };
 
 inline double ns_to_us(int64_t ns) { return static_cast<double>(ns) / 1000.0; }
+inline double ns_to_ms(int64_t ns) { return static_cast<double>(ns) / 1e6; }
 
 }  // namespace fsdpsim

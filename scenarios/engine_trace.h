@@ -1,19 +1,22 @@
 #pragma once
 // Records engine events (unshard, reshard, pre/post-backward, final callback)
 // into a TraceRecorder, beside the collectives of the same rank. Lives here
-// because it joins the two lower layers: fsdp (events) and sim (traces).
+// because it joins two lower layers: fsdp (events) and backends/observe (traces).
+//
+// Thread-safety: one object per rank's engine; the recorder it shares is
+// thread-safe.
 
 #include <memory>
 
 #include "backends/clock.h"
+#include "backends/observe/trace_recorder.h"
 #include "fsdp/fully_shard.h"
-#include "sim/trace.h"
 
 namespace fsdpsim::scenarios {
 
 class TraceEngineHooks final : public fsdp::EngineHooks {
  public:
-  TraceEngineHooks(std::shared_ptr<sim::TraceRecorder> recorder, int rank,
+  TraceEngineHooks(std::shared_ptr<observe::TraceRecorder> recorder, int rank,
                    const Clock& clock = SteadyClock::instance())
       : recorder_(std::move(recorder)), rank_(rank), clock_(clock) {}
 
@@ -42,7 +45,7 @@ class TraceEngineHooks final : public fsdp::EngineHooks {
     recorder_->record_engine_event(rank_, kind, unit.empty() ? "<root>" : unit, fsdp::to_string(state), now, now);
   }
 
-  std::shared_ptr<sim::TraceRecorder> recorder_;
+  std::shared_ptr<observe::TraceRecorder> recorder_;
   int rank_;
   const Clock& clock_;
 };

@@ -12,8 +12,8 @@
 #include <unordered_map>
 
 #include "backends/comm_hooks.h"
+#include "backends/observe/trace_recorder.h"
 #include "sim/fiber_autograd.h"
-#include "sim/trace.h"
 
 namespace fsdpsim::scenarios {
 

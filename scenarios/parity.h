@@ -41,7 +41,7 @@
 #include "scenarios/models.h"
 #include "sim/world.h"
 
-namespace fsdpsim::sim {
+namespace fsdpsim::observe {
 class TraceRecorder;
 }
 
@@ -91,7 +91,7 @@ struct ParityConfig {
   /// false: only the sharded run (no reference, no comparisons).
   bool run_reference = true;
   /// When set, the world records every collective here.
-  std::shared_ptr<sim::TraceRecorder> trace;
+  std::shared_ptr<observe::TraceRecorder> trace;
   /// When set, called on each rank before its groups are built; a non-null
   /// result hooks every collective of that rank (delays, failures), outside
   /// the harness's own counting hooks.

@@ -10,10 +10,11 @@
 #include <thread>
 
 #include "backends/gloo_process_group.h"
+#include "backends/observe/flight_recorder.h"
+#include "backends/observe/observed_process_group.h"
+#include "backends/observe/trace_recorder.h"
 #include "sim/fake_process_group.h"
 #include "sim/fiber_scheduler.h"
-#include "sim/flight_recorder.h"
-#include "sim/trace.h"
 
 namespace fsdpsim::sim {
 
@@ -146,6 +147,44 @@ void* run_runner(void* arg) {
   return nullptr;
 }
 
+// One thread per rank with the given stack; a rank that cannot start fails
+// itself and the ranks after it.
+void run_on_threads(const std::vector<std::unique_ptr<RankRunner>>& runners, size_t stack_bytes, WorldResult& result,
+                    FakeWorldState* fake_state) {
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, stack_bytes);
+  std::vector<pthread_t> threads;
+  threads.reserve(runners.size());
+  for (size_t r = 0; r < runners.size(); ++r) {
+    pthread_t thread;
+    int rc = pthread_create(&thread, &attr, &run_runner, runners[r].get());
+    if (rc != 0) {
+      fail_unstarted(result, static_cast<int>(r),
+                     "could not start rank thread " + std::to_string(r) + ": " + std::strerror(rc), fake_state);
+      break;
+    }
+    threads.push_back(thread);
+  }
+  pthread_attr_destroy(&attr);
+  for (auto& thread : threads) pthread_join(thread, nullptr);
+}
+
+// Each rank's group under one observing decorator feeding the trace (when
+// set), then the flight recorder (when set); `make_group` unchanged without either.
+std::function<ProcessGroupPtr(int)> observed(std::function<ProcessGroupPtr(int)> make_group,
+                                             const std::shared_ptr<observe::TraceRecorder>& trace,
+                                             const std::shared_ptr<observe::FlightRecorder>& flight,
+                                             const Clock& clock) {
+  std::vector<observe::SinkPtr> sinks;
+  if (trace) sinks.push_back(trace);
+  if (flight) sinks.push_back(flight);
+  if (sinks.empty()) return make_group;
+  return [inner = std::move(make_group), sinks, &clock](int rank) -> ProcessGroupPtr {
+    return std::make_shared<observe::ObservedProcessGroup>(inner(rank), sinks, rank, clock);
+  };
+}
+
 }  // namespace
 
 WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
@@ -181,18 +220,11 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
       return make_gloo_process_group(gloo);
     };
   }
-  std::shared_ptr<FlightRecorder> flight;
+  std::shared_ptr<observe::FlightRecorder> flight;
   if (options_.flight_recorder_entries > 0) {
-    flight = std::make_shared<FlightRecorder>(n, options_.flight_recorder_entries);
-    make_group = [inner = make_group, flight, clock](int rank) -> ProcessGroupPtr {
-      return std::make_shared<FlightRecordingProcessGroup>(inner(rank), flight, rank, *clock);
-    };
+    flight = std::make_shared<observe::FlightRecorder>(n, options_.flight_recorder_entries);
   }
-  if (options_.trace) {
-    make_group = [inner = make_group, trace = options_.trace, clock](int rank) -> ProcessGroupPtr {
-      return std::make_shared<TracedProcessGroup>(inner(rank), trace, rank, *clock);
-    };
-  }
+  make_group = observed(std::move(make_group), options_.trace, flight, *clock);
 
   std::vector<std::unique_ptr<RankRunner>> runners;
   runners.reserve(n);
@@ -202,23 +234,7 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
   }
 
   if (options_.rank_kind == RankKind::Threads) {
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setstacksize(&attr, options_.thread_stack_bytes);
-    std::vector<pthread_t> threads;
-    threads.reserve(n);
-    for (int r = 0; r < n; ++r) {
-      pthread_t thread;
-      int rc = pthread_create(&thread, &attr, &run_runner, runners[r].get());
-      if (rc != 0) {
-        fail_unstarted(result, r, "could not start rank thread " + std::to_string(r) + ": " + std::strerror(rc),
-                       fake_state_.get());
-        break;
-      }
-      threads.push_back(thread);
-    }
-    pthread_attr_destroy(&attr);
-    for (auto& thread : threads) pthread_join(thread, nullptr);
+    run_on_threads(runners, options_.thread_stack_bytes, result, fake_state_.get());
   } else {
     // All fibers on one fresh OS thread: the caller's thread keeps its own
     // scheduler, and one thread makes the interleaving deterministic.

@@ -13,6 +13,9 @@
 // Determinism: fiber ranks run on one OS thread under a scheduler that is
 // round-robin or seeded-random; the same seed and the same code give the same
 // interleaving, hence the same trace and bitwise-identical results.
+//
+// Thread-safety: a World runs one run() at a time, from one thread; the rank
+// function runs on every rank at once, each with its own RankContext.
 
 #include <chrono>
 #include <cstdint>
@@ -26,9 +29,12 @@
 #include "sim/cost_model.h"
 #include "sim/sim_clock.h"
 
+namespace fsdpsim::observe {
+class TraceRecorder;
+}  // namespace fsdpsim::observe
+
 namespace fsdpsim::sim {
 
-class TraceRecorder;
 class FakeWorldState;
 
 enum class RankKind { Threads, Fibers };
@@ -57,7 +63,7 @@ struct WorldOptions {
   /// Stack of each thread rank.
   size_t thread_stack_bytes = 4 * 1024 * 1024;
   /// When set, every collective of every rank is recorded here.
-  std::shared_ptr<TraceRecorder> trace;
+  std::shared_ptr<observe::TraceRecorder> trace;
   /// Each rank's last collectives kept in a ring buffer (0: off); a failed
   /// run returns their dump in WorldResult::flight_recorder.
   size_t flight_recorder_entries = 16;
@@ -110,7 +116,7 @@ struct RankOutcome {
 struct WorldResult {
   std::vector<RankOutcome> ranks;
   /// When a rank failed: every rank's recent collectives and where each
-  /// rank was (sim/flight_recorder.h), for hang and desync diagnosis.
+  /// rank was (backends/observe/flight_recorder.h), for hang and desync diagnosis.
   std::string flight_recorder;
   bool ok() const;
   /// One line per failed rank: "rank 3: <error>".

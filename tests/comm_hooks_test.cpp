@@ -16,11 +16,11 @@
 #include <stdexcept>
 #include <tuple>
 
-#include "tests/mock_comm_hooks.h"
 #include "backends/comm_hooks.h"
 #include "backends/errors.h"
-#include "sim/trace.h"
+#include "backends/observe/trace_recorder.h"
 #include "sim/world.h"
+#include "tests/mock_comm_hooks.h"
 
 namespace fsdpsim {
 namespace {
@@ -209,7 +209,7 @@ TEST_P(CommHooksWorldTest, ReplacedAllReduceIsALocalNoop) {
           if (w != replacements[static_cast<size_t>(r)]) throw std::runtime_error("after() saw another Work");
         });
   }
-  auto recorder = std::make_shared<sim::TraceRecorder>(size);
+  auto recorder = std::make_shared<observe::TraceRecorder>(size);
   WorldOptions o = options();
   o.trace = recorder;
   World world(o);

@@ -11,14 +11,19 @@
 #include <string>
 #include <vector>
 
-#include "sim/flight_recorder.h"
-#include "sim/trace.h"
+#include "backends/observe/flight_recorder.h"
+#include "backends/observe/observed_process_group.h"
+#include "backends/observe/trace_recorder.h"
 #include "sim/world.h"
 
 namespace fsdpsim::sim {
 namespace {
 
 using ::testing::HasSubstr;
+using observe::FlightHandle;
+using observe::FlightRecorder;
+using observe::FlightState;
+using observe::TraceRecorder;
 
 CollectiveDesc desc(uint64_t seq, CollectiveOp op = CollectiveOp::AllGather, const std::string& group = "world") {
   CollectiveDesc d;
@@ -38,8 +43,8 @@ TEST(FlightRecorder, RingKeepsTheLastEntriesPerRank) {
   fr.record_scheduled(1, desc(1), {0, 1}, 1500);
   const auto entries = fr.entries(0);
   ASSERT_EQ(entries.size(), 3u);
-  EXPECT_EQ(entries[0].seq, 3u);
-  EXPECT_EQ(entries[2].seq, 5u);
+  EXPECT_EQ(entries[0].record.seq, 3u);
+  EXPECT_EQ(entries[2].record.seq, 5u);
   EXPECT_EQ(fr.recorded(0), 5u);
   EXPECT_EQ(fr.recorded(1), 1u);
   // Updates to entries that fell out are ignored; a completion is final.
@@ -49,8 +54,8 @@ TEST(FlightRecorder, RingKeepsTheLastEntriesPerRank) {
   fr.record_started(handles[3], 4100);
   const auto after = fr.entries(0);
   EXPECT_EQ(after[2].state, FlightState::Completed);
-  EXPECT_EQ(after[2].completed_ns, 5200);
-  EXPECT_EQ(after[2].error, "");
+  EXPECT_EQ(after[2].record.end_ns, 5200);
+  EXPECT_EQ(after[2].record.error, "");
   EXPECT_EQ(after[1].state, FlightState::Started);
   EXPECT_EQ(after[0].state, FlightState::Scheduled);
   EXPECT_THROW(fr.record_scheduled(2, desc(1), {0, 1}, 0), std::invalid_argument);
@@ -94,7 +99,7 @@ TEST(FlightRecorder, FromTraceMarksStartedWhenEveryRankIssued) {
   const auto r0 = fr->entries(0);
   ASSERT_EQ(r0.size(), 2u);
   EXPECT_EQ(r0[0].state, FlightState::Completed);
-  EXPECT_EQ(r0[0].started_ns, 120);
+  EXPECT_EQ(r0[0].record.start_ns, 120);
   EXPECT_EQ(r0[1].state, FlightState::Scheduled);
   const auto r1 = fr->entries(1);
   ASSERT_EQ(r1.size(), 1u);
@@ -112,7 +117,7 @@ TEST(FlightRecorder, DecoratorRecordsALiveWorld) {
     options.rank_kind = kind;
     World world(options);
     world.run([&](RankContext& ctx) {
-      auto pg = std::make_shared<FlightRecordingProcessGroup>(ctx.world_group(), fr, ctx.rank());
+      auto pg = std::make_shared<observe::ObservedProcessGroup>(ctx.world_group(), std::vector<observe::SinkPtr>{fr}, ctx.rank());
       for (int i = 0; i < 5; ++i) pg->all_reduce(at::ones({4}), {})->wait();
       auto sub = pg->split({{0, 1}, {2}});
       sub->barrier()->wait();
@@ -121,11 +126,11 @@ TEST(FlightRecorder, DecoratorRecordsALiveWorld) {
       const auto entries = fr->entries(r);
       ASSERT_EQ(entries.size(), 4u);
       EXPECT_EQ(fr->recorded(r), 6u);
-      EXPECT_EQ(entries.back().op, CollectiveOp::Barrier);
-      EXPECT_EQ(entries.back().group, r < 2 ? "world/split0.0" : "world/split0.1");
+      EXPECT_EQ(entries.back().record.op, CollectiveOp::Barrier);
+      EXPECT_EQ(entries.back().record.group, r < 2 ? "world/split0.0" : "world/split0.1");
       for (const auto& e : entries) {
         EXPECT_EQ(e.state, FlightState::Completed);
-        EXPECT_GT(e.completed_ns, 0);
+        EXPECT_GT(e.record.end_ns, 0);
       }
     }
     EXPECT_THAT(fr->dump(), HasSubstr("group world: ranks {0-2} at seq 5 all_reduce (completed)"));

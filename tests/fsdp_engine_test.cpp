@@ -250,8 +250,8 @@ TEST(FsdpEngine, NoGradAndEvalForwardsLeaveNothingGatheredAndAgree) {
 }  // namespace
 }  // namespace fsdpsim::fsdp
 
+#include "backends/observe/trace_recorder.h"
 #include "scenarios/engine_trace.h"
-#include "sim/trace.h"
 
 namespace fsdpsim::fsdp {
 namespace {
@@ -415,7 +415,7 @@ TEST(FsdpEngineSemantics, SyncModuleStatesBroadcastsParamsAndBuffersFromRankZero
 }
 
 TEST(FsdpEngineTrace, EngineEventsAreRecordedBesideTheCollectives) {
-  auto recorder = std::make_shared<sim::TraceRecorder>(2);
+  auto recorder = std::make_shared<observe::TraceRecorder>(2);
   sim::WorldOptions options = threads(2);
   options.trace = recorder;
   sim::World world(options);

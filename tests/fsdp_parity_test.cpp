@@ -29,14 +29,14 @@
 #include <string>
 #include <vector>
 
-#include "tests/mock_comm_hooks.h"
 #include "backends/comm_hooks.h"
+#include "backends/observe/trace_recorder.h"
 #include "fsdp/fully_shard.h"
 #include "scenarios/models.h"
 #include "scenarios/parity.h"
 #include "sim/fiber_autograd.h"
-#include "sim/trace.h"
 #include "sim/world.h"
+#include "tests/mock_comm_hooks.h"
 
 namespace fsdpsim::scenarios {
 namespace {
@@ -612,7 +612,7 @@ TEST_P(FsdpReproducibility, SeededFiberRunIsBitwiseReproducible) {
     config.optimizer = OptimizerKind::Adam;
     config.zero_grad_set_to_none_alternate = true;
     config.run_reference = false;
-    config.trace = std::make_shared<sim::TraceRecorder>(c.world_size);
+    config.trace = std::make_shared<observe::TraceRecorder>(c.world_size);
     ParityReport report = run_parity(config);
     auto events = config.trace->events();
     for (auto& event : events) event.issue_ns = event.start_ns = event.end_ns = 0;

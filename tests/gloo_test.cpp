@@ -27,7 +27,8 @@
 
 #include "backends/errors.h"
 #include "backends/gloo_process_group.h"
-#include "sim/flight_recorder.h"
+#include "backends/observe/flight_recorder.h"
+#include "backends/observe/observed_process_group.h"
 #include "sim/fake_process_group.h"
 #include "tests/worker_registry.h"
 #include "tools/process_launcher.h"
@@ -1149,8 +1150,8 @@ FSDPSIM_REGISTER_WORKER(gloo_rank1_exits) {
 FSDPSIM_REGISTER_WORKER(gloo_rank1_exits_flight_recorder) {
   using namespace fsdpsim;
   ProcessGroupPtr gloo = worker_group_after_full_rendezvous();
-  auto flight = std::make_shared<sim::FlightRecorder>(gloo->size(), 8);
-  ProcessGroupPtr pg = std::make_shared<sim::FlightRecordingProcessGroup>(gloo, flight, gloo->rank());
+  auto flight = std::make_shared<observe::FlightRecorder>(gloo->size(), 8);
+  ProcessGroupPtr pg = std::make_shared<observe::ObservedProcessGroup>(gloo, std::vector<observe::SinkPtr>{flight}, gloo->rank());
   pg->barrier()->wait();
   if (pg->rank() == 1) std::_Exit(3);
   at::Tensor tensor = at::ones({16});

@@ -28,10 +28,10 @@
 #include <string>
 #include <vector>
 
+#include "backends/observe/trace_recorder.h"
 #include "fsdp/fully_shard.h"
 #include "scenarios/engine_trace.h"
 #include "sim/fiber_autograd.h"
-#include "sim/trace.h"
 #include "sim/world.h"
 
 namespace fsdpsim::fsdp {
@@ -110,7 +110,7 @@ void expect_sequence(StrictHooks& mock, const Events& expected, const Kinds& kin
 }
 
 // One rank's engine events from a trace, in the notation above.
-Events traced_events(const sim::TraceRecorder& recorder, int rank, const Kinds& kinds) {
+Events traced_events(const observe::TraceRecorder& recorder, int rank, const Kinds& kinds) {
   Events events;
   for (const auto& event : recorder.events()) {
     if (event.rank != rank || event.is_collective()) continue;
@@ -266,7 +266,7 @@ struct OrderRun {
 constexpr int kWorld = 2;
 
 void expect_order(const OrderRun& run, sim::RankKind kind) {
-  auto recorder = std::make_shared<sim::TraceRecorder>(kWorld);
+  auto recorder = std::make_shared<observe::TraceRecorder>(kWorld);
   sim::WorldOptions options;
   options.world_size = kWorld;
   options.rank_kind = kind;
@@ -637,7 +637,7 @@ void expect_unused_target_keeps_parity(sim::RankKind kind, Misprefetch where) {
     }
   }
 
-  auto recorder = std::make_shared<sim::TraceRecorder>(kWorld);
+  auto recorder = std::make_shared<observe::TraceRecorder>(kWorld);
   sim::WorldOptions options;
   options.world_size = kWorld;
   options.rank_kind = kind;

@@ -27,8 +27,10 @@
 #include <vector>
 
 #include "backends/errors.h"
-#include "sim/flight_recorder.h"
-#include "sim/trace.h"
+#include "backends/observe/flight_recorder.h"
+#include "backends/observe/jsonl.h"
+#include "backends/observe/observed_process_group.h"
+#include "backends/observe/trace_recorder.h"
 #include "sim/world.h"
 #include "tests/worker_registry.h"
 #include "tools/replay_lib.h"
@@ -95,12 +97,12 @@ ReplayTrace parse(const std::string& text) {
 
 // Runs `body` on a traced fake world and returns the JSONL trace.
 std::string record_world(int world_size, sim::RankKind kind, const std::function<void(sim::RankContext&)>& body,
-                         sim::WorldResult* result = nullptr, std::shared_ptr<sim::TraceRecorder>* keep = nullptr) {
+                         sim::WorldResult* result = nullptr, std::shared_ptr<observe::TraceRecorder>* keep = nullptr) {
   sim::WorldOptions options;
   options.world_size = world_size;
   options.rank_kind = kind;
   options.collective_timeout = 10s;
-  auto recorder = std::make_shared<sim::TraceRecorder>(world_size);
+  auto recorder = std::make_shared<observe::TraceRecorder>(world_size);
   options.trace = recorder;
   sim::World world(options);
   sim::WorldResult outcome = world.run(body);
@@ -169,7 +171,7 @@ struct Rec {
 
 // A trace written by a TraceRecorder from scripted records (ranks in order).
 std::string make_trace(int world_size, const std::vector<Rec>& recs) {
-  sim::TraceRecorder recorder(world_size);
+  observe::TraceRecorder recorder(world_size);
   for (const Rec& r : recs) {
     CollectiveDesc desc;
     desc.group = r.group;
@@ -297,7 +299,7 @@ std::vector<BadCase> bad_cases() {
       {"deep nesting", header() + std::string(5000, '[') + std::string(5000, ']') + "\n",
        "trace line 2: nested deeper than"},
       {"blank line", header() + ok0 + "\n" + ok1, "trace line 3: empty line"},
-      {"line too long", header() + std::string(sim::TraceRecorder::kMaxJsonlLineBytes + 10, ' ') + "\n",
+      {"line too long", header() + std::string(observe::kMaxJsonlLineBytes + 10, ' ') + "\n",
        "trace line 2: longer than"},
       {"world size zero", "{\"schema\":\"fsdpsim.trace\",\"version\":1,\"world_size\":0}\n",
        "trace line 1: field 'world_size': 0 is outside"},
@@ -661,24 +663,24 @@ TEST(ReplayCheck, SubgroupsAreMatchedSeparately) {
 
 struct FailedRun {
   std::string jsonl;
-  std::string flight_dump;        // recorded live through FlightRecordingProcessGroup
+  std::string flight_dump;        // recorded live through an ObservedProcessGroup
   std::string trace_flight_dump;  // rebuilt from the trace, as `fsdpsim run` prints it
   sim::WorldResult result;
 };
 
 FailedRun run_failing(sim::RankKind kind, const std::function<void(int rank, ProcessGroup& pg)>& body) {
   FailedRun run;
-  auto flight = std::make_shared<sim::FlightRecorder>(4, 8);
-  std::shared_ptr<sim::TraceRecorder> recorder;
+  auto flight = std::make_shared<observe::FlightRecorder>(4, 8);
+  std::shared_ptr<observe::TraceRecorder> recorder;
   run.jsonl = record_world(
       4, kind,
       [&](sim::RankContext& ctx) {
-        sim::FlightRecordingProcessGroup pg(ctx.world_group(), flight, ctx.rank());
+        observe::ObservedProcessGroup pg(ctx.world_group(), {flight}, ctx.rank());
         body(ctx.rank(), pg);
       },
       &run.result, &recorder);
   run.flight_dump = flight->dump();
-  run.trace_flight_dump = sim::FlightRecorder::from_trace(recorder->events(), 4, 8)->dump();
+  run.trace_flight_dump = observe::FlightRecorder::from_trace(recorder->events(), 4, 8)->dump();
   return run;
 }
 

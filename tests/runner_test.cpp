@@ -17,7 +17,8 @@
 #include <regex>
 #include <sstream>
 
-#include "sim/trace.h"
+#include "backends/observe/jsonl.h"
+#include "backends/observe/trace_recorder.h"
 #include "tools/runner.h"
 
 namespace fsdpsim::tools {
@@ -167,7 +168,7 @@ TEST(Runner, ThreadRunPrintsProgressSummaryAndWritesReadableTraces) {
   // mlp_stack, B = 3 units + root: (B+1) + B all-gathers and B+1 reduce-scatters per step.
   EXPECT_THAT(out.str(), HasSubstr("all_gather x21 reduce_scatter x12"));
   std::ifstream jsonl(options.trace_path + ".jsonl");
-  auto events = sim::TraceRecorder::read_jsonl(jsonl);
+  auto events = observe::read_jsonl(jsonl);
   EXPECT_FALSE(events.empty());
   std::ifstream chrome(options.trace_path);
   EXPECT_TRUE(chrome.good());

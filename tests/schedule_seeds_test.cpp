@@ -16,10 +16,10 @@
 #include <vector>
 
 #include "backends/comm_hooks.h"
+#include "backends/observe/trace_recorder.h"
 #include "fsdp/fully_shard.h"
 #include "scenarios/models.h"
 #include "scenarios/parity.h"
-#include "sim/trace.h"
 #include "sim/world.h"
 
 namespace fsdpsim::scenarios {
@@ -98,7 +98,7 @@ TEST_P(ScheduleSeeds, ParityAndEngineOrderUnderSeededRandomSchedules) {
     config.schedule = sim::SchedulePolicy::SeededRandom;
     config.schedule_seed = seed;
     config.steps = kSteps;
-    config.trace = std::make_shared<sim::TraceRecorder>(world_size);
+    config.trace = std::make_shared<observe::TraceRecorder>(world_size);
     config.comm_hooks = [](int) -> std::shared_ptr<CommHooks> { return std::make_shared<YieldAtCollectives>(); };
     std::mutex mutex;
     std::vector<std::shared_ptr<EventLog>> logs(static_cast<size_t>(world_size));

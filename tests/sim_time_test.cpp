@@ -8,8 +8,8 @@
 
 #include <ATen/ATen.h>
 
+#include "backends/observe/trace_recorder.h"
 #include "sim/cost_model.h"
-#include "sim/trace.h"
 #include "sim/world.h"
 
 namespace fsdpsim::sim {
@@ -76,7 +76,7 @@ TEST(SimulatedTime, ComputeOverlapsAnAsyncCollective) {
 
 TEST(SimulatedTime, HoursOfSimulatedSleepAndTracesInSimulatedNanoseconds) {
   WorldOptions options = simulated(3);
-  options.trace = std::make_shared<TraceRecorder>(3);
+  options.trace = std::make_shared<observe::TraceRecorder>(3);
   World world(options);
   auto result = world.run([&](RankContext& ctx) {
     sleep_for(std::chrono::hours(2));  // would time the test out in real time
@@ -95,7 +95,7 @@ TEST(SimulatedTime, SameSeedSameTimesAndTrace) {
     WorldOptions options = simulated(4);
     options.schedule = SchedulePolicy::SeededRandom;
     options.seed = seed;
-    options.trace = std::make_shared<TraceRecorder>(4);
+    options.trace = std::make_shared<observe::TraceRecorder>(4);
     World world(options);
     auto result = world.run([&](RankContext& ctx) {
       for (int step = 0; step < 3; ++step) {

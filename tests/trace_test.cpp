@@ -1,5 +1,6 @@
 // TraceRecorder (Lamport clock, statuses, Chrome trace, JSONL and its
-// validation) and TracedProcessGroup, first against a scripted one-process
+// validation) and ObservedProcessGroup feeding it (the TracedProcessGroup
+// suites), first against a scripted one-process
 // stub group, then in real worlds of fake-backend ranks.
 
 #include <ATen/ATen.h>
@@ -19,7 +20,10 @@
 
 #include "backends/collective_checks.h"
 #include "backends/errors.h"
-#include "sim/trace.h"
+#include "backends/observe/chrome_trace.h"
+#include "backends/observe/jsonl.h"
+#include "backends/observe/observed_process_group.h"
+#include "backends/observe/trace_recorder.h"
 #include "sim/world.h"
 
 namespace fsdpsim::sim {
@@ -27,6 +31,11 @@ namespace {
 
 using ::testing::HasSubstr;
 using Json = nlohmann::json;
+using observe::JsonlTrace;
+using observe::ObservedProcessGroup;
+using observe::Record;
+using observe::RecordStatus;
+using observe::TraceRecorder;
 
 // ---------------------------------------------------------------------------
 // Test doubles
@@ -181,7 +190,7 @@ CollectiveDesc make_desc(const std::string& group, uint64_t seq, CollectiveOp op
 
 std::exception_ptr make_error(const std::string& what) { return std::make_exception_ptr(CommError(what)); }
 
-const TraceEvent& find_event(const std::vector<TraceEvent>& events, uint64_t id) {
+const Record& find_event(const std::vector<Record>& events, uint64_t id) {
   for (const auto& e : events) {
     if (e.id == id) return e;
   }
@@ -192,8 +201,8 @@ const TraceEvent& find_event(const std::vector<TraceEvent>& events, uint64_t id)
 // Chrome trace structure, shared by the hand-made and the World traces.
 
 // Rank tracks are tids chrome_tid(0), chrome_tid(0) + 1, ...
-static_assert(TraceRecorder::chrome_tid(3) == TraceRecorder::chrome_tid(0) + 3);
-int rank_of(const Json& e) { return e.at("tid").get<int>() - TraceRecorder::chrome_tid(0); }
+static_assert(observe::chrome_tid(3) == observe::chrome_tid(0) + 3);
+int rank_of(const Json& e) { return e.at("tid").get<int>() - observe::chrome_tid(0); }
 
 void expect_valid_chrome_trace(const std::string& text, int world_size, size_t collectives) {
   SCOPED_TRACE("chrome trace");
@@ -224,7 +233,7 @@ void expect_valid_chrome_trace(const std::string& text, int world_size, size_t c
   for (const Json& e : events) {
     ASSERT_TRUE(e.contains("ph")) << e.dump();
     const std::string ph = e["ph"];
-    EXPECT_EQ(e.value("pid", -1), TraceRecorder::kChromePid) << e.dump();
+    EXPECT_EQ(e.value("pid", -1), observe::kChromePid) << e.dump();
     if (ph == "M") {
       if (e["name"] == "process_name") process_named = true;
       if (e["name"] == "thread_name") thread_names[rank_of(e)] = e["args"]["name"];
@@ -415,23 +424,23 @@ TEST(TraceRecorder, StatusInFlightCompletedFailed) {
 
   const auto events = recorder.events();
   const auto& e_ok = find_event(events, ok);
-  EXPECT_EQ(e_ok.status, "completed");
+  EXPECT_EQ(e_ok.status, RecordStatus::Completed);
   EXPECT_EQ(e_ok.error, "");
   EXPECT_EQ(e_ok.issue_ns, 100);  // the recorded issue time stays
   EXPECT_EQ(e_ok.start_ns, 110);
   EXPECT_EQ(e_ok.end_ns, 120);
   EXPECT_EQ(e_ok.name, "all_gather");
   EXPECT_EQ(e_ok.op, CollectiveOp::AllGather);
-  EXPECT_EQ(e_ok.dtype, "BFloat16");
+  EXPECT_EQ(e_ok.dtype, at::kBFloat16);
   EXPECT_EQ(e_ok.in_numel, 4);
   EXPECT_EQ(e_ok.out_numel, 8);
   EXPECT_EQ(e_ok.group_ranks, (std::vector<int>{0, 1}));
   const auto& e_bad = find_event(events, bad);
-  EXPECT_EQ(e_bad.status, "failed");
+  EXPECT_EQ(e_bad.status, RecordStatus::Failed);
   EXPECT_EQ(e_bad.error, "rank 0 disagreed");
   EXPECT_EQ(e_bad.end_ns, 130);
   const auto& e_pending = find_event(events, pending);
-  EXPECT_EQ(e_pending.status, "in_flight");
+  EXPECT_EQ(e_pending.status, RecordStatus::InFlight);
   EXPECT_EQ(e_pending.end_ns, 0);
   EXPECT_EQ(e_pending.logical_clock_end, 0u);
 
@@ -441,7 +450,7 @@ TEST(TraceRecorder, StatusInFlightCompletedFailed) {
   expect_valid_chrome_trace(chrome.str(), 2, 3);
   std::stringstream jsonl;
   recorder.write_jsonl(jsonl);
-  EXPECT_EQ(TraceRecorder::read_jsonl(jsonl), events);
+  EXPECT_EQ(observe::read_jsonl(jsonl), events);
 }
 
 TEST(TraceRecorder, ConcurrentRecordingKeepsEveryEvent) {
@@ -612,7 +621,7 @@ TEST(TraceJsonl, RoundTripKeepsEveryField) {
   EXPECT_EQ(text.substr(0, text.find('\n')), R"({"schema":"fsdpsim.trace","version":1,"world_size":3})");
   EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 6);
 
-  JsonlTrace read = TraceRecorder::read_jsonl_trace(jsonl);
+  JsonlTrace read = observe::read_jsonl_trace(jsonl);
   EXPECT_EQ(read.version, 1);
   EXPECT_EQ(read.world_size, 3);
   const auto original = recorder.events();
@@ -620,11 +629,11 @@ TEST(TraceJsonl, RoundTripKeepsEveryField) {
   for (size_t i = 0; i < original.size(); ++i) EXPECT_EQ(read.events[i], original[i]) << "event " << i;
   const auto& e = find_event(read.events, a);
   EXPECT_EQ(e.reduce_op, ReduceOp::Avg);
-  EXPECT_EQ(e.dtype, "Half");
+  EXPECT_EQ(e.dtype, at::kHalf);
   EXPECT_EQ(e.in_numel, 12);
   EXPECT_EQ(e.group_ranks, (std::vector<int>{2, 0, 1}));
   EXPECT_EQ(find_event(read.events, b).root, 1);
-  EXPECT_EQ(find_event(read.events, c).status, "in_flight");
+  EXPECT_EQ(find_event(read.events, c).status, RecordStatus::InFlight);
 
   // CRLF line ends and no final newline are accepted.
   std::string crlf;
@@ -634,7 +643,7 @@ TEST(TraceJsonl, RoundTripKeepsEveryField) {
   }
   crlf.resize(crlf.size() - 2);
   std::istringstream crlf_in(crlf);
-  EXPECT_EQ(TraceRecorder::read_jsonl(crlf_in), original);
+  EXPECT_EQ(observe::read_jsonl(crlf_in), original);
 }
 
 // A valid three-line file (header, a collective, an engine event) and
@@ -699,7 +708,7 @@ std::function<std::string()> raw_event(std::string line) {
 
 TEST(TraceJsonl, ValidBaseParses) {
   std::istringstream in(lines({valid_header().dump(), valid_collective().dump(), valid_engine().dump()}));
-  const auto events = TraceRecorder::read_jsonl(in);
+  const auto events = observe::read_jsonl(in);
   ASSERT_EQ(events.size(), 2u);
   EXPECT_EQ(events[0].op, CollectiveOp::AllGather);
   EXPECT_EQ(events[1].kind, "unshard");
@@ -725,7 +734,7 @@ TEST(TraceJsonl, HostileInputFailsNamingLineAndField) {
       {"invalid utf-8", raw_event("{\"kind\": \"\xff\xfe\"}"), 3, "not valid JSON"},
       {"nul byte", raw_event(std::string("{\"kind\": \"a") + '\0' + "b\"}"), 3, "not valid JSON"},
       {"deep nesting", raw_event(std::string(100000, '[') + std::string(100000, ']')), 3, "nested deeper"},
-      {"line too long", raw_event("{\"name\": \"" + std::string(TraceRecorder::kMaxJsonlLineBytes + 10, 'a') + "\"}"),
+      {"line too long", raw_event("{\"name\": \"" + std::string(observe::kMaxJsonlLineBytes + 10, 'a') + "\"}"),
        3, "longer than"},
       {"rank is a string", with_event([](Json& e) { e["rank"] = "1"; }), 3, "'rank': expected an integer"},
       {"rank negative", with_event([](Json& e) { e["rank"] = -1; }), 3, "'rank'"},
@@ -790,7 +799,7 @@ TEST(TraceJsonl, HostileInputFailsNamingLineAndField) {
     SCOPED_TRACE(c.label);
     std::istringstream in(c.input());
     try {
-      TraceRecorder::read_jsonl(in);
+      observe::read_jsonl(in);
       ADD_FAILURE() << "accepted: " << c.label;
     } catch (const std::runtime_error& e) {
       const std::string what = e.what();
@@ -802,14 +811,14 @@ TEST(TraceJsonl, HostileInputFailsNamingLineAndField) {
 }
 
 // ---------------------------------------------------------------------------
-// TracedProcessGroup over the stub backend
+// ObservedProcessGroup with a trace sink over the stub backend
 
 TEST(TracedProcessGroup, RecordsIssueAndDeferredCompletion) {
   ManualClock clock;
   auto recorder = std::make_shared<TraceRecorder>(4);
   auto stub = std::make_shared<StubGroup>("world", 1, std::vector<int>{0, 3, 1, 2}, clock);
   stub->auto_complete = false;
-  TracedProcessGroup traced(stub, recorder, 3, clock);
+  ObservedProcessGroup traced(stub, {recorder}, 3, clock);
   EXPECT_EQ(traced.name(), "world");
   EXPECT_EQ(traced.size(), 4);
 
@@ -824,7 +833,7 @@ TEST(TracedProcessGroup, RecordsIssueAndDeferredCompletion) {
   auto events = recorder->events();
   ASSERT_EQ(events.size(), 1u);
   EXPECT_EQ(events[0].rank, 3);
-  EXPECT_EQ(events[0].status, "in_flight");
+  EXPECT_EQ(events[0].status, RecordStatus::InFlight);
   EXPECT_EQ(events[0].issue_ns, 5000);
   EXPECT_EQ(events[0].group, "world");
   EXPECT_EQ(events[0].group_ranks, (std::vector<int>{0, 3, 1, 2}));
@@ -835,7 +844,7 @@ TEST(TracedProcessGroup, RecordsIssueAndDeferredCompletion) {
   // Completion arrives on another thread (as from another rank).
   std::thread([&] { stub->states[0]->finish(6000, 7000); }).join();
   events = recorder->events();
-  EXPECT_EQ(events[0].status, "completed");
+  EXPECT_EQ(events[0].status, RecordStatus::Completed);
   EXPECT_EQ(events[0].start_ns, 6000);
   EXPECT_EQ(events[0].end_ns, 7000);
   EXPECT_EQ(events[0].logical_clock_end, 2u);
@@ -847,7 +856,7 @@ TEST(TracedProcessGroup, RecordsIssueAndDeferredCompletion) {
   clock.set(9000);
   stub->states[1]->finish(8000, 0, make_error("peer vanished"));
   events = recorder->events();
-  EXPECT_EQ(events[1].status, "failed");
+  EXPECT_EQ(events[1].status, RecordStatus::Failed);
   EXPECT_EQ(events[1].error, "peer vanished");
   EXPECT_EQ(events[1].end_ns, 9000);
 }
@@ -858,13 +867,13 @@ TEST(TracedProcessGroup, CompletionAfterTheCallerDroppedItsWork) {
   auto recorder = std::make_shared<TraceRecorder>(2);
   auto stub = std::make_shared<StubGroup>("world", 0, std::vector<int>{0, 1}, clock);
   stub->auto_complete = false;
-  TracedProcessGroup traced(stub, recorder, 0, clock);
+  ObservedProcessGroup traced(stub, {recorder}, 0, clock);
   auto t = at::ones({2});
   traced.all_reduce(t, AllReduceOptions{}).reset();
   std::thread([&] { stub->states[0]->finish(20, 30, make_error("rank 1 sent 5 elements")); }).join();
   const auto events = recorder->events();
   ASSERT_EQ(events.size(), 1u);
-  EXPECT_EQ(events[0].status, "failed");
+  EXPECT_EQ(events[0].status, RecordStatus::Failed);
   EXPECT_EQ(events[0].error, "rank 1 sent 5 elements");
   EXPECT_EQ(events[0].start_ns, 20);
   EXPECT_EQ(events[0].end_ns, 30);
@@ -875,7 +884,7 @@ TEST(TracedProcessGroup, EveryOpIsRecordedWithItsDesc) {
   ManualClock clock;
   auto recorder = std::make_shared<TraceRecorder>(2);
   auto stub = std::make_shared<StubGroup>("world", 0, std::vector<int>{0, 1}, clock);
-  TracedProcessGroup traced(stub, recorder, 0, clock);
+  ObservedProcessGroup traced(stub, {recorder}, 0, clock);
   auto big = at::ones({6});
   auto small = at::ones({3});
   traced.all_gather_into_tensor(big, small)->wait();
@@ -890,7 +899,7 @@ TEST(TracedProcessGroup, EveryOpIsRecordedWithItsDesc) {
   for (size_t i = 0; i < ops.size(); ++i) {
     EXPECT_EQ(events[i].op, ops[i]);
     EXPECT_EQ(events[i].seq, i + 1);
-    EXPECT_EQ(events[i].status, "completed");
+    EXPECT_EQ(events[i].status, RecordStatus::Completed);
   }
   EXPECT_EQ(events[1].reduce_op, ReduceOp::Max);
   EXPECT_EQ(events[1].in_numel, 6);
@@ -904,7 +913,7 @@ TEST(TracedProcessGroup, BackendFailureIsRecordedAndRethrown) {
   ManualClock clock;
   auto recorder = std::make_shared<TraceRecorder>(2);
   auto stub = std::make_shared<StubGroup>("world", 0, std::vector<int>{0, 1}, clock);
-  TracedProcessGroup traced(stub, recorder, 0, clock);
+  ObservedProcessGroup traced(stub, {recorder}, 0, clock);
   auto t = at::ones({3});
 
   // Local argument errors never issue: nothing recorded.
@@ -921,7 +930,7 @@ TEST(TracedProcessGroup, BackendFailureIsRecordedAndRethrown) {
   }
   const auto events = recorder->events();
   ASSERT_EQ(events.size(), 1u);
-  EXPECT_EQ(events[0].status, "failed");
+  EXPECT_EQ(events[0].status, RecordStatus::Failed);
   EXPECT_THAT(events[0].error, HasSubstr("stub backend refused"));
   EXPECT_GT(events[0].logical_clock_end, events[0].logical_clock_issue);
 }
@@ -930,10 +939,10 @@ TEST(TracedProcessGroup, SplitSubgroupIsTracedIntoTheSameRecorder) {
   ManualClock clock;
   auto recorder = std::make_shared<TraceRecorder>(4);
   auto stub = std::make_shared<StubGroup>("world", 2, std::vector<int>{0, 1, 2, 3}, clock);
-  TracedProcessGroup traced(stub, recorder, 2, clock);
+  ObservedProcessGroup traced(stub, {recorder}, 2, clock);
   ProcessGroupPtr sub = traced.split({{0, 1}, {3, 2}});
   ASSERT_NE(sub, nullptr);
-  EXPECT_NE(std::dynamic_pointer_cast<TracedProcessGroup>(sub), nullptr);
+  EXPECT_NE(std::dynamic_pointer_cast<ObservedProcessGroup>(sub), nullptr);
   EXPECT_EQ(sub->global_ranks(), (std::vector<int>{3, 2}));
   auto t = at::ones({2});
   sub->all_reduce(t, AllReduceOptions{})->wait();
@@ -948,11 +957,12 @@ TEST(TracedProcessGroup, RejectsInconsistentConstruction) {
   ManualClock clock;
   auto recorder = std::make_shared<TraceRecorder>(2);
   auto stub = std::make_shared<StubGroup>("world", 1, std::vector<int>{0, 1}, clock);
-  EXPECT_THROW(TracedProcessGroup(nullptr, recorder, 1, clock), CommError);
-  EXPECT_THROW(TracedProcessGroup(stub, nullptr, 1, clock), CommError);
-  EXPECT_THROW(TracedProcessGroup(stub, recorder, 0, clock), CommError);  // group rank 1 is global 1
+  EXPECT_THROW(ObservedProcessGroup(nullptr, {recorder}, 1, clock), CommError);
+  EXPECT_THROW(ObservedProcessGroup(stub, {nullptr}, 1, clock), CommError);
+  EXPECT_THROW(ObservedProcessGroup(stub, {}, 1, clock), CommError);  // no sink
+  EXPECT_THROW(ObservedProcessGroup(stub, {recorder}, 0, clock), CommError);  // group rank 1 is global 1
   auto far = std::make_shared<StubGroup>("world", 0, std::vector<int>{5}, clock);
-  EXPECT_THROW(TracedProcessGroup(far, recorder, 5, clock), CommError);  // outside the recorder's world
+  EXPECT_THROW(ObservedProcessGroup(far, {recorder}, 5, clock), CommError);  // outside the recorder's world
 }
 
 // ---------------------------------------------------------------------------
@@ -1003,7 +1013,7 @@ TEST_P(TraceWorldTest, EveryRankRecordsMatchingCollectives) {
 
   const auto all_events = recorder->events();
   ASSERT_EQ(all_events.size(), static_cast<size_t>(3 * n + 3 * n * (n - 1) / 2));
-  std::vector<TraceEvent> events;
+  std::vector<Record> events;
   for (const auto& e : all_events) {
     if (e.is_collective()) events.push_back(e);
   }
@@ -1016,7 +1026,7 @@ TEST_P(TraceWorldTest, EveryRankRecordsMatchingCollectives) {
   for (int r = 0; r < n; ++r) all_ranks[static_cast<size_t>(r)] = r;
   for (int r = 0; r < n; ++r) {
     for (int i = 0; i < 3; ++i) {
-      const TraceEvent& e = events[static_cast<size_t>(r * 3 + i)];
+      const Record& e = events[static_cast<size_t>(r * 3 + i)];
       SCOPED_TRACE("rank " + std::to_string(r) + " event " + std::to_string(i));
       EXPECT_EQ(e.rank, r);
       EXPECT_EQ(e.kind, "collective");
@@ -1024,8 +1034,8 @@ TEST_P(TraceWorldTest, EveryRankRecordsMatchingCollectives) {
       EXPECT_EQ(e.group_ranks, all_ranks);
       EXPECT_EQ(e.seq, static_cast<uint64_t>(i + 1));
       EXPECT_EQ(e.op, ops[static_cast<size_t>(i)]);
-      EXPECT_EQ(e.dtype, "Float");
-      EXPECT_EQ(e.status, "completed") << e.error;
+      EXPECT_EQ(e.dtype, at::kFloat);
+      EXPECT_EQ(e.status, RecordStatus::Completed) << e.error;
       EXPECT_GT(e.logical_clock_end, max_issue_clock[e.seq]);
       EXPECT_GT(e.issue_ns, 0);
       EXPECT_GE(e.end_ns, e.start_ns);
@@ -1043,7 +1053,7 @@ TEST_P(TraceWorldTest, EveryRankRecordsMatchingCollectives) {
 
   std::stringstream jsonl;
   recorder->write_jsonl(jsonl);
-  EXPECT_EQ(TraceRecorder::read_jsonl(jsonl), all_events);
+  EXPECT_EQ(observe::read_jsonl(jsonl), all_events);
 }
 
 TEST_P(TraceWorldTest, SplitSubgroupsAreTracedWithGlobalRanks) {
@@ -1065,19 +1075,19 @@ TEST_P(TraceWorldTest, SplitSubgroupsAreTracedWithGlobalRanks) {
   ASSERT_TRUE(result.ok()) << result.error_report();
 
   const auto events = recorder->events();
-  std::vector<const TraceEvent*> reduces;
+  std::vector<const Record*> reduces;
   for (const auto& e : events) {
     if (e.op == CollectiveOp::AllReduce) reduces.push_back(&e);
   }
   ASSERT_EQ(reduces.size(), static_cast<size_t>(n));
-  for (const TraceEvent* e : reduces) {
+  for (const Record* e : reduces) {
     SCOPED_TRACE("rank " + std::to_string(e->rank));
     // partition lists group ranks of the world group = global ranks here.
     const auto& members = partition[e->rank >= n - half ? 0 : 1];
     EXPECT_EQ(e->group, sub_names[static_cast<size_t>(e->rank)]);
     EXPECT_EQ(e->group_ranks, members);
     EXPECT_EQ(e->seq, 1u);
-    EXPECT_EQ(e->status, "completed");
+    EXPECT_EQ(e->status, RecordStatus::Completed);
   }
   std::ostringstream chrome;
   recorder->write_chrome_trace(chrome);
@@ -1100,12 +1110,12 @@ TEST_P(TraceWorldTest, MismatchedCollectiveIsRecordedAsFailed) {
   for (const auto& e : events) {
     SCOPED_TRACE("rank " + std::to_string(e.rank));
     EXPECT_EQ(e.seq, 1u);
-    EXPECT_EQ(e.status, "failed");
+    EXPECT_EQ(e.status, RecordStatus::Failed);
     EXPECT_FALSE(e.error.empty());
   }
   std::stringstream jsonl;
   recorder->write_jsonl(jsonl);
-  EXPECT_EQ(TraceRecorder::read_jsonl(jsonl), events);
+  EXPECT_EQ(observe::read_jsonl(jsonl), events);
 }
 
 std::string world_param_name(const ::testing::TestParamInfo<std::tuple<RankKind, int>>& info) {

@@ -18,15 +18,13 @@
 #include <sstream>
 #include <tuple>
 
+#include "backends/clock.h"
+#include "backends/observe/jsonl.h"
 #include "sim/fake_process_group.h"
 
 namespace fsdpsim::tools {
 
 namespace {
-
-constexpr const char* kCompleted = "completed";
-constexpr const char* kFailed = "failed";
-constexpr const char* kInFlight = "in_flight";
 
 [[noreturn]] void fail_line(size_t line, const std::string& field, const std::string& what) {
   throw TraceFileError("trace line " + std::to_string(line) + ": field '" + field + "': " + what);
@@ -36,7 +34,10 @@ using sim::ranks_text;
 
 std::string list_string(const std::vector<int>& ranks) {
   std::string out = "[";
-  for (size_t i = 0; i < ranks.size(); ++i) out += (i ? "," : "") + std::to_string(ranks[i]);
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    if (i) out += ",";  // appended separately: GCC 12 misreads "" + string (-Wrestrict)
+    out += std::to_string(ranks[i]);
+  }
   return out + "]";
 }
 
@@ -66,10 +67,10 @@ std::string short_error(const std::string& text) {
 bool mul_overflows(int64_t a, int64_t b, int64_t& result) { return __builtin_mul_overflow(a, b, &result); }
 
 // "all_gather Float in [4] out [16]" (+ " op max" / " root 1" where it applies).
-std::string call_text(const sim::TraceEvent& e, bool show_reduce_op) {
+std::string call_text(const observe::Record& e, bool show_reduce_op) {
   std::string out = to_string(e.op);
   if (e.op == CollectiveOp::Barrier) return out;
-  out += " " + e.dtype + " in [" + std::to_string(e.in_numel) + "] out [" + std::to_string(e.out_numel) + "]";
+  out += " " + observe::dtype_name(e.dtype) + " in [" + std::to_string(e.in_numel) + "] out [" + std::to_string(e.out_numel) + "]";
   const bool reduces = e.op == CollectiveOp::ReduceScatter || e.op == CollectiveOp::AllReduce;
   if (reduces && (show_reduce_op || e.reduce_op != ReduceOp::Sum)) out += std::string(" op ") + to_string(e.reduce_op);
   if (e.op == CollectiveOp::Broadcast) out += " root " + std::to_string(e.root);
@@ -79,7 +80,7 @@ std::string call_text(const sim::TraceEvent& e, bool show_reduce_op) {
 // The first attribute two records of one (group, seq) differ in, or none.
 enum class Difference { None, Op, Dtype, Size, ReduceOp, Root };
 
-Difference difference(const sim::TraceEvent& a, const sim::TraceEvent& b) {
+Difference difference(const observe::Record& a, const observe::Record& b) {
   if (a.op != b.op) return Difference::Op;
   if (a.op == CollectiveOp::Barrier) return Difference::None;
   if (a.dtype != b.dtype) return Difference::Dtype;
@@ -90,21 +91,13 @@ Difference difference(const sim::TraceEvent& a, const sim::TraceEvent& b) {
   return Difference::None;
 }
 
-std::optional<at::ScalarType> scalar_type_of(const std::string& name) {
-  for (int i = 0; i < static_cast<int>(c10::ScalarType::NumOptions); ++i) {
-    const auto type = static_cast<c10::ScalarType>(i);
-    if (name == c10::toString(type)) return type;
-  }
-  return std::nullopt;
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------------------
 // Reading
 
 int64_t dtype_element_size(const std::string& dtype) {
-  auto type = scalar_type_of(dtype);
+  auto type = observe::dtype_from_name(dtype);
   if (!type) throw TraceFileError("unknown dtype '" + short_error(dtype) + "'");
   try {
     return static_cast<int64_t>(c10::elementSize(*type));
@@ -113,10 +106,48 @@ int64_t dtype_element_size(const std::string& dtype) {
   }
 }
 
+namespace {
+
+// The element counts must fit the op over the group's ranks.
+void check_counts(const observe::Record& e, size_t line) {
+  const int64_t n = static_cast<int64_t>(e.group_ranks.size());
+  const std::string op = to_string(e.op);
+  int64_t product = 0;
+  switch (e.op) {
+    case CollectiveOp::AllGather:
+      if (mul_overflows(e.in_numel, n, product) || product != e.out_numel) {
+        fail_line(line, "out_numel",
+                  op + " over " + std::to_string(n) + " ranks needs out_numel = " + std::to_string(n) +
+                      " x in_numel " + std::to_string(e.in_numel) + ", got " + std::to_string(e.out_numel));
+      }
+      break;
+    case CollectiveOp::ReduceScatter:
+      if (mul_overflows(e.out_numel, n, product) || product != e.in_numel) {
+        fail_line(line, "in_numel",
+                  op + " over " + std::to_string(n) + " ranks needs in_numel = " + std::to_string(n) +
+                      " x out_numel " + std::to_string(e.out_numel) + ", got " + std::to_string(e.in_numel));
+      }
+      break;
+    case CollectiveOp::AllReduce:
+    case CollectiveOp::Broadcast:
+      if (e.in_numel != e.out_numel) {
+        fail_line(line, "out_numel",
+                  op + " is in place: out_numel must equal in_numel " + std::to_string(e.in_numel) + ", got " +
+                      std::to_string(e.out_numel));
+      }
+      break;
+    case CollectiveOp::Barrier:
+      if (e.in_numel != 0 || e.out_numel != 0) fail_line(line, "in_numel", "a barrier moves no data; expected 0");
+      break;
+  }
+}
+
+}  // namespace
+
 ReplayTrace parse_replay_trace(std::istream& in) {
-  sim::JsonlTrace raw;
+  observe::JsonlTrace raw;
   try {
-    raw = sim::TraceRecorder::read_jsonl_trace(in);
+    raw = observe::read_jsonl_trace(in);
   } catch (const std::runtime_error& e) {
     throw TraceFileError(short_error(e.what()));
   }
@@ -125,7 +156,7 @@ ReplayTrace parse_replay_trace(std::istream& in) {
   std::map<std::string, size_t> group_line;                            // group -> first line
   std::map<std::tuple<int, std::string>, std::pair<uint64_t, size_t>> last_seq;  // (rank, group) -> (seq, line)
   for (size_t i = 0; i < raw.events.size(); ++i) {
-    sim::TraceEvent& e = raw.events[i];
+    observe::Record& e = raw.events[i];
     const size_t line = i + 2;  // the header is line 1; the reader refuses blank lines
     if (!e.is_collective()) {
       ++trace.engine_events;
@@ -157,36 +188,7 @@ ReplayTrace parse_replay_trace(std::istream& in) {
       }
       prev->second = {e.seq, line};
     }
-    const int64_t n = static_cast<int64_t>(e.group_ranks.size());
-    const std::string op = to_string(e.op);
-    int64_t product = 0;
-    switch (e.op) {
-      case CollectiveOp::AllGather:
-        if (mul_overflows(e.in_numel, n, product) || product != e.out_numel) {
-          fail_line(line, "out_numel",
-                    op + " over " + std::to_string(n) + " ranks needs out_numel = " + std::to_string(n) +
-                        " x in_numel " + std::to_string(e.in_numel) + ", got " + std::to_string(e.out_numel));
-        }
-        break;
-      case CollectiveOp::ReduceScatter:
-        if (mul_overflows(e.out_numel, n, product) || product != e.in_numel) {
-          fail_line(line, "in_numel",
-                    op + " over " + std::to_string(n) + " ranks needs in_numel = " + std::to_string(n) +
-                        " x out_numel " + std::to_string(e.out_numel) + ", got " + std::to_string(e.in_numel));
-        }
-        break;
-      case CollectiveOp::AllReduce:
-      case CollectiveOp::Broadcast:
-        if (e.in_numel != e.out_numel) {
-          fail_line(line, "out_numel",
-                    op + " is in place: out_numel must equal in_numel " + std::to_string(e.in_numel) + ", got " +
-                        std::to_string(e.out_numel));
-        }
-        break;
-      case CollectiveOp::Barrier:
-        if (e.in_numel != 0 || e.out_numel != 0) fail_line(line, "in_numel", "a barrier moves no data; expected 0");
-        break;
-    }
+    check_counts(e, line);
     trace.collectives.push_back(std::move(e));
     trace.lines.push_back(line);
   }
@@ -297,238 +299,279 @@ bool blocks_replay(CheckFinding::Kind kind) {
   }
 }
 
-CheckReport check_trace(const ReplayTrace& trace) {
-  CheckReport report;
-  report.world_size = trace.world_size;
-  report.groups = trace.groups.size();
-  report.records = trace.collectives.size();
-  add_world_findings(trace, report);
+namespace {
 
-  const auto& events = trace.collectives;
-  std::map<std::string, std::map<uint64_t, std::vector<size_t>>> by_group_seq;
-  std::map<std::pair<int, std::string>, RankOnGroup> on_group;
-  std::vector<std::optional<size_t>> last_of_rank(static_cast<size_t>(trace.world_size));
-  for (size_t i = 0; i < events.size(); ++i) {
-    const auto& e = events[i];
-    by_group_seq[e.group][e.seq].push_back(i);
-    auto& og = on_group[{e.rank, e.group}];
-    og.last = std::max(og.last, e.seq);
-    og.seqs.insert(e.seq);
-    last_of_rank[static_cast<size_t>(e.rank)] = i;
+// check_trace's passes over one trace. Each (group, seq) is checked for
+// argument agreement, missing ranks and completion; runs of consecutive
+// collectives with the same missing ranks or the same state make one finding
+// each, whose message is written once the run is known.
+class TraceChecker {
+ public:
+  explicit TraceChecker(const ReplayTrace& trace) : trace_(trace), events_(trace.collectives) {
+    report_.world_size = trace.world_size;
+    report_.groups = trace.groups.size();
+    report_.records = trace.collectives.size();
+    last_of_rank_.resize(static_cast<size_t>(trace.world_size));
+    for (size_t i = 0; i < events_.size(); ++i) {
+      const auto& e = events_[i];
+      by_group_seq_[e.group][e.seq].push_back(i);
+      auto& og = on_group_[{e.rank, e.group}];
+      og.last = std::max(og.last, e.seq);
+      og.seqs.insert(e.seq);
+      last_of_rank_[static_cast<size_t>(e.rank)] = i;
+    }
   }
 
-  auto last_collective_text = [&](int rank) -> std::string {
-    const auto& last = last_of_rank[static_cast<size_t>(rank)];
-    if (!last) return "rank " + std::to_string(rank) + " recorded no collective";
-    const auto& e = events[*last];
-    return "rank " + std::to_string(rank) + "'s last collective: group " + short_error(e.group) + " seq " +
-           std::to_string(e.seq) + " " + to_string(e.op) + " (" + e.status + ")";
-  };
+  CheckReport run() {
+    add_world_findings(trace_, report_);
+    for (const auto& [group, seqs] : by_group_seq_) {
+      const std::vector<int>& members = trace_.groups.at(group);
+      report_.collectives += seqs.size();
+      open_missing_ = kNone;
+      open_state_ = kNone;
+      for (const auto& [seq, indices] : seqs) {
+        check_arguments(group, seq, indices);
+        check_missing(group, seq, indices, members);
+        check_states(group, seq, indices);
+      }
+    }
+    write_state_messages();
+    write_missing_messages();
+    if (!report_.findings.empty()) write_where();
+    return std::move(report_);
+  }
 
-  constexpr size_t kNone = std::numeric_limits<size_t>::max();
-  std::vector<MissingRun> runs;
-  std::vector<StateRun> state_runs;
-  for (const auto& [group, seqs] : by_group_seq) {
-    const std::vector<int>& members = trace.groups.at(group);
-    report.collectives += seqs.size();
-    size_t open = kNone;        // index into runs of the missing-rank run still being extended
-    size_t open_state = kNone;  // index into state_runs, likewise
-    for (const auto& [seq, indices] : seqs) {
-      // 1. Do the ranks that joined agree on what they called?
-      std::vector<std::pair<std::string, std::vector<int>>> calls;  // in order of the lowest rank
-      Difference worst = Difference::None;
-      const auto& reference = events[indices.front()];
-      for (size_t i : indices) {
-        Difference d = difference(reference, events[i]);
-        if (d != Difference::None && (worst == Difference::None || d < worst)) worst = d;
-      }
-      if (worst != Difference::None) {
-        const bool show_reduce = worst == Difference::ReduceOp;
-        std::vector<size_t> sorted = indices;
-        std::sort(sorted.begin(), sorted.end(), [&](size_t a, size_t b) { return events[a].rank < events[b].rank; });
-        for (size_t i : sorted) {
-          std::string call = call_text(events[i], show_reduce);
-          auto it = std::find_if(calls.begin(), calls.end(), [&](const auto& c) { return c.first == call; });
-          if (it == calls.end()) calls.push_back({call, {events[i].rank}});
-          else it->second.push_back(events[i].rank);
-        }
-        CheckFinding f;
-        f.group = group;
-        f.seq = seq;
-        switch (worst) {
-          case Difference::Op: f.kind = CheckFinding::Kind::OpMismatch; break;
-          case Difference::Dtype: f.kind = CheckFinding::Kind::DtypeMismatch; break;
-          case Difference::Size: f.kind = CheckFinding::Kind::SizeMismatch; break;
-          case Difference::ReduceOp: f.kind = CheckFinding::Kind::ReduceOpMismatch; break;
-          default: f.kind = CheckFinding::Kind::RootMismatch; break;
-        }
-        // The ranks at fault: all but the largest set (ties: the one holding the lowest rank).
-        size_t majority = 0;
-        for (size_t c = 1; c < calls.size(); ++c) {
-          if (calls[c].second.size() > calls[majority].second.size()) majority = c;
-        }
-        std::string text = "group " + short_error(group) + " seq " + std::to_string(seq) + ": " + to_string(f.kind) + ": ";
-        for (size_t c = 0; c < calls.size(); ++c) {
-          text += (c ? ", " : "") + ranks_text(calls[c].second) + " called " + calls[c].first;
-          if (c != majority) f.ranks.insert(f.ranks.end(), calls[c].second.begin(), calls[c].second.end());
-        }
-        std::sort(f.ranks.begin(), f.ranks.end());
-        f.message = text;
-        report.findings.push_back(std::move(f));
-      }
+ private:
+  static constexpr size_t kNone = std::numeric_limits<size_t>::max();
 
-      // 2. Did every rank join? A replay needs every member's record, so a
-      // rank whose records of the group start later (a ring buffer that
-      // dropped old entries) is missing before its first record too.
-      std::set<int> present;
-      for (size_t i : indices) present.insert(events[i].rank);
-      std::vector<int> missing;
-      for (int r : members) {
-        if (!present.count(r)) missing.push_back(r);
-      }
-      if (missing.empty()) {
-        open = kNone;
-      } else if (open != kNone && runs[open].missing == missing) {
-        runs[open].last_seq = seq;  // the same ranks are still missing: one finding
-      } else {
-        CheckFinding f;
-        f.kind = CheckFinding::Kind::MissingRanks;
-        f.group = group;
-        f.seq = seq;
-        f.ranks = missing;
-        report.findings.push_back(std::move(f));
-        runs.push_back(MissingRun{report.findings.size() - 1, missing, seq, seq});
-        open = runs.size() - 1;
-      }
+  std::vector<size_t> by_rank(const std::vector<size_t>& indices) const {
+    std::vector<size_t> sorted = indices;
+    std::sort(sorted.begin(), sorted.end(), [&](size_t a, size_t b) { return events_[a].rank < events_[b].rank; });
+    return sorted;
+  }
 
-      // 3. Did it complete on the ranks that joined?
-      std::vector<int> completed, failed, in_flight;
-      const sim::TraceEvent* first_failure = nullptr;
-      std::vector<size_t> sorted = indices;
-      std::sort(sorted.begin(), sorted.end(), [&](size_t a, size_t b) { return events[a].rank < events[b].rank; });
-      for (size_t i : sorted) {
-        const auto& e = events[i];
-        if (e.status == kCompleted) {
-          completed.push_back(e.rank);
-        } else if (e.status == kFailed) {
-          failed.push_back(e.rank);
-          if (!first_failure) first_failure = &e;
-        } else {
-          in_flight.push_back(e.rank);
-        }
-      }
-      if (failed.empty() && in_flight.empty()) {
-        open_state = kNone;
-        continue;
-      }
+  // 1. Do the ranks that joined agree on what they called?
+  void check_arguments(const std::string& group, uint64_t seq, const std::vector<size_t>& indices) {
+    Difference worst = Difference::None;
+    const auto& reference = events_[indices.front()];
+    for (size_t i : indices) {
+      Difference d = difference(reference, events_[i]);
+      if (d != Difference::None && (worst == Difference::None || d < worst)) worst = d;
+    }
+    if (worst == Difference::None) return;
+    std::vector<std::pair<std::string, std::vector<int>>> calls;  // in order of the lowest rank
+    for (size_t i : by_rank(indices)) {
+      std::string call = call_text(events_[i], worst == Difference::ReduceOp);
+      auto it = std::find_if(calls.begin(), calls.end(), [&](const auto& c) { return c.first == call; });
+      if (it == calls.end()) calls.push_back({call, {events_[i].rank}});
+      else it->second.push_back(events_[i].rank);
+    }
+    CheckFinding f;
+    f.group = group;
+    f.seq = seq;
+    switch (worst) {
+      case Difference::Op: f.kind = CheckFinding::Kind::OpMismatch; break;
+      case Difference::Dtype: f.kind = CheckFinding::Kind::DtypeMismatch; break;
+      case Difference::Size: f.kind = CheckFinding::Kind::SizeMismatch; break;
+      case Difference::ReduceOp: f.kind = CheckFinding::Kind::ReduceOpMismatch; break;
+      default: f.kind = CheckFinding::Kind::RootMismatch; break;
+    }
+    // The ranks at fault: all but the largest set (ties: the one holding the lowest rank).
+    size_t majority = 0;
+    for (size_t c = 1; c < calls.size(); ++c) {
+      if (calls[c].second.size() > calls[majority].second.size()) majority = c;
+    }
+    std::string text = "group " + short_error(group) + " seq " + std::to_string(seq) + ": " + to_string(f.kind) + ": ";
+    for (size_t c = 0; c < calls.size(); ++c) {
+      text += (c ? ", " : "") + ranks_text(calls[c].second) + " called " + calls[c].first;
+      if (c != majority) f.ranks.insert(f.ranks.end(), calls[c].second.begin(), calls[c].second.end());
+    }
+    std::sort(f.ranks.begin(), f.ranks.end());
+    f.message = text;
+    report_.findings.push_back(std::move(f));
+  }
+
+  // 2. Did every rank join? A replay needs every member's record, so a rank
+  // whose records of the group start later (a ring buffer that dropped old
+  // entries) is missing before its first record too.
+  void check_missing(const std::string& group, uint64_t seq, const std::vector<size_t>& indices,
+                     const std::vector<int>& members) {
+    std::set<int> present;
+    for (size_t i : indices) present.insert(events_[i].rank);
+    std::vector<int> missing;
+    for (int r : members) {
+      if (!present.count(r)) missing.push_back(r);
+    }
+    if (missing.empty()) {
+      open_missing_ = kNone;
+    } else if (open_missing_ != kNone && missing_runs_[open_missing_].missing == missing) {
+      missing_runs_[open_missing_].last_seq = seq;  // the same ranks are still missing: one finding
+    } else {
       CheckFinding f;
+      f.kind = CheckFinding::Kind::MissingRanks;
       f.group = group;
       f.seq = seq;
-      std::string states;
-      auto add_state = [&](const std::vector<int>& ranks, const char* what) {
-        if (ranks.empty()) return;
-        states += (states.empty() ? "" : ", ") + ranks_text(ranks) + " " + what;
-      };
-      std::string body;
-      if (!completed.empty()) {
-        f.kind = CheckFinding::Kind::StateMismatch;
-        add_state(completed, "completed");
-        add_state(failed, "failed");
-        add_state(in_flight, "still in flight");
-        body = "state mismatch: " + states;
-      } else if (!failed.empty()) {
-        f.kind = CheckFinding::Kind::Failed;
-        add_state(failed, "failed");
-        add_state(in_flight, "still in flight");
-        body = states;
+      f.ranks = missing;
+      report_.findings.push_back(std::move(f));
+      missing_runs_.push_back(MissingRun{report_.findings.size() - 1, missing, seq, seq});
+      open_missing_ = missing_runs_.size() - 1;
+    }
+  }
+
+  // 3. Did it complete on the ranks that joined?
+  void check_states(const std::string& group, uint64_t seq, const std::vector<size_t>& indices) {
+    std::vector<int> completed, failed, in_flight;
+    const observe::Record* first_failure = nullptr;
+    for (size_t i : by_rank(indices)) {
+      const auto& e = events_[i];
+      if (e.status == observe::RecordStatus::Completed) {
+        completed.push_back(e.rank);
+      } else if (e.status == observe::RecordStatus::Failed) {
+        failed.push_back(e.rank);
+        if (!first_failure) first_failure = &e;
       } else {
-        f.kind = CheckFinding::Kind::InFlight;
-        body = "never completed: " + ranks_text(in_flight) + " still in flight when the trace was written";
+        in_flight.push_back(e.rank);
       }
-      const std::string key = std::string(to_string(f.kind)) + "|" + body;
-      if (first_failure) {
-        body += "; rank " + std::to_string(first_failure->rank) + "'s error: " + short_error(first_failure->error);
-      }
-      if (open_state != kNone && state_runs[open_state].key == key) {
-        state_runs[open_state].last_seq = seq;
-        ++state_runs[open_state].count;
-        continue;
-      }
-      f.ranks = failed;
-      f.ranks.insert(f.ranks.end(), in_flight.begin(), in_flight.end());
-      std::sort(f.ranks.begin(), f.ranks.end());
-      report.findings.push_back(std::move(f));
-      state_runs.push_back(StateRun{report.findings.size() - 1, key, to_string(reference.op), body, seq, seq, 1});
-      open_state = state_runs.size() - 1;
     }
+    if (failed.empty() && in_flight.empty()) {
+      open_state_ = kNone;
+      return;
+    }
+    CheckFinding f;
+    f.group = group;
+    f.seq = seq;
+    std::string body = state_body(completed, failed, in_flight, f.kind);
+    const std::string key = std::string(to_string(f.kind)) + "|" + body;
+    if (first_failure) {
+      body += "; rank " + std::to_string(first_failure->rank) + "'s error: " + short_error(first_failure->error);
+    }
+    if (open_state_ != kNone && state_runs_[open_state_].key == key) {
+      state_runs_[open_state_].last_seq = seq;
+      ++state_runs_[open_state_].count;
+      return;
+    }
+    f.ranks = failed;
+    f.ranks.insert(f.ranks.end(), in_flight.begin(), in_flight.end());
+    std::sort(f.ranks.begin(), f.ranks.end());
+    report_.findings.push_back(std::move(f));
+    const std::string op = to_string(events_[indices.front()].op);
+    state_runs_.push_back(StateRun{report_.findings.size() - 1, key, op, body, seq, seq, 1});
+    open_state_ = state_runs_.size() - 1;
   }
 
-  for (const auto& run : state_runs) {
-    CheckFinding& f = report.findings[run.finding];
-    if (run.count == 1) {
-      f.message = "group " + short_error(f.group) + " seq " + std::to_string(run.first_seq) + " " + run.op + ": " + run.body;
-    } else {
-      f.message = "group " + short_error(f.group) + " seqs " + std::to_string(run.first_seq) + "-" + std::to_string(run.last_seq) +
-                  " (" + std::to_string(run.count) + " collectives, from " + run.op + "): " + run.body;
+  // The message after "group G seq N op: ", and the finding's kind.
+  static std::string state_body(const std::vector<int>& completed, const std::vector<int>& failed,
+                                const std::vector<int>& in_flight, CheckFinding::Kind& kind) {
+    std::string states;
+    auto add_state = [&](const std::vector<int>& ranks, const char* what) {
+      if (ranks.empty()) return;
+      states += (states.empty() ? "" : ", ") + ranks_text(ranks) + " " + what;
+    };
+    if (!completed.empty()) {
+      kind = CheckFinding::Kind::StateMismatch;
+      add_state(completed, "completed");
+      add_state(failed, "failed");
+      add_state(in_flight, "still in flight");
+      return "state mismatch: " + states;
     }
+    if (!failed.empty()) {
+      kind = CheckFinding::Kind::Failed;
+      add_state(failed, "failed");
+      add_state(in_flight, "still in flight");
+      return states;
+    }
+    kind = CheckFinding::Kind::InFlight;
+    return "never completed: " + ranks_text(in_flight) + " still in flight when the trace was written";
   }
 
-  // Missing-rank messages, once their runs are known.
-  for (const auto& run : runs) {
-    CheckFinding& f = report.findings[run.finding];
-    std::string text = "not all ranks joined collective " + std::to_string(run.first_seq) + " of group " +
-                       short_error(f.group) +
-                       ": missing ranks " + sim::rank_set_string(run.missing);
-    for (int r : run.missing) {
-      auto og = on_group.find({r, f.group});
-      if (og != on_group.end() && og->second.last > run.first_seq) {
-        text += "; rank " + std::to_string(r) + " has no record of it but recorded seq " +
-                std::to_string(*og->second.seqs.upper_bound(run.first_seq)) + " of the group later";
+  void write_state_messages() {
+    for (const auto& run : state_runs_) {
+      CheckFinding& f = report_.findings[run.finding];
+      if (run.count == 1) {
+        f.message = "group " + short_error(f.group) + " seq " + std::to_string(run.first_seq) + " " + run.op + ": " + run.body;
       } else {
-        text += "; " + last_collective_text(r);
+        f.message = "group " + short_error(f.group) + " seqs " + std::to_string(run.first_seq) + "-" +
+                    std::to_string(run.last_seq) + " (" + std::to_string(run.count) + " collectives, from " + run.op +
+                    "): " + run.body;
       }
     }
-    if (run.last_seq != run.first_seq) {
-      text += "; the same " + std::string(run.missing.size() == 1 ? "rank is" : "ranks are") +
-              " missing from every later collective of the group up to seq " + std::to_string(run.last_seq);
-    }
-    f.message = text;
   }
 
-  if (report.findings.empty()) return report;
+  std::string last_collective_text(int rank) const {
+    const auto& last = last_of_rank_[static_cast<size_t>(rank)];
+    if (!last) return "rank " + std::to_string(rank) + " recorded no collective";
+    const auto& e = events_[*last];
+    return "rank " + std::to_string(rank) + "'s last collective: group " + short_error(e.group) + " seq " +
+           std::to_string(e.seq) + " " + to_string(e.op) + " (" + to_string(e.status) + ")";
+  }
 
-  // Where each rank was. Costs stay linear in the trace's size: each
-  // group's member list is walked once.
-  std::vector<std::vector<const std::string*>> groups_of_rank(static_cast<size_t>(trace.world_size));
-  for (const auto& [group, ranks] : trace.groups) {
-    if (!by_group_seq.count(group)) continue;
-    for (int r : ranks) groups_of_rank[static_cast<size_t>(r)].push_back(&group);
-  }
-  std::vector<std::pair<std::string, std::vector<int>>> places;
-  std::map<std::string, size_t> place_index;
-  for (int r = 0; r < trace.world_size; ++r) {
-    std::string text;
-    const auto& last = last_of_rank[static_cast<size_t>(r)];
-    if (last) {
-      const auto& e = events[*last];
-      text = "group " + short_error(e.group) + " seq " + std::to_string(e.seq) + " " + call_text(e, false) + " (" +
-             e.status + ")";
-    } else {
-      text = "no collective recorded";
+  void write_missing_messages() {
+    for (const auto& run : missing_runs_) {
+      CheckFinding& f = report_.findings[run.finding];
+      std::string text = "not all ranks joined collective " + std::to_string(run.first_seq) + " of group " +
+                         short_error(f.group) + ": missing ranks " + rank_set_string(run.missing);
+      for (int r : run.missing) {
+        auto og = on_group_.find({r, f.group});
+        if (og != on_group_.end() && og->second.last > run.first_seq) {
+          text += "; rank " + std::to_string(r) + " has no record of it but recorded seq " +
+                  std::to_string(*og->second.seqs.upper_bound(run.first_seq)) + " of the group later";
+        } else {
+          text += "; " + last_collective_text(r);
+        }
+      }
+      if (run.last_seq != run.first_seq) {
+        text += "; the same " + std::string(run.missing.size() == 1 ? "rank is" : "ranks are") +
+                " missing from every later collective of the group up to seq " + std::to_string(run.last_seq);
+      }
+      f.message = text;
     }
-    bool early = false;
-    for (const std::string* group : groups_of_rank[static_cast<size_t>(r)]) {
-      auto og = on_group.find({r, *group});
-      if (og == on_group.end() || og->second.last < by_group_seq[*group].rbegin()->first) early = true;
-    }
-    if (early) text += ", stopped early";
-    auto [it, inserted] = place_index.try_emplace(text, places.size());
-    if (inserted) places.push_back({text, {}});
-    places[it->second].second.push_back(r);
   }
-  for (const auto& [text, ranks] : places) report.where.push_back(ranks_text(ranks) + ": " + text);
-  return report;
-}
+
+  // Where each rank was. Costs stay linear in the trace's size: each group's
+  // member list is walked once.
+  void write_where() {
+    std::vector<std::vector<const std::string*>> groups_of_rank(static_cast<size_t>(trace_.world_size));
+    for (const auto& [group, ranks] : trace_.groups) {
+      if (!by_group_seq_.count(group)) continue;
+      for (int r : ranks) groups_of_rank[static_cast<size_t>(r)].push_back(&group);
+    }
+    std::vector<std::pair<std::string, std::vector<int>>> places;
+    std::map<std::string, size_t> place_index;
+    for (int r = 0; r < trace_.world_size; ++r) {
+      std::string text = "no collective recorded";
+      if (const auto& last = last_of_rank_[static_cast<size_t>(r)]) {
+        const auto& e = events_[*last];
+        text = "group " + short_error(e.group) + " seq " + std::to_string(e.seq) + " " + call_text(e, false) + " (" +
+               to_string(e.status) + ")";
+      }
+      bool early = false;
+      for (const std::string* group : groups_of_rank[static_cast<size_t>(r)]) {
+        auto og = on_group_.find({r, *group});
+        if (og == on_group_.end() || og->second.last < by_group_seq_[*group].rbegin()->first) early = true;
+      }
+      if (early) text += ", stopped early";
+      auto [it, inserted] = place_index.try_emplace(text, places.size());
+      if (inserted) places.push_back({text, {}});
+      places[it->second].second.push_back(r);
+    }
+    for (const auto& [text, ranks] : places) report_.where.push_back(ranks_text(ranks) + ": " + text);
+  }
+
+  const ReplayTrace& trace_;
+  const std::vector<observe::Record>& events_;
+  CheckReport report_;
+  std::map<std::string, std::map<uint64_t, std::vector<size_t>>> by_group_seq_;
+  std::map<std::pair<int, std::string>, RankOnGroup> on_group_;
+  std::vector<std::optional<size_t>> last_of_rank_;
+  std::vector<MissingRun> missing_runs_;
+  std::vector<StateRun> state_runs_;
+  size_t open_missing_ = kNone;  // index into missing_runs_ of the run still being extended
+  size_t open_state_ = kNone;    // index into state_runs_, likewise
+};
+
+}  // namespace
+
+CheckReport check_trace(const ReplayTrace& trace) { return TraceChecker(trace).run(); }
 
 // ---------------------------------------------------------------------------
 // Planning
@@ -567,143 +610,174 @@ size_t refuse_unreplayable(const ReplayTrace& trace) {
   return report.collectives;
 }
 
-}  // namespace
-
-ReplayPlan make_replay_plan(const ReplayTrace& trace, int world_size, const ReplayLimits& limits) {
-  const int n = trace.world_size;
-  const int m = world_size == 0 ? n : world_size;
-  if (m < 1 || m > sim::TraceRecorder::kMaxWorldSize) {
-    throw ReplayPlanError("world size " + std::to_string(m) + " is outside [1, " +
-                          std::to_string(sim::TraceRecorder::kMaxWorldSize) + "]");
-  }
-
-  ReplayPlan plan;
-  plan.collectives = refuse_unreplayable(trace);
-  plan.trace_world_size = n;
-  plan.world_size = m;
-  std::map<std::string, size_t> group_index;
-  for (const auto& [name, ranks] : trace.groups) {
-    if (m != n && static_cast<int>(ranks.size()) != n) {
-      throw ReplayPlanError("group '" + short_error(name) + "' spans " + ranks_text(ranks) + " of the trace's " +
-                            std::to_string(n) + "; at world size " + std::to_string(m) +
-                            " only groups over the whole world can be replayed (they then span all " +
-                            std::to_string(m) + " ranks)");
+// Builds one plan: the groups, then each rank's program of planned ops.
+class Planner {
+ public:
+  Planner(const ReplayTrace& trace, int world_size, const ReplayLimits& limits)
+      : trace_(trace), limits_(limits), n_(trace.world_size), m_(world_size == 0 ? n_ : world_size) {
+    if (m_ < 1 || m_ > observe::kMaxWorldSize) {
+      throw ReplayPlanError("world size " + std::to_string(m_) + " is outside [1, " +
+                            std::to_string(observe::kMaxWorldSize) + "]");
     }
-    PlannedGroup g;
-    g.name = name;
-    if (m == n) {
-      g.ranks = ranks;
-    } else {
-      for (int r = 0; r < m; ++r) g.ranks.push_back(r);
+    // Each trace rank's records in issue (file) order.
+    of_rank_.resize(static_cast<size_t>(n_));
+    for (size_t i = 0; i < trace.collectives.size(); ++i) {
+      of_rank_[static_cast<size_t>(trace.collectives[i].rank)].push_back(i);
     }
-    group_index[name] = plan.groups.size();
-    plan.groups.push_back(std::move(g));
   }
 
-  // Each trace rank's records in issue (file) order, with its idle gaps.
-  std::vector<std::vector<size_t>> of_rank(static_cast<size_t>(n));
-  for (size_t i = 0; i < trace.collectives.size(); ++i) {
-    of_rank[static_cast<size_t>(trace.collectives[i].rank)].push_back(i);
+  ReplayPlan build() {
+    plan_.collectives = refuse_unreplayable(trace_);
+    plan_.trace_world_size = n_;
+    plan_.world_size = m_;
+    plan_groups();
+    check_plan_size();
+    plan_.per_rank.resize(static_cast<size_t>(m_));
+    if (m_ == n_) {
+      for (int r = 0; r < n_; ++r) {
+        const auto gaps = gaps_of(r);
+        const auto& idx = of_rank_[static_cast<size_t>(r)];
+        for (size_t k = 0; k < idx.size(); ++k) plan_.per_rank[static_cast<size_t>(r)].push_back(plan_op(idx[k], gaps[k]));
+      }
+      return std::move(plan_);
+    }
+    // Every group spans the world and every rank joined everything, so every
+    // rank has rank 0's program; the gaps come from trace rank r % n.
+    std::vector<std::vector<int64_t>> gaps(static_cast<size_t>(n_));
+    for (int r = 0; r < n_; ++r) gaps[static_cast<size_t>(r)] = gaps_of(r);
+    std::vector<PlannedOp> program;
+    for (size_t idx : of_rank_[0]) program.push_back(plan_op(idx, 0));
+    for (int r = 0; r < m_; ++r) {
+      auto& mine = plan_.per_rank[static_cast<size_t>(r)];
+      mine = program;
+      const auto& g = gaps[static_cast<size_t>(r % n_)];
+      for (size_t k = 0; k < mine.size() && k < g.size(); ++k) mine[k].gap_ns = g[k];
+    }
+    return std::move(plan_);
   }
-  auto gaps_of = [&](int r) {
+
+ private:
+  void plan_groups() {
+    for (const auto& [name, ranks] : trace_.groups) {
+      if (m_ != n_ && static_cast<int>(ranks.size()) != n_) {
+        throw ReplayPlanError("group '" + short_error(name) + "' spans " + ranks_text(ranks) + " of the trace's " +
+                              std::to_string(n_) + "; at world size " + std::to_string(m_) +
+                              " only groups over the whole world can be replayed (they then span all " +
+                              std::to_string(m_) + " ranks)");
+      }
+      PlannedGroup g;
+      g.name = name;
+      if (m_ == n_) {
+        g.ranks = ranks;
+      } else {
+        for (int r = 0; r < m_; ++r) g.ranks.push_back(r);
+      }
+      group_index_[name] = plan_.groups.size();
+      plan_.groups.push_back(std::move(g));
+    }
+  }
+
+  // Rescaling copies rank 0's program to every rank: bound the plan's size.
+  void check_plan_size() const {
+    const long double planned = m_ == n_ ? static_cast<long double>(trace_.collectives.size())
+                                         : static_cast<long double>(of_rank_[0].size()) * m_;
+    if (planned > static_cast<long double>(kMaxPlannedOps)) {
+      throw ReplayPlanError("the replay would hold " + std::to_string(static_cast<unsigned long long>(planned)) +
+                            " collective calls over all ranks, over the limit of " + std::to_string(kMaxPlannedOps));
+    }
+  }
+
+  // Trace rank r's recorded idle time before each of its collectives.
+  std::vector<int64_t> gaps_of(int r) const {
     std::vector<int64_t> gaps;
-    const auto& idx = of_rank[static_cast<size_t>(r)];
+    const auto& idx = of_rank_[static_cast<size_t>(r)];
     for (size_t k = 0; k < idx.size(); ++k) {
       int64_t gap = 0;
       if (k > 0) {
-        const auto& prev = trace.collectives[idx[k - 1]];
-        const auto& cur = trace.collectives[idx[k]];
+        const auto& prev = trace_.collectives[idx[k - 1]];
+        const auto& cur = trace_.collectives[idx[k]];
         if (prev.end_ns > 0 && cur.issue_ns > prev.end_ns) gap = cur.issue_ns - prev.end_ns;
       }
       gaps.push_back(gap);
     }
     return gaps;
-  };
+  }
 
-  auto plan_op = [&](size_t index, int64_t gap) {
-    const auto& e = trace.collectives[index];
-    const size_t line = trace.lines[index];
+  PlannedOp plan_op(size_t index, int64_t gap) {
+    const auto& e = trace_.collectives[index];
     PlannedOp op;
-    op.line = line;
-    op.group_index = group_index.at(e.group);
+    op.line = trace_.lines[index];
+    op.group_index = group_index_.at(e.group);
     op.seq = e.seq;
     op.op = e.op;
-    auto type = scalar_type_of(e.dtype);
-    if (!type || !replayable(*type)) {
-      throw ReplayPlanError("trace line " + std::to_string(line) + ": field 'dtype': " + short_error(e.dtype) +
+    if (!replayable(e.dtype)) {
+      throw ReplayPlanError("trace line " + std::to_string(op.line) + ": field 'dtype': " +
+                            short_error(observe::dtype_name(e.dtype)) +
                             " cannot be replayed (Float, Double, Half, BFloat16, Int, Long, Short, Char, Byte, Bool)");
     }
-    op.dtype = *type;
+    op.dtype = e.dtype;
     op.reduce_op = e.reduce_op;
     op.root = e.root;
     op.gap_ns = gap;
     op.in_numel = e.in_numel;
     op.out_numel = e.out_numel;
-    if (m != n) {
-      if (e.op == CollectiveOp::AllGather) {
-        op.in_numel = ceil_div(e.out_numel, m);
-        op.out_numel = op.in_numel * m;  // <= out_numel + m - 1: no overflow below the limits checked next
-      } else if (e.op == CollectiveOp::ReduceScatter) {
-        op.out_numel = ceil_div(e.in_numel, m);
-        op.in_numel = op.out_numel * m;
-      }
-      if (op.in_numel != e.in_numel || op.out_numel != e.out_numel) {
-        const int64_t total = e.op == CollectiveOp::AllGather ? e.out_numel : e.in_numel;
-        if (total % m != 0) plan.padded = true;
-      }
-      if (e.op == CollectiveOp::Broadcast && e.root >= m) {
-        throw ReplayPlanError("trace line " + std::to_string(line) + ": field 'root': broadcast root " + std::to_string(e.root) +
-                              " does not exist in a world of " + std::to_string(m));
-      }
+    if (m_ != n_) rescale(e, op);
+    size_op(op);
+    return op;
+  }
+
+  // At another world size all-gather / reduce-scatter keep their total size.
+  void rescale(const observe::Record& e, PlannedOp& op) {
+    if (e.op == CollectiveOp::AllGather) {
+      op.in_numel = ceil_div(e.out_numel, m_);
+      op.out_numel = op.in_numel * m_;  // <= out_numel + m - 1: no overflow below the limits checked next
+    } else if (e.op == CollectiveOp::ReduceScatter) {
+      op.out_numel = ceil_div(e.in_numel, m_);
+      op.in_numel = op.out_numel * m_;
     }
+    if (op.in_numel != e.in_numel || op.out_numel != e.out_numel) {
+      const int64_t total = e.op == CollectiveOp::AllGather ? e.out_numel : e.in_numel;
+      if (total % m_ != 0) plan_.padded = true;
+    }
+    if (e.op == CollectiveOp::Broadcast && e.root >= m_) {
+      throw ReplayPlanError("trace line " + std::to_string(op.line) + ": field 'root': broadcast root " +
+                            std::to_string(e.root) + " does not exist in a world of " + std::to_string(m_));
+    }
+  }
+
+  // One rank's buffers for the op, within the limits.
+  void size_op(PlannedOp& op) {
     const int64_t element = c10::elementSize(op.dtype);
     const bool in_place = op.op == CollectiveOp::AllReduce || op.op == CollectiveOp::Broadcast;
     const long double numel = in_place ? static_cast<long double>(op.in_numel)
                                        : static_cast<long double>(op.in_numel) + static_cast<long double>(op.out_numel);
     const long double bytes = numel * element;
-    if (bytes > static_cast<long double>(limits.max_bytes_per_collective)) {
+    if (bytes > static_cast<long double>(limits_.max_bytes_per_collective)) {
       std::ostringstream msg;
-      msg << "trace line " << line << ": field 'in_numel': " << to_string(op.op) << " of " << op.in_numel << " " << e.dtype
-          << " elements in and " << op.out_numel << " out needs " << std::setprecision(4) << bytes
-          << " bytes on each rank, over the limit of " << limits.max_bytes_per_collective
-          << " bytes per collective (--max-bytes)";
+      msg << "trace line " << op.line << ": field 'in_numel': " << to_string(op.op) << " of " << op.in_numel << " "
+          << observe::dtype_name(op.dtype) << " elements in and " << op.out_numel << " out needs "
+          << std::setprecision(4) << bytes << " bytes on each rank, over the limit of "
+          << limits_.max_bytes_per_collective << " bytes per collective (--max-bytes)";
       throw ReplayPlanError(msg.str());
     }
     op.buffer_bytes = static_cast<int64_t>(bytes);
     op.total_bytes = sim::total_bytes(op.op, op.in_numel, op.out_numel, element);
-    plan.max_buffer_bytes = std::max(plan.max_buffer_bytes, op.buffer_bytes);
-    return op;
-  };
+    plan_.max_buffer_bytes = std::max(plan_.max_buffer_bytes, op.buffer_bytes);
+  }
 
-  // Rescaling copies rank 0's program to every rank: bound the plan's size.
-  const long double planned = m == n ? static_cast<long double>(trace.collectives.size())
-                                     : static_cast<long double>(of_rank[0].size()) * m;
-  if (planned > static_cast<long double>(kMaxPlannedOps)) {
-    throw ReplayPlanError("the replay would hold " + std::to_string(static_cast<unsigned long long>(planned)) +
-                          " collective calls over all ranks, over the limit of " + std::to_string(kMaxPlannedOps));
-  }
-  plan.per_rank.resize(static_cast<size_t>(m));
-  if (m == n) {
-    for (int r = 0; r < n; ++r) {
-      const auto gaps = gaps_of(r);
-      const auto& idx = of_rank[static_cast<size_t>(r)];
-      for (size_t k = 0; k < idx.size(); ++k) plan.per_rank[static_cast<size_t>(r)].push_back(plan_op(idx[k], gaps[k]));
-    }
-  } else {
-    // Every group spans the world and every rank joined everything, so every
-    // rank has rank 0's program; the gaps come from trace rank r % n.
-    std::vector<std::vector<int64_t>> gaps(static_cast<size_t>(n));
-    for (int r = 0; r < n; ++r) gaps[static_cast<size_t>(r)] = gaps_of(r);
-    std::vector<PlannedOp> program;
-    for (size_t idx : of_rank[0]) program.push_back(plan_op(idx, 0));
-    for (int r = 0; r < m; ++r) {
-      auto& mine = plan.per_rank[static_cast<size_t>(r)];
-      mine = program;
-      const auto& g = gaps[static_cast<size_t>(r % n)];
-      for (size_t k = 0; k < mine.size() && k < g.size(); ++k) mine[k].gap_ns = g[k];
-    }
-  }
-  return plan;
+  const ReplayTrace& trace_;
+  const ReplayLimits& limits_;
+  const int n_;  // the trace's world
+  const int m_;  // the replay's
+  std::vector<std::vector<size_t>> of_rank_;
+  std::map<std::string, size_t> group_index_;
+  ReplayPlan plan_;
+};
+
+}  // namespace
+
+ReplayPlan make_replay_plan(const ReplayTrace& trace, int world_size, const ReplayLimits& limits) {
+  return Planner(trace, world_size, limits).build();
 }
 
 // ---------------------------------------------------------------------------
@@ -761,19 +835,49 @@ std::string format_summary(const std::vector<OpSummary>& summary) {
     std::snprintf(line, sizeof line, "  %-15s %6zu %11s %11s %10.1f %10.1f %10.3f %8.3f %8.3f\n", to_string(s.op),
                   s.count, human_bytes(static_cast<double>(s.total_bytes)).c_str(),
                   human_bytes(static_cast<double>(s.per_rank_bytes) / static_cast<double>(s.count)).c_str(),
-                  static_cast<double>(s.p50_ns) / 1e3, static_cast<double>(s.p95_ns) / 1e3,
-                  static_cast<double>(s.total_ns) / 1e6, s.algbw_gbps, s.busbw_gbps);
+                  ns_to_us(s.p50_ns), ns_to_us(s.p95_ns),
+                  ns_to_ms(s.total_ns), s.algbw_gbps, s.busbw_gbps);
     out << line;
     total_ns += s.total_ns;
     count += s.count;
   }
   std::snprintf(line, sizeof line, "  %-15s %6zu %11s %11s %10s %10s %10.3f\n", "total", count, "", "", "", "",
-                static_cast<double>(total_ns) / 1e6);
+                ns_to_ms(total_ns));
   out << line;
   out << "  (S = total size as nccl-tests counts it; msg/rank = mean input per rank; latency = last rank's call to\n"
          "   last rank's completion; algbw = sum S / sum t, busbw = algbw x bus factor, GB/s)\n";
   return out.str();
 }
+
+namespace {
+
+// The recorded timing, measured the way the replay measures ("" when some
+// collective never ended).
+std::string recorded_timing(const ReplayTrace& trace) {
+  std::map<std::pair<std::string, uint64_t>, std::pair<int64_t, int64_t>> span;  // last issue, last end
+  int64_t first_issue = std::numeric_limits<int64_t>::max(), last_end = 0;
+  bool complete = true;
+  for (const auto& e : trace.collectives) {
+    auto& s = span[{e.group, e.seq}];
+    s.first = std::max(s.first, e.issue_ns);
+    s.second = std::max(s.second, e.end_ns);
+    if (e.end_ns == 0) complete = false;
+    if (e.issue_ns > 0) first_issue = std::min(first_issue, e.issue_ns);
+    last_end = std::max(last_end, e.end_ns);
+  }
+  if (complete && last_end > 0) {
+    int64_t comm = 0;
+    for (const auto& [key, s] : span) comm += std::max<int64_t>(0, s.second - s.first);
+    std::ostringstream out;
+    out << "recorded: " << fixed(ns_to_ms(last_end - first_issue), 3)
+        << " ms from the first call to the last completion; communication " << fixed(ns_to_ms(comm), 3)
+        << " ms (sum over collectives of last call to last completion)\n";
+    return out.str();
+  }
+  return "";
+}
+
+}  // namespace
 
 std::string format_plan_statistics(const ReplayTrace& trace, const ReplayPlan& plan) {
   std::ostringstream out;
@@ -838,25 +942,7 @@ std::string format_plan_statistics(const ReplayTrace& trace, const ReplayPlan& p
   }
   out << "largest buffers of one rank for one collective: " << human_bytes(static_cast<double>(plan.max_buffer_bytes))
       << "\n";
-  // The recorded timing, measured the way the replay measures.
-  std::map<std::pair<std::string, uint64_t>, std::pair<int64_t, int64_t>> span;  // last issue, last end
-  int64_t first_issue = std::numeric_limits<int64_t>::max(), last_end = 0;
-  bool complete = true;
-  for (const auto& e : trace.collectives) {
-    auto& s = span[{e.group, e.seq}];
-    s.first = std::max(s.first, e.issue_ns);
-    s.second = std::max(s.second, e.end_ns);
-    if (e.end_ns == 0) complete = false;
-    if (e.issue_ns > 0) first_issue = std::min(first_issue, e.issue_ns);
-    last_end = std::max(last_end, e.end_ns);
-  }
-  if (complete && last_end > 0) {
-    int64_t comm = 0;
-    for (const auto& [key, s] : span) comm += std::max<int64_t>(0, s.second - s.first);
-    out << "recorded: " << fixed(static_cast<double>(last_end - first_issue) / 1e6, 3)
-        << " ms from the first call to the last completion; communication " << fixed(static_cast<double>(comm) / 1e6, 3)
-        << " ms (sum over collectives of last call to last completion)\n";
-  }
+  out << recorded_timing(trace);
   return out.str();
 }
 

@@ -14,7 +14,7 @@
 //              few sizes, and compared with a measured replay.
 //
 // Trust: a trace file is untrusted input. Parsing validates every field
-// (sim/trace.h) plus what replay needs (consistent groups, per-record sizes
+// (backends/observe/jsonl.h) plus what replay needs (consistent groups, per-record sizes
 // that fit the op, no duplicated (rank, group, seq)); every problem is one
 // TraceFileError "trace line N: ..." and nothing is allocated from a size
 // before it passed ReplayLimits.
@@ -38,9 +38,9 @@
 #include <string>
 #include <vector>
 
+#include "backends/observe/record.h"
 #include "backends/process_group.h"
 #include "sim/cost_model.h"
-#include "sim/trace.h"
 
 namespace fsdpsim::tools {
 
@@ -71,7 +71,7 @@ class ReplayRunError : public std::runtime_error {
 /// A validated trace: its collectives in file order with their line numbers.
 struct ReplayTrace {
   int world_size = 0;
-  std::vector<sim::TraceEvent> collectives;
+  std::vector<observe::Record> collectives;
   std::vector<size_t> lines;  ///< line of each collective in the file (header = line 1)
   size_t engine_events = 0;
   /// Every group: name -> global ranks by group rank.

@@ -160,6 +160,70 @@ class BufferPool {
   std::map<std::tuple<int, int64_t, int>, at::Tensor> tensors_;
 };
 
+// Inputs crafted so the exact output is known, outputs pre-filled with a
+// value no collective writes.
+std::pair<at::Tensor, at::Tensor> crafted_buffers(const PlannedOp& op, int gr) {
+  switch (op.op) {
+    case CollectiveOp::AllGather:
+    case CollectiveOp::ReduceScatter:
+      return {crafted(gr, 0, op.in_numel, op.dtype), at::full({op.out_numel}, kUntouched, op.dtype)};
+    case CollectiveOp::AllReduce: {
+      at::Tensor t = crafted(gr, 0, op.in_numel, op.dtype);
+      return {t, t};
+    }
+    case CollectiveOp::Broadcast: {
+      at::Tensor t = gr == op.root ? crafted(gr, 0, op.in_numel, op.dtype) : at::full({op.in_numel}, kUntouched, op.dtype);
+      return {t, t};
+    }
+    case CollectiveOp::Barrier: break;
+  }
+  return {};
+}
+
+// Reused uninitialised buffers (timing only); in-place ops share one.
+std::pair<at::Tensor, at::Tensor> pooled_buffers(const PlannedOp& op, BufferPool& pool) {
+  if (op.op == CollectiveOp::Barrier) return {};
+  at::Tensor input = pool.get(op.dtype, op.in_numel, 0);
+  const bool in_place = op.op == CollectiveOp::AllReduce || op.op == CollectiveOp::Broadcast;
+  return {input, in_place ? input : pool.get(op.dtype, op.out_numel, 1)};
+}
+
+WorkPtr issue(ProcessGroup& group, const PlannedOp& op, const at::Tensor& input, const at::Tensor& output) {
+  switch (op.op) {
+    case CollectiveOp::AllGather: return group.all_gather_into_tensor(output, input);
+    case CollectiveOp::ReduceScatter: {
+      ReduceScatterOptions o;
+      o.reduce_op = op.reduce_op;
+      return group.reduce_scatter_tensor(output, input, o);
+    }
+    case CollectiveOp::AllReduce: {
+      AllReduceOptions o;
+      o.reduce_op = op.reduce_op;
+      return group.all_reduce(input, o);
+    }
+    case CollectiveOp::Broadcast: {
+      BroadcastOptions o;
+      o.root = op.root;
+      return group.broadcast(input, o);
+    }
+    case CollectiveOp::Barrier: break;
+  }
+  return group.barrier();
+}
+
+// What group rank `gr` of `n` must hold after the crafted op.
+at::Tensor expected_output(const PlannedOp& op, int n, int gr) {
+  switch (op.op) {
+    case CollectiveOp::AllGather: return crafted_gathered(n, op.in_numel, op.dtype);
+    case CollectiveOp::ReduceScatter:
+      return reduced(op.reduce_op, n, int64_t{gr} * op.out_numel, op.out_numel, op.dtype);
+    case CollectiveOp::AllReduce: return reduced(op.reduce_op, n, 0, op.in_numel, op.dtype);
+    case CollectiveOp::Broadcast: return crafted(op.root, 0, op.in_numel, op.dtype);
+    case CollectiveOp::Barrier: break;
+  }
+  return {};
+}
+
 void replay_rank(const ReplayPlan& plan, int rank, const ProcessGroupPtr& world, const ReplayOptions& options,
                  RankRecord& record) {
   const std::vector<ProcessGroupPtr> groups = build_groups(plan, world);
@@ -180,71 +244,17 @@ void replay_rank(const ReplayPlan& plan, int rank, const ProcessGroupPtr& world,
       const int gr = group->rank();
       const int n = group->size();
       const bool check = options.check_data;
-      at::Tensor input, output;
-      if (check) {
-        switch (op.op) {
-          case CollectiveOp::AllGather:
-          case CollectiveOp::ReduceScatter:
-            input = crafted(gr, 0, op.in_numel, op.dtype);
-            output = at::full({op.out_numel}, kUntouched, op.dtype);
-            break;
-          case CollectiveOp::AllReduce:
-            input = output = crafted(gr, 0, op.in_numel, op.dtype);
-            break;
-          case CollectiveOp::Broadcast:
-            input = output = gr == op.root ? crafted(gr, 0, op.in_numel, op.dtype)
-                                           : at::full({op.in_numel}, kUntouched, op.dtype);
-            break;
-          case CollectiveOp::Barrier: break;
-        }
-      } else if (op.op != CollectiveOp::Barrier) {
-        input = pool.get(op.dtype, op.in_numel, 0);
-        output = op.op == CollectiveOp::AllReduce || op.op == CollectiveOp::Broadcast
-                     ? input
-                     : pool.get(op.dtype, op.out_numel, 1);
-      }
+      auto [input, output] = check ? crafted_buffers(op, gr) : pooled_buffers(op, pool);
 
       const int64_t start = now_ns();
-      WorkPtr work;
-      switch (op.op) {
-        case CollectiveOp::AllGather: work = group->all_gather_into_tensor(output, input); break;
-        case CollectiveOp::ReduceScatter: {
-          ReduceScatterOptions o;
-          o.reduce_op = op.reduce_op;
-          work = group->reduce_scatter_tensor(output, input, o);
-          break;
-        }
-        case CollectiveOp::AllReduce: {
-          AllReduceOptions o;
-          o.reduce_op = op.reduce_op;
-          work = group->all_reduce(input, o);
-          break;
-        }
-        case CollectiveOp::Broadcast: {
-          BroadcastOptions o;
-          o.root = op.root;
-          work = group->broadcast(input, o);
-          break;
-        }
-        case CollectiveOp::Barrier: work = group->barrier(); break;
-      }
-      work->wait();
+      issue(*group, op, input, output)->wait();
       const int64_t end = now_ns();
       const size_t slot = static_cast<size_t>(it) * program.size() + k;
       record.start[slot] = start;
       record.end[slot] = end;
 
       if (!check || op.op == CollectiveOp::Barrier) continue;
-      at::Tensor expected;
-      switch (op.op) {
-        case CollectiveOp::AllGather: expected = crafted_gathered(n, op.in_numel, op.dtype); break;
-        case CollectiveOp::ReduceScatter:
-          expected = reduced(op.reduce_op, n, int64_t{gr} * op.out_numel, op.out_numel, op.dtype);
-          break;
-        case CollectiveOp::AllReduce: expected = reduced(op.reduce_op, n, 0, op.in_numel, op.dtype); break;
-        case CollectiveOp::Broadcast: expected = crafted(op.root, 0, op.in_numel, op.dtype); break;
-        case CollectiveOp::Barrier: break;
-      }
+      const at::Tensor expected = expected_output(op, n, gr);
       ++record.checked;
       if (record.data_error.empty() && !at::equal(output, expected)) {
         at::Tensor wrong = output.ne(expected).nonzero();
@@ -585,14 +595,8 @@ int replay_worker_main() {
 
 namespace {
 
-std::vector<sim::CostSample> calibrate_one(const ReplayPlan& plan, int world_size, const ReplayOptions& options,
-                                           const CalibrationOptions& calibration) {
-  if (world_size < 2) throw ReplayPlanError("calibration needs worlds of at least 2 ranks");
-  if (calibration.sizes < 2 || calibration.reps < 1 || calibration.min_bytes < 4 ||
-      calibration.max_bytes < calibration.min_bytes) {
-    throw ReplayPlanError("calibration: needs sizes >= 2, reps >= 1 and 4 <= min_bytes <= max_bytes");
-  }
-  // The range of S of each op in the plan.
+// The range of S of each op in the plan.
+std::map<CollectiveOp, std::pair<int64_t, int64_t>> size_ranges(const ReplayPlan& plan) {
   std::map<CollectiveOp, std::pair<int64_t, int64_t>> range;
   for (const auto& program : plan.per_rank) {
     for (const auto& op : program) {
@@ -602,6 +606,39 @@ std::vector<sim::CostSample> calibrate_one(const ReplayPlan& plan, int world_siz
       it->second.second = std::max(it->second.second, op.total_bytes);
     }
   }
+  return range;
+}
+
+// Median per (op, S) after the untimed first repetition.
+std::vector<sim::CostSample> median_samples(const ReplayResult& result, int world_size) {
+  std::map<std::pair<CollectiveOp, int64_t>, std::vector<int64_t>> times;
+  std::set<std::pair<CollectiveOp, int64_t>> warmed;
+  for (const auto& t : result.collectives) {
+    const auto key = std::make_pair(t.op, t.total_bytes);
+    if (warmed.insert(key).second) continue;
+    times[key].push_back(t.latency_ns);
+  }
+  std::vector<sim::CostSample> samples;
+  for (auto& [key, v] : times) {
+    std::sort(v.begin(), v.end());
+    sim::CostSample s;
+    s.op = key.first;
+    s.bytes = key.second;
+    s.world_size = world_size;
+    s.time_ns = std::max<int64_t>(1, v[v.size() / 2]);
+    samples.push_back(s);
+  }
+  return samples;
+}
+
+std::vector<sim::CostSample> calibrate_one(const ReplayPlan& plan, int world_size, const ReplayOptions& options,
+                                           const CalibrationOptions& calibration) {
+  if (world_size < 2) throw ReplayPlanError("calibration needs worlds of at least 2 ranks");
+  if (calibration.sizes < 2 || calibration.reps < 1 || calibration.min_bytes < 4 ||
+      calibration.max_bytes < calibration.min_bytes) {
+    throw ReplayPlanError("calibration: needs sizes >= 2, reps >= 1 and 4 <= min_bytes <= max_bytes");
+  }
+  const auto range = size_ranges(plan);
   ReplayPlan cal;
   cal.world_size = cal.trace_world_size = world_size;
   PlannedGroup group;
@@ -609,7 +646,8 @@ std::vector<sim::CostSample> calibrate_one(const ReplayPlan& plan, int world_siz
   for (int r = 0; r < world_size; ++r) group.ranks.push_back(r);
   cal.groups.push_back(group);
   std::vector<PlannedOp> program;
-  const int64_t unit = int64_t{4} * world_size;  // S must split into float chunks
+  const int64_t element = static_cast<int64_t>(c10::elementSize(at::kFloat));
+  const int64_t unit = element * world_size;  // S must split into float chunks
   auto add = [&](CollectiveOp kind, int64_t bytes) {
     const int64_t chunk = std::max<int64_t>(1, (bytes + unit - 1) / unit);
     PlannedOp op;
@@ -623,9 +661,9 @@ std::vector<sim::CostSample> calibrate_one(const ReplayPlan& plan, int world_siz
       case CollectiveOp::Broadcast: op.in_numel = op.out_numel = chunk * world_size; break;
       case CollectiveOp::Barrier: break;
     }
-    op.total_bytes = sim::total_bytes(kind, op.in_numel, op.out_numel, 4);
+    op.total_bytes = sim::total_bytes(kind, op.in_numel, op.out_numel, element);
     const bool in_place = kind == CollectiveOp::AllReduce || kind == CollectiveOp::Broadcast;
-    op.buffer_bytes = (in_place ? op.in_numel : op.in_numel + op.out_numel) * 4;
+    op.buffer_bytes = (in_place ? op.in_numel : op.in_numel + op.out_numel) * element;
     cal.max_buffer_bytes = std::max(cal.max_buffer_bytes, op.buffer_bytes);
     for (int rep = 0; rep <= calibration.reps; ++rep) {
       op.seq = program.size() + 1;
@@ -652,26 +690,7 @@ std::vector<sim::CostSample> calibrate_one(const ReplayPlan& plan, int world_siz
   run.iterations = 1;
   run.use_timestamps = false;
   run.check_data = false;
-  const ReplayResult result = run_replay(cal, run);
-  // Median per (op, S) after the untimed first repetition.
-  std::map<std::pair<CollectiveOp, int64_t>, std::vector<int64_t>> times;
-  std::set<std::pair<CollectiveOp, int64_t>> warmed;
-  for (const auto& t : result.collectives) {
-    const auto key = std::make_pair(t.op, t.total_bytes);
-    if (warmed.insert(key).second) continue;
-    times[key].push_back(t.latency_ns);
-  }
-  std::vector<sim::CostSample> samples;
-  for (auto& [key, v] : times) {
-    std::sort(v.begin(), v.end());
-    sim::CostSample s;
-    s.op = key.first;
-    s.bytes = key.second;
-    s.world_size = world_size;
-    s.time_ns = std::max<int64_t>(1, v[v.size() / 2]);
-    samples.push_back(s);
-  }
-  return samples;
+  return median_samples(run_replay(cal, run), world_size);
 }
 
 }  // namespace

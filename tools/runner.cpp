@@ -25,16 +25,19 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include "backends/clock.h"
 #include "backends/comm_hooks.h"
 #include "backends/errors.h"
 #include "backends/gloo_process_group.h"
+#include "backends/observe/flight_recorder.h"
+#include "backends/observe/jsonl.h"
+#include "backends/observe/observed_process_group.h"
+#include "backends/observe/trace_recorder.h"
 #include "scenarios/engine_trace.h"
 #include "scenarios/models.h"
 #include "sim/cost_model.h"
 #include "sim/fake_process_group.h"
 #include "sim/fiber_autograd.h"
-#include "sim/flight_recorder.h"
-#include "sim/trace.h"
 #include "tools/process_launcher.h"
 
 namespace fsdpsim::tools {
@@ -115,7 +118,7 @@ bool has_comm_delays(const sim::DelayOptions& delays) {
 
 // One rank's training loop, the same for every backend.
 RankStats train_rank(const RunOptions& options, int rank, ProcessGroupPtr world_group, const Clock& clock,
-                     sim::SimClock* sim_clock, const std::shared_ptr<sim::TraceRecorder>& trace,
+                     sim::SimClock* sim_clock, const std::shared_ptr<observe::TraceRecorder>& trace,
                      const std::function<void(int step, const RankStats&)>& on_step) {
   if (has_comm_delays(options.delays)) {
     world_group = std::make_shared<HookedProcessGroup>(std::move(world_group),
@@ -208,7 +211,7 @@ void print_progress(std::ostream& out, const RunOptions& options, int step, cons
   out << std::defaultfloat << std::endl;
 }
 
-void write_traces(const RunOptions& options, sim::TraceRecorder& recorder) {
+void write_traces(const RunOptions& options, observe::TraceRecorder& recorder) {
   std::ofstream chrome(options.trace_path);
   std::ofstream lines(options.trace_path + ".jsonl");
   if (chrome) recorder.write_chrome_trace(chrome);
@@ -233,7 +236,7 @@ std::string world_failure_summary(const sim::WorldResult& result) {
 }
 
 void print_summary(std::ostream& out, const RunOptions& options, const std::vector<RankStats>& ranks,
-                   const sim::TraceRecorder& recorder, bool simulated, double wall_seconds) {
+                   const observe::TraceRecorder& recorder, bool simulated, double wall_seconds) {
   const int n = static_cast<int>(ranks.size());
   out << "\nsummary\n  loss per step (mean over ranks):";
   for (int step = 0; step < options.steps; ++step) {
@@ -256,32 +259,19 @@ void print_summary(std::ostream& out, const RunOptions& options, const std::vect
     peak = std::max(peak, r.peak_unsharded_bytes);
   }
   out << std::fixed << std::setprecision(2) << "\n  step time measured (median over ranks and steps): "
-      << median(wall) / 1e6 << " ms";
+      << ns_to_ms(median(wall)) << " ms";
   if (simulated) {
-    out << "\n  step time predicted (simulated clock, " << options.cost_model << "): " << median(predicted) / 1e6
+    out << "\n  step time predicted (simulated clock, " << options.cost_model << "): " << ns_to_ms(median(predicted))
         << " ms\n  exposed communication: " << (total > 0 ? 100.0 * exposed / total : 0.0)
         << "% of the simulated step time";
   } else {
     out << "\n  exposed communication: measured only with simulated time (--ranks fibers --simulated-time)";
   }
-  int64_t gathered = 0;
-  int64_t reduced = 0;
-  std::map<std::string, int64_t> counts;
-  for (const auto& event : recorder.events()) {
-    if (!event.is_collective() || event.rank != 0) continue;
-    const int64_t element = c10::elementSize(
-        event.dtype == "Double" || event.dtype == "Long"        ? at::kDouble
-        : event.dtype == "Half" || event.dtype == "BFloat16"    ? at::kHalf
-                                                                 : at::kFloat);
-    if (event.op == CollectiveOp::AllGather) gathered += event.out_numel * element;
-    if (event.op == CollectiveOp::ReduceScatter || event.op == CollectiveOp::AllReduce) {
-      reduced += event.in_numel * element;
-    }
-    ++counts[to_string(event.op)];
-  }
-  out << "\n  per rank (rank 0): gathered " << human_bytes(static_cast<double>(gathered)) << ", reduced "
-      << human_bytes(static_cast<double>(reduced)) << " over " << options.steps << " steps;";
-  for (const auto& [op, count] : counts) out << " " << op << " x" << count;
+  // Bytes from each record's own dtype (c10's element size).
+  const observe::CommVolume volume = observe::comm_volume(recorder.events(), 0);
+  out << "\n  per rank (rank 0): gathered " << human_bytes(static_cast<double>(volume.gathered_bytes)) << ", reduced "
+      << human_bytes(static_cast<double>(volume.reduced_bytes)) << " over " << options.steps << " steps;";
+  for (const auto& [op, count] : volume.op_counts) out << " " << op << " x" << count;
   out << "\n  peak unsharded params (max over ranks): " << human_bytes(static_cast<double>(peak));
   out << "\n  wall time " << wall_seconds << " s\n  trace: " << options.trace_path
       << " (Perfetto / chrome://tracing), " << options.trace_path << ".jsonl (" << recorder.size() << " events)"
@@ -298,7 +288,7 @@ void check_scenario_name(const std::string& name) {
   throw std::invalid_argument("unknown scenario '" + name + "'; known: " + known);
 }
 
-sim::WorldOptions world_options(const RunOptions& options, std::shared_ptr<sim::TraceRecorder> recorder) {
+sim::WorldOptions world_options(const RunOptions& options, std::shared_ptr<observe::TraceRecorder> recorder) {
   sim::WorldOptions world;
   world.world_size = options.world_size;
   world.rank_kind = options.rank_kind;
@@ -556,11 +546,10 @@ RunOptions parse_run_options(const std::vector<std::string>& args) {
 int run_process_worker(const RunOptions& options, const std::string& stats_path, std::ostream& err) {
   try {
     const LaunchEnv env = LaunchEnv::from_env();
-    auto trace = std::make_shared<sim::TraceRecorder>(env.world_size);
-    auto flight = std::make_shared<sim::FlightRecorder>(env.world_size, 16);
+    auto trace = std::make_shared<observe::TraceRecorder>(env.world_size);
+    auto flight = std::make_shared<observe::FlightRecorder>(env.world_size, 16);
     ProcessGroupPtr group = make_gloo_process_group_from_env(options.collective_timeout);
-    group = std::make_shared<sim::FlightRecordingProcessGroup>(group, flight, env.rank);
-    group = std::make_shared<sim::TracedProcessGroup>(group, trace, env.rank);
+    group = std::make_shared<observe::ObservedProcessGroup>(group, std::vector<observe::SinkPtr>{trace, flight}, env.rank);
     RankStats stats;
     try {
       stats = train_rank(options, env.rank, group, SteadyClock::instance(), nullptr, trace,
@@ -649,13 +638,13 @@ std::string launch_failure_summary(const LaunchResult& launched, const RunOption
   return summary;
 }
 
-RankStats read_rank_stats(const std::string& path, int rank, sim::TraceRecorder& merged) {
+RankStats read_rank_stats(const std::string& path, int rank, observe::TraceRecorder& merged) {
   try {
     std::ifstream file(path);
     std::string first;
     std::getline(file, first);
     RankStats stats = stats_from_json(nlohmann::json::parse(first));
-    merged.import_events(sim::TraceRecorder::read_jsonl(file));
+    merged.import_events(observe::read_jsonl(file));
     return stats;
   } catch (const std::exception& e) {
     throw RunFailedError("rank " + std::to_string(rank) + "'s results in " + path + ": " + first_line(e.what()));
@@ -685,7 +674,7 @@ int run_processes(const RunOptions& options, const std::vector<std::string>& wor
     throw RunFailedError(launch_failure_summary(launched, options));
   }
   std::vector<RankStats> ranks;
-  sim::TraceRecorder merged(options.world_size);
+  observe::TraceRecorder merged(options.world_size);
   for (int r = 0; r < options.world_size; ++r) {
     ranks.push_back(read_rank_stats(stats_path + ".rank" + std::to_string(r), r, merged));
   }
@@ -707,7 +696,7 @@ int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err
     for (const auto& arg : options.args) args.push_back(arg);
     return run_processes(options, args, out, err);
   }
-  auto recorder = std::make_shared<sim::TraceRecorder>(options.world_size);
+  auto recorder = std::make_shared<observe::TraceRecorder>(options.world_size);
   sim::World world(world_options(options, recorder));
   const int n = options.world_size;
   std::vector<RankStats> ranks(n);

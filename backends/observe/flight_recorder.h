@@ -1,14 +1,11 @@
 #pragma once
-// Flight recorder: the last K collectives of each rank (group, seq, op,
-// dtype, shapes, state scheduled / started / completed / failed, timestamps)
-// in a per-rank ring buffer, and a dump() that prints them per rank with a
-// summary of where each rank is in each group -- what one reads first when a
-// world hangs or desyncs.
+// Flight recorder: the last K collectives of each rank in a per-rank ring,
+// and a dump() that prints them per rank with a summary of where each rank
+// is in each group -- what one reads first when a world hangs or desyncs.
 //
-// Two ways to fill it: live, by wrapping a rank's group in a
-// FlightRecordingProcessGroup (memory stays bounded however long the run);
-// or post mortem from a TraceRecorder's events (from_trace), which is what
-// `fsdpsim run` does when a world fails.
+// Two ways to fill it: live, as a sink of ObservedProcessGroup (memory stays
+// bounded however long the run); or post mortem from a trace's records
+// (from_trace).
 //
 // State: scheduled = this rank issued it; started = every rank of the group
 // had issued it (the transport could move data); completed / failed = this
@@ -24,39 +21,25 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
-#include <exception>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
-#include "backends/forwarding_process_group.h"
-#include "backends/clock.h"
+#include "backends/observe/record.h"
+#include "backends/observe/sink.h"
 #include "backends/process_group.h"
 
-namespace fsdpsim::sim {
-
-struct TraceEvent;
+namespace fsdpsim::observe {
 
 enum class FlightState { Scheduled, Started, Completed, Failed };
 const char* to_string(FlightState state);
 
+/// One ring slot: the record (id = recording order within the recorder,
+/// issue/start/end times, the call in detail) and where it stands.
 struct FlightEntry {
-  uint64_t record_id = 0;  ///< recording order within the recorder (unique)
-  int rank = 0;            ///< global rank
-  std::string group;
-  std::vector<int> group_ranks;  ///< global ranks of the group, by group rank
-  uint64_t seq = 0;
-  CollectiveOp op = CollectiveOp::Barrier;
-  std::string dtype;  ///< c10's name ("Float")
-  std::vector<int64_t> input_shape;
-  std::vector<int64_t> output_shape;
-  std::string call;  ///< CollectiveDesc::call_string(), or the trace's detail
+  Record record;
   FlightState state = FlightState::Scheduled;
-  int64_t scheduled_ns = 0;
-  int64_t started_ns = 0;    ///< 0 = unknown
-  int64_t completed_ns = 0;  ///< 0 = not ended
-  std::string error;         ///< failed only
 };
 
 /// Names one recorded entry for the later state updates.
@@ -65,18 +48,20 @@ struct FlightHandle {
   uint64_t id = 0;
 };
 
-class FlightRecorder {
+class FlightRecorder final : public CollectiveSink {
  public:
-  /// Throws std::invalid_argument for world_size outside [1, 65536] or capacity 0.
+  /// Throws std::invalid_argument for world_size outside [1, kMaxWorldSize] or capacity 0.
   explicit FlightRecorder(int world_size, size_t capacity_per_rank = 32);
 
-  int world_size() const { return world_size_; }
+  int world_size() const override { return world_size_; }
   size_t capacity_per_rank() const { return capacity_; }
 
   /// Appends a scheduled entry to `rank`'s ring (the oldest falls out when
   /// full). Throws std::invalid_argument for a rank outside the world.
   FlightHandle record_scheduled(int rank, const CollectiveDesc& desc, const std::vector<int>& group_ranks,
                                 int64_t now_ns);
+  /// As above, from a collective's record (its id is replaced).
+  FlightHandle record_scheduled(Record issued);
   /// Updates an entry; a no-op once the entry fell out of its ring or
   /// already ended (a completion is final).
   void record_started(FlightHandle handle, int64_t start_ns);
@@ -95,10 +80,14 @@ class FlightRecorder {
   std::string dump() const;
 
   /// The last `capacity_per_rank` collectives of each rank of a trace
-  /// (engine events are skipped). Throws std::invalid_argument for an event
+  /// (engine events are skipped). Throws std::invalid_argument for a record
   /// whose rank is outside the world.
-  static std::unique_ptr<FlightRecorder> from_trace(const std::vector<TraceEvent>& events, int world_size,
+  static std::unique_ptr<FlightRecorder> from_trace(const std::vector<Record>& records, int world_size,
                                                     size_t capacity_per_rank = 32);
+
+  // CollectiveSink
+  uint64_t on_issue(const Record& issued) override { return record_scheduled(issued).id; }
+  void on_end(const Record& issued, uint64_t token, const WorkTimes& times, std::exception_ptr error) override;
 
  private:
   FlightEntry* find_locked(FlightHandle handle);
@@ -112,26 +101,4 @@ class FlightRecorder {
   std::vector<uint64_t> recorded_;              // per rank; guarded by mutex_
 };
 
-/// Decorator that records every collective of `inner` in a FlightRecorder
-/// (scheduled at the call, completed / failed from Work::on_completion with
-/// the Work's times). Local argument errors are not recorded; a backend that
-/// throws while issuing records a failed entry. `clock` must outlive this
-/// group and its subgroups; subgroups from split() are recorded too.
-///
-/// Thread-safety: as ProcessGroup (one rank's group); the recorder is shared.
-class FlightRecordingProcessGroup final : public ForwardingProcessGroup {
- public:
-  FlightRecordingProcessGroup(ProcessGroupPtr inner, std::shared_ptr<FlightRecorder> recorder, int global_rank,
-                              const Clock& clock = SteadyClock::instance());
-
- protected:
-  WorkPtr call(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue) override;
-  ProcessGroupPtr wrap(ProcessGroupPtr sub) override;
-
- private:
-  std::shared_ptr<FlightRecorder> recorder_;
-  int global_rank_;
-  const Clock* clock_;
-};
-
-}  // namespace fsdpsim::sim
+}  // namespace fsdpsim::observe

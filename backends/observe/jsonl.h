@@ -1,0 +1,46 @@
+#pragma once
+// The line-per-record trace file (what `fsdpsim run` writes beside the
+// Chrome trace and the replay tool reads): its writer and its validating
+// reader.
+//
+// Format: a header line {"schema":"fsdpsim.trace","version":1,"world_size":N},
+// then one JSON object per record, keyed as Record's fields: id, rank, kind,
+// name, detail, [group, group_ranks, seq, op, dtype, in_numel, out_numel,
+// reduce_op, root: collectives only], issue_ns, start_ns, end_ns,
+// logical_clock_issue, logical_clock_end, status, error. op, reduce_op,
+// dtype and status are spelled as their to_string() / dtype_name() spell
+// them. Adding a field means a new version: the reader rejects unknown fields.
+//
+// Thread-safety: pure functions of their arguments.
+
+#include <cstddef>
+#include <iosfwd>
+#include <vector>
+
+#include "backends/observe/record.h"
+
+namespace fsdpsim::observe {
+
+constexpr const char* kJsonlSchema = "fsdpsim.trace";
+constexpr int kJsonlVersion = 1;
+/// Most records read_jsonl accepts, and its longest line (bytes).
+constexpr size_t kMaxJsonlEvents = size_t{1} << 24;
+constexpr size_t kMaxJsonlLineBytes = size_t{1} << 20;
+
+/// What read_jsonl_trace() returns: the header and the records.
+struct JsonlTrace {
+  int version = 0;
+  int world_size = 0;
+  std::vector<Record> events;
+};
+
+/// Writes the header and `records` in their order.
+void write_jsonl(std::ostream& out, const std::vector<Record>& records, int world_size);
+
+/// Reads write_jsonl's output, validating every field. Throws
+/// std::runtime_error("trace line N: <field>: <problem>") on malformed
+/// input; bounded by kMaxJsonlLineBytes / kMaxJsonlEvents.
+JsonlTrace read_jsonl_trace(std::istream& in);
+std::vector<Record> read_jsonl(std::istream& in);
+
+}  // namespace fsdpsim::observe

@@ -1,0 +1,47 @@
+#include "backends/observe/observed_process_group.h"
+
+#include <string>
+#include <utility>
+
+#include "backends/errors.h"
+
+namespace fsdpsim::observe {
+
+ObservedProcessGroup::ObservedProcessGroup(ProcessGroupPtr inner, std::vector<SinkPtr> sinks, int global_rank,
+                                           const Clock& clock)
+    : ForwardingProcessGroup(std::move(inner), "ObservedProcessGroup"),
+      sinks_(std::move(sinks)),
+      global_rank_(global_rank),
+      clock_(&clock) {
+  if (sinks_.empty()) throw CommError("ObservedProcessGroup: no sink to record into");
+  const auto& ranks = global_ranks();
+  const int r = rank();
+  if (r < 0 || static_cast<size_t>(r) >= ranks.size() || ranks[static_cast<size_t>(r)] != global_rank) {
+    throw CommError("ObservedProcessGroup: global rank " + std::to_string(global_rank) + " is not group rank " +
+                    std::to_string(r) + " of group " + name());
+  }
+  for (const auto& sink : sinks_) {
+    if (!sink) throw CommError("ObservedProcessGroup: a sink is null");
+    if (global_rank < 0 || global_rank >= sink->world_size()) {
+      throw CommError("ObservedProcessGroup: global rank " + std::to_string(global_rank) +
+                      " is outside the recorder's world of " + std::to_string(sink->world_size()));
+    }
+  }
+}
+
+WorkPtr ObservedProcessGroup::call(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue) {
+  const Record issued = collective_record(global_rank_, desc, global_ranks(), clock_->now_ns());
+  std::vector<uint64_t> tokens;
+  tokens.reserve(sinks_.size());
+  for (const auto& sink : sinks_) tokens.push_back(sink->on_issue(issued));
+  return issue_observed(desc, issue, *clock_,
+                        [sinks = sinks_, issued, tokens](const WorkTimes& times, std::exception_ptr error) {
+                          for (size_t i = 0; i < sinks.size(); ++i) sinks[i]->on_end(issued, tokens[i], times, error);
+                        });
+}
+
+ProcessGroupPtr ObservedProcessGroup::wrap(ProcessGroupPtr sub) {
+  return std::make_shared<ObservedProcessGroup>(std::move(sub), sinks_, global_rank_, *clock_);
+}
+
+}  // namespace fsdpsim::observe

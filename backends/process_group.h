@@ -1,7 +1,7 @@
 #pragma once
 // The narrow communication interface the FSDP engine sees. Implementations:
 // the in-memory fake (sim/fake_process_group.h), real Gloo
-// (backends/gloo_process_group.h) and decorators (hooks, tracing).
+// (backends/gloo/gloo_process_group.h) and decorators (hooks, tracing).
 //
 // Ordering contract (as in c10d): every rank of a group calls the same
 // collectives in the same order. Each call gets the next per-group sequence

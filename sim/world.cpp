@@ -9,7 +9,7 @@
 #include <stdexcept>
 #include <thread>
 
-#include "backends/gloo_process_group.h"
+#include "backends/gloo/gloo_process_group.h"
 #include "sim/fake_process_group.h"
 #include "sim/fiber_scheduler.h"
 #include "sim/flight_recorder.h"

@@ -26,7 +26,7 @@
 #include <thread>
 
 #include "backends/errors.h"
-#include "backends/gloo_process_group.h"
+#include "backends/gloo/gloo_process_group.h"
 #include "sim/flight_recorder.h"
 #include "sim/fake_process_group.h"
 #include "tests/worker_registry.h"

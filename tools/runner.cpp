@@ -27,7 +27,7 @@
 
 #include "backends/comm_hooks.h"
 #include "backends/errors.h"
-#include "backends/gloo_process_group.h"
+#include "backends/gloo/gloo_process_group.h"
 #include "scenarios/engine_trace.h"
 #include "scenarios/models.h"
 #include "sim/cost_model.h"

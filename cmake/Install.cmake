@@ -41,9 +41,9 @@ foreach(target IN LISTS _fsdpsim_exported_targets)
 endforeach()
 message(STATUS "fsdpsim: installs ${_fsdpsim_exported_targets}")
 
+# Include directories travel in the targets (backends' INSTALL_INTERFACE).
 install(TARGETS ${_fsdpsim_exported_targets} EXPORT fsdpsimTargets
-        ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
-        INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/fsdpsim)
+        ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR} LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
 # Every header of the exported folders (sim/testing/ and backends/gloo/ too).
 install(DIRECTORY backends sim fsdp scenarios
         DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/fsdpsim

@@ -334,7 +334,7 @@ TEST(CommHooks, RunReturningNoWorkIsAnError) {
   World world(o);
   WorldResult result = world.run([&](RankContext& ctx) {
     HookedProcessGroup pg(ctx.world_group(), hooks);
-    pg.barrier();
+    (void)pg.barrier();  // throws: the hook gave no Work
   });
   ASSERT_FALSE(result.ok());
   EXPECT_THAT(result.ranks[0].error, HasSubstr("returned no Work"));

@@ -22,7 +22,7 @@ class CommHooks {
   virtual void before(const CollectiveDesc& desc) = 0;
   /// Issues the collective: `issue` runs it on the wrapped backend. An
   /// override may return another Work instead (replace the op) or throw.
-  virtual WorkPtr run(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue) = 0;
+  [[nodiscard]] virtual WorkPtr run(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue) = 0;
   /// After the collective was issued (it may still be in flight).
   virtual void after(const CollectiveDesc& desc, const WorkPtr& work) = 0;
 };

@@ -22,12 +22,12 @@ class ForwardingProcessGroup : public ProcessGroup {
   const std::vector<int>& global_ranks() const final { return inner_->global_ranks(); }
   uint64_t sequence_number() const final { return inner_->sequence_number(); }
 
-  WorkPtr all_gather_into_tensor(const at::Tensor& output, const at::Tensor& input) final;
-  WorkPtr reduce_scatter_tensor(const at::Tensor& output, const at::Tensor& input,
-                                const ReduceScatterOptions& options) final;
-  WorkPtr all_reduce(const at::Tensor& tensor, const AllReduceOptions& options) final;
-  WorkPtr broadcast(const at::Tensor& tensor, const BroadcastOptions& options) final;
-  WorkPtr barrier() final;
+  [[nodiscard]] WorkPtr all_gather_into_tensor(const at::Tensor& output, const at::Tensor& input) final;
+  [[nodiscard]] WorkPtr reduce_scatter_tensor(const at::Tensor& output, const at::Tensor& input,
+                                              const ReduceScatterOptions& options) final;
+  [[nodiscard]] WorkPtr all_reduce(const at::Tensor& tensor, const AllReduceOptions& options) final;
+  [[nodiscard]] WorkPtr broadcast(const at::Tensor& tensor, const BroadcastOptions& options) final;
+  [[nodiscard]] WorkPtr barrier() final;
   /// The subgroup, wrapped by wrap() (nullptr when this rank is in none).
   ProcessGroupPtr split(const std::vector<std::vector<int>>& partition) override;
 
@@ -39,7 +39,7 @@ class ForwardingProcessGroup : public ProcessGroup {
 
   /// One collective: `desc` is the call (its seq the next one of inner);
   /// `issue` runs it on the wrapped group.
-  virtual WorkPtr call(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue) = 0;
+  [[nodiscard]] virtual WorkPtr call(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue) = 0;
   /// The same decorator around `sub`, a subgroup of the wrapped group.
   virtual ProcessGroupPtr wrap(ProcessGroupPtr sub) = 0;
 

@@ -1,7 +1,7 @@
 #pragma once
 // The narrow communication interface the FSDP engine sees. Implementations:
 // the in-memory fake (sim/fake_process_group.h), real Gloo
-// (backends/gloo_process_group.h) and decorators (hooks, tracing).
+// (backends/gloo/gloo_process_group.h) and decorators (hooks, tracing).
 //
 // Ordering contract (as in c10d): every rank of a group calls the same
 // collectives in the same order. Each call gets the next per-group sequence
@@ -123,18 +123,21 @@ class ProcessGroup {
   /// Number of collectives this rank has issued on this group.
   virtual uint64_t sequence_number() const = 0;
 
+  // Every collective returns its Work [[nodiscard]]: a dropped one can no
+  // longer be waited on, so its error would go unseen. Wait on it or keep it.
+
   /// output (size() * input.numel() elements, contiguous) receives every
   /// rank's input in rank order. `input` may be this rank's chunk of `output`.
-  virtual WorkPtr all_gather_into_tensor(const at::Tensor& output, const at::Tensor& input) = 0;
+  [[nodiscard]] virtual WorkPtr all_gather_into_tensor(const at::Tensor& output, const at::Tensor& input) = 0;
   /// input (size() * output.numel() elements) is reduced element-wise over
   /// ranks; this rank receives chunk rank() of the result.
-  virtual WorkPtr reduce_scatter_tensor(const at::Tensor& output, const at::Tensor& input,
-                                        const ReduceScatterOptions& options) = 0;
+  [[nodiscard]] virtual WorkPtr reduce_scatter_tensor(const at::Tensor& output, const at::Tensor& input,
+                                                      const ReduceScatterOptions& options) = 0;
   /// In place.
-  virtual WorkPtr all_reduce(const at::Tensor& tensor, const AllReduceOptions& options) = 0;
+  [[nodiscard]] virtual WorkPtr all_reduce(const at::Tensor& tensor, const AllReduceOptions& options) = 0;
   /// In place: every rank receives options.root's tensor.
-  virtual WorkPtr broadcast(const at::Tensor& tensor, const BroadcastOptions& options) = 0;
-  virtual WorkPtr barrier() = 0;
+  [[nodiscard]] virtual WorkPtr broadcast(const at::Tensor& tensor, const BroadcastOptions& options) = 0;
+  [[nodiscard]] virtual WorkPtr barrier() = 0;
 
   /// Collective over this group: every rank passes the same partition (lists
   /// of this group's ranks, disjoint). Returns the new group holding this

@@ -7,14 +7,14 @@
 # none on a fresh CI machine: configure fails), and (b) find c10/torch with
 # find_library's system paths first, so on a machine with Debian's
 # libtorch-dev they silently link /usr/lib/.../libc10.so (1.13). Every target
-# of this project runs on the CPU, so fsdpsim_torch links only the wheel's
+# of this project runs on the CPU, so fsdpsim::torch links only the wheel's
 # CPU libraries (libtorch_cpu.so, libc10.so) by full path. At run time those
 # load libcudart/libcupti from the nvidia-* wheels through their own RPATH;
 # no CUDA toolkit is needed to build or run.
 #
 # Gloo: ProcessGroupGloo.hpp includes <gloo/...>, which the wheel does not
 # ship (Gloo is compiled into libtorch_cpu.so). Those headers come from
-# Debian's libgloo-dev, for backends/gloo_process_group.cpp only; that file
+# Debian's libgloo-dev, for backends/gloo/gloo_process_group.cpp only; that file
 # static_asserts the class layout it relies on (see there).
 
 set(FSDPSIM_PYTHON "${PROJECT_SOURCE_DIR}/.venv/bin/python" CACHE FILEPATH
@@ -49,24 +49,6 @@ get_filename_component(_venv_bin "${FSDPSIM_PYTHON}" DIRECTORY)
 set(FSDPSIM_TORCHRUN "${_venv_bin}/torchrun")
 message(STATUS "fsdpsim: LibTorch ${FSDPSIM_TORCH_VERSION} (CPU libraries) from ${FSDPSIM_TORCH_ROOT}")
 
-add_library(fsdpsim_torch INTERFACE)
-foreach(_lib torch_cpu c10)
-  set(_path "${FSDPSIM_TORCH_ROOT}/lib/lib${_lib}.so")
-  if(NOT EXISTS "${_path}")
-    message(FATAL_ERROR "fsdpsim: ${_path} is missing; the torch wheel in ${FSDPSIM_PYTHON}'s venv is incomplete")
-  endif()
-  add_library(fsdpsim::${_lib} SHARED IMPORTED)
-  set_target_properties(fsdpsim::${_lib} PROPERTIES IMPORTED_LOCATION "${_path}")
-endforeach()
-# --no-as-needed: libtorch_cpu registers its operators and backends in static
-# initialisers; it must stay loaded even where no symbol of it is named.
-target_link_libraries(fsdpsim_torch INTERFACE -Wl,--no-as-needed fsdpsim::torch_cpu fsdpsim::c10 -Wl,--as-needed
-                      Threads::Threads)
-# Before any system directory, so a header the wheel has always wins over
-# Debian's /usr/include/{torch,c10,ATen} (tests/header_origin_test.sh checks
-# that no build step read one of those).
-target_include_directories(fsdpsim_torch SYSTEM INTERFACE "${FSDPSIM_TORCH_ROOT}/include"
-                           "${FSDPSIM_TORCH_ROOT}/include/torch/csrc/api/include")
-# What the wheel's torch_cpu target exports (Caffe2Targets.cmake); the c10d
-# headers hide ProcessGroupGloo without USE_C10D_GLOO.
-target_compile_definitions(fsdpsim_torch INTERFACE USE_DISTRIBUTED USE_C10D_GLOO USE_RPC USE_TENSORPIPE)
+# fsdpsim::torch and the imported libraries: the same file the installed
+# package config includes (cmake/Install.cmake), so both define them alike.
+include(${CMAKE_CURRENT_LIST_DIR}/TorchTargets.cmake)

@@ -9,7 +9,7 @@
 #include <stdexcept>
 #include <thread>
 
-#include "backends/gloo_process_group.h"
+#include "backends/gloo/gloo_process_group.h"
 #include "backends/observe/flight_recorder.h"
 #include "backends/observe/observed_process_group.h"
 #include "backends/observe/trace_recorder.h"

@@ -120,7 +120,7 @@ void check_all_collectives(ProcessGroup& group, at::ScalarType dtype, int64_t co
     options.reduce_op = ReduceOp::Avg;
     bool threw = false;
     try {
-      group.all_reduce(tensor, options);
+      (void)group.all_reduce(tensor, options);  // throws before issuing
     } catch (const CommError& e) {
       threw = std::string(e.what()).find("avg") != std::string::npos;
     }

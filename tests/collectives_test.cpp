@@ -255,20 +255,20 @@ TEST_P(FakeFailures, LocalArgumentErrorsCarryRankGroupSeqAndShapes) {
   auto result = world.run([](RankContext& ctx) {
     auto& group = *ctx.world_group();
     try {
-      group.all_gather_into_tensor(at::zeros({5}), at::zeros({2}));
+      (void)group.all_gather_into_tensor(at::zeros({5}), at::zeros({2}));
       ADD_FAILURE() << "wrong output size accepted";
     } catch (const CommError& e) {
       EXPECT_THAT(e.what(), HasSubstr("rank " + std::to_string(ctx.rank()) + " group world seq 1 all_gather"));
       EXPECT_THAT(e.what(), HasSubstr("output has 5 elements, expected 2 ranks x 2"));
     }
     auto base = at::zeros({8});
-    EXPECT_THROW(group.all_gather_into_tensor(base, base.narrow(0, 1, 4)), CommError);  // misaligned in place
-    EXPECT_THROW(group.broadcast(at::zeros({2}), BroadcastOptions{5}), CommError);
-    EXPECT_THROW(group.all_gather_into_tensor(at::zeros({4, 2}).t(), at::zeros({4})), CommError);  // strided
+    EXPECT_THROW((void)group.all_gather_into_tensor(base, base.narrow(0, 1, 4)), CommError);  // misaligned in place
+    EXPECT_THROW((void)group.broadcast(at::zeros({2}), BroadcastOptions{5}), CommError);
+    EXPECT_THROW((void)group.all_gather_into_tensor(at::zeros({4, 2}).t(), at::zeros({4})), CommError);  // strided
     ReduceScatterOptions bad_factor;
     bad_factor.reduce_op = ReduceOp::Max;
     bad_factor.predivide_factor = 2;
-    EXPECT_THROW(group.reduce_scatter_tensor(at::zeros({2}), at::zeros({4}), bad_factor), CommError);
+    EXPECT_THROW((void)group.reduce_scatter_tensor(at::zeros({2}), at::zeros({4}), bad_factor), CommError);
     EXPECT_THROW(group.split({{0, 0}}), CommError);
     // Nothing was issued: the sequence did not move.
     EXPECT_EQ(group.sequence_number(), 0u);

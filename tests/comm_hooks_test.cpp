@@ -1,7 +1,8 @@
 // CommHooks through a GoogleMock mock: every collective of a HookedProcessGroup
 // passes before/run/after in order with its desc; hooks can delay, replace
 // and fail collectives; split() subgroups stay hooked. Ranks run in a World of
-// fake-backend ranks (threads and fibers). Each rank gets its own mock, with
+// fake-backend ranks (threads and fibers, the testing library's WorldTest).
+// Each rank gets its own mock, with
 // every expectation set before World::run (gmock expectations must not be set
 // concurrently with calls).
 
@@ -14,11 +15,13 @@
 #include <memory>
 #include <mutex>
 #include <stdexcept>
-#include <tuple>
 
 #include "backends/comm_hooks.h"
 #include "backends/errors.h"
 #include "backends/observe/trace_recorder.h"
+#include "sim/testing/collective_matchers.h"
+#include "sim/testing/mock_hooks.h"
+#include "sim/testing/world_fixture.h"
 #include "sim/world.h"
 #include "tests/mock_comm_hooks.h"
 
@@ -34,7 +37,6 @@ using ::testing::_;
 using ::testing::AllOf;
 using ::testing::AnyNumber;
 using ::testing::ElementsAre;
-using ::testing::Field;
 using ::testing::HasSubstr;
 using ::testing::InSequence;
 using ::testing::Invoke;
@@ -43,7 +45,18 @@ using ::testing::NotNull;
 using ::testing::Return;
 using ::testing::StrictMock;
 
+using fsdpsim::testing::DtypeIs;
+using fsdpsim::testing::GroupRankIs;
+using fsdpsim::testing::GroupSizeIs;
+using fsdpsim::testing::InputShapeIs;
 using fsdpsim::testing::MockCommHooks;
+using fsdpsim::testing::OpIs;
+using fsdpsim::testing::OutputShapeIs;
+using fsdpsim::testing::RanksSucceeded;
+using fsdpsim::testing::ReduceOpIs;
+using fsdpsim::testing::SeqIs;
+using fsdpsim::testing::WorldParamName;
+using fsdpsim::testing::WorldParams;
 
 // A Work that did nothing, complete from the start: what a hook returns
 // when it replaces a collective by a local no-op.
@@ -61,34 +74,15 @@ class LocalNoopWork final : public Work {
   CollectiveDesc desc_;
 };
 
-auto OpIs(CollectiveOp op) { return Field(&CollectiveDesc::op, op); }
-auto SeqIs(uint64_t seq) { return Field(&CollectiveDesc::seq, seq); }
-
 void expect_value(const at::Tensor& t, float value, const char* what) {
   if (!at::all(t == value).item<bool>()) {
     throw std::runtime_error(std::string(what) + ": expected all " + std::to_string(value));
   }
 }
 
-class CommHooksWorldTest : public ::testing::TestWithParam<std::tuple<RankKind, int>> {
+class CommHooksWorldTest : public fsdpsim::testing::WorldTest {
  protected:
-  RankKind kind() const { return std::get<0>(GetParam()); }
-  int n() const { return std::get<1>(GetParam()); }
-
-  WorldOptions options() const {
-    WorldOptions o;
-    o.world_size = n();
-    o.rank_kind = kind();
-    o.collective_timeout = std::chrono::milliseconds(20000);
-    return o;
-  }
-
-  template <typename Mock>
-  std::vector<std::shared_ptr<Mock>> make_mocks() const {
-    std::vector<std::shared_ptr<Mock>> mocks;
-    for (int r = 0; r < n(); ++r) mocks.push_back(std::make_shared<Mock>());
-    return mocks;
-  }
+  int n() const { return world_size(); }
 };
 
 // Each rank: 2 all_gathers, 1 reduce_scatter, 3 all_reduces, 1 broadcast, 1 barrier.
@@ -113,7 +107,7 @@ void run_mixed_ops(RankContext& ctx, const std::shared_ptr<CommHooks>& hooks) {
 }
 
 TEST_P(CommHooksWorldTest, CallCountsPerOp) {
-  auto mocks = make_mocks<StrictMock<MockCommHooks>>();
+  auto mocks = per_rank<StrictMock<MockCommHooks>>();
   for (auto& m : mocks) {
     for (auto [op, count] : std::vector<std::pair<CollectiveOp, int>>{{CollectiveOp::AllGather, 2},
                                                                     {CollectiveOp::ReduceScatter, 1},
@@ -125,38 +119,32 @@ TEST_P(CommHooksWorldTest, CallCountsPerOp) {
       EXPECT_CALL(*m, after(OpIs(op), NotNull())).Times(count);
     }
   }
-  World world(options());
-  WorldResult result = world.run([&](RankContext& ctx) { run_mixed_ops(ctx, mocks[ctx.rank()]); });
-  EXPECT_TRUE(result.ok()) << result.error_report();
+  WorldResult result = run_ranks([&](RankContext& ctx) { run_mixed_ops(ctx, mocks[ctx.rank()]); });
+  EXPECT_TRUE(RanksSucceeded(result));
 }
 
 TEST_P(CommHooksWorldTest, OrderSeqNumbersAndShapes) {
   const int size = n();
-  auto mocks = make_mocks<StrictMock<MockCommHooks>>();
+  auto mocks = per_rank<StrictMock<MockCommHooks>>();
   for (int r = 0; r < size; ++r) {
     auto& m = *mocks[r];
     InSequence in_order;
-    auto ag = AllOf(OpIs(CollectiveOp::AllGather), SeqIs(1), Field(&CollectiveDesc::group_rank, r),
-                    Field(&CollectiveDesc::group_size, size), Field(&CollectiveDesc::input_shape, ElementsAre(3)),
-                    Field(&CollectiveDesc::output_shape, ElementsAre(3 * size)),
-                    Field(&CollectiveDesc::dtype, at::kFloat));
+    auto ag = AllOf(OpIs(CollectiveOp::AllGather), SeqIs(1), GroupRankIs(r), GroupSizeIs(size),
+                    InputShapeIs(ElementsAre(3)), OutputShapeIs(ElementsAre(3 * size)), DtypeIs(at::kFloat));
     EXPECT_CALL(m, before(ag));
     EXPECT_CALL(m, run(ag, _));
     EXPECT_CALL(m, after(ag, NotNull()));
-    auto rs = AllOf(OpIs(CollectiveOp::ReduceScatter), SeqIs(2), Field(&CollectiveDesc::input_shape, ElementsAre(size, 2)),
-                    Field(&CollectiveDesc::output_shape, ElementsAre(2)),
-                    Field(&CollectiveDesc::reduce_op, ReduceOp::Max));
+    auto rs = AllOf(OpIs(CollectiveOp::ReduceScatter), SeqIs(2), InputShapeIs(ElementsAre(size, 2)),
+                    OutputShapeIs(ElementsAre(2)), ReduceOpIs(ReduceOp::Max));
     EXPECT_CALL(m, before(rs));
     EXPECT_CALL(m, run(rs, _));
     EXPECT_CALL(m, after(rs, NotNull()));
-    auto ar = AllOf(OpIs(CollectiveOp::AllReduce), SeqIs(3), Field(&CollectiveDesc::dtype, at::kDouble),
-                    Field(&CollectiveDesc::input_shape, ElementsAre(2, 2)));
+    auto ar = AllOf(OpIs(CollectiveOp::AllReduce), SeqIs(3), DtypeIs(at::kDouble), InputShapeIs(ElementsAre(2, 2)));
     EXPECT_CALL(m, before(ar));
     EXPECT_CALL(m, run(ar, _));
     EXPECT_CALL(m, after(ar, NotNull()));
   }
-  World world(options());
-  WorldResult result = world.run([&](RankContext& ctx) {
+  WorldResult result = run_ranks([&](RankContext& ctx) {
     HookedProcessGroup pg(ctx.world_group(), mocks[ctx.rank()]);
     auto out = at::empty({3 * size});
     pg.all_gather_into_tensor(out, at::ones({3}))->wait();
@@ -170,11 +158,11 @@ TEST_P(CommHooksWorldTest, OrderSeqNumbersAndShapes) {
     pg.all_reduce(d, AllReduceOptions{})->wait();
     expect_value(d, static_cast<float>(size), "all_reduce double");
   });
-  EXPECT_TRUE(result.ok()) << result.error_report();
+  EXPECT_TRUE(RanksSucceeded(result));
 }
 
 TEST_P(CommHooksWorldTest, DelayInBeforeKeepsResultsCorrect) {
-  auto mocks = make_mocks<NiceMock<MockCommHooks>>();
+  auto mocks = per_rank<NiceMock<MockCommHooks>>();
   for (int r = 0; r < n(); ++r) {
     // Rank r arrives r * 15 ms late at every collective; results must not change.
     EXPECT_CALL(*mocks[r], before(_)).Times(8).WillRepeatedly([r](const CollectiveDesc&) {
@@ -185,14 +173,14 @@ TEST_P(CommHooksWorldTest, DelayInBeforeKeepsResultsCorrect) {
   const auto start = std::chrono::steady_clock::now();
   WorldResult result = world.run([&](RankContext& ctx) { run_mixed_ops(ctx, mocks[ctx.rank()]); });
   const auto elapsed = std::chrono::steady_clock::now() - start;
-  EXPECT_TRUE(result.ok()) << result.error_report();
+  EXPECT_TRUE(RanksSucceeded(result));
   // The slowest rank slept 8 times; the fibers slept without blocking each other.
   EXPECT_GE(elapsed, std::chrono::milliseconds(8 * 15 * (n() - 1)));
 }
 
 TEST_P(CommHooksWorldTest, ReplacedAllReduceIsALocalNoop) {
   const int size = n();
-  auto mocks = make_mocks<NiceMock<MockCommHooks>>();
+  auto mocks = per_rank<NiceMock<MockCommHooks>>();
   std::vector<WorkPtr> replacements(static_cast<size_t>(size));
   for (int r = 0; r < size; ++r) {
     // Every rank replaces its all_reduce (never calling issue); others pass
@@ -212,8 +200,7 @@ TEST_P(CommHooksWorldTest, ReplacedAllReduceIsALocalNoop) {
   auto recorder = std::make_shared<observe::TraceRecorder>(size);
   WorldOptions o = options();
   o.trace = recorder;
-  World world(o);
-  WorldResult result = world.run([&](RankContext& ctx) {
+  WorldResult result = run_ranks(o, [&](RankContext& ctx) {
     HookedProcessGroup pg(ctx.world_group(), mocks[ctx.rank()]);
     auto t = at::full({4}, static_cast<float>(ctx.rank() + 1));
     WorkPtr work = pg.all_reduce(t, AllReduceOptions{});
@@ -227,7 +214,7 @@ TEST_P(CommHooksWorldTest, ReplacedAllReduceIsALocalNoop) {
     if (!at::equal(out, at::arange(size, at::kFloat))) throw std::runtime_error("bad all_gather after replace");
     if (pg.sequence_number() != 1) throw std::runtime_error("expected seq 1");
   });
-  EXPECT_TRUE(result.ok()) << result.error_report();
+  EXPECT_TRUE(RanksSucceeded(result));
   // The backend (and so the trace) never saw the replaced all_reduce.
   const auto events = recorder->events();
   ASSERT_EQ(events.size(), static_cast<size_t>(size));
@@ -239,7 +226,7 @@ TEST_P(CommHooksWorldTest, ReplacedAllReduceIsALocalNoop) {
 
 TEST_P(CommHooksWorldTest, InjectedFailureAbortsTheWorld) {
   const int size = n();
-  auto mocks = make_mocks<NiceMock<MockCommHooks>>();
+  auto mocks = per_rank<NiceMock<MockCommHooks>>();
   // Rank 1 fails before its second collective; the others enter it and wait.
   EXPECT_CALL(*mocks[1], before(_)).Times(AnyNumber());
   EXPECT_CALL(*mocks[1], before(SeqIs(2))).WillOnce([](const CollectiveDesc& d) {
@@ -285,26 +272,24 @@ TEST_P(CommHooksWorldTest, SplitSubgroupsAreHooked) {
   // Ranks [0, half) and [half, size).
   std::vector<std::vector<int>> partition(2);
   for (int r = 0; r < size; ++r) partition[r < half ? 0 : 1].push_back(r);
-  auto mocks = make_mocks<StrictMock<MockCommHooks>>();
+  auto mocks = per_rank<StrictMock<MockCommHooks>>();
   for (int r = 0; r < size; ++r) {
     const int sub_size = r < half ? half : size - half;
     const int sub_rank = r < half ? r : r - half;
     auto& m = *mocks[r];
     InSequence in_order;
     // One collective on the world group, then one on the subgroup (seq 1 there).
-    auto world_ar = AllOf(OpIs(CollectiveOp::AllReduce), SeqIs(1), Field(&CollectiveDesc::group_size, size));
+    auto world_ar = AllOf(OpIs(CollectiveOp::AllReduce), SeqIs(1), GroupSizeIs(size));
     EXPECT_CALL(m, before(world_ar));
     EXPECT_CALL(m, run(world_ar, _));
     EXPECT_CALL(m, after(world_ar, _));
-    auto sub_ar = AllOf(OpIs(CollectiveOp::AllReduce), SeqIs(1), Field(&CollectiveDesc::group_size, sub_size),
-                        Field(&CollectiveDesc::group_rank, sub_rank));
+    auto sub_ar = AllOf(OpIs(CollectiveOp::AllReduce), SeqIs(1), GroupSizeIs(sub_size), GroupRankIs(sub_rank));
     EXPECT_CALL(m, before(sub_ar));
     EXPECT_CALL(m, run(sub_ar, _));
     EXPECT_CALL(m, after(sub_ar, _));
   }
   std::vector<std::string> world_names(static_cast<size_t>(size)), sub_names(static_cast<size_t>(size));
-  World world(options());
-  WorldResult result = world.run([&](RankContext& ctx) {
+  WorldResult result = run_ranks([&](RankContext& ctx) {
     auto pg = std::make_shared<HookedProcessGroup>(ctx.world_group(), mocks[ctx.rank()]);
     ProcessGroupPtr sub = pg->split(partition);
     if (!std::dynamic_pointer_cast<HookedProcessGroup>(sub)) throw std::runtime_error("subgroup is not hooked");
@@ -315,18 +300,12 @@ TEST_P(CommHooksWorldTest, SplitSubgroupsAreHooked) {
     world_names[static_cast<size_t>(ctx.rank())] = pg->name();
     sub_names[static_cast<size_t>(ctx.rank())] = sub->name();
   });
-  EXPECT_TRUE(result.ok()) << result.error_report();
+  EXPECT_TRUE(RanksSucceeded(result));
   for (int r = 0; r < size; ++r) EXPECT_NE(sub_names[static_cast<size_t>(r)], world_names[static_cast<size_t>(r)]);
 }
 
-std::string hooks_param_name(const ::testing::TestParamInfo<std::tuple<RankKind, int>>& info) {
-  return std::string(sim::to_string(std::get<0>(info.param))) + std::to_string(std::get<1>(info.param));
-}
-
-INSTANTIATE_TEST_SUITE_P(CommHooks, CommHooksWorldTest,
-                         ::testing::Combine(::testing::Values(RankKind::Threads, RankKind::Fibers),
-                                            ::testing::Values(2, 3, 4)),
-                         hooks_param_name);
+INSTANTIATE_TEST_SUITE_P(CommHooks, CommHooksWorldTest, WorldParams({RankKind::Threads, RankKind::Fibers}, {2, 3, 4}),
+                         WorldParamName);
 
 // Without a World: the decorator's own contract.
 
@@ -344,7 +323,7 @@ TEST(CommHooks, RejectsNullInnerOrHooks) {
     }
     if (!threw) throw std::runtime_error("null hooks accepted");
   });
-  EXPECT_TRUE(result.ok()) << result.error_report();
+  EXPECT_TRUE(RanksSucceeded(result));
 }
 
 TEST(CommHooks, RunReturningNoWorkIsAnError) {
@@ -356,7 +335,7 @@ TEST(CommHooks, RunReturningNoWorkIsAnError) {
   World world(o);
   WorldResult result = world.run([&](RankContext& ctx) {
     HookedProcessGroup pg(ctx.world_group(), hooks);
-    pg.barrier();
+    (void)pg.barrier();  // throws: the hook gave no Work
   });
   ASSERT_FALSE(result.ok());
   EXPECT_THAT(result.ranks[0].error, HasSubstr("returned no Work"));

@@ -9,6 +9,7 @@
 #include "backends/errors.h"
 #include "fsdp/fully_shard.h"
 #include "sim/fiber_autograd.h"
+#include "sim/testing/mock_hooks.h"
 #include "sim/world.h"
 
 namespace fsdpsim::fsdp {
@@ -262,15 +263,7 @@ struct ReferenceGrads {
   std::vector<torch::Tensor> mean;
 };
 
-class MockEngineHooks : public EngineHooks {
- public:
-  MOCK_METHOD(void, on_unshard, (const std::string&, TrainingState), (override));
-  MOCK_METHOD(void, on_reshard, (const std::string&, TrainingState), (override));
-  MOCK_METHOD(void, on_pre_backward, (const std::string&, TrainingState), (override));
-  MOCK_METHOD(void, on_post_backward, (const std::string&, TrainingState), (override));
-  MOCK_METHOD(void, on_final_callback, (const std::string&, TrainingState), (override));
-  MOCK_METHOD(void, on_prefetch, (const std::string&, const std::string&, TrainingState), (override));
-};
+using fsdpsim::testing::MockEngineHooks;
 
 TEST(FsdpEngineHooks, GMockSeesTheEventsInOrderWithTrainingStates) {
   sim::WorldOptions options = threads(1);

@@ -35,6 +35,8 @@
 #include "scenarios/models.h"
 #include "scenarios/parity.h"
 #include "sim/fiber_autograd.h"
+#include "sim/testing/collective_matchers.h"
+#include "sim/testing/mock_hooks.h"
 #include "sim/world.h"
 #include "tests/mock_comm_hooks.h"
 
@@ -468,6 +470,7 @@ TEST(ParityHarness, FailedRankIsReported) {
 // reduce-scatters; no all-reduce; nothing in the optimiser step.
 
 using fsdpsim::testing::MockCommHooks;
+using fsdpsim::testing::OpIs;
 
 struct CommCase {
   const char* scenario;
@@ -503,16 +506,15 @@ TEST_P(CommCount, AllGathersAndReduceScattersPerStep) {
     auto in = [at](int step, int phase) {
       return Truly([at, step, phase](const CollectiveDesc&) { return *at == step * 3 + phase; });
     };
-    auto op_is = [](CollectiveOp op) { return Field(&CollectiveDesc::op, op); };
     EXPECT_CALL(*mock, before(_)).Times(AnyNumber());  // setup (sub-group splits)
     for (int step = 0; step < kSteps; ++step) {
-      EXPECT_CALL(*mock, before(AllOf(op_is(CollectiveOp::AllGather), in(step, kForward)))).Times(blocks + 1);
-      EXPECT_CALL(*mock, before(AllOf(op_is(CollectiveOp::ReduceScatter), in(step, kForward)))).Times(0);
-      EXPECT_CALL(*mock, before(AllOf(op_is(CollectiveOp::AllReduce), in(step, kForward)))).Times(0);
-      EXPECT_CALL(*mock, before(AllOf(op_is(CollectiveOp::AllGather), in(step, kBackward))))
+      EXPECT_CALL(*mock, before(AllOf(OpIs(CollectiveOp::AllGather), in(step, kForward)))).Times(blocks + 1);
+      EXPECT_CALL(*mock, before(AllOf(OpIs(CollectiveOp::ReduceScatter), in(step, kForward)))).Times(0);
+      EXPECT_CALL(*mock, before(AllOf(OpIs(CollectiveOp::AllReduce), in(step, kForward)))).Times(0);
+      EXPECT_CALL(*mock, before(AllOf(OpIs(CollectiveOp::AllGather), in(step, kBackward))))
           .Times(reshard_after_forward ? blocks : 0);
-      EXPECT_CALL(*mock, before(AllOf(op_is(CollectiveOp::ReduceScatter), in(step, kBackward)))).Times(blocks + 1);
-      EXPECT_CALL(*mock, before(AllOf(op_is(CollectiveOp::AllReduce), in(step, kBackward)))).Times(0);
+      EXPECT_CALL(*mock, before(AllOf(OpIs(CollectiveOp::ReduceScatter), in(step, kBackward)))).Times(blocks + 1);
+      EXPECT_CALL(*mock, before(AllOf(OpIs(CollectiveOp::AllReduce), in(step, kBackward)))).Times(0);
       EXPECT_CALL(*mock, before(in(step, kOptimizer))).Times(0);
     }
     mocks.push_back(std::move(mock));

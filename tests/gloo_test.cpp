@@ -26,7 +26,7 @@
 #include <thread>
 
 #include "backends/errors.h"
-#include "backends/gloo_process_group.h"
+#include "backends/gloo/gloo_process_group.h"
 #include "backends/observe/flight_recorder.h"
 #include "backends/observe/observed_process_group.h"
 #include "sim/fake_process_group.h"
@@ -332,7 +332,7 @@ TEST_P(GlooThreads, AvgOfIntegersIsRejectedAtTheCall) {
     AllReduceOptions options;
     options.reduce_op = ReduceOp::Avg;
     try {
-      pg.all_reduce(tensor, options);
+      (void)pg.all_reduce(tensor, options);
       ADD_FAILURE() << "int64 avg all_reduce did not throw";
     } catch (const CommError& e) {
       EXPECT_THAT(e.what(), HasSubstr("avg"));
@@ -342,7 +342,7 @@ TEST_P(GlooThreads, AvgOfIntegersIsRejectedAtTheCall) {
     at::Tensor output = at::empty({4}, at::kLong);
     ReduceScatterOptions rs;
     rs.reduce_op = ReduceOp::Avg;
-    EXPECT_THROW(pg.reduce_scatter_tensor(output, pattern(pg.rank(), 4 * pg.size(), at::kLong), rs), CommError);
+    EXPECT_THROW((void)pg.reduce_scatter_tensor(output, pattern(pg.rank(), 4 * pg.size(), at::kLong), rs), CommError);
     // A rejected call consumes no sequence number: the group still works.
     EXPECT_EQ(pg.sequence_number(), 0u);
     Failures failures;

@@ -3,7 +3,7 @@
 # wheel, none from Debian's /usr/include/{torch,c10,ATen,caffe2} (present on a
 # machine with libtorch-dev, and found silently if the wheel lacked a header).
 # Gloo's headers are the one documented exception (the wheel ships none):
-# only backends/gloo_process_group.cpp may read /usr/include/gloo.
+# only backends/gloo/gloo_process_group.cpp may read /usr/include/gloo.
 #   tests/header_origin_test.sh BUILD_DIR TORCH_INCLUDE_DIR
 set -euo pipefail
 build=$1

@@ -32,6 +32,7 @@
 #include "fsdp/fully_shard.h"
 #include "scenarios/engine_trace.h"
 #include "sim/fiber_autograd.h"
+#include "sim/testing/mock_hooks.h"
 #include "sim/world.h"
 
 namespace fsdpsim::fsdp {
@@ -66,15 +67,7 @@ Events concat(std::initializer_list<Events> parts) {
 // "<root>" in traces), "none" for no prefetch target.
 std::string fqn_of(const std::string& name) { return name == "root" || name == "none" ? "" : name; }
 
-class MockEngineHooks : public EngineHooks {
- public:
-  MOCK_METHOD(void, on_unshard, (const std::string&, TrainingState), (override));
-  MOCK_METHOD(void, on_reshard, (const std::string&, TrainingState), (override));
-  MOCK_METHOD(void, on_pre_backward, (const std::string&, TrainingState), (override));
-  MOCK_METHOD(void, on_post_backward, (const std::string&, TrainingState), (override));
-  MOCK_METHOD(void, on_final_callback, (const std::string&, TrainingState), (override));
-  MOCK_METHOD(void, on_prefetch, (const std::string&, const std::string&, TrainingState), (override));
-};
+using fsdpsim::testing::MockEngineHooks;
 using StrictHooks = ::testing::StrictMock<MockEngineHooks>;
 
 // The compared kinds of `expected` in one Sequence; every other kind any

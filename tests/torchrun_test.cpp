@@ -16,7 +16,7 @@
 #include <iostream>
 #include <string>
 
-#include "backends/gloo_process_group.h"
+#include "backends/gloo/gloo_process_group.h"
 #include "scenarios/parity.h"
 #include "tests/worker_registry.h"
 #include "tools/process_launcher.h"

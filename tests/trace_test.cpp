@@ -852,7 +852,7 @@ TEST(TracedProcessGroup, RecordsIssueAndDeferredCompletion) {
   // A failed Work is recorded as failed with its error; a missing end time
   // is taken from the clock.
   auto t = at::ones({3});
-  traced.all_reduce(t, AllReduceOptions{});
+  (void)traced.all_reduce(t, AllReduceOptions{});  // the recorder owns it until it ends
   clock.set(9000);
   stub->states[1]->finish(8000, 0, make_error("peer vanished"));
   events = recorder->events();
@@ -918,12 +918,12 @@ TEST(TracedProcessGroup, BackendFailureIsRecordedAndRethrown) {
 
   // Local argument errors never issue: nothing recorded.
   auto wrong = at::ones({5});
-  EXPECT_THROW(traced.all_gather_into_tensor(wrong, t), CommError);
+  EXPECT_THROW((void)traced.all_gather_into_tensor(wrong, t), CommError);
   EXPECT_EQ(recorder->size(), 0u);
 
   stub->fail_issue = true;
   try {
-    traced.all_reduce(t, AllReduceOptions{});
+    (void)traced.all_reduce(t, AllReduceOptions{});
     ADD_FAILURE() << "no throw";
   } catch (const CommError& e) {
     EXPECT_THAT(e.what(), HasSubstr("stub backend refused"));

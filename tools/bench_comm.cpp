@@ -46,7 +46,7 @@
 #include <tuple>
 #include <vector>
 
-#include "backends/gloo_process_group.h"
+#include "backends/gloo/gloo_process_group.h"
 #include "backends/process_group.h"
 #include "sim/world.h"
 #include "tools/format_util.h"

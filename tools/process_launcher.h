@@ -2,7 +2,7 @@
 // Starts N copies of a command as the ranks of one multi-process world, the
 // way torchrun does on one host: each child gets MASTER_ADDR, MASTER_PORT,
 // RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE (see LaunchEnv in
-// backends/gloo_process_group.h), its stdout and stderr are merged, streamed
+// backends/gloo/gloo_process_group.h), its stdout and stderr are merged, streamed
 // line by line with a "[rank r] " prefix, and the last lines are kept for the
 // report.
 //

@@ -22,7 +22,7 @@
 #include <thread>
 #include <tuple>
 
-#include "backends/gloo_process_group.h"
+#include "backends/gloo/gloo_process_group.h"
 #include "sim/world.h"
 #include "tools/format_util.h"
 #include "tools/process_launcher.h"

@@ -28,7 +28,7 @@
 #include "backends/clock.h"
 #include "backends/comm_hooks.h"
 #include "backends/errors.h"
-#include "backends/gloo_process_group.h"
+#include "backends/gloo/gloo_process_group.h"
 #include "backends/observe/flight_recorder.h"
 #include "backends/observe/jsonl.h"
 #include "backends/observe/observed_process_group.h"

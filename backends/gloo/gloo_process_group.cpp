@@ -1,4 +1,4 @@
-#include "backends/gloo_process_group.h"
+#include "backends/gloo/gloo_process_group.h"
 
 #include "backends/checked_process_group.h"
 

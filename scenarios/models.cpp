@@ -85,6 +85,7 @@ namespace {
 constexpr uint64_t kInitStream = 1;
 constexpr uint64_t kInputStream = 2;
 constexpr uint64_t kExpertStream = 3;
+constexpr uint64_t kTargetStream = 4;
 
 uint64_t splitmix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ULL;
@@ -595,6 +596,11 @@ class DoubleLinearScenario : public ScenarioBase {
 /// Seq(MLP(d, 3), MLP(d, 4), MLP(d, 3), LayerNorm(d)): each MLP a unit; the
 /// LayerNorm gives the root params of its own (as the reference's
 /// sequence-parallel variant), so the root unit gathers too (B + 1).
+///
+/// A real objective, so `fsdpsim run`'s loss falls and levels off: each rank
+/// regresses its own fixed batch x = randn(4, d) (the same every step) onto a
+/// fixed teacher's outputs tanh(x T), T = randn(d, d) / sqrt(d) the same on
+/// every rank; loss = mse_loss (the mean).
 class MlpStackScenario : public ScenarioBase {
  public:
   explicit MlpStackScenario(const ScenarioConfig& config) : ScenarioBase("mlp_stack", config) {
@@ -615,9 +621,16 @@ class MlpStackScenario : public ScenarioBase {
     add_unit(third.ptr());
     add_unit(root_);
   }
-  std::vector<at::Tensor> input(int rank, int step) override { return dense_input(rank, step); }
+  /// {x, target}: rank's fixed batch and the teacher's outputs for it.
+  std::vector<at::Tensor> input(int rank, int /*step*/) override {
+    const int64_t dim = config_.mlp_dim;
+    at::Tensor x = at::randn({4, dim}, input_generator(rank, 0));
+    at::Tensor teacher =
+        at::randn({dim, dim}, generator(derive_seed(config_.seed, kTargetStream))) / std::sqrt(static_cast<double>(dim));
+    return {x, at::tanh(at::matmul(x, teacher))};
+  }
   at::Tensor forward_loss(const std::vector<at::Tensor>& input) override {
-    return fsdp::call(model_, at::Tensor(input.at(0))).sum();
+    return torch::nn::functional::mse_loss(fsdp::call(model_, at::Tensor(input.at(0))), input.at(1));
   }
 
  private:

@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -288,6 +289,17 @@ class Trainer {
 // ---------------------------------------------------------------------------
 // 1. World size 1: engine vs plain
 
+/// Runs `rank_main` on a world of `options`; the first line of what failed, or "".
+std::string run_world(const sim::WorldOptions& options, const std::function<void(sim::RankContext&)>& rank_main) {
+  sim::WorldResult outcome;
+  try {
+    outcome = sim::World(options).run(rank_main);
+  } catch (const std::exception& e) {
+    return first_line(e.what());
+  }
+  return outcome.ok() ? "" : first_line(outcome.error_report());
+}
+
 struct SingleResult {
   double plain_ms = 0;
   double engine_ms = 0;
@@ -300,37 +312,27 @@ SingleResult run_single(const ModelSpec& spec, Iterations iterations, sim::World
   SingleResult result;
   options.world_size = 1;
   options.rank_kind = sim::RankKind::Threads;
-  sim::World world(options);
   std::vector<double> plain_ms, engine_ms;
-  sim::WorldResult outcome;
-  try {
-    outcome = world.run([&](sim::RankContext& ctx) {
-      Trainer plain(spec, 0);
-      Trainer sharded(spec, 0, ctx.world_group(), fsdp::ShardingStrategy::FullShard);
-      for (int i = 0; i < iterations.total(); ++i) {
-        double loss[2] = {0, 0};
-        int64_t ns[2] = {0, 0};
-        for (int k = 0; k < 2; ++k) {
-          const int which = (i + k) % 2;  // 0 plain, 1 engine; the first of the pair flips every step
-          const int64_t start = now_ns();
-          loss[which] = which == 0 ? plain.step(i) : sharded.step(i);
-          ns[which] = now_ns() - start;
-        }
-        if (loss[0] != loss[1]) result.losses_equal = false;
-        if (i >= iterations.warmup) {
-          plain_ms.push_back(static_cast<double>(ns[0]) / 1e6);
-          engine_ms.push_back(static_cast<double>(ns[1]) / 1e6);
-        }
+  result.error = run_world(options, [&](sim::RankContext& ctx) {
+    Trainer plain(spec, 0);
+    Trainer sharded(spec, 0, ctx.world_group(), fsdp::ShardingStrategy::FullShard);
+    for (int i = 0; i < iterations.total(); ++i) {
+      double loss[2] = {0, 0};
+      int64_t ns[2] = {0, 0};
+      for (int k = 0; k < 2; ++k) {
+        const int which = (i + k) % 2;  // 0 plain, 1 engine; the first of the pair flips every step
+        const int64_t start = now_ns();
+        loss[which] = which == 0 ? plain.step(i) : sharded.step(i);
+        ns[which] = now_ns() - start;
       }
-    });
-  } catch (const std::exception& e) {
-    result.error = first_line(e.what());
-    return result;
-  }
-  if (!outcome.ok()) {
-    result.error = first_line(outcome.error_report());
-    return result;
-  }
+      if (loss[0] != loss[1]) result.losses_equal = false;
+      if (i >= iterations.warmup) {
+        plain_ms.push_back(static_cast<double>(ns[0]) / 1e6);
+        engine_ms.push_back(static_cast<double>(ns[1]) / 1e6);
+      }
+    }
+  });
+  if (!result.error.empty()) return result;
   result.plain_ms = median(plain_ms);
   result.engine_ms = median(engine_ms);
   return result;
@@ -415,7 +417,6 @@ MultiResult run_multi(const ModelSpec& spec, int world_size, sim::RankKind kind,
   MultiResult result;
   options.world_size = world_size;
   options.rank_kind = kind;
-  sim::World world(options);
   const size_t steps = static_cast<size_t>(iterations.total());
   // [rank][step]: each rank writes its own row only.
   std::vector<std::vector<int64_t>> starts(world_size, std::vector<int64_t>(steps));
@@ -424,33 +425,24 @@ MultiResult run_multi(const ModelSpec& spec, int world_size, sim::RankKind kind,
   std::vector<std::vector<std::vector<std::pair<std::string, int>>>> events(
       world_size, std::vector<std::vector<std::pair<std::string, int>>>(steps));
   MemoryTheory theory;
-  sim::WorldResult outcome;
-  try {
-    outcome = world.run([&](sim::RankContext& ctx) {
-      const int rank = ctx.rank();
-      auto gathers = std::make_shared<GatherEvents>();
-      Trainer trainer(spec, rank, ctx.world_group(), strategy, gathers);
-      fsdp::Engine& engine = *trainer.engine();
-      for (size_t i = 0; i < steps; ++i) {
-        ctx.world_group()->barrier()->wait();
-        engine.reset_peak_unsharded_bytes();
-        gathers->take();
-        starts[rank][i] = now_ns();
-        trainer.step(static_cast<int>(i));
-        ends[rank][i] = now_ns();
-        peaks[rank][i] = engine.peak_unsharded_bytes();
-        events[rank][i] = gathers->take();
-      }
-      if (rank == 0) theory = memory_theory(engine, spec);
-    });
-  } catch (const std::exception& e) {
-    result.error = first_line(e.what());
-    return result;
-  }
-  if (!outcome.ok()) {
-    result.error = first_line(outcome.error_report());
-    return result;
-  }
+  result.error = run_world(options, [&](sim::RankContext& ctx) {
+    const int rank = ctx.rank();
+    auto gathers = std::make_shared<GatherEvents>();
+    Trainer trainer(spec, rank, ctx.world_group(), strategy, gathers);
+    fsdp::Engine& engine = *trainer.engine();
+    for (size_t i = 0; i < steps; ++i) {
+      ctx.world_group()->barrier()->wait();
+      engine.reset_peak_unsharded_bytes();
+      gathers->take();
+      starts[rank][i] = now_ns();
+      trainer.step(static_cast<int>(i));
+      ends[rank][i] = now_ns();
+      peaks[rank][i] = engine.peak_unsharded_bytes();
+      events[rank][i] = gathers->take();
+    }
+    if (rank == 0) theory = memory_theory(engine, spec);
+  });
+  if (!result.error.empty()) return result;
   std::vector<double> durations;
   for (size_t i = static_cast<size_t>(iterations.warmup); i < steps; ++i) {
     int64_t first_start = INT64_MAX, last_end = INT64_MIN;

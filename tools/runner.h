@@ -26,7 +26,8 @@ namespace fsdpsim::tools {
 /// What to train (TrainConfig: scenario, strategy, prefetch, steps,
 /// optimiser), where (WorldOptions) and what the runner adds around it.
 struct RunOptions : scenarios::TrainConfig {
-  /// The defaults of `fsdpsim run`: mlp_stack (dim 64) on 4 fake thread ranks.
+  /// The defaults of `fsdpsim run`: mlp_stack (dim 64), 30 steps, on 4 fake
+  /// thread ranks.
   RunOptions();
   /// The ranks' world. A collective not joined by every rank within
   /// world.collective_timeout fails (fake and Gloo); process ranks: also the

@@ -19,6 +19,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <map>
@@ -225,9 +226,11 @@ TEST(Trainer, MlpStackRegressionLossFallsAndLevelsOff) {
   }
   EXPECT_EQ(callbacks, std::vector<int>(4, 40));
   for (double loss : mean) EXPECT_GT(loss, 0.0);  // a mean squared error
-  EXPECT_LT(mean[19], 0.6 * mean[0]);
-  EXPECT_LT(mean[39], mean[19]);
-  EXPECT_LT(mean[34] - mean[39], 0.1 * mean[0]);  // levelling off: the last steps move little
+  EXPECT_LT(mean[19], 0.7 * mean[0]);
+  EXPECT_LT(mean[39], 0.35 * mean[0]);
+  // Levelled off: the last ten steps stay within 5% of the first loss.
+  const auto [low, high] = std::minmax_element(mean.begin() + 30, mean.end());
+  EXPECT_LT(*high - *low, 0.05 * mean[0]);
 }
 
 // ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ namespace fsdpsim::tools {
 /// What to train (TrainConfig: scenario, strategy, prefetch, steps,
 /// optimiser), where (WorldOptions) and what the runner adds around it.
 struct RunOptions : scenarios::TrainConfig {
-  /// The defaults of `fsdpsim run`: mlp_stack (dim 64), 30 steps, on 4 fake
+  /// The defaults of `fsdpsim run`: mlp_stack (dim 64), 40 steps, on 4 fake
   /// thread ranks.
   RunOptions();
   /// The ranks' world. A collective not joined by every rank within

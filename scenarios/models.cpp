@@ -85,6 +85,7 @@ namespace {
 constexpr uint64_t kInitStream = 1;
 constexpr uint64_t kInputStream = 2;
 constexpr uint64_t kExpertStream = 3;
+constexpr uint64_t kTargetStream = 4;
 
 uint64_t splitmix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ULL;
@@ -424,9 +425,20 @@ class ScenarioBase : public Scenario {
     return generator(derive_seed(config_.seed, kInputStream, static_cast<uint64_t>(rank), static_cast<uint64_t>(step)));
   }
   at::Generator init_generator() const { return generator(derive_seed(config_.seed, kInitStream)); }
-  /// randn(4, mlp_dim): the batch of the dense models (mlp_stack, double_linear, rank_divergent).
+  /// randn(4, mlp_dim): the batch of the dense models (double_linear).
   std::vector<at::Tensor> dense_input(int rank, int step) const {
     return {at::randn({4, config_.mlp_dim}, input_generator(rank, step))};
+  }
+  /// randn(4, mlp_dim): the rank's fixed batch of the models that fit a
+  /// teacher (mlp_stack, rank_divergent), the same every step.
+  at::Tensor fixed_batch(int rank) const { return at::randn({4, config_.mlp_dim}, input_generator(rank, 0)); }
+  /// x T, T = randn(mlp_dim, out) / sqrt(mlp_dim): a fixed linear teacher,
+  /// the same on every rank.
+  at::Tensor teacher(const at::Tensor& x, int64_t out) const {
+    const int64_t dim = config_.mlp_dim;
+    at::Generator gen = generator(derive_seed(config_.seed, kTargetStream, static_cast<uint64_t>(out)));
+    at::Tensor weights = at::randn({dim, out}, gen);
+    return at::matmul(x, weights / std::sqrt(static_cast<double>(dim)));
   }
 
   std::string name_;
@@ -595,6 +607,11 @@ class DoubleLinearScenario : public ScenarioBase {
 /// Seq(MLP(d, 3), MLP(d, 4), MLP(d, 3), LayerNorm(d)): each MLP a unit; the
 /// LayerNorm gives the root params of its own (as the reference's
 /// sequence-parallel variant), so the root unit gathers too (B + 1).
+///
+/// A real objective, so `fsdpsim run`'s loss falls and levels off: each rank
+/// regresses its own fixed batch x = randn(4, d) (the same every step) onto a
+/// fixed teacher's outputs tanh(x T), T = randn(d, d) / sqrt(d) the same on
+/// every rank; loss = mse_loss (the mean).
 class MlpStackScenario : public ScenarioBase {
  public:
   explicit MlpStackScenario(const ScenarioConfig& config) : ScenarioBase("mlp_stack", config) {
@@ -615,9 +632,13 @@ class MlpStackScenario : public ScenarioBase {
     add_unit(third.ptr());
     add_unit(root_);
   }
-  std::vector<at::Tensor> input(int rank, int step) override { return dense_input(rank, step); }
+  /// {x, target}: the rank's fixed batch and the teacher's outputs for it.
+  std::vector<at::Tensor> input(int rank, int /*step*/) override {
+    at::Tensor x = fixed_batch(rank);
+    return {x, at::tanh(teacher(x, config_.mlp_dim))};
+  }
   at::Tensor forward_loss(const std::vector<at::Tensor>& input) override {
-    return fsdp::call(model_, at::Tensor(input.at(0))).sum();
+    return torch::nn::functional::mse_loss(fsdp::call(model_, at::Tensor(input.at(0))), input.at(1));
   }
 
  private:
@@ -625,7 +646,9 @@ class MlpStackScenario : public ScenarioBase {
 };
 
 /// trunk and block units, the root owns head; block.branch runs on even
-/// ranks only. Input randn(4, dim), loss out.sum().
+/// ranks only. Classification: the rank's fixed batch x = randn(4, dim), its
+/// labels the argmax of a fixed linear teacher's 3 outputs; loss
+/// cross_entropy (the mean).
 class RankDivergentScenario : public ScenarioBase {
  public:
   RankDivergentScenario(const ScenarioConfig& config, int rank)
@@ -636,9 +659,13 @@ class RankDivergentScenario : public ScenarioBase {
     add_unit(model_->block.ptr());
     add_unit(root_);
   }
-  std::vector<at::Tensor> input(int rank, int step) override { return dense_input(rank, step); }
+  /// {x, labels}.
+  std::vector<at::Tensor> input(int rank, int /*step*/) override {
+    at::Tensor x = fixed_batch(rank);
+    return {x, teacher(x, 3).argmax(1)};
+  }
   at::Tensor forward_loss(const std::vector<at::Tensor>& input) override {
-    return fsdp::call(model_, at::Tensor(input.at(0))).sum();
+    return torch::nn::functional::cross_entropy(fsdp::call(model_, at::Tensor(input.at(0))), input.at(1));
   }
 
  private:

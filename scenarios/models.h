@@ -10,7 +10,9 @@
 // rank threads), so make_scenario(config, r) gives bitwise the same model on
 // every rank, except the params the model declares rank-local (MoE experts,
 // seeded 42 + rank as in the reference). Inputs are drawn from (seed, rank,
-// step): the same on every call, different across ranks.
+// step): the same on every call, different across ranks (mlp_stack's and
+// rank_divergent's do not change with the step: each rank fits its own fixed
+// batch to a fixed teacher, so the loss falls and levels off).
 //
 // Thread-safety: a Scenario belongs to one rank (one thread or fiber) or one
 // reference replica; different instances share nothing.

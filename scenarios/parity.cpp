@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <iomanip>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <tuple>
@@ -16,22 +17,6 @@
 #include "sim/fiber_autograd.h"
 
 namespace fsdpsim::scenarios {
-
-const char* to_string(OptimizerKind kind) {
-  switch (kind) {
-    case OptimizerKind::SGD: return "sgd";
-    case OptimizerKind::Adam: return "adam";
-  }
-  return "?";
-}
-
-const char* to_string(ZeroGradAt at) {
-  switch (at) {
-    case ZeroGradAt::BeforeForward: return "before-forward";
-    case ZeroGradAt::BeforeBackward: return "before-backward";
-  }
-  return "?";
-}
 
 int64_t CollectiveCounts::total() const {
   int64_t sum = 0;
@@ -46,13 +31,14 @@ std::string ParityConfig::describe() const {
   if (scenario.name == "transformer" && !scenario.batch_norm) out << "(no bn)";
   out << " " << fsdp::to_string(strategy);
   if (strategy == fsdp::ShardingStrategy::HybridShard) {
-    out << " " << replicate_size << "x" << (replicate_size > 0 ? world_size / replicate_size : 0);
+    out << " " << replicate_size << "x" << (replicate_size > 0 ? world.world_size / replicate_size : 0);
   }
-  out << " world " << world_size << " " << sim::to_string(rank_kind) << " " << sim::to_string(backend);
-  if (rank_kind == sim::RankKind::Fibers && schedule == sim::SchedulePolicy::SeededRandom) {
-    out << " schedule-seed " << schedule_seed;
+  out << " world " << world.world_size << " " << sim::to_string(world.rank_kind) << " "
+      << sim::to_string(world.backend);
+  if (world.rank_kind == sim::RankKind::Fibers && world.schedule == sim::SchedulePolicy::SeededRandom) {
+    out << " schedule-seed " << world.seed;
   }
-  if (simulated_time) out << " simulated-time";
+  if (world.simulated_time) out << " simulated-time";
   out << " " << to_string(optimizer) << " steps " << steps;
   if (zero_grad_set_to_none_alternate) {
     out << " alternate-set-to-none";
@@ -105,35 +91,6 @@ const char* phase_name(int phase) {
   return "?";
 }
 
-std::unique_ptr<torch::optim::Optimizer> make_optimizer(OptimizerKind kind, const std::vector<at::Tensor>& params) {
-  switch (kind) {
-    case OptimizerKind::SGD:
-      return std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(1e-2).momentum(0.9));
-    case OptimizerKind::Adam:
-      return std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(1e-2));
-  }
-  throw std::invalid_argument("unknown optimizer");
-}
-
-// Zeroing or dropping (set_to_none) the grads by hand, per param list; PyTorch's newer tests
-// alternate with set_to_none (None vs zero matters for Adam).
-void zero_grad(const std::vector<at::Tensor>& params, bool set_to_none) {
-  for (const auto& param : params) {
-    auto& grad = param.mutable_grad();
-    if (!grad.defined()) continue;
-    if (set_to_none) {
-      grad.reset();
-    } else {
-      grad.detach_();
-      grad.zero_();
-    }
-  }
-}
-
-bool set_to_none_at(const ParityConfig& config, int step) {
-  return config.zero_grad_set_to_none_alternate ? step % 2 == 0 : config.zero_grad_set_to_none;
-}
-
 /// Values of one phase of one step, by param index: one tensor shared by
 /// every replica, or one per replica (rank-local params).
 struct Snapshot {
@@ -159,28 +116,52 @@ struct Reference {
 
 at::Tensor copy_of(const at::Tensor& t) { return t.defined() ? t.detach().clone() : at::Tensor(); }
 
+using Replicas = std::vector<std::unique_ptr<Trainer>>;
+
+// DDP: the mean over replicas, summed in rank order then divided (the fake
+// backend's reduce-scatter / all-reduce with ReduceOp::Avg), for every param
+// that is not rank-local.
+void average_grads(const Replicas& replicas, const std::vector<bool>& is_local) {
+  const int world = static_cast<int>(replicas.size());
+  for (size_t i = 0; i < is_local.size(); ++i) {
+    if (is_local[i]) continue;
+    bool any = false;
+    for (const auto& replica : replicas) any = any || replica->params()[i].grad().defined();
+    if (!any) continue;
+    at::Tensor sum;
+    for (int r = 0; r < world; ++r) {
+      const at::Tensor& param = replicas[static_cast<size_t>(r)]->params()[i];
+      at::Tensor grad = param.grad();
+      if (!grad.defined()) grad = at::zeros_like(param);
+      if (r == 0) {
+        sum = grad.detach().clone();
+      } else {
+        sum.add_(grad);
+      }
+    }
+    sum.div_(static_cast<int64_t>(world));
+    for (const auto& replica : replicas) replica->params()[i].mutable_grad() = sum.clone();
+  }
+}
+
 Reference run_reference(const ParityConfig& config) {
   // The rank threads run one intra-op thread each; so must the reference.
   at::set_num_threads(1);
-  const int world = config.world_size;
-  std::vector<std::unique_ptr<Scenario>> replicas;
-  std::vector<std::vector<at::Tensor>> params(world);
-  std::vector<std::unique_ptr<torch::optim::Optimizer>> optimizers;
+  const int world = config.world.world_size;
+  Replicas replicas;
   Reference reference;
   for (int r = 0; r < world; ++r) {
-    replicas.push_back(make_scenario(config.scenario, r));
-    auto named = unique_named_parameters(*replicas.back()->module());
-    for (auto& [fqn, param] : named) {
-      if (r == 0) {
-        reference.index[fqn] = reference.fqns.size();
-        reference.fqns.push_back(fqn);
+    replicas.push_back(std::make_unique<Trainer>(config, r));
+    const auto& named = replicas.back()->named_params();
+    if (r == 0) {
+      for (const auto& item : named) {
+        reference.index[item.first] = reference.fqns.size();
+        reference.fqns.push_back(item.first);
       }
-      params[r].push_back(param);
     }
-    if (params[r].size() != reference.fqns.size()) throw std::logic_error("replicas of different shapes");
-    optimizers.push_back(make_optimizer(config.optimizer, params[r]));
+    if (named.size() != reference.fqns.size()) throw std::logic_error("replicas of different shapes");
   }
-  const auto local = replicas[0]->rank_local_params();
+  const auto local = replicas[0]->scenario().rank_local_params();
   std::vector<bool> is_local(reference.fqns.size());
   for (size_t i = 0; i < reference.fqns.size(); ++i) is_local[i] = local.count(reference.fqns[i]) > 0;
 
@@ -188,10 +169,9 @@ Reference run_reference(const ParityConfig& config) {
     Snapshot snap;
     snap.values.resize(reference.fqns.size());
     for (size_t i = 0; i < reference.fqns.size(); ++i) {
-      if (is_local[i]) {
-        for (int r = 0; r < world; ++r) snap.values[i].push_back(copy_of(value(params[r][i])));
-      } else {
-        snap.values[i].push_back(copy_of(value(params[0][i])));
+      for (const auto& replica : replicas) {
+        snap.values[i].push_back(copy_of(value(replica->params()[i])));
+        if (!is_local[i]) break;  // one value shared by every replica
       }
     }
     return snap;
@@ -200,34 +180,16 @@ Reference run_reference(const ParityConfig& config) {
   for (int step = 0; step < config.steps; ++step) {
     ReferenceStep record;
     for (int r = 0; r < world; ++r) {
-      zero_grad(params[r], set_to_none_at(config, step));
-      auto loss = replicas[r]->forward_loss(replicas[r]->input(r, step));
+      Trainer& replica = *replicas[static_cast<size_t>(r)];
+      replica.zero_grad(step);  // before the forward, whatever the sharded run's zero_grad_at
+      auto loss = replica.forward_loss(replica.scenario().input(r, step));
       loss.backward();
       record.loss.push_back(loss.detach().clone());
     }
-    // DDP: the mean over replicas, summed in rank order then divided (the
-    // fake backend's reduce-scatter / all-reduce with ReduceOp::Avg).
-    for (size_t i = 0; i < reference.fqns.size(); ++i) {
-      if (is_local[i]) continue;
-      bool any = false;
-      for (int r = 0; r < world; ++r) any = any || params[r][i].grad().defined();
-      if (!any) continue;
-      at::Tensor sum;
-      for (int r = 0; r < world; ++r) {
-        at::Tensor grad = params[r][i].grad();
-        if (!grad.defined()) grad = at::zeros_like(params[r][i]);
-        if (r == 0) {
-          sum = grad.detach().clone();
-        } else {
-          sum.add_(grad);
-        }
-      }
-      sum.div_(static_cast<int64_t>(world));
-      for (int r = 0; r < world; ++r) params[r][i].mutable_grad() = sum.clone();
-    }
+    average_grads(replicas, is_local);
     record.param_after_backward = snapshot([](const at::Tensor& p) { return p; });
     record.grad = snapshot([](const at::Tensor& p) { return p.grad(); });
-    for (auto& optimizer : optimizers) optimizer->step();
+    for (auto& replica : replicas) replica->optimizer_step();
     record.param_after_step = snapshot([](const at::Tensor& p) { return p; });
     reference.steps.push_back(std::move(record));
   }
@@ -382,6 +344,89 @@ struct RankResult {
   }
 };
 
+/// Each param's shard placement, from the unit that manages it. Unit FQNs
+/// are relative to the root once the root is known (its first forward), so
+/// the map is built at the first lookup.
+class Placements {
+ public:
+  Placements(torch::nn::Module& module, const fsdp::Engine& engine) : module_(module), engine_(engine) {}
+
+  Placement of(const at::Tensor& param) {
+    if (!known_) resolve();
+    auto found = placements_.find(param.unsafeGetTensorImpl());
+    return found == placements_.end() ? Placement{} : found->second;
+  }
+
+ private:
+  void resolve() {
+    std::unordered_map<std::string, at::Tensor> by_fqn;
+    for (const auto& item : module_.named_parameters()) by_fqn.emplace(item.key(), item.value());
+    for (const fsdp::Unit* unit : engine_.units()) {
+      const auto& group = unit->options().shard_group;
+      Placement placement;
+      if (group) placement = Placement{group->rank(), group->size()};
+      for (const auto& fqn : unit->param_fqns()) {
+        auto found = by_fqn.find(fqn);
+        if (found == by_fqn.end()) {
+          throw std::runtime_error("unit '" + unit->fqn() + "' manages param '" + fqn +
+                                   "', which the root's named_parameters() does not have");
+        }
+        placements_[found->second.unsafeGetTensorImpl()] = placement;
+      }
+    }
+    known_ = true;
+  }
+
+  torch::nn::Module& module_;
+  const fsdp::Engine& engine_;
+  std::unordered_map<const c10::TensorImpl*, Placement> placements_;
+  bool known_ = false;
+};
+
+/// One rank's checks against the reference, after backward and after the step.
+class RankChecker {
+ public:
+  RankChecker(const ParityConfig& config, const Reference& reference, Trainer& trainer, RankResult& result)
+      : tolerance_(config.tolerance), reference_(reference), trainer_(trainer),
+        placements_(*trainer.scenario().module(), *trainer.engine()), result_(result) {}
+
+  void after_backward(int step, const at::Tensor& loss) {
+    const auto& ref = reference_.steps[static_cast<size_t>(step)];
+    const int rank = trainer_.rank();
+    result_.record(step, rank, kLoss, 0, "",
+                   compare_values(loss.detach(), ref.loss[static_cast<size_t>(rank)], tolerance_));
+    compare_params(step, kParamAfterBackward, ref.param_after_backward);
+    compare_params(step, kGrad, ref.grad);
+  }
+  void after_step(int step) {
+    compare_params(step, kParamAfterStep, reference_.steps[static_cast<size_t>(step)].param_after_step);
+  }
+
+ private:
+  void compare_params(int step, int phase, const Snapshot& snapshot) {
+    const auto& named = trainer_.named_params();
+    const int rank = trainer_.rank();
+    for (size_t i = 0; i < named.size(); ++i) {
+      const auto& [fqn, param] = named[i];
+      auto index = reference_.index.find(fqn);
+      if (index == reference_.index.end()) {
+        result_.record(step, rank, phase, i, fqn, Outcome{false, 0.0, "not in the reference"});
+        continue;
+      }
+      const at::Tensor& expected = snapshot.get(index->second, rank);
+      const at::Tensor actual = phase == kGrad ? param.grad() : param;
+      result_.record(step, rank, phase, i, fqn,
+                     compare_shard(actual, expected, placements_.of(param), tolerance_));
+    }
+  }
+
+  const Tolerance& tolerance_;
+  const Reference& reference_;
+  Trainer& trainer_;
+  Placements placements_;
+  RankResult& result_;
+};
+
 void run_rank(const ParityConfig& config, const Reference* reference, sim::RankContext& ctx, RankResult& result) {
   const int rank = ctx.rank();
   result.diffs.assign(static_cast<size_t>(config.steps), StepDiff{});
@@ -391,88 +436,32 @@ void run_rank(const ParityConfig& config, const Reference* reference, sim::RankC
   if (config.comm_hooks) {
     if (auto hooks = config.comm_hooks(rank)) world = std::make_shared<HookedProcessGroup>(world, std::move(hooks));
   }
-  ShardingSetup setup = make_sharding_setup(world, config.strategy, config.replicate_size);
-  auto scenario = make_scenario(config.scenario, rank);
-  fsdp::EngineOptions engine_options;
-  engine_options.queue_backward_callback = sim::queue_backward_callback;
+  std::vector<std::shared_ptr<fsdp::EngineHooks>> engine_hooks;
   if (config.engine_hooks) {
-    if (auto hooks = config.engine_hooks(rank)) engine_options.hooks.push_back(std::move(hooks));
+    if (auto hooks = config.engine_hooks(rank)) engine_hooks.push_back(std::move(hooks));
   }
-  fsdp::Engine engine(engine_options);
-  scenario->shard(engine, setup);
+  Trainer trainer(config, rank, world, std::move(engine_hooks));
+  std::optional<RankChecker> checker;
+  if (reference != nullptr) checker.emplace(config, *reference, trainer, result);
 
-  auto module = scenario->module();
-  const auto named = unique_named_parameters(*module);
-  std::vector<at::Tensor> params;
-  for (const auto& item : named) params.push_back(item.second);
-
-  // Each param's shard placement, from the unit that manages it. Unit FQNs
-  // are relative to the root once the root is known (its first forward), so
-  // this is resolved at the first comparison.
-  std::unordered_map<const c10::TensorImpl*, Placement> placements;
-  bool placements_known = false;
-  auto placement_of = [&](const at::Tensor& param) {
-    if (!placements_known) {
-      std::unordered_map<std::string, at::Tensor> by_fqn;
-      for (const auto& item : module->named_parameters()) by_fqn.emplace(item.key(), item.value());
-      for (const fsdp::Unit* unit : engine.units()) {
-        const auto& group = unit->options().shard_group;
-        Placement placement;
-        if (group) placement = Placement{group->rank(), group->size()};
-        for (const auto& fqn : unit->param_fqns()) {
-          auto found = by_fqn.find(fqn);
-          if (found == by_fqn.end()) {
-            throw std::runtime_error("unit '" + unit->fqn() + "' manages param '" + fqn +
-                                     "', which the root's named_parameters() does not have");
-          }
-          placements[found->second.unsafeGetTensorImpl()] = placement;
-        }
-      }
-      placements_known = true;
-    }
-    auto found = placements.find(param.unsafeGetTensorImpl());
-    return found == placements.end() ? Placement{} : found->second;
-  };
-
-  auto optimizer = make_optimizer(config.optimizer, params);
-  const Tolerance& tolerance = config.tolerance;
-
-  auto compare_params = [&](int step, int phase, const Snapshot& snapshot) {
-    for (size_t i = 0; i < named.size(); ++i) {
-      const auto& [fqn, param] = named[i];
-      auto index = reference->index.find(fqn);
-      if (index == reference->index.end()) {
-        result.record(step, rank, phase, i, fqn, Outcome{false, 0.0, "not in the reference"});
-        continue;
-      }
-      const at::Tensor& expected = snapshot.get(index->second, rank);
-      const at::Tensor actual = phase == kGrad ? param.grad() : param;
-      result.record(step, rank, phase, i, fqn, compare_shard(actual, expected, placement_of(param), tolerance));
-    }
-  };
-
-  for (int step = 0; step < config.steps; ++step) {
-    counter->set(step, 0);
-    if (config.zero_grad_at == ZeroGradAt::BeforeForward) zero_grad(params, set_to_none_at(config, step));
-    auto loss = scenario->forward_loss(scenario->input(rank, step));
-    if (config.zero_grad_at == ZeroGradAt::BeforeBackward) zero_grad(params, set_to_none_at(config, step));
+  StepCallbacks callbacks;
+  callbacks.before_forward = [&](int step) { counter->set(step, 0); };
+  callbacks.after_loss = [&](int step, const at::Tensor&) {
     if (config.delay) config.delay(rank, "after_loss");
     counter->set(step, 1);
-    sim::backward(loss);
+  };
+  callbacks.after_backward = [&](int step, const at::Tensor& loss) {
     counter->set(step, 2);
     result.losses.push_back(loss.item<double>());
-    if (reference != nullptr) {
-      const auto& ref = reference->steps[static_cast<size_t>(step)];
-      result.record(step, rank, kLoss, 0, "", compare_values(loss.detach(), ref.loss[static_cast<size_t>(rank)], tolerance));
-      compare_params(step, kParamAfterBackward, ref.param_after_backward);
-      compare_params(step, kGrad, ref.grad);
-    }
+    if (checker) checker->after_backward(step, loss);
     if (config.delay) config.delay(rank, "before_step");
-    optimizer->step();
-    if (reference != nullptr) compare_params(step, kParamAfterStep, reference->steps[static_cast<size_t>(step)].param_after_step);
+  };
+  callbacks.after_step = [&](int step, const at::Tensor&) {
+    if (checker) checker->after_step(step);
     counter->stop();
-  }
-  for (const auto& [fqn, param] : named) result.final_shards[fqn] = param.detach().clone();
+  };
+  for (int step = 0; step < config.steps; ++step) trainer.step(step, callbacks);
+  for (const auto& [fqn, param] : trainer.named_params()) result.final_shards[fqn] = param.detach().clone();
   result.comm_counts = counter->counts();
 }
 
@@ -517,22 +506,12 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 }  // namespace
 
 ParityReport run_parity(const ParityConfig& config) {
-  sim::WorldOptions options;
-  options.world_size = config.world_size;
-  options.rank_kind = config.rank_kind;
-  options.backend = config.backend;
-  options.schedule = config.schedule;
-  options.seed = config.schedule_seed;
-  options.collective_timeout = config.collective_timeout;
-  options.trace = config.trace;
-  options.simulated_time = config.simulated_time;
-  if (config.fiber_stack_bytes != 0) options.fiber_stack_bytes = config.fiber_stack_bytes;
-  options.validate();
+  config.world.validate();
   if (config.steps < 0) throw std::invalid_argument("run_parity: steps must be >= 0");
   if (config.strategy == fsdp::ShardingStrategy::HybridShard &&
-      (config.replicate_size < 1 || config.world_size % config.replicate_size != 0)) {
+      (config.replicate_size < 1 || config.world.world_size % config.replicate_size != 0)) {
     throw std::invalid_argument("run_parity: replicate_size " + std::to_string(config.replicate_size) +
-                                " does not divide world size " + std::to_string(config.world_size));
+                                " does not divide world size " + std::to_string(config.world.world_size));
   }
   make_scenario(config.scenario, 0);  // an unknown name throws here
 
@@ -550,9 +529,9 @@ ParityReport run_parity(const ParityConfig& config) {
     report.seconds_reference = seconds_since(start);
   }
 
-  std::vector<RankResult> results(static_cast<size_t>(config.world_size));
+  std::vector<RankResult> results(static_cast<size_t>(config.world.world_size));
   const auto start = std::chrono::steady_clock::now();
-  sim::World world(options);
+  sim::World world(config.world);
   const Reference* ref = config.run_reference ? &reference : nullptr;
   auto outcome = world.run([&](sim::RankContext& ctx) { run_rank(config, ref, ctx, results[ctx.rank()]); });
   report.seconds_sharded = seconds_since(start);
@@ -565,10 +544,11 @@ ParityReport run_parity(const ParityConfig& config) {
 ParityReport run_parity_rank(const ParityConfig& config, int rank, const ProcessGroupPtr& world_group) {
   ParityReport report;
   report.config = config;
-  if (rank < 0 || rank >= config.world_size || !world_group || world_group->size() != config.world_size) {
+  const int world_size = config.world.world_size;
+  if (rank < 0 || rank >= world_size || !world_group || world_group->size() != world_size) {
     throw std::invalid_argument("run_parity_rank: rank " + std::to_string(rank) + " / group of size " +
                                 std::to_string(world_group ? world_group->size() : 0) + " do not fit world size " +
-                                std::to_string(config.world_size));
+                                std::to_string(world_size));
   }
   Reference reference;
   auto start = std::chrono::steady_clock::now();
@@ -581,7 +561,7 @@ ParityReport run_parity_rank(const ParityConfig& config, int rank, const Process
   report.seconds_reference = seconds_since(start);
   std::vector<RankResult> results(1);
   start = std::chrono::steady_clock::now();
-  sim::RankContext ctx(rank, config.world_size, sim::RankKind::Threads, world_group, &SteadyClock::instance(),
+  sim::RankContext ctx(rank, world_size, sim::RankKind::Threads, world_group, &SteadyClock::instance(),
                        nullptr);
   try {
     run_rank(config, &reference, ctx, results[0]);

@@ -39,6 +39,7 @@
 #include "backends/process_group.h"
 #include "fsdp/fully_shard.h"
 #include "scenarios/models.h"
+#include "scenarios/trainer.h"
 #include "sim/world.h"
 
 namespace fsdpsim::observe {
@@ -47,12 +48,6 @@ class TraceRecorder;
 
 namespace fsdpsim::scenarios {
 
-enum class OptimizerKind {
-  SGD,   ///< lr 1e-2, momentum 0.9 (the classic tests: Adam hides scale bugs)
-  Adam,  ///< lr 1e-2
-};
-const char* to_string(OptimizerKind kind);
-
 /// Comparison rule: exact (bitwise, the default) or |a - b| <= atol + rtol |b|.
 struct Tolerance {
   double atol = 0.0;
@@ -60,38 +55,18 @@ struct Tolerance {
   bool exact() const { return atol == 0.0 && rtol == 0.0; }
 };
 
-enum class ZeroGradAt {
-  BeforeForward,
-  BeforeBackward,  ///< after the loss: the root (and ShardGradOp units) are still gathered
-};
-const char* to_string(ZeroGradAt at);
-
-struct ParityConfig {
-  ScenarioConfig scenario;
-  fsdp::ShardingStrategy strategy = fsdp::ShardingStrategy::FullShard;
-  int world_size = 2;
-  /// HybridShard: number of replicas (world_size / replicate_size ranks shard
-  /// each replica). Ignored by the other strategies.
-  int replicate_size = 1;
-  sim::RankKind rank_kind = sim::RankKind::Threads;
-  sim::CommBackend backend = sim::CommBackend::Fake;
-  /// Fibers: the schedule of ready fibers and its seed.
-  sim::SchedulePolicy schedule = sim::SchedulePolicy::RoundRobin;
-  uint64_t schedule_seed = 0;
-  int steps = 5;
-  OptimizerKind optimizer = OptimizerKind::SGD;
-  /// zero_grad(set_to_none = step % 2 == 0) as the newer tests do; otherwise
-  /// zero_grad(set_to_none = zero_grad_set_to_none) every step.
-  bool zero_grad_set_to_none_alternate = false;
-  bool zero_grad_set_to_none = true;
-  /// Where the sharded run zeroes its grads each step (the reference: before
-  /// its forward; both placements are the same step there).
-  ZeroGradAt zero_grad_at = ZeroGradAt::BeforeForward;
+/// What to train (TrainConfig: the scenario, strategy, optimiser, zero_grad
+/// placement; where the sharded run zeroes its grads is its zero_grad_at, the
+/// reference zeroes before its forward: the same step there), on which world,
+/// and how to compare.
+struct ParityConfig : TrainConfig {
+  /// The sharded run's world (world_size 2 unless set). world.trace, when
+  /// set, records every collective; world.simulated_time (fibers on the fake
+  /// backend) makes sleeps, e.g. injected delays, cost no real time.
+  sim::WorldOptions world = default_world();
   Tolerance tolerance;
   /// false: only the sharded run (no reference, no comparisons).
   bool run_reference = true;
-  /// When set, the world records every collective here.
-  std::shared_ptr<observe::TraceRecorder> trace;
   /// When set, called on each rank before its groups are built; a non-null
   /// result hooks every collective of that rank (delays, failures), outside
   /// the harness's own counting hooks.
@@ -104,15 +79,15 @@ struct ParityConfig {
   /// computed, before backward) and "before_step" (after the checks, just
   /// before the optimiser step), e.g. to sleep there.
   std::function<void(int rank, const char* point)> delay;
-  /// Fibers on the fake backend: WorldOptions::simulated_time (sleeps, e.g.
-  /// injected delays, cost no real time).
-  bool simulated_time = false;
-  /// 0: the World's default.
-  size_t fiber_stack_bytes = 0;
-  std::chrono::milliseconds collective_timeout{60000};
 
   /// "transformer FullShard world 4 threads fake sgd".
   std::string describe() const;
+
+  static sim::WorldOptions default_world() {
+    sim::WorldOptions options;
+    options.world_size = 2;
+    return options;
+  }
 };
 
 /// Collectives issued on one rank, by op.
@@ -178,8 +153,8 @@ ParityReport run_parity(const ParityConfig& config);
 
 /// One rank of a parity run whose ranks live elsewhere (Gloo processes):
 /// this process computes the whole reference (the same arithmetic on every
-/// process) and compares its own shards. `world_group` spans config.world_size
-/// ranks; the world options of `config` (rank kind, backend) are ignored.
+/// process) and compares its own shards. `world_group` spans config.world.world_size
+/// ranks; the rest of config.world (rank kind, backend) is ignored.
 ParityReport run_parity_rank(const ParityConfig& config, int rank, const ProcessGroupPtr& world_group);
 
 }  // namespace fsdpsim::scenarios

@@ -203,9 +203,9 @@ TEST_P(DelayParity, ExactParityUnderDelays) {
     ParityConfig config;
     config.scenario.name = setting.scenario;
     config.strategy = setting.strategy;
-    config.world_size = setting.world_size;
-    config.rank_kind = kind;
-    config.simulated_time = kind == sim::RankKind::Fibers;
+    config.world.world_size = setting.world_size;
+    config.world.rank_kind = kind;
+    config.world.simulated_time = kind == sim::RankKind::Fibers;
     config.steps = 3;
     const DelayPlan plan = plan_for(delay, kind, setting.world_size);
     SleepCounts counts;
@@ -230,7 +230,7 @@ TEST_P(DelayParity, ExactParityUnderDelays) {
       const int ranks = plan.engine_rank < 0 ? setting.world_size : 1;
       EXPECT_EQ(counts.points.load(), 2 * config.steps * ranks);
     }
-    if (config.simulated_time) {
+    if (config.world.simulated_time) {
       // Simulated: the sleeps (seconds of them) cost no real time.
       const double slept = static_cast<double>(counts.nanoseconds.load()) / 1e9;
       EXPECT_GT(slept, 0.0);

@@ -30,7 +30,7 @@ FSDPSIM_REGISTER_WORKER(gloo_parity) {
   config.strategy = std::string(std::getenv("FSDPSIM_PARITY_STRATEGY")) == "shard_grad_op"
                         ? fsdp::ShardingStrategy::ShardGradOp
                         : fsdp::ShardingStrategy::FullShard;
-  config.world_size = env.world_size;
+  config.world.world_size = env.world_size;
   config.steps = 3;
   ProcessGroupPtr world = make_gloo_process_group_from_env(std::chrono::seconds(60));
   ParityReport report = run_parity_rank(config, env.rank, world);

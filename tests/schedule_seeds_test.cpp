@@ -93,12 +93,12 @@ TEST_P(ScheduleSeeds, ParityAndEngineOrderUnderSeededRandomSchedules) {
   for (uint64_t seed = 0; seed < kSeeds && failures < 3; ++seed) {
     ParityConfig config;
     config.scenario.name = scenario;
-    config.world_size = world_size;
-    config.rank_kind = sim::RankKind::Fibers;
-    config.schedule = sim::SchedulePolicy::SeededRandom;
-    config.schedule_seed = seed;
+    config.world.world_size = world_size;
+    config.world.rank_kind = sim::RankKind::Fibers;
+    config.world.schedule = sim::SchedulePolicy::SeededRandom;
+    config.world.seed = seed;
     config.steps = kSteps;
-    config.trace = std::make_shared<observe::TraceRecorder>(world_size);
+    config.world.trace = std::make_shared<observe::TraceRecorder>(world_size);
     config.comm_hooks = [](int) -> std::shared_ptr<CommHooks> { return std::make_shared<YieldAtCollectives>(); };
     std::mutex mutex;
     std::vector<std::shared_ptr<EventLog>> logs(static_cast<size_t>(world_size));
@@ -122,7 +122,7 @@ TEST_P(ScheduleSeeds, ParityAndEngineOrderUnderSeededRandomSchedules) {
                          << "'s; first difference at " << first_difference(first_events[rank], events);
       same = same && equal;
     }
-    auto issued = config.trace->events();
+    auto issued = config.world.trace->events();
     std::sort(issued.begin(), issued.end(), [](const auto& a, const auto& b) { return a.id < b.id; });
     std::string interleaving;
     for (const auto& event : issued) interleaving += static_cast<char>('0' + event.rank);

@@ -33,7 +33,7 @@ FSDPSIM_REGISTER_WORKER(torchrun_parity) {
   ParityConfig config;
   config.scenario.name = "mlp_stack";
   config.strategy = fsdp::ShardingStrategy::FullShard;
-  config.world_size = env.world_size;
+  config.world.world_size = env.world_size;
   config.steps = 2;
   ParityReport report = run_parity_rank(config, env.rank, make_gloo_process_group_from_env(std::chrono::seconds(60)));
   if (!report.ok()) {

@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -50,7 +51,7 @@
 #include "backends/process_group.h"
 #include "fsdp/fully_shard.h"
 #include "scenarios/models.h"
-#include "sim/fiber_autograd.h"
+#include "scenarios/trainer.h"
 #include "sim/world.h"
 
 namespace {
@@ -61,7 +62,6 @@ using namespace std::chrono_literals;
 constexpr const char* kProgram = "fsdpsim_bench_engine";
 constexpr double kTargetOverhead = 0.15;
 constexpr double kLearningRate = 1e-4;  // small: the params stay in range over the run
-constexpr double kMomentum = 0.9;
 constexpr uint64_t kSeed = 7;
 
 const char* kUsage =
@@ -78,16 +78,32 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+scenarios::TrainConfig bench_train_config() {
+  scenarios::TrainConfig train;
+  train.scenario.seed = kSeed;
+  train.optimizer = scenarios::OptimizerKind::SGD;
+  train.learning_rate = kLearningRate;
+  return train;
+}
+
+sim::WorldOptions bench_world() {
+  sim::WorldOptions world;
+  world.collective_timeout = 120s;
+  world.fiber_stack_bytes = 1024 * 1024;
+  return world;
+}
+
 struct Iterations {
   int warmup = 1;
   int timed = 1;
   int total() const { return warmup + timed; }
 };
 
-/// One benchmarked model: a scenario and the batch each rank feeds it.
+/// One benchmarked model: what to train (a scenario, SGD with momentum at a
+/// small learning rate) and the batch each rank feeds it.
 struct ModelSpec {
   std::string label;
-  scenarios::ScenarioConfig scenario;
+  scenarios::TrainConfig train = bench_train_config();
   int64_t batch = 0;    ///< mlp_stack: rows of the input; transformer: 2 (its BatchNorm1d has 2 channels)
   int64_t src_len = 0;  ///< transformer: source and target sequence lengths
   int64_t tgt_len = 0;
@@ -99,6 +115,9 @@ struct ModelSpec {
 
 struct Config {
   bool quick = false;
+  /// Every measured world: these options with the world size and rank kind
+  /// of the measurement.
+  sim::WorldOptions world = bench_world();
   std::vector<ModelSpec> models;
   std::vector<int> worlds;
   Iterations single;  ///< world size 1: pairs of (plain, engine) steps
@@ -108,9 +127,8 @@ struct Config {
 ModelSpec mlp_model(int64_t dim, int64_t batch) {
   ModelSpec spec;
   spec.label = "mlp_stack d" + std::to_string(dim);
-  spec.scenario.name = "mlp_stack";
-  spec.scenario.seed = kSeed;
-  spec.scenario.mlp_dim = dim;
+  spec.train.scenario.name = "mlp_stack";
+  spec.train.scenario.mlp_dim = dim;
   spec.batch = batch;
   return spec;
 }
@@ -118,8 +136,7 @@ ModelSpec mlp_model(int64_t dim, int64_t batch) {
 ModelSpec transformer_model(int64_t src_len, int64_t tgt_len) {
   ModelSpec spec;
   spec.label = "transformer";
-  spec.scenario.name = "transformer";
-  spec.scenario.seed = kSeed;
+  spec.train.scenario.name = "transformer";
   spec.batch = 2;
   spec.src_len = src_len;
   spec.tgt_len = tgt_len;
@@ -186,25 +203,33 @@ const sim::RankKind kKinds[] = {sim::RankKind::Threads, sim::RankKind::Fibers};
 // ---------------------------------------------------------------------------
 // One rank's model: a scenario, its optimiser and its inputs.
 
+/// The transformer's vocabulary, from an unsharded copy of its model.
+int64_t transformer_vocab(const ModelSpec& spec) {
+  auto scenario = scenarios::make_scenario(spec.train.scenario, 0);
+  for (const auto& item : scenario->module()->named_parameters()) {
+    if (item.key() == "embed_tokens.weight") return item.value().size(0);
+  }
+  throw std::logic_error("transformer: no embed_tokens.weight");
+}
+
 /// The inputs of `rank`, drawn from (seed, rank, index) by a private
 /// generator (the global one is shared by rank threads). The scenarios' own
-/// inputs are a few rows only; these are the benchmark's batch.
-std::vector<std::vector<at::Tensor>> make_inputs(const ModelSpec& spec, torch::nn::Module& module, int rank,
-                                                 int count) {
+/// inputs are a few rows only; these are the benchmark's batch (mlp_stack:
+/// the input and a random regression target of the same shape).
+std::vector<std::vector<at::Tensor>> make_inputs(const ModelSpec& spec, int rank, int count) {
+  const bool transformer = spec.train.scenario.name == "transformer";
+  const int64_t vocab = transformer ? transformer_vocab(spec) : 0;
   std::vector<std::vector<at::Tensor>> inputs;
   for (int i = 0; i < count; ++i) {
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(kSeed * 1000003 + static_cast<uint64_t>(rank) * 1009 +
                                                                  static_cast<uint64_t>(i));
-    if (spec.scenario.name == "transformer") {
-      int64_t vocab = 0;
-      for (const auto& item : module.named_parameters()) {
-        if (item.key() == "embed_tokens.weight") vocab = item.value().size(0);
-      }
-      if (vocab == 0) throw std::logic_error("transformer: no embed_tokens.weight");
+    if (transformer) {
       inputs.push_back({at::randint(vocab, {spec.src_len, spec.batch}, gen, at::kLong),
                         at::randint(vocab, {spec.tgt_len, spec.batch}, gen, at::kLong)});
     } else {
-      inputs.push_back({at::randn({spec.batch, spec.scenario.mlp_dim}, gen)});
+      const std::vector<int64_t> shape = {spec.batch, spec.train.scenario.mlp_dim};
+      at::Tensor x = at::randn(shape, gen);
+      inputs.push_back({x, at::randn(shape, gen)});
     }
   }
   return inputs;
@@ -227,52 +252,53 @@ class GatherEvents : public fsdp::NoEngineHooks {
   std::vector<std::pair<std::string, int>> events_;
 };
 
+/// One rank's benchmarked model: the shared trainer (scenarios::Trainer) fed
+/// the benchmark's batches, grads set to none before each step.
 class Trainer {
  public:
-  /// sharded: the scenario's units are sharded through `engine` (made here)
-  /// with `setup`; otherwise the plain model.
-  Trainer(const ModelSpec& spec, int rank, const scenarios::ShardingSetup* setup,
+  /// sharded: the scenario's units are sharded over `world` with `strategy`;
+  /// otherwise (no world) the plain model.
+  Trainer(const ModelSpec& spec, int rank, const ProcessGroupPtr& world = nullptr,
+          fsdp::ShardingStrategy strategy = fsdp::ShardingStrategy::FullShard,
           std::shared_ptr<fsdp::EngineHooks> hooks = nullptr)
-      : scenario_(scenarios::make_scenario(spec.scenario, rank)) {
-    inputs_ = make_inputs(spec, *scenario_->module(), rank, kDistinctInputs);  // before sharding: full vocab
-    if (setup != nullptr) {
-      fsdp::EngineOptions options;
-      options.queue_backward_callback = sim::queue_backward_callback;
-      if (hooks) options.hooks.push_back(std::move(hooks));
-      engine_ = std::make_unique<fsdp::Engine>(options);
-      scenario_->shard(*engine_, *setup);
-    }
-    params_ = scenarios::unique_parameters(*scenario_->module());
-    optimizer_ =
-        std::make_unique<torch::optim::SGD>(params_, torch::optim::SGDOptions(kLearningRate).momentum(kMomentum));
-  }
+      : inputs_(make_inputs(spec, rank, kDistinctInputs)),
+        trainer_(with_strategy(spec.train, strategy), rank, world, hooks_list(std::move(hooks))) {}
 
   /// One training step on input `index`; returns the loss.
   double step(int index) {
-    for (auto& param : params_) param.mutable_grad() = at::Tensor();
-    at::Tensor loss = scenario_->forward_loss(inputs_[static_cast<size_t>(index % kDistinctInputs)]);
-    if (engine_) {
-      sim::backward(loss);
-    } else {
-      loss.backward();
-    }
-    optimizer_->step();
-    return loss.item<double>();
+    return trainer_.step(index, inputs_[static_cast<size_t>(index % kDistinctInputs)]).item<double>();
   }
 
-  fsdp::Engine* engine() { return engine_.get(); }
-  scenarios::Scenario& scenario() { return *scenario_; }
+  fsdp::Engine* engine() { return trainer_.engine(); }
+  scenarios::Scenario& scenario() { return trainer_.scenario(); }
 
  private:
-  std::unique_ptr<scenarios::Scenario> scenario_;
-  std::unique_ptr<fsdp::Engine> engine_;  // after scenario_: destroyed before the modules it registered
-  std::vector<at::Tensor> params_;
-  std::unique_ptr<torch::optim::SGD> optimizer_;
+  static scenarios::TrainConfig with_strategy(scenarios::TrainConfig train, fsdp::ShardingStrategy strategy) {
+    train.strategy = strategy;
+    return train;
+  }
+  static std::vector<std::shared_ptr<fsdp::EngineHooks>> hooks_list(std::shared_ptr<fsdp::EngineHooks> hooks) {
+    if (!hooks) return {};
+    return {std::move(hooks)};
+  }
+
   std::vector<std::vector<at::Tensor>> inputs_;
+  scenarios::Trainer trainer_;
 };
 
 // ---------------------------------------------------------------------------
 // 1. World size 1: engine vs plain
+
+/// Runs `rank_main` on a world of `options`; the first line of what failed, or "".
+std::string run_world(const sim::WorldOptions& options, const std::function<void(sim::RankContext&)>& rank_main) {
+  sim::WorldResult outcome;
+  try {
+    outcome = sim::World(options).run(rank_main);
+  } catch (const std::exception& e) {
+    return first_line(e.what());
+  }
+  return outcome.ok() ? "" : first_line(outcome.error_report());
+}
 
 struct SingleResult {
   double plain_ms = 0;
@@ -282,45 +308,31 @@ struct SingleResult {
   double overhead() const { return plain_ms > 0 ? engine_ms / plain_ms - 1.0 : 0.0; }
 };
 
-SingleResult run_single(const ModelSpec& spec, Iterations iterations) {
+SingleResult run_single(const ModelSpec& spec, Iterations iterations, sim::WorldOptions options) {
   SingleResult result;
-  sim::WorldOptions options;
   options.world_size = 1;
   options.rank_kind = sim::RankKind::Threads;
-  options.collective_timeout = 120s;
-  sim::World world(options);
   std::vector<double> plain_ms, engine_ms;
-  sim::WorldResult outcome;
-  try {
-    outcome = world.run([&](sim::RankContext& ctx) {
-      scenarios::ShardingSetup setup =
-          scenarios::make_sharding_setup(ctx.world_group(), fsdp::ShardingStrategy::FullShard);
-      Trainer plain(spec, 0, nullptr);
-      Trainer sharded(spec, 0, &setup);
-      for (int i = 0; i < iterations.total(); ++i) {
-        double loss[2] = {0, 0};
-        int64_t ns[2] = {0, 0};
-        for (int k = 0; k < 2; ++k) {
-          const int which = (i + k) % 2;  // 0 plain, 1 engine; the first of the pair flips every step
-          const int64_t start = now_ns();
-          loss[which] = which == 0 ? plain.step(i) : sharded.step(i);
-          ns[which] = now_ns() - start;
-        }
-        if (loss[0] != loss[1]) result.losses_equal = false;
-        if (i >= iterations.warmup) {
-          plain_ms.push_back(static_cast<double>(ns[0]) / 1e6);
-          engine_ms.push_back(static_cast<double>(ns[1]) / 1e6);
-        }
+  result.error = run_world(options, [&](sim::RankContext& ctx) {
+    Trainer plain(spec, 0);
+    Trainer sharded(spec, 0, ctx.world_group(), fsdp::ShardingStrategy::FullShard);
+    for (int i = 0; i < iterations.total(); ++i) {
+      double loss[2] = {0, 0};
+      int64_t ns[2] = {0, 0};
+      for (int k = 0; k < 2; ++k) {
+        const int which = (i + k) % 2;  // 0 plain, 1 engine; the first of the pair flips every step
+        const int64_t start = now_ns();
+        loss[which] = which == 0 ? plain.step(i) : sharded.step(i);
+        ns[which] = now_ns() - start;
       }
-    });
-  } catch (const std::exception& e) {
-    result.error = first_line(e.what());
-    return result;
-  }
-  if (!outcome.ok()) {
-    result.error = first_line(outcome.error_report());
-    return result;
-  }
+      if (loss[0] != loss[1]) result.losses_equal = false;
+      if (i >= iterations.warmup) {
+        plain_ms.push_back(static_cast<double>(ns[0]) / 1e6);
+        engine_ms.push_back(static_cast<double>(ns[1]) / 1e6);
+      }
+    }
+  });
+  if (!result.error.empty()) return result;
   result.plain_ms = median(plain_ms);
   result.engine_ms = median(engine_ms);
   return result;
@@ -359,7 +371,7 @@ struct MemoryTheory {
 
 MemoryTheory memory_theory(const fsdp::Engine& engine, const ModelSpec& spec) {
   // Full shapes come from an unsharded copy of the model (same FQNs).
-  auto reference = scenarios::make_scenario(spec.scenario, 0);
+  auto reference = scenarios::make_scenario(spec.train.scenario, 0);
   std::unordered_map<std::string, at::Tensor> full;
   for (const auto& item : reference->module()->named_parameters()) full.emplace(item.key(), item.value());
   MemoryTheory theory;
@@ -401,14 +413,10 @@ struct MultiResult {
 };
 
 MultiResult run_multi(const ModelSpec& spec, int world_size, sim::RankKind kind, fsdp::ShardingStrategy strategy,
-                      Iterations iterations) {
+                      Iterations iterations, sim::WorldOptions options) {
   MultiResult result;
-  sim::WorldOptions options;
   options.world_size = world_size;
   options.rank_kind = kind;
-  options.collective_timeout = 120s;
-  options.fiber_stack_bytes = 1024 * 1024;
-  sim::World world(options);
   const size_t steps = static_cast<size_t>(iterations.total());
   // [rank][step]: each rank writes its own row only.
   std::vector<std::vector<int64_t>> starts(world_size, std::vector<int64_t>(steps));
@@ -417,34 +425,24 @@ MultiResult run_multi(const ModelSpec& spec, int world_size, sim::RankKind kind,
   std::vector<std::vector<std::vector<std::pair<std::string, int>>>> events(
       world_size, std::vector<std::vector<std::pair<std::string, int>>>(steps));
   MemoryTheory theory;
-  sim::WorldResult outcome;
-  try {
-    outcome = world.run([&](sim::RankContext& ctx) {
-      const int rank = ctx.rank();
-      scenarios::ShardingSetup setup = scenarios::make_sharding_setup(ctx.world_group(), strategy);
-      auto gathers = std::make_shared<GatherEvents>();
-      Trainer trainer(spec, rank, &setup, gathers);
-      fsdp::Engine& engine = *trainer.engine();
-      for (size_t i = 0; i < steps; ++i) {
-        ctx.world_group()->barrier()->wait();
-        engine.reset_peak_unsharded_bytes();
-        gathers->take();
-        starts[rank][i] = now_ns();
-        trainer.step(static_cast<int>(i));
-        ends[rank][i] = now_ns();
-        peaks[rank][i] = engine.peak_unsharded_bytes();
-        events[rank][i] = gathers->take();
-      }
-      if (rank == 0) theory = memory_theory(engine, spec);
-    });
-  } catch (const std::exception& e) {
-    result.error = first_line(e.what());
-    return result;
-  }
-  if (!outcome.ok()) {
-    result.error = first_line(outcome.error_report());
-    return result;
-  }
+  result.error = run_world(options, [&](sim::RankContext& ctx) {
+    const int rank = ctx.rank();
+    auto gathers = std::make_shared<GatherEvents>();
+    Trainer trainer(spec, rank, ctx.world_group(), strategy, gathers);
+    fsdp::Engine& engine = *trainer.engine();
+    for (size_t i = 0; i < steps; ++i) {
+      ctx.world_group()->barrier()->wait();
+      engine.reset_peak_unsharded_bytes();
+      gathers->take();
+      starts[rank][i] = now_ns();
+      trainer.step(static_cast<int>(i));
+      ends[rank][i] = now_ns();
+      peaks[rank][i] = engine.peak_unsharded_bytes();
+      events[rank][i] = gathers->take();
+    }
+    if (rank == 0) theory = memory_theory(engine, spec);
+  });
+  if (!result.error.empty()) return result;
   std::vector<double> durations;
   for (size_t i = static_cast<size_t>(iterations.warmup); i < steps; ++i) {
     int64_t first_start = INT64_MAX, last_end = INT64_MIN;
@@ -473,7 +471,7 @@ MultiResult run_multi(const ModelSpec& spec, int world_size, sim::RankKind kind,
 
 /// The plain model alone on the calling thread: median step in ms.
 double plain_step_ms(const ModelSpec& spec, Iterations iterations) {
-  Trainer plain(spec, 0, nullptr);
+  Trainer plain(spec, 0);
   std::vector<double> samples;
   for (int i = 0; i < iterations.total(); ++i) {
     const int64_t start = now_ns();
@@ -499,15 +497,15 @@ std::string engine_defaults() {
 }
 
 std::string model_details(const ModelSpec& spec) {
-  Trainer plain(spec, 0, nullptr);
+  Trainer plain(spec, 0);
   int64_t params = 0;
   for (const auto& param : scenarios::unique_parameters(*plain.scenario().module())) params += param.numel();
-  std::string input = spec.scenario.name == "transformer"
+  std::string input = spec.train.scenario.name == "transformer"
                           ? format("src (%lld, %lld) + tgt (%lld, %lld) token ids",
                                    static_cast<long long>(spec.src_len), static_cast<long long>(spec.batch),
                                    static_cast<long long>(spec.tgt_len), static_cast<long long>(spec.batch))
                           : format("input (%lld, %lld)", static_cast<long long>(spec.batch),
-                                   static_cast<long long>(spec.scenario.mlp_dim));
+                                   static_cast<long long>(spec.train.scenario.mlp_dim));
   return format("  %-16s %9lld params (%.1f KiB), %d units, %s\n", spec.label.c_str(), static_cast<long long>(params),
                 kib(params * static_cast<int64_t>(sizeof(float))), plain.scenario().sharded_blocks() + 1,
                 input.c_str());
@@ -518,7 +516,7 @@ void section_single(const Config& config, Report& report) {
   const int64_t started = now_ns();
   std::vector<SingleResult> results;
   for (const auto& spec : config.models) {
-    results.push_back(run_single(spec, spec.single.value_or(config.single)));
+    results.push_back(run_single(spec, spec.single.value_or(config.single), config.world));
     if (!results.back().error.empty()) report.failed = true;
   }
   std::cout << "\n== 1. world size 1: engine step vs plain step, same thread, same data ==\n"
@@ -583,7 +581,7 @@ void section_multi(const Config& config, Report& report, std::map<MultiKey, Mult
     for (int n : config.worlds) {
       for (fsdp::ShardingStrategy strategy : kStrategies) {
         for (sim::RankKind kind : kKinds) {
-          MultiResult r = run_multi(spec, n, kind, strategy, config.multi);
+          MultiResult r = run_multi(spec, n, kind, strategy, config.multi, config.world);
           if (!r.error.empty()) report.failed = true;
           results[{m, n, kind, strategy}] = r;
         }

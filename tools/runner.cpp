@@ -2,8 +2,6 @@
 #include "tools/runner.h"
 
 #include <ATen/ATen.h>
-#include <torch/optim/adam.h>
-#include <torch/optim/sgd.h>
 
 #include <algorithm>
 #include <array>
@@ -103,20 +101,13 @@ RankStats stats_from_json(const nlohmann::json& j) {
   return stats;
 }
 
-scenarios::ScenarioConfig scenario_config(const RunOptions& options) {
-  scenarios::ScenarioConfig config;
-  config.name = options.scenario;
-  config.seed = options.seed;
-  config.mlp_dim = options.mlp_dim;
-  return config;
-}
-
 bool has_comm_delays(const sim::DelayOptions& delays) {
   return delays.before_reduce_scatter.count() > 0 || delays.before_all_gather.count() > 0 ||
          delays.after_all_gather.count() > 0 || (delays.straggler_rank >= 0 && delays.straggler_delay.count() > 0);
 }
 
-// One rank's training loop, the same for every backend.
+// One rank's training loop, the same for every backend: the shared trainer,
+// with the runner's delays, trace hooks and per-step statistics around it.
 RankStats train_rank(const RunOptions& options, int rank, ProcessGroupPtr world_group, const Clock& clock,
                      sim::SimClock* sim_clock, const std::shared_ptr<observe::TraceRecorder>& trace,
                      const std::function<void(int step, const RankStats&)>& on_step) {
@@ -124,37 +115,31 @@ RankStats train_rank(const RunOptions& options, int rank, ProcessGroupPtr world_
     world_group = std::make_shared<HookedProcessGroup>(std::move(world_group),
                                                        std::make_shared<sim::DelayHooks>(options.delays, rank));
   }
-  auto scenario = scenarios::make_scenario(scenario_config(options), rank);
-  auto setup = scenarios::make_sharding_setup(world_group, options.strategy, options.replicate_size);
-  fsdp::EngineOptions engine_options;
-  engine_options.queue_backward_callback = sim::queue_backward_callback;
-  engine_options.backward_prefetch = options.backward_prefetch;
-  engine_options.forward_prefetch = options.forward_prefetch;
-  if (trace) engine_options.hooks.push_back(std::make_shared<scenarios::TraceEngineHooks>(trace, rank, clock));
+  std::vector<std::shared_ptr<fsdp::EngineHooks>> engine_hooks;
+  if (trace) engine_hooks.push_back(std::make_shared<scenarios::TraceEngineHooks>(trace, rank, clock));
   if (options.delay_before_reshard_ms > 0) {
-    engine_options.hooks.push_back(std::make_shared<ReshardDelayHooks>(ms_to_ns(options.delay_before_reshard_ms)));
+    engine_hooks.push_back(std::make_shared<ReshardDelayHooks>(ms_to_ns(options.delay_before_reshard_ms)));
   }
-  fsdp::Engine engine(engine_options);
-  scenario->shard(engine, setup);
-  auto params = scenarios::unique_parameters(*scenario->module());
-  std::unique_ptr<torch::optim::Optimizer> optimizer;
-  if (options.optimizer == scenarios::OptimizerKind::SGD) {
-    optimizer = std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(1e-2).momentum(0.9));
-  } else {
-    optimizer = std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(1e-2));
-  }
+  scenarios::Trainer trainer(options, rank, world_group, std::move(engine_hooks));
+  fsdp::Engine& engine = *trainer.engine();
   RankStats stats;
-  for (int step = 0; step < options.steps; ++step) {
-    const int64_t start = clock.now_ns();
-    const int64_t exposed_before = sim_clock ? sim_clock->exposed_comm_ns(rank) : 0;
-    const auto wall_start = std::chrono::steady_clock::now();
+  int64_t start = 0;
+  int64_t exposed_before = 0;
+  std::chrono::steady_clock::time_point wall_start;
+  scenarios::StepCallbacks callbacks;
+  callbacks.before_forward = [&](int) {
+    start = clock.now_ns();
+    exposed_before = sim_clock ? sim_clock->exposed_comm_ns(rank) : 0;
+    wall_start = std::chrono::steady_clock::now();
     engine.reset_peak_unsharded_bytes();
-    optimizer->zero_grad();
-    at::Tensor loss = scenario->forward_loss(scenario->input(rank, step));
+  };
+  callbacks.after_loss = [&](int, const at::Tensor&) {
     if (options.delay_after_loss_ms > 0) sim::sleep_for(ms_to_ns(options.delay_after_loss_ms));
-    sim::backward(loss);
+  };
+  callbacks.after_backward = [&](int, const at::Tensor&) {
     if (options.delay_before_step_ms > 0) sim::sleep_for(ms_to_ns(options.delay_before_step_ms));
-    optimizer->step();
+  };
+  callbacks.after_step = [&](int step, const at::Tensor& loss) {
     stats.losses.push_back(loss.item<double>());
     stats.step_ns.push_back(clock.now_ns() - start);
     stats.wall_step_ns.push_back(
@@ -162,7 +147,8 @@ RankStats train_rank(const RunOptions& options, int rank, ProcessGroupPtr world_
     stats.exposed_ns.push_back(sim_clock ? sim_clock->exposed_comm_ns(rank) - exposed_before : 0);
     stats.peak_unsharded_bytes = std::max(stats.peak_unsharded_bytes, engine.peak_unsharded_bytes());
     if (on_step) on_step(step, stats);
-  }
+  };
+  for (int step = 0; step < options.steps; ++step) trainer.step(step, callbacks);
   return stats;
 }
 
@@ -173,26 +159,26 @@ int64_t median(std::vector<int64_t> values) {
 }
 
 std::string compute_time_text(const RunOptions& options) {
-  switch (options.compute_time) {
+  switch (options.world.compute_time) {
     case sim::ComputeTime::Measured: return "measured";
     case sim::ComputeTime::Zero: return "zero";
-    case sim::ComputeTime::Fixed: return fixed(static_cast<double>(options.fixed_compute_ns) / 1000, 3) + " us per slice";
+    case sim::ComputeTime::Fixed: return fixed(static_cast<double>(options.world.fixed_compute_ns) / 1000, 3) + " us per slice";
   }
   return "?";
 }
 
 std::string describe(const RunOptions& options) {
   std::ostringstream out;
-  out << "scenario " << options.scenario << ", " << options.world_size << " ranks as "
-      << (options.processes ? "processes" : sim::to_string(options.rank_kind)) << " on "
-      << sim::to_string(options.backend) << ", " << fsdp::to_string(options.strategy);
+  out << "scenario " << options.scenario.name << ", " << options.world.world_size << " ranks as "
+      << (options.processes ? "processes" : sim::to_string(options.world.rank_kind)) << " on "
+      << sim::to_string(options.world.backend) << ", " << fsdp::to_string(options.strategy);
   if (options.strategy == fsdp::ShardingStrategy::HybridShard) {
-    out << " " << options.replicate_size << "x" << options.world_size / options.replicate_size;
+    out << " " << options.replicate_size << "x" << options.world.world_size / options.replicate_size;
   }
   out << ", prefetch " << fsdp::to_string(options.backward_prefetch)
       << (options.forward_prefetch ? " + forward" : "") << ", " << options.steps << " steps, seed "
-      << options.seed;
-  if (options.simulated_time) {
+      << options.scenario.seed;
+  if (options.world.simulated_time) {
     out << ", simulated time (" << options.cost_model << ", compute " << compute_time_text(options) << ")";
   }
   return out.str();
@@ -289,36 +275,19 @@ void check_scenario_name(const std::string& name) {
 }
 
 sim::WorldOptions world_options(const RunOptions& options, std::shared_ptr<observe::TraceRecorder> recorder) {
-  sim::WorldOptions world;
-  world.world_size = options.world_size;
-  world.rank_kind = options.rank_kind;
-  world.backend = options.backend;
-  world.schedule = options.schedule;
-  world.seed = options.seed;
-  world.collective_timeout = options.collective_timeout;
+  sim::WorldOptions world = options.world;
+  world.seed = options.scenario.seed;  // --seed seeds the schedule too
   world.trace = std::move(recorder);
-  world.simulated_time = options.simulated_time;
-  world.compute_time = options.compute_time;
-  world.fixed_compute_ns = options.fixed_compute_ns;
-  if (options.simulated_time) world.cost_model = sim::cost_model_preset(options.cost_model);
+  if (world.simulated_time) world.cost_model = sim::cost_model_preset(options.cost_model);
   return world;
 }
 
 int run_parity_check(const RunOptions& options, std::ostream& out) {
   scenarios::ParityConfig config;
-  config.scenario = scenario_config(options);
-  config.strategy = options.strategy;
-  config.world_size = options.world_size;
-  config.replicate_size = options.replicate_size;
-  config.rank_kind = options.rank_kind;
-  config.backend = options.backend;
-  config.schedule = options.schedule;
-  config.schedule_seed = options.seed;
-  config.steps = options.steps;
-  config.optimizer = options.optimizer;
-  config.collective_timeout = options.collective_timeout;
+  static_cast<scenarios::TrainConfig&>(config) = options;
+  config.world = world_options(options, nullptr);
   if (options.strategy == fsdp::ShardingStrategy::HybridShard ||
-      (options.backend == sim::CommBackend::Gloo && options.strategy == fsdp::ShardingStrategy::NoShard)) {
+      (options.world.backend == sim::CommBackend::Gloo && options.strategy == fsdp::ShardingStrategy::NoShard)) {
     config.tolerance = {1e-5, 1e-5};  // two-stage or Gloo-ordered sums: not the reference's arithmetic
   }
   auto report = scenarios::run_parity(config);
@@ -330,11 +299,19 @@ int run_parity_check(const RunOptions& options, std::ostream& out) {
 
 }  // namespace
 
+RunOptions::RunOptions() {
+  scenario.name = "mlp_stack";
+  scenario.mlp_dim = 64;
+  steps = 40;  // the demo's loss falls for ~30 steps, then levels off
+  world.world_size = 4;
+}
+
 void RunOptions::validate() const {
-  check_scenario_name(scenario);
+  check_scenario_name(scenario.name);
+  const int world_size = world.world_size;
   if (world_size < 1) throw std::invalid_argument("--world-size must be >= 1");
-  if (collective_timeout.count() <= 0) throw std::invalid_argument("--timeout must be positive");
-  if (processes && backend != sim::CommBackend::Gloo) {
+  if (world.collective_timeout.count() <= 0) throw std::invalid_argument("--timeout must be positive");
+  if (processes && world.backend != sim::CommBackend::Gloo) {
     throw std::invalid_argument("--ranks processes needs --backend gloo");
   }
   if (replicate_size < 1 || world_size % replicate_size != 0) {
@@ -347,7 +324,7 @@ void RunOptions::validate() const {
   if (strategy != fsdp::ShardingStrategy::HybridShard && replicate_size != 1) {
     throw std::invalid_argument("--mesh applies to --strategy hybrid_shard only");
   }
-  if (simulated_time) sim::cost_model_preset(cost_model);  // unknown presets throw, listing the names
+  if (world.simulated_time) sim::cost_model_preset(cost_model);  // unknown presets throw, listing the names
   delays.validate();
   if (delays.straggler_rank >= world_size || delays.only_rank >= world_size) {
     throw std::invalid_argument("a delay names a rank outside the world of " + std::to_string(world_size));
@@ -404,24 +381,24 @@ void parse_compute_time(const std::string& value, RunOptions& options) {
   if (value.rfind(fixed_prefix, 0) == 0) {
     const double us = parse_number("--compute-time fixed:US", value.substr(fixed_prefix.size()), 0, 3.6e9,
                                    "microseconds");
-    options.compute_time = sim::ComputeTime::Fixed;
-    options.fixed_compute_ns = static_cast<int64_t>(us * 1000);
+    options.world.compute_time = sim::ComputeTime::Fixed;
+    options.world.fixed_compute_ns = static_cast<int64_t>(us * 1000);
     return;
   }
-  options.compute_time = parse_choice<sim::ComputeTime>(
+  options.world.compute_time = parse_choice<sim::ComputeTime>(
       "--compute-time", value, {{"measured", sim::ComputeTime::Measured}, {"zero", sim::ComputeTime::Zero}});
 }
 
 // --mesh RxS gives the world size, or must match --world-size, in any order.
 void resolve_mesh(bool world_given, int mesh_shards, RunOptions& options) {
   const int64_t mesh_size = int64_t{options.replicate_size} * mesh_shards;
-  if (world_given && mesh_size != options.world_size) {
+  if (world_given && mesh_size != options.world.world_size) {
     throw std::invalid_argument("--mesh " + std::to_string(options.replicate_size) + "x" +
                                 std::to_string(mesh_shards) + " has " + std::to_string(mesh_size) +
-                                " ranks but --world-size is " + std::to_string(options.world_size));
+                                " ranks but --world-size is " + std::to_string(options.world.world_size));
   }
   if (mesh_size > 8192) throw std::invalid_argument("--mesh has " + std::to_string(mesh_size) + " ranks, over 8192");
-  options.world_size = static_cast<int>(mesh_size);
+  options.world.world_size = static_cast<int>(mesh_size);
 }
 
 // Options that mean nothing without another one are refused, not ignored.
@@ -429,9 +406,9 @@ void require_companions(const std::set<std::string>& given, const RunOptions& op
   auto require = [&](const char* flag, bool present, const char* needed) {
     if (given.count(flag) && !present) throw std::invalid_argument(std::string(flag) + " needs " + needed);
   };
-  require("--cost-model", options.simulated_time, "--simulated-time");
-  require("--compute-time", options.simulated_time, "--simulated-time");
-  require("--schedule", !options.processes && options.rank_kind == sim::RankKind::Fibers, "--ranks fibers");
+  require("--cost-model", options.world.simulated_time, "--simulated-time");
+  require("--compute-time", options.world.simulated_time, "--simulated-time");
+  require("--schedule", !options.processes && options.world.rank_kind == sim::RankKind::Fibers, "--ranks fibers");
   const sim::DelayOptions& d = options.delays;
   require("--delay-rank",
           d.before_reduce_scatter.count() > 0 || d.before_all_gather.count() > 0 || d.after_all_gather.count() > 0,
@@ -453,19 +430,19 @@ RunOptions parse_run_options(const std::vector<std::string>& args) {
       return args[++i];
     };
     if (flag == "--scenario") {
-      options.scenario = value();
+      options.scenario.name = value();
     } else if (flag == "--backend") {
-      options.backend = parse_choice<sim::CommBackend>(
+      options.world.backend = parse_choice<sim::CommBackend>(
           flag, value(), {{"fake", sim::CommBackend::Fake}, {"gloo", sim::CommBackend::Gloo}});
     } else if (flag == "--ranks") {
       const std::string& v = value();
       options.processes = v == "processes";
       if (!options.processes) {
-        options.rank_kind = parse_choice<sim::RankKind>(
+        options.world.rank_kind = parse_choice<sim::RankKind>(
             flag, v, {{"threads", sim::RankKind::Threads}, {"fibers", sim::RankKind::Fibers}});
       }
     } else if (flag == "--world-size") {
-      options.world_size = static_cast<int>(parse_int(flag, value(), 1, 8192));
+      options.world.world_size = static_cast<int>(parse_int(flag, value(), 1, 8192));
     } else if (flag == "--strategy") {
       options.strategy = parse_choice<fsdp::ShardingStrategy>(
           flag, value(),
@@ -490,24 +467,24 @@ RunOptions parse_run_options(const std::vector<std::string>& args) {
     } else if (flag == "--steps") {
       options.steps = static_cast<int>(parse_int(flag, value(), 1, 1000000));
     } else if (flag == "--seed") {
-      options.seed = static_cast<uint64_t>(parse_int(flag, value(), 0, INT64_MAX));
+      options.scenario.seed = static_cast<uint64_t>(parse_int(flag, value(), 0, INT64_MAX));
     } else if (flag == "--optimizer") {
       options.optimizer = parse_choice<scenarios::OptimizerKind>(
           flag, value(), {{"sgd", scenarios::OptimizerKind::SGD}, {"adam", scenarios::OptimizerKind::Adam}});
     } else if (flag == "--mlp-dim") {
-      options.mlp_dim = parse_int(flag, value(), 1, 1 << 16);
+      options.scenario.mlp_dim = parse_int(flag, value(), 1, 1 << 16);
     } else if (flag == "--schedule") {
-      options.schedule = parse_choice<sim::SchedulePolicy>(
+      options.world.schedule = parse_choice<sim::SchedulePolicy>(
           flag, value(),
           {{"round-robin", sim::SchedulePolicy::RoundRobin}, {"seeded-random", sim::SchedulePolicy::SeededRandom}});
     } else if (flag == "--simulated-time") {
-      options.simulated_time = true;
+      options.world.simulated_time = true;
     } else if (flag == "--cost-model") {
       options.cost_model = value();
     } else if (flag == "--compute-time") {
       parse_compute_time(value(), options);
     } else if (flag == "--timeout") {
-      options.collective_timeout = std::chrono::milliseconds(
+      options.world.collective_timeout = std::chrono::milliseconds(
           static_cast<int64_t>(parse_number(flag, value(), 0.001, 86400, "seconds") * 1000));
     } else if (flag == "--delay-reduce-scatter") {
       options.delays.before_reduce_scatter = ms_to_ns(parse_ms(flag, value()));
@@ -548,7 +525,7 @@ int run_process_worker(const RunOptions& options, const std::string& stats_path,
     const LaunchEnv env = LaunchEnv::from_env();
     auto trace = std::make_shared<observe::TraceRecorder>(env.world_size);
     auto flight = std::make_shared<observe::FlightRecorder>(env.world_size, 16);
-    ProcessGroupPtr group = make_gloo_process_group_from_env(options.collective_timeout);
+    ProcessGroupPtr group = make_gloo_process_group_from_env(options.world.collective_timeout);
     group = std::make_shared<observe::ObservedProcessGroup>(group, std::vector<observe::SinkPtr>{trace, flight}, env.rank);
     RankStats stats;
     try {
@@ -632,7 +609,7 @@ std::string launch_failure_summary(const LaunchResult& launched, const RunOption
     if (rank.exit_code == kWorkerTimedOutExit && !rank.stopped_by_launcher) timed_out.push_back(rank.rank);
   }
   if (!timed_out.empty()) {
-    summary += "; the collective timeout (" + fixed(options.collective_timeout.count() / 1000.0, 1) +
+    summary += "; the collective timeout (" + fixed(options.world.collective_timeout.count() / 1000.0, 1) +
                " s, --timeout) fired on " + sim::ranks_text(timed_out);
   }
   return summary;
@@ -657,12 +634,12 @@ int run_processes(const RunOptions& options, const std::vector<std::string>& wor
   const ScopedStopSignals signals;
   const std::string stats_path = dir.path() + "/stats";
   LaunchOptions launch;
-  launch.nproc = options.world_size;
+  launch.nproc = options.world.world_size;
   launch.command = worker_args;
   launch.command.push_back("--stats");
   launch.command.push_back(stats_path);
   // Ranks blocked with a failed one time out within one collective timeout.
-  launch.timeout = options.collective_timeout;
+  launch.timeout = options.world.collective_timeout;
   launch.output = &out;
   launch.stop_signal = &stop_signal;
   const auto started = std::chrono::steady_clock::now();
@@ -674,8 +651,8 @@ int run_processes(const RunOptions& options, const std::vector<std::string>& wor
     throw RunFailedError(launch_failure_summary(launched, options));
   }
   std::vector<RankStats> ranks;
-  observe::TraceRecorder merged(options.world_size);
-  for (int r = 0; r < options.world_size; ++r) {
+  observe::TraceRecorder merged(options.world.world_size);
+  for (int r = 0; r < options.world.world_size; ++r) {
     ranks.push_back(read_rank_stats(stats_path + ".rank" + std::to_string(r), r, merged));
   }
   write_traces(options, merged);
@@ -696,9 +673,9 @@ int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err
     for (const auto& arg : options.args) args.push_back(arg);
     return run_processes(options, args, out, err);
   }
-  auto recorder = std::make_shared<observe::TraceRecorder>(options.world_size);
+  auto recorder = std::make_shared<observe::TraceRecorder>(options.world.world_size);
   sim::World world(world_options(options, recorder));
-  const int n = options.world_size;
+  const int n = options.world.world_size;
   std::vector<RankStats> ranks(n);
   std::mutex progress;
   const auto started = std::chrono::steady_clock::now();
@@ -721,7 +698,7 @@ int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err
     err << "fsdpsim: analyse with 'fsdpsim_replay check " << options.trace_path << ".jsonl'" << std::endl;
     throw RunFailedError(world_failure_summary(result));
   }
-  print_summary(out, options, ranks, *recorder, options.simulated_time, wall);
+  print_summary(out, options, ranks, *recorder, options.world.simulated_time, wall);
   if (options.check_parity) return run_parity_check(options, out);
   return 0;
 }

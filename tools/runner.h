@@ -3,6 +3,10 @@
 // FSDP engine on a chosen backend and prints a progress line per step and a
 // summary (loss per step, measured and predicted step time, bytes gathered
 // and reduced per rank, peak unsharded memory, exposed communication).
+//
+// Thread-safety: run_scenario and run_process_worker may be called from any
+// thread, one run at a time per process (process ranks catch SIGINT/SIGTERM/
+// SIGHUP while they run); RunOptions is a plain value.
 
 #include <chrono>
 #include <cstdint>
@@ -13,38 +17,28 @@
 
 #include "fsdp/fully_shard.h"
 #include "scenarios/parity.h"
+#include "scenarios/trainer.h"
 #include "sim/delay_hooks.h"
 #include "sim/world.h"
 
 namespace fsdpsim::tools {
 
-struct RunOptions {
-  std::string scenario = "mlp_stack";
-  sim::RankKind rank_kind = sim::RankKind::Threads;
+/// What to train (TrainConfig: scenario, strategy, prefetch, steps,
+/// optimiser), where (WorldOptions) and what the runner adds around it.
+struct RunOptions : scenarios::TrainConfig {
+  /// The defaults of `fsdpsim run`: mlp_stack (dim 64), 40 steps, on 4 fake
+  /// thread ranks.
+  RunOptions();
+  /// The ranks' world. A collective not joined by every rank within
+  /// world.collective_timeout fails (fake and Gloo); process ranks: also the
+  /// launcher's grace for the others after a failure. `--seed` is
+  /// scenario.seed, which also seeds the fiber schedule (world.seed is not
+  /// read); world.trace and world.cost_model are the runner's to set.
+  sim::WorldOptions world;
   /// Gloo only: one process per rank (the runner re-executes itself).
   bool processes = false;
-  sim::CommBackend backend = sim::CommBackend::Fake;
-  int world_size = 4;
-  /// HybridShard: replicas (the mesh is replicate_size x world/replicate_size).
-  int replicate_size = 1;
-  /// A collective not joined by every rank within this fails (fake and Gloo);
-  /// process ranks: also the launcher's grace for the others after a failure.
-  std::chrono::milliseconds collective_timeout{60000};
-  fsdp::ShardingStrategy strategy = fsdp::ShardingStrategy::FullShard;
-  fsdp::BackwardPrefetch backward_prefetch = fsdp::BackwardPrefetch::BackwardPre;
-  bool forward_prefetch = false;
-  int steps = 5;
-  uint64_t seed = 0;
-  sim::SchedulePolicy schedule = sim::SchedulePolicy::RoundRobin;
-  /// Fibers: simulated time with this cost model preset.
-  bool simulated_time = false;
+  /// world.simulated_time: the cost model preset.
   std::string cost_model = "fake-2core";
-  /// Simulated time: what the ranks' compute costs (Zero and Fixed make a
-  /// seeded run's times reproducible bit for bit).
-  sim::ComputeTime compute_time = sim::ComputeTime::Measured;
-  int64_t fixed_compute_ns = 0;
-  scenarios::OptimizerKind optimizer = scenarios::OptimizerKind::SGD;
-  int64_t mlp_dim = 64;
   /// Comm delays (real on threads, simulated on fibers with simulated time).
   sim::DelayOptions delays;
   /// Extra delays at points outside collectives, milliseconds (0 = none).

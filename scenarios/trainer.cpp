@@ -1,0 +1,109 @@
+#include "scenarios/trainer.h"
+
+#include <torch/optim/adam.h>
+#include <torch/optim/sgd.h>
+
+#include <stdexcept>
+
+#include "sim/fiber_autograd.h"
+
+namespace fsdpsim::scenarios {
+
+const char* to_string(OptimizerKind kind) {
+  switch (kind) {
+    case OptimizerKind::SGD: return "sgd";
+    case OptimizerKind::Adam: return "adam";
+  }
+  return "?";
+}
+
+const char* to_string(ZeroGradAt at) {
+  switch (at) {
+    case ZeroGradAt::BeforeForward: return "before-forward";
+    case ZeroGradAt::BeforeBackward: return "before-backward";
+  }
+  return "?";
+}
+
+namespace {
+
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(const TrainConfig& config,
+                                                        const std::vector<at::Tensor>& params) {
+  switch (config.optimizer) {
+    case OptimizerKind::SGD:
+      return std::make_unique<torch::optim::SGD>(params,
+                                                 torch::optim::SGDOptions(config.learning_rate).momentum(0.9));
+    case OptimizerKind::Adam:
+      return std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(config.learning_rate));
+  }
+  throw std::invalid_argument("unknown optimizer");
+}
+
+}  // namespace
+
+Trainer::Trainer(const TrainConfig& config, int rank, const ProcessGroupPtr& world,
+                 std::vector<std::shared_ptr<fsdp::EngineHooks>> engine_hooks)
+    : config_(config), rank_(rank), scenario_(make_scenario(config.scenario, rank)) {
+  if (world) {
+    const ShardingSetup setup = make_sharding_setup(world, config.strategy, config.replicate_size);
+    fsdp::EngineOptions options;
+    options.queue_backward_callback = sim::queue_backward_callback;  // fiber ranks too
+    options.backward_prefetch = config.backward_prefetch;
+    options.forward_prefetch = config.forward_prefetch;
+    options.hooks = std::move(engine_hooks);
+    engine_ = std::make_unique<fsdp::Engine>(options);
+    scenario_->shard(*engine_, setup);
+  }
+  named_ = unique_named_parameters(*scenario_->module());
+  for (const auto& item : named_) params_.push_back(item.second);
+  optimizer_ = make_optimizer(config_, params_);
+}
+
+Trainer::~Trainer() = default;
+
+// By hand rather than Optimizer::zero_grad: in place, a grad is detached
+// first, as PyTorch's zero_grad(set_to_none=False) does.
+void Trainer::zero_grad(int step) {
+  const bool set_to_none = config_.set_to_none_at(step);
+  for (const auto& param : params_) {
+    auto& grad = param.mutable_grad();
+    if (!grad.defined()) continue;
+    if (set_to_none) {
+      grad.reset();
+    } else {
+      grad.detach_();
+      grad.zero_();
+    }
+  }
+}
+
+at::Tensor Trainer::forward_loss(const std::vector<at::Tensor>& input) { return scenario_->forward_loss(input); }
+
+void Trainer::backward(const at::Tensor& loss) { sim::backward(loss); }
+
+void Trainer::optimizer_step() { optimizer_->step(); }
+
+at::Tensor Trainer::step(int step, const StepCallbacks& callbacks) {
+  return this->step(step, scenario_->input(rank_, step), callbacks);
+}
+
+at::Tensor Trainer::step(int step, const std::vector<at::Tensor>& input, const StepCallbacks& callbacks) {
+  if (callbacks.before_forward) callbacks.before_forward(step);
+  if (config_.zero_grad_at == ZeroGradAt::BeforeForward) zero_grad(step);
+  at::Tensor loss = forward_loss(input);
+  if (config_.zero_grad_at == ZeroGradAt::BeforeBackward) zero_grad(step);
+  if (callbacks.after_loss) callbacks.after_loss(step, loss);
+  backward(loss);
+  if (callbacks.after_backward) callbacks.after_backward(step, loss);
+  optimizer_step();
+  if (callbacks.after_step) callbacks.after_step(step, loss);
+  return loss;
+}
+
+std::vector<double> Trainer::train(const StepCallbacks& callbacks) {
+  std::vector<double> losses;
+  for (int s = 0; s < config_.steps; ++s) losses.push_back(step(s, callbacks).item<double>());
+  return losses;
+}
+
+}  // namespace fsdpsim::scenarios

@@ -561,7 +561,7 @@ size_t refuse_unreplayable(const ReplayTrace& trace) {
   const CheckReport report = check_trace(trace);
   for (const auto& finding : report.findings) {
     if (blocks_replay(finding.kind)) {
-      throw ReplayPlanError("cannot replay: " + finding.message + " (run 'fsdpsim_replay check' for the full report)");
+      throw ReplayPlanError("cannot replay: " + finding.message + " (run 'fsdpsim replay check' for the full report)");
     }
   }
   return report.collectives;
@@ -853,8 +853,8 @@ std::string format_plan_statistics(const ReplayTrace& trace, const ReplayPlan& p
   if (complete && last_end > 0) {
     int64_t comm = 0;
     for (const auto& [key, s] : span) comm += std::max<int64_t>(0, s.second - s.first);
-    out << "recorded: " << fixed(static_cast<double>(last_end - first_issue) / 1e6, 3)
-        << " ms from the first call to the last completion; communication " << fixed(static_cast<double>(comm) / 1e6, 3)
+    out << "recorded: " << fmt::format("{:.3f}", static_cast<double>(last_end - first_issue) / 1e6)
+        << " ms from the first call to the last completion; communication " << fmt::format("{:.3f}", static_cast<double>(comm) / 1e6)
         << " ms (sum over collectives of last call to last completion)\n";
   }
   return out.str();

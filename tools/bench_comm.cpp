@@ -411,48 +411,20 @@ void section_fake(const Config& config, Report& report) {
   std::cout << "\n" << target_line << "\n" << fmt::format("(section 1 took {:.2f} s)\n", seconds_since(started)) << std::endl;
 }
 
-void section_gloo(const Config& config, Report& report) {
-  if (!config.gloo) {
-    progress("[2/3] Gloo vs fake: skipped (--no-gloo)\n");
-    return;
-  }
-  progress("[2/3] Gloo thread ranks" + std::string(config.processes ? " and Gloo processes" : "") + " vs fake ...");
-  const int64_t started = now_ns();
+// Section 2's measurements: Gloo thread ranks and processes, with the
+// worlds whose run failed.
+struct GlooResults {
   Results threads, processes;
   std::map<int, std::string> thread_errors, process_errors;
-  for (int n : config.worlds) {
-    std::string error = run_world(sim::CommBackend::Gloo, n, config, threads, nullptr);
-    if (!error.empty()) {
-      thread_errors[n] = error;
-      report.failed = true;
-    }
-  }
-  // Every process loads LibTorch and holds its own buffers; the sizes are not
-  // capped today (the whole full run stays within a few minutes on 2 cores),
-  // but the launch has a deadline and a missing result is reported as such.
   std::vector<std::string> notes;
-  if (config.processes) {
-    for (int n : config.worlds) {
-      std::string error;
-      try {
-        error = run_processes(n, config.sizes, config, processes);
-      } catch (const std::exception& e) {
-        error = first_line(e.what());
-      }
-      if (!error.empty()) {
-        process_errors[n] = error;
-        report.failed = true;
-      }
-    }
-  } else {
-    notes.push_back("Gloo processes skipped (--no-processes)");
-  }
+};
 
+void print_gloo_tables(const Config& config, const Report& report, GlooResults& g) {
   std::cout << "\n== 2. Gloo (loopback TCP) vs fake, same sizes and timing ==\n"
             << "  time in ms, busbw in GB/s; x-fake = Gloo time / fake time (how many times slower).\n"
             << "  fake: thread ranks, the numbers of section 1. gloo-thr: Gloo with thread ranks in this\n"
-            << "  process. gloo-proc: one process per rank via launch_processes (this binary, --worker).\n";
-  for (const auto& note : notes) std::cout << "  note: " << note << "\n";
+            << "  process. gloo-proc: one process per rank via launch_processes (this binary as workers).\n";
+  for (const auto& note : g.notes) std::cout << "  note: " << note << "\n";
   auto cell = [](const Results& results, const Key& key, double fake_ns, const std::string& error) -> std::string {
     if (!error.empty()) return fmt::format(" {:>9} {:>7} {:>7}", "failed", "-", "-");
     auto found = results.find(key);
@@ -475,36 +447,77 @@ void section_gloo(const Config& config, Report& report) {
         const double fake_ns = fake != report.fake.end() ? fake->second.median_ns : 0;
         std::string fake_cell = fake_ns > 0 ? fmt::format(" {:9.3f} {:7.3f}", fake_ns / 1e6, gbps(bytes, fake_ns) * bus_factor(n))
                                             : fmt::format(" {:>9} {:>7}", "-", "-");
-        std::string proc_cell = config.processes ? cell(processes, key, fake_ns, process_errors[n])
+        std::string proc_cell = config.processes ? cell(g.processes, key, fake_ns, g.process_errors[n])
                                                  : fmt::format(" {:>9} {:>7} {:>7}", "skipped", "-", "-");
         std::cout << fmt::format("  {:5} {:>8} |", n, size_label(bytes)) << fake_cell << " |"
-                  << cell(threads, key, fake_ns, thread_errors[n]) << " |" << proc_cell << "\n";
+                  << cell(g.threads, key, fake_ns, g.thread_errors[n]) << " |" << proc_cell << "\n";
       }
     }
   }
-  {  // one line per op for the benchmark report: the largest world at 16 MiB (or the largest size)
-    const int n = config.worlds.back();
-    int64_t bytes = config.sizes.back();
-    for (int64_t size : config.sizes) {
-      if (size == 16 * kMiB) bytes = size;
-    }
-    for (Op op : kOps) {
-      const Key key{op, n, bytes};
-      auto fake = report.fake.find(key);
-      auto ratio = [&](const Results& results) -> std::string {
-        auto found = results.find(key);
-        if (fake == report.fake.end() || found == results.end() || !found->second.ok()) return "n/a";
-        return fmt::format("{:.2f}", found->second.median_ns / fake->second.median_ns);
-      };
-      std::cout << fmt::format("ratio gloo/fake {} at {} ranks, {}: threads {}, processes {}\n", op_name(op), n,
-                          size_label(bytes), ratio(threads),
-                          config.processes ? ratio(processes) : "skipped");
+}
+
+// One line per op for the benchmark report: the largest world at 16 MiB (or the largest size).
+void print_gloo_ratios(const Config& config, const Report& report, const GlooResults& g) {
+  const int n = config.worlds.back();
+  int64_t bytes = config.sizes.back();
+  for (int64_t size : config.sizes) {
+    if (size == 16 * kMiB) bytes = size;
+  }
+  for (Op op : kOps) {
+    const Key key{op, n, bytes};
+    auto fake = report.fake.find(key);
+    auto ratio = [&](const Results& results) -> std::string {
+      auto found = results.find(key);
+      if (fake == report.fake.end() || found == results.end() || !found->second.ok()) return "n/a";
+      return fmt::format("{:.2f}", found->second.median_ns / fake->second.median_ns);
+    };
+    std::cout << fmt::format("ratio gloo/fake {} at {} ranks, {}: threads {}, processes {}\n", op_name(op), n,
+                        size_label(bytes), ratio(g.threads),
+                        config.processes ? ratio(g.processes) : "skipped");
+  }
+}
+
+void section_gloo(const Config& config, Report& report) {
+  if (!config.gloo) {
+    progress("[2/3] Gloo vs fake: skipped (--no-gloo)\n");
+    return;
+  }
+  progress("[2/3] Gloo thread ranks" + std::string(config.processes ? " and Gloo processes" : "") + " vs fake ...");
+  const int64_t started = now_ns();
+  GlooResults g;
+  for (int n : config.worlds) {
+    std::string error = run_world(sim::CommBackend::Gloo, n, config, g.threads, nullptr);
+    if (!error.empty()) {
+      g.thread_errors[n] = error;
+      report.failed = true;
     }
   }
-  for (const auto& [n, error] : thread_errors) {
+  // Every process loads LibTorch and holds its own buffers; the sizes are not
+  // capped today (the whole full run stays within a few minutes on 2 cores),
+  // but the launch has a deadline and a missing result is reported as such.
+  if (config.processes) {
+    for (int n : config.worlds) {
+      std::string error;
+      try {
+        error = run_processes(n, config.sizes, config, g.processes);
+      } catch (const std::exception& e) {
+        error = first_line(e.what());
+      }
+      if (!error.empty()) {
+        g.process_errors[n] = error;
+        report.failed = true;
+      }
+    }
+  } else {
+    g.notes.push_back("Gloo processes skipped (--no-processes)");
+  }
+
+  print_gloo_tables(config, report, g);
+  print_gloo_ratios(config, report, g);
+  for (const auto& [n, error] : g.thread_errors) {
     if (!error.empty()) std::cout << "  gloo-thr world " << n << " failed: " << error << "\n";
   }
-  for (const auto& [n, error] : process_errors) {
+  for (const auto& [n, error] : g.process_errors) {
     if (!error.empty()) std::cout << "  gloo-proc world " << n << " failed: " << error << "\n";
   }
   std::cout << fmt::format("(section 2 took {:.2f} s)\n", seconds_since(started)) << std::endl;

@@ -136,7 +136,6 @@ void complete(Config& config) {
     config.single = {2, 11};
     config.multi = {1, 5};
   }
-  return config;
 }
 
 // ---------------------------------------------------------------------------

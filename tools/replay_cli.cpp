@@ -14,6 +14,8 @@
 #include <set>
 #include <thread>
 
+#include <fmt/ranges.h>
+
 #include "tools/cli.h"
 #include "tools/format_util.h"
 #include "tools/replay_lib.h"

@@ -1,4 +1,4 @@
-// fsdpsim_replay: reading, check, planning and reports (no ranks run here;
+// `fsdpsim replay`: reading, check, planning and reports (no ranks run here;
 // see replay_run.cpp for the replay itself and replay_cli.cpp for the
 // command line).
 

@@ -1,5 +1,5 @@
 #pragma once
-// fsdpsim_replay's logic, as a library the tests call directly:
+// `fsdpsim replay`'s logic, as a library the tests call directly:
 //   check   -- flight-recorder style analysis of a JSONL trace: every
 //              collective matched across ranks by (group, seq); op, dtype,
 //              size, reduce-op and root mismatches; missing ranks; ranks that
@@ -132,7 +132,7 @@ struct CheckReport {
   /// collective (empty when the trace is clean).
   std::vector<std::string> where;
   bool clean() const { return findings.empty(); }
-  /// The report as printed by `fsdpsim_replay check`.
+  /// The report as printed by `fsdpsim replay check`.
   std::string text() const;
 };
 

@@ -1,4 +1,4 @@
-// fsdpsim_replay: running a plan on ranks (in-process worlds or Gloo
+// `fsdpsim replay`: running a plan on ranks (in-process worlds or Gloo
 // processes), verifying data, and calibrating the cost model.
 
 #include <ATen/ATen.h>

@@ -1,6 +1,7 @@
 // `fsdpsim run` and `fsdpsim list`: RunOptions from the command line (CLI11).
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <csignal>
 #include <cstdlib>
 #include <map>

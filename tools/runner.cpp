@@ -182,15 +182,14 @@ std::string describe(const RunOptions& options) {
 
 void print_progress(std::ostream& out, const RunOptions& options, int step, const RankStats& stats,
                     bool simulated) {
-  out << "  step " << step + 1 << "/" << options.steps << "  loss(rank 0) " << std::setprecision(6)
-      << stats.losses.back() << "  " << std::fixed << std::setprecision(2) << stats.wall_step_ns.back() / 1e6
-      << " ms";
+  std::string line = fmt::format("  step {}/{}  loss(rank 0) {:.6g}  {:.2f} ms", step + 1, options.steps,
+                                 stats.losses.back(), stats.wall_step_ns.back() / 1e6);
   if (simulated) {
     const double predicted = static_cast<double>(stats.step_ns.back());
-    out << "  predicted " << predicted / 1e6 << " ms, exposed comm "
-        << (predicted > 0 ? 100.0 * stats.exposed_ns.back() / predicted : 0.0) << "%";
+    line += fmt::format("  predicted {:.2f} ms, exposed comm {:.2f}%", predicted / 1e6,
+                        predicted > 0 ? 100.0 * stats.exposed_ns.back() / predicted : 0.0);
   }
-  out << std::defaultfloat << std::endl;
+  out << line << std::endl;
 }
 
 void write_traces(const RunOptions& options, sim::TraceRecorder& recorder) {
@@ -224,7 +223,7 @@ void print_summary(std::ostream& out, const RunOptions& options, const std::vect
   for (int step = 0; step < options.steps; ++step) {
     double sum = 0;
     for (const auto& r : ranks) sum += r.losses[step];
-    out << " " << std::setprecision(6) << sum / n;
+    out << fmt::format(" {:.6g}", sum / n);
   }
   std::vector<int64_t> wall;
   std::vector<int64_t> predicted;
@@ -240,12 +239,12 @@ void print_summary(std::ostream& out, const RunOptions& options, const std::vect
     }
     peak = std::max(peak, r.peak_unsharded_bytes);
   }
-  out << std::fixed << std::setprecision(2) << "\n  step time measured (median over ranks and steps): "
-      << median(wall) / 1e6 << " ms";
+  out << fmt::format("\n  step time measured (median over ranks and steps): {:.2f} ms", median(wall) / 1e6);
   if (simulated) {
-    out << "\n  step time predicted (simulated clock, " << options.cost_model << "): " << median(predicted) / 1e6
-        << " ms\n  exposed communication: " << (total > 0 ? 100.0 * exposed / total : 0.0)
-        << "% of the simulated step time";
+    out << fmt::format(
+        "\n  step time predicted (simulated clock, {}): {:.2f} ms\n  exposed communication: {:.2f}% of the simulated "
+        "step time",
+        options.cost_model, median(predicted) / 1e6, total > 0 ? 100.0 * exposed / total : 0.0);
   } else {
     out << "\n  exposed communication: measured only with simulated time (--ranks fibers --simulated-time)";
   }
@@ -268,9 +267,9 @@ void print_summary(std::ostream& out, const RunOptions& options, const std::vect
       << human_bytes(static_cast<double>(reduced)) << " over " << options.steps << " steps;";
   for (const auto& [op, count] : counts) out << " " << op << " x" << count;
   out << "\n  peak unsharded params (max over ranks): " << human_bytes(static_cast<double>(peak));
-  out << "\n  wall time " << wall_seconds << " s\n  trace: " << options.trace_path
-      << " (Perfetto / chrome://tracing), " << options.trace_path << ".jsonl (" << recorder.size() << " events)"
-      << std::defaultfloat << std::endl;
+  out << fmt::format("\n  wall time {:.2f} s\n  trace: {} (Perfetto / chrome://tracing), {}.jsonl ({} events)",
+                     wall_seconds, options.trace_path, options.trace_path, recorder.size())
+      << std::endl;
 }
 
 // The name alone: building the scenario to check it would allocate the

@@ -625,8 +625,6 @@ void section_scale(const Config& config) {
   std::cout << fmt::format("(section 3 took {:.2f} s)\n", seconds_since(started)) << std::endl;
 }
 
-}  // namespace
-
 int bench_comm_main(const Config& config) {
   const int64_t started = now_ns();
   std::cout << kProgram << ": " << (config.quick ? "quick" : "full") << " run, " << std::thread::hardware_concurrency()

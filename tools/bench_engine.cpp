@@ -659,8 +659,6 @@ void section_memory(const Config& config, const std::map<MultiKey, MultiResult>&
   std::cout << std::endl;
 }
 
-}  // namespace
-
 int bench_engine_main(Config config) {
   complete(config);
   const int64_t started = now_ns();

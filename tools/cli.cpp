@@ -44,6 +44,7 @@ void allow_extras_everywhere(CLI::App& app) {
 
 void check_no_extras(const CLI::App& app) {
   for (const std::string& extra : app.remaining(true)) {
+    if (extra == "--") continue;  // CLI11 keeps the positional mark among the extras
     if (extra.rfind("-", 0) == 0 && extra.size() > 1) throw UsageError("unknown option '" + extra + "'");
     throw UsageError("unexpected argument '" + extra + "'");
   }

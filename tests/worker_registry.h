@@ -32,8 +32,8 @@ inline void set_test_worker(LaunchOptions& options, const std::string& name, nlo
 }  // namespace fsdpsim::testing
 
 /// FSDPSIM_REGISTER_WORKER(my_worker) { ...context.job()...; return 0; }
-#define FSDPSIM_REGISTER_WORKER(NAME)                                                       \
-  static int fsdpsim_worker_##NAME(const ::fsdpsim::tools::WorkerContext& context);         \
-  static const ::fsdpsim::testing::WorkerRegistration fsdpsim_worker_registration_##NAME{ \
-      #NAME, &fsdpsim_worker_##NAME};                                                       \
+#define FSDPSIM_REGISTER_WORKER(NAME)                                                                             \
+  static int fsdpsim_worker_##NAME(const ::fsdpsim::tools::WorkerContext& context);                               \
+  static const ::fsdpsim::testing::WorkerRegistration fsdpsim_worker_registration_##NAME{#NAME,                   \
+                                                                                         &fsdpsim_worker_##NAME}; \
   static int fsdpsim_worker_##NAME([[maybe_unused]] const ::fsdpsim::tools::WorkerContext& context)

@@ -49,8 +49,8 @@
 #include "backends/gloo_process_group.h"
 #include "backends/process_group.h"
 #include "sim/world.h"
-#include "tools/format_util.h"
 #include "tools/cli.h"
+#include "tools/format_util.h"
 #include "tools/process_launcher.h"
 #include "tools/worker.h"
 
@@ -269,7 +269,8 @@ std::string run_processes(int world_size, const std::vector<int64_t>& sizes, con
   size_t parsed = 0;
   for (const auto& m : run.results[0]->at("measurements")) {
     const Op op = m.at("op").get<std::string>() == op_name(Op::AllGather) ? Op::AllGather : Op::ReduceScatter;
-    results[{op, world_size, m.at("bytes").get<int64_t>()}] = {m.at("median_ns").get<double>(), m.at("iters").get<int>()};
+    results[{op, world_size, m.at("bytes").get<int64_t>()}] = {m.at("median_ns").get<double>(),
+                                                               m.at("iters").get<int>()};
     ++parsed;
   }
   if (parsed != 2 * sizes.size()) {
@@ -369,10 +370,10 @@ void section_fake(const Config& config, Report& report) {
             << "         n thread ranks share the cores). Per-rank view: algbw / memcpy = ratio / n.\n";
   for (Op op : kOps) {
     std::cout << "\n  " << op_name(op) << "\n"
-              << fmt::format("  {:>5} {:>8} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7}\n", "world", "size", "iters", "time(ms)",
-                        "algbw", "busbw", "copy", "memcpy", "ratio")
-              << fmt::format("  {:>5} {:>8} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7}\n", "", "", "", "", "GB/s", "GB/s", "GB/s",
-                        "GB/s", "");
+              << fmt::format("  {:>5} {:>8} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7}\n", "world", "size", "iters",
+                             "time(ms)", "algbw", "busbw", "copy", "memcpy", "ratio")
+              << fmt::format("  {:>5} {:>8} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7}\n", "", "", "", "", "GB/s",
+                             "GB/s", "GB/s", "GB/s", "");
     for (int n : config.worlds) {
       if (errors.count(n)) {
         std::cout << fmt::format("  {:5}  FAILED: {}\n", n, errors[n]);
@@ -383,15 +384,16 @@ void section_fake(const Config& config, Report& report) {
         const double memcpy_gbps = gbps(bytes, report.memcpy_ns[{Op::AllGather, n, bytes}]);
         const double algbw = gbps(bytes, m.median_ns);
         const double copy = algbw * n;
-        std::cout << fmt::format("  {:5} {:>8} {:6} {:10.3f} {:10.2f} {:10.2f} {:10.2f} {:10.2f} {:7.2f}\n", n, size_label(bytes),
-                            m.iters, m.median_ns / 1e6, algbw, algbw * bus_factor(n), copy, memcpy_gbps,
-                            memcpy_gbps > 0 ? copy / memcpy_gbps : 0.0);
+        std::cout << fmt::format("  {:5} {:>8} {:6} {:10.3f} {:10.2f} {:10.2f} {:10.2f} {:10.2f} {:7.2f}\n", n,
+                                 size_label(bytes), m.iters, m.median_ns / 1e6, algbw, algbw * bus_factor(n), copy,
+                                 memcpy_gbps, memcpy_gbps > 0 ? copy / memcpy_gbps : 0.0);
       }
     }
   }
   const Key target{Op::AllGather, kTargetWorld, kTargetBytes};
-  std::string target_line = fmt::format("target: fake all_gather copy >= {:.1f} x memcpy at {} ranks, {}: ", kTargetRatio,
-                                   kTargetWorld, size_label(kTargetBytes));
+  std::string target_line =
+      fmt::format("target: fake all_gather copy >= {:.1f} x memcpy at {} ranks, {}: ", kTargetRatio, kTargetWorld,
+                  size_label(kTargetBytes));
   auto found = report.fake.find(target);
   if (found != report.fake.end() && found->second.ok()) {
     const double ratio = gbps(kTargetBytes, found->second.median_ns) * kTargetWorld /
@@ -406,9 +408,11 @@ void section_fake(const Config& config, Report& report) {
                                    gbps(config.sizes.back(), report.memcpy_ns[nearest])
                              : 0.0;
     target_line += fmt::format("NOT MEASURED{} (world {}, {}: ratio {:.2f})", config.quick ? " in --quick" : "",
-                          config.worlds.back(), size_label(config.sizes.back()), ratio);
+                               config.worlds.back(), size_label(config.sizes.back()), ratio);
   }
-  std::cout << "\n" << target_line << "\n" << fmt::format("(section 1 took {:.2f} s)\n", seconds_since(started)) << std::endl;
+  std::cout << "\n"
+            << target_line << "\n"
+            << fmt::format("(section 1 took {:.2f} s)\n", seconds_since(started)) << std::endl;
 }
 
 // Section 2's measurements: Gloo thread ranks and processes, with the
@@ -432,21 +436,22 @@ void print_gloo_tables(const Config& config, const Report& report, GlooResults& 
     const int n = std::get<1>(key);
     const double ns = found->second.median_ns;
     return fmt::format(" {:9.3f} {:7.3f} {:7.1f}", ns / 1e6, gbps(std::get<2>(key), ns) * bus_factor(n),
-                  fake_ns > 0 ? ns / fake_ns : 0.0);
+                       fake_ns > 0 ? ns / fake_ns : 0.0);
   };
   for (Op op : kOps) {
     std::cout << "\n  " << op_name(op) << "\n"
-              << fmt::format("  {:>5} {:>8} | {:>9} {:>7} | {:>9} {:>7} {:>7} | {:>9} {:>7} {:>7}\n", "world", "size", "fake", "", "gloo-thr",
-                        "", "", "gloo-proc", "", "")
-              << fmt::format("  {:>5} {:>8} | {:>9} {:>7} | {:>9} {:>7} {:>7} | {:>9} {:>7} {:>7}\n", "", "", "time", "busbw", "time", "busbw",
-                        "x-fake", "time", "busbw", "x-fake");
+              << fmt::format("  {:>5} {:>8} | {:>9} {:>7} | {:>9} {:>7} {:>7} | {:>9} {:>7} {:>7}\n", "world", "size",
+                             "fake", "", "gloo-thr", "", "", "gloo-proc", "", "")
+              << fmt::format("  {:>5} {:>8} | {:>9} {:>7} | {:>9} {:>7} {:>7} | {:>9} {:>7} {:>7}\n", "", "", "time",
+                             "busbw", "time", "busbw", "x-fake", "time", "busbw", "x-fake");
     for (int n : config.worlds) {
       for (int64_t bytes : config.sizes) {
         const Key key{op, n, bytes};
         auto fake = report.fake.find(key);
         const double fake_ns = fake != report.fake.end() ? fake->second.median_ns : 0;
-        std::string fake_cell = fake_ns > 0 ? fmt::format(" {:9.3f} {:7.3f}", fake_ns / 1e6, gbps(bytes, fake_ns) * bus_factor(n))
-                                            : fmt::format(" {:>9} {:>7}", "-", "-");
+        std::string fake_cell =
+            fake_ns > 0 ? fmt::format(" {:9.3f} {:7.3f}", fake_ns / 1e6, gbps(bytes, fake_ns) * bus_factor(n))
+                        : fmt::format(" {:>9} {:>7}", "-", "-");
         std::string proc_cell = config.processes ? cell(g.processes, key, fake_ns, g.process_errors[n])
                                                  : fmt::format(" {:>9} {:>7} {:>7}", "skipped", "-", "-");
         std::cout << fmt::format("  {:5} {:>8} |", n, size_label(bytes)) << fake_cell << " |"
@@ -472,8 +477,7 @@ void print_gloo_ratios(const Config& config, const Report& report, const GlooRes
       return fmt::format("{:.2f}", found->second.median_ns / fake->second.median_ns);
     };
     std::cout << fmt::format("ratio gloo/fake {} at {} ranks, {}: threads {}, processes {}\n", op_name(op), n,
-                        size_label(bytes), ratio(g.threads),
-                        config.processes ? ratio(g.processes) : "skipped");
+                             size_label(bytes), ratio(g.threads), config.processes ? ratio(g.processes) : "skipped");
   }
 }
 
@@ -563,7 +567,9 @@ void section_scale(const Config& config) {
     }
   }
   ladder.push_back(target);
-  progress(fmt::format("[3/3] {}-rank round (barrier + all_gather of 1 float per rank + reduce_scatter): fibers vs " "threads ...",
+  progress(
+      fmt::format("[3/3] {}-rank round (barrier + all_gather of 1 float per rank + reduce_scatter): fibers vs "
+                  "threads ...",
                   target));
   const int64_t started = now_ns();
   std::vector<std::pair<ScaleResult, ScaleResult>> rows;
@@ -573,8 +579,8 @@ void section_scale(const Config& config) {
     ScaleResult fibers = run_scale_child(sim::RankKind::Fibers, ranks, rounds, deadline, timed_out);
     ScaleResult threads;
     if (threads_stopped_at) {
-      threads.error = fmt::format("not run ({} thread ranks already took over {} s)", threads_stopped_at,
-                             deadline.count());
+      threads.error =
+          fmt::format("not run ({} thread ranks already took over {} s)", threads_stopped_at, deadline.count());
     } else {
       threads = run_scale_child(sim::RankKind::Threads, ranks, rounds, deadline, timed_out);
       if (timed_out) threads_stopped_at = ranks;
@@ -588,9 +594,10 @@ void section_scale(const Config& config) {
             << "  run = the whole World::run (start the ranks, warm-up barrier, rounds, join). Each kind runs\n"
             << "  in a child process stopped after " << deadline.count() << " s; fibers: one OS thread, 512 KiB"
             << " stacks; threads: 256 KiB stacks.\n"
-            << fmt::format("  {:>6} | {:>10} {:>8} | {:>10} {:>8} | {:>9} {:>8}\n", "", "fibers", "", "threads", "", "threads/", "")
-            << fmt::format("  {:>6} | {:>10} {:>8} | {:>10} {:>8} | {:>9} {:>8}\n", "ranks", "round(ms)", "run(s)", "round(ms)", "run(s)",
-                      "fib round", "run");
+            << fmt::format("  {:>6} | {:>10} {:>8} | {:>10} {:>8} | {:>9} {:>8}\n", "", "fibers", "", "threads", "",
+                           "threads/", "")
+            << fmt::format("  {:>6} | {:>10} {:>8} | {:>10} {:>8} | {:>9} {:>8}\n", "ranks", "round(ms)", "run(s)",
+                           "round(ms)", "run(s)", "fib round", "run");
   std::string ratio_line;
   for (size_t i = 0; i < ladder.size(); ++i) {
     const auto& [fibers, threads] = rows[i];
@@ -603,20 +610,22 @@ void section_scale(const Config& config) {
       const double round_ratio = threads.round_median_ns / fibers.round_median_ns;
       const double run_ratio = threads.run_s / fibers.run_s;
       line += fmt::format(" {:9.1f} {:8.1f}", round_ratio, run_ratio);
-      ratio_line = fmt::format("ratio threads/fibers at {} ranks: round {:.2f}, run {:.2f}", ladder[i], round_ratio, run_ratio);
+      ratio_line =
+          fmt::format("ratio threads/fibers at {} ranks: round {:.2f}, run {:.2f}", ladder[i], round_ratio, run_ratio);
       if (ladder[i] != target) ratio_line += fmt::format(" ({} ranks: see below)", target);
     } else if (fibers.error.empty() && threads_stopped_at == ladder[i] && fibers.run_s > 0) {
-      line += fmt::format(" {:>9} {:>8}", "-", fmt::format(">{:.0f}", static_cast<double>(deadline.count()) / fibers.run_s));
+      line += fmt::format(" {:>9} {:>8}", "-",
+                          fmt::format(">{:.0f}", static_cast<double>(deadline.count()) / fibers.run_s));
       ratio_line = fmt::format("ratio threads/fibers at {} ranks: run > {:.0f} (threads did not finish within {} s)",
-                          ladder[i], static_cast<double>(deadline.count()) / fibers.run_s,
-                          deadline.count());
+                               ladder[i], static_cast<double>(deadline.count()) / fibers.run_s, deadline.count());
     } else {
       line += fmt::format(" {:>9} {:>8}", "-", "-");
     }
     std::cout << line << "\n";
   }
   for (size_t i = 0; i < ladder.size(); ++i) {
-    if (!rows[i].first.error.empty()) std::cout << fmt::format("  fibers, {} ranks: {}\n", ladder[i], rows[i].first.error);
+    if (!rows[i].first.error.empty())
+      std::cout << fmt::format("  fibers, {} ranks: {}\n", ladder[i], rows[i].first.error);
     if (!rows[i].second.error.empty()) {
       std::cout << fmt::format("  threads, {} ranks: {}\n", ladder[i], rows[i].second.error);
     }
@@ -634,7 +643,8 @@ int bench_comm_main(const Config& config) {
   section_fake(config, report);
   section_gloo(config, report);
   section_scale(config);
-  std::cout << fmt::format("total {:.1f} s{}", seconds_since(started), report.failed ? ", SOME MEASUREMENTS FAILED" : "")
+  std::cout << fmt::format("total {:.1f} s{}", seconds_since(started),
+                           report.failed ? ", SOME MEASUREMENTS FAILED" : "")
             << std::endl;
   return report.failed ? 1 : 0;
 }
@@ -645,17 +655,18 @@ namespace fsdpsim::tools {
 
 void add_bench_comm_command(CLI::App& bench, Command& command) {
   CLI::App* comm = bench.add_subcommand(
-      "comm", "measure, in one run: the fake all-gather / reduce-scatter (thread ranks) against a memcpy of the same "
-              "bytes; Gloo thread ranks and Gloo processes against the fake; a 4096-rank round on fiber ranks against "
-              "thread ranks");
+      "comm",
+      "measure, in one run: the fake all-gather / reduce-scatter (thread ranks) against a memcpy of the same "
+      "bytes; Gloo thread ranks and Gloo processes against the fake; a 4096-rank round on fiber ranks against "
+      "thread ranks");
   auto config = std::make_shared<Config>();
   auto scale_ranks = std::make_shared<std::optional<int>>();
   comm->add_flag("--quick", config->quick,
                  "tiny run: 1 MiB, world 2, 1 iteration, 2 Gloo processes, 256-rank scale test");
-  comm->add_flag_callback("--no-processes", [config] { config->processes = false; },
-                          "skip the Gloo process measurements");
-  comm->add_flag_callback("--no-gloo", [config] { config->gloo = false; },
-                          "skip every Gloo measurement (threads and processes)");
+  comm->add_flag_callback(
+      "--no-processes", [config] { config->processes = false; }, "skip the Gloo process measurements");
+  comm->add_flag_callback(
+      "--no-gloo", [config] { config->gloo = false; }, "skip every Gloo measurement (threads and processes)");
   add_value(*comm, "--scale-ranks", "N", "ranks of the fiber/thread scale test (default 4096; 256 with --quick)",
             [scale_ranks](const std::string& v) {
               *scale_ranks = static_cast<int>(parse_integer<UsageError>("--scale-ranks", v, 2, 16384));
@@ -687,9 +698,9 @@ int bench_comm_worker(const WorkerContext& context) {
 
 int bench_scale_worker(const WorkerContext& context) {
   const nlohmann::json& job = context.job();
-  const sim::RankKind kind =
-      job.at("rank_kind").get<std::string>() == sim::to_string(sim::RankKind::Fibers) ? sim::RankKind::Fibers
-                                                                                        : sim::RankKind::Threads;
+  const sim::RankKind kind = job.at("rank_kind").get<std::string>() == sim::to_string(sim::RankKind::Fibers)
+                                 ? sim::RankKind::Fibers
+                                 : sim::RankKind::Threads;
   const ScaleResult result = run_scale(kind, job.at("ranks").get<int>(), job.at("rounds").get<int>());
   context.write_result({{"error", result.error}, {"round_median_ns", result.round_median_ns}, {"run_s", result.run_s}});
   return 0;

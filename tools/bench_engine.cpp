@@ -48,13 +48,13 @@
 
 #include <CLI/CLI.hpp>
 
-#include "tools/cli.h"
-#include "tools/format_util.h"
 #include "backends/process_group.h"
 #include "fsdp/fully_shard.h"
 #include "scenarios/models.h"
 #include "sim/fiber_autograd.h"
 #include "sim/world.h"
+#include "tools/cli.h"
+#include "tools/format_util.h"
 
 namespace {
 
@@ -478,15 +478,12 @@ std::string model_details(const ModelSpec& spec) {
   Trainer plain(spec, 0, nullptr);
   int64_t params = 0;
   for (const auto& param : scenarios::unique_parameters(*plain.scenario().module())) params += param.numel();
-  std::string input = spec.scenario.name == "transformer"
-                          ? fmt::format("src ({}, {}) + tgt ({}, {}) token ids",
-                                   spec.src_len, spec.batch,
-                                   spec.tgt_len, spec.batch)
-                          : fmt::format("input ({}, {})", spec.batch,
-                                   spec.scenario.mlp_dim);
+  std::string input =
+      spec.scenario.name == "transformer"
+          ? fmt::format("src ({}, {}) + tgt ({}, {}) token ids", spec.src_len, spec.batch, spec.tgt_len, spec.batch)
+          : fmt::format("input ({}, {})", spec.batch, spec.scenario.mlp_dim);
   return fmt::format("  {:<16} {:9} params ({:.1f} KiB), {} units, {}\n", spec.label, params,
-                kib(params * static_cast<int64_t>(sizeof(float))), plain.scenario().sharded_blocks() + 1,
-                input);
+                     kib(params * static_cast<int64_t>(sizeof(float))), plain.scenario().sharded_blocks() + 1, input);
 }
 
 void section_single(const Config& config, Report& report) {
@@ -506,8 +503,8 @@ void section_single(const Config& config, Report& report) {
             << "  same loss: plain and engine losses are bitwise equal on every step (world 1 moves no data).\n\n";
   for (const auto& spec : config.models) std::cout << model_details(spec);
   std::cout << "\n"
-            << fmt::format("  {:<16} {:>10} {:>10} {:>9} {:>9} {:>7}\n", "model", "plain(ms)", "engine(ms)", "overhead", "same loss",
-                      "steps");
+            << fmt::format("  {:<16} {:>10} {:>10} {:>9} {:>9} {:>7}\n", "model", "plain(ms)", "engine(ms)", "overhead",
+                           "same loss", "steps");
   double worst = -1e9;
   std::string worst_label;
   bool any = false;
@@ -520,8 +517,8 @@ void section_single(const Config& config, Report& report) {
     }
     const Iterations iterations = config.models[m].single.value_or(config.single);
     std::cout << fmt::format("  {:<16} {:10.3f} {:10.3f} {:+8.1f}% {:>9} {:>7}\n", label, r.plain_ms, r.engine_ms,
-                        100 * r.overhead(), r.losses_equal ? "yes" : "NO",
-                        fmt::format("{}+{}", iterations.warmup, iterations.timed));
+                             100 * r.overhead(), r.losses_equal ? "yes" : "NO",
+                             fmt::format("{}+{}", iterations.warmup, iterations.timed));
     if (r.overhead() > worst) {
       worst = r.overhead();
       worst_label = label;
@@ -530,13 +527,15 @@ void section_single(const Config& config, Report& report) {
   }
   std::string target = fmt::format("target: world-size-1 overhead < {:.0f}%: ", 100 * kTargetOverhead);
   if (any) {
-    target += fmt::format("{} ({:.1f}%, worst of {} models: {})", worst < kTargetOverhead ? "PASS" : "MISS", 100 * worst,
-                     config.models.size(), worst_label);
+    target += fmt::format("{} ({:.1f}%, worst of {} models: {})", worst < kTargetOverhead ? "PASS" : "MISS",
+                          100 * worst, config.models.size(), worst_label);
     if (config.quick) target += " [--quick: tiny models, per-call overhead dominates]";
   } else {
     target += "NOT MEASURED (every model failed)";
   }
-  std::cout << "\n" << target << "\n" << fmt::format("(section 1 took {:.2f} s)\n", seconds_since(started)) << std::endl;
+  std::cout << "\n"
+            << target << "\n"
+            << fmt::format("(section 1 took {:.2f} s)\n", seconds_since(started)) << std::endl;
 }
 
 using MultiKey = std::tuple<size_t, int, sim::RankKind, fsdp::ShardingStrategy>;  // model, world, kind, strategy
@@ -585,20 +584,20 @@ void section_multi(const Config& config, Report& report, std::map<MultiKey, Mult
       continue;
     }
     std::cout << "\n  " << config.models[m].label << fmt::format(": plain step {:.3f} ms\n", plain[m])
-              << fmt::format("  {:>5} {:<12} {:<8} {:>10} {:>9} {:>10}\n", "world", "strategy", "ranks", "step(ms)", "x plain",
-                        "x N*plain");
+              << fmt::format("  {:>5} {:<12} {:<8} {:>10} {:>9} {:>10}\n", "world", "strategy", "ranks", "step(ms)",
+                             "x plain", "x N*plain");
     for (int n : config.worlds) {
       for (fsdp::ShardingStrategy strategy : kStrategies) {
         for (sim::RankKind kind : kKinds) {
           const MultiResult& r = results[{m, n, kind, strategy}];
           if (!r.error.empty()) {
             std::cout << fmt::format("  {:5} {:<12} {:<8} FAILED: {}\n", n, short_name(strategy), sim::to_string(kind),
-                                r.error);
+                                     r.error);
             continue;
           }
           const double x = plain[m] > 0 ? r.step_ms / plain[m] : 0.0;
-          std::cout << fmt::format("  {:5} {:<12} {:<8} {:10.3f} {:9.2f} {:10.2f}\n", n, short_name(strategy), sim::to_string(kind),
-                              r.step_ms, x, x / n);
+          std::cout << fmt::format("  {:5} {:<12} {:<8} {:10.3f} {:9.2f} {:10.2f}\n", n, short_name(strategy),
+                                   sim::to_string(kind), r.step_ms, x, x / n);
         }
       }
     }
@@ -628,10 +627,11 @@ void section_memory(const Config& config, const std::map<MultiKey, MultiResult>&
   for (size_t m = 0; m < config.models.size(); ++m) {
     if (!config.models[m].multi) continue;
     std::cout << "\n  " << config.models[m].label << "\n"
-              << fmt::format("  {:>5} {:<12} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>6}\n", "world", "strategy", "shards", "peak",
-                        "theory", "ratio", "total", "theory", "issued", "+prefetch", "fibers")
-              << fmt::format("  {:>5} {:<12} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>6}\n", "", "", "KiB", "KiB", "KiB", "", "KiB",
-                        "KiB", "KiB", "KiB", "");
+              << fmt::format("  {:>5} {:<12} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>6}\n", "world",
+                             "strategy", "shards", "peak", "theory", "ratio", "total", "theory", "issued", "+prefetch",
+                             "fibers")
+              << fmt::format("  {:>5} {:<12} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>6}\n", "", "", "KiB",
+                             "KiB", "KiB", "", "KiB", "KiB", "KiB", "KiB", "");
     for (int n : config.worlds) {
       for (fsdp::ShardingStrategy strategy : kStrategies) {
         auto found = results.find({m, n, sim::RankKind::Threads, strategy});
@@ -647,11 +647,12 @@ void section_memory(const Config& config, const std::map<MultiKey, MultiResult>&
                                    fibers->second.issued_bytes == r.issued_bytes
                                ? "yes"
                                : "NO";
-        std::cout << fmt::format("  {:5} {:<12} {:9.1f} {:9.1f} {:9.1f} {:6.3f} {:9.1f} {:9.1f} {:9.1f} {:9.1f} {:>6}\n", n,
-                            short_name(strategy), kib(r.theory.shard_bytes), kib(r.peak_bytes), kib(theory),
-                            theory > 0 ? static_cast<double>(r.peak_bytes) / static_cast<double>(theory) : 0.0,
-                            kib(r.theory.shard_bytes + r.peak_bytes), kib(r.theory.shard_bytes + theory),
-                            kib(r.issued_bytes), kib(r.theory.peak_with_prefetch(strategy)), same);
+        std::cout << fmt::format(
+            "  {:5} {:<12} {:9.1f} {:9.1f} {:9.1f} {:6.3f} {:9.1f} {:9.1f} {:9.1f} {:9.1f} {:>6}\n", n,
+            short_name(strategy), kib(r.theory.shard_bytes), kib(r.peak_bytes), kib(theory),
+            theory > 0 ? static_cast<double>(r.peak_bytes) / static_cast<double>(theory) : 0.0,
+            kib(r.theory.shard_bytes + r.peak_bytes), kib(r.theory.shard_bytes + theory), kib(r.issued_bytes),
+            kib(r.theory.peak_with_prefetch(strategy)), same);
         if (!r.issued_error.empty()) std::cout << "        issued: " << r.issued_error << "\n";
       }
     }
@@ -670,7 +671,8 @@ int bench_engine_main(Config config) {
   std::map<MultiKey, MultiResult> multi;
   section_multi(config, report, multi);
   section_memory(config, multi);
-  std::cout << fmt::format("total {:.1f} s{}", seconds_since(started), report.failed ? ", SOME MEASUREMENTS FAILED" : "")
+  std::cout << fmt::format("total {:.1f} s{}", seconds_since(started),
+                           report.failed ? ", SOME MEASUREMENTS FAILED" : "")
             << std::endl;
   return report.failed ? 1 : 0;
 }
@@ -687,7 +689,8 @@ void add_bench_engine_command(CLI::App& bench, Command& command) {
       "ShardGradOp); the peak gathered-param bytes per rank against the theoretical peak. Models: mlp_stack (dim 256 "
       "and 512, batch 64; dim 512 at world size 1 only) and transformer (the scenario's model, longer sequences).");
   auto config = std::make_shared<Config>();
-  engine->add_flag("--quick", config->quick, "tiny run: mlp_stack dim 32 and a short transformer, 2 steps, world 2 only");
+  engine->add_flag("--quick", config->quick,
+                   "tiny run: mlp_stack dim 32 and a short transformer, 2 steps, world 2 only");
   engine->callback([config, &command] { command.action = [config] { return bench_engine_main(*config); }; });
 }
 

@@ -66,9 +66,9 @@ void register_tool_workers();
 void add_run_commands(CLI::App& root, Command& command);  // run, list (tools/run_cli.cpp)
 void add_replay_command(CLI::App& root, Command& command,
                         const std::vector<std::string>& worker_command);  // tools/replay_cli.cpp
-void add_launch_command(CLI::App& root, Command& command);       // tools/launch_cli.cpp
-void add_bench_comm_command(CLI::App& bench, Command& command);  // tools/bench_comm.cpp
-void add_bench_engine_command(CLI::App& bench, Command& command);  // tools/bench_engine.cpp
+void add_launch_command(CLI::App& root, Command& command);                // tools/launch_cli.cpp
+void add_bench_comm_command(CLI::App& bench, Command& command);           // tools/bench_comm.cpp
+void add_bench_engine_command(CLI::App& bench, Command& command);         // tools/bench_engine.cpp
 
 // Worker entry points (tools/worker.h) of the subcommands that re-execute
 // this binary.

@@ -32,8 +32,9 @@ int launch_action(const LaunchOptions& options, const CLI::App& app, Command& co
 
 void add_launch_command(CLI::App& root, Command& command) {
   CLI::App* launch = root.add_subcommand(
-      "launch", "run a command as N ranks of one world on this host (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, "
-                "LOCAL_RANK set as PyTorch's launchers do)");
+      "launch",
+      "run a command as N ranks of one world on this host (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, "
+      "LOCAL_RANK set as PyTorch's launchers do)");
   launch->footer("usage: fsdpsim launch --nproc N [OPTIONS] -- command [args...]");
   auto options = std::make_shared<LaunchOptions>();
   options->output = &command.out;
@@ -46,9 +47,10 @@ void add_launch_command(CLI::App& root, Command& command) {
               if (v.empty()) throw UsageError("--master-addr must not be empty");
               options->master_addr = v;
             });
-  add_value(*launch, "--master-port", "P", "MASTER_PORT (default 0: pick a free port)", [options](const std::string& v) {
-    options->master_port = static_cast<int>(parse_integer<UsageError>("--master-port", v, 0, 65535));
-  });
+  add_value(*launch, "--master-port", "P", "MASTER_PORT (default 0: pick a free port)",
+            [options](const std::string& v) {
+              options->master_port = static_cast<int>(parse_integer<UsageError>("--master-port", v, 0, 65535));
+            });
   add_value(*launch, "--timeout-s", "S", "after a rank fails, seconds the others get before SIGTERM (default 60)",
             [options](const std::string& v) {
               options->timeout = std::chrono::seconds(parse_integer<UsageError>("--timeout-s", v, 0, kWeek));
@@ -57,8 +59,9 @@ void add_launch_command(CLI::App& root, Command& command) {
             [options](const std::string& v) {
               options->deadline = std::chrono::seconds(parse_integer<UsageError>("--deadline-s", v, 1, kWeek));
             });
-  launch->add_flag_callback("--no-prefix", [options] { options->prefix_output = false; },
-                            "forward output lines without the \"[rank r] \" prefix");
+  launch->add_flag_callback(
+      "--no-prefix", [options] { options->prefix_output = false; },
+      "forward output lines without the \"[rank r] \" prefix");
   launch->add_option("command", options->command, "the program and its arguments, after --")->type_name("");
   launch->callback([launch, options, &command] {
     command.action = [launch, options, &command] { return launch_action(*options, *launch, command); };

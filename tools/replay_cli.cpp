@@ -110,7 +110,8 @@ void bind_run_only_options(CLI::App& app, Args& a) {
 }
 
 void bind_predict_only_options(CLI::App& app, Args& a) {
-  add_value(app, "--calibrate-backend", "B", "fit latency and bandwidth to a replay of a few sizes on B "
+  add_value(app, "--calibrate-backend", "B",
+            "fit latency and bandwidth to a replay of a few sizes on B "
             "(default fake-threads)",
             [&a](const std::string& v) { a.calibrate_backend = parse_backend("--calibrate-backend", v); });
   add_value(app, "--calibrate-world-sizes", "A,B",
@@ -135,10 +136,11 @@ void bind_predict_only_options(CLI::App& app, Args& a) {
               }
               a.preset = v;
             });
-  add_value(app, "--parallel-links", "C",
-            "links that move data at once (default: one per rank for given parameters; when calibrating, the cores "
-            "of this host, 1 for fibers)",
-            [&a](const std::string& v) { a.parallel_links = static_cast<int>(parse_int("--parallel-links", v, 0, 65536)); });
+  add_value(
+      app, "--parallel-links", "C",
+      "links that move data at once (default: one per rank for given parameters; when calibrating, the cores "
+      "of this host, 1 for fibers)",
+      [&a](const std::string& v) { a.parallel_links = static_cast<int>(parse_int("--parallel-links", v, 0, 65536)); });
   app.add_flag("--measure", a.measure, "also replay at N and print prediction vs measurement with the error");
 }
 
@@ -195,8 +197,8 @@ void print_yardstick(const ReplayPlan& plan, const ReplayResult& result, std::os
   if (largest == 0) return;
   const int64_t bytes = std::min<int64_t>(largest, int64_t{64} << 20);
   const double copy = memcpy_gbps(bytes);
-  out << "memory yardstick: one thread copies " << human_bytes(static_cast<double>(bytes)) << " at " << fmt::format("{:.2f}", copy)
-      << " GB/s here";
+  out << "memory yardstick: one thread copies " << human_bytes(static_cast<double>(bytes)) << " at "
+      << fmt::format("{:.2f}", copy) << " GB/s here";
   for (const auto& s : summarize(result.collectives)) {
     if ((s.op == CollectiveOp::AllGather || s.op == CollectiveOp::ReduceScatter) && s.busbw_gbps > 0 && copy > 0) {
       out << "; " << to_string(s.op) << " busbw is " << fmt::format("{:.2f}", s.busbw_gbps / copy) << "x of it";
@@ -213,20 +215,20 @@ int cmd_run(const Args& a, std::ostream& out, std::ostream& err) {
     out << "fsdpsim replay run --dry-run: " << a.trace << "\n" << format_plan_statistics(trace, plan);
     return 0;
   }
-  out << "fsdpsim replay run: " << a.trace << ": world " << plan.world_size << " (trace world "
-      << plan.trace_world_size << "), backend " << to_string(a.options.backend) << ", " << a.options.iterations
+  out << "fsdpsim replay run: " << a.trace << ": world " << plan.world_size << " (trace world " << plan.trace_world_size
+      << "), backend " << to_string(a.options.backend) << ", " << a.options.iterations
       << (a.options.iterations == 1 ? " iteration, " : " iterations, ") << plan.collectives
       << " collectives per iteration" << (a.options.use_timestamps ? ", recorded gaps" : "")
       << (a.options.check_data ? ", data check" : "") << (plan.padded ? ", per-rank counts padded" : "") << std::endl;
   const ReplayResult result = run_replay(plan, a.options);
   out << format_summary(summarize(result.collectives));
-  out << "wall " << fmt::format("{:.3f}", result.wall_s) << " s; communication " << fmt::format("{:.3f}", result.total_latency_ns() / 1e6)
-      << " ms (sum of collective latencies)\n";
+  out << "wall " << fmt::format("{:.3f}", result.wall_s) << " s; communication "
+      << fmt::format("{:.3f}", result.total_latency_ns() / 1e6) << " ms (sum of collective latencies)\n";
   if (a.per_op) {
     out << "per collective (iteration, group, seq, op, S, latency us):\n";
     for (const auto& t : result.collectives) {
-      out << "  " << t.iteration + 1 << " " << plan.groups[t.group_index].name << " " << t.seq << " "
-          << to_string(t.op) << " " << t.total_bytes << " " << fmt::format("{:.1f}", t.latency_ns / 1e3) << "\n";
+      out << "  " << t.iteration + 1 << " " << plan.groups[t.group_index].name << " " << t.seq << " " << to_string(t.op)
+          << " " << t.total_bytes << " " << fmt::format("{:.1f}", t.latency_ns / 1e3) << "\n";
     }
   }
   if (is_fake(a.options.backend)) print_yardstick(plan, result, out);
@@ -307,16 +309,16 @@ void print_prediction(const Args& a, const ReplayPlan& target, const sim::CostMo
   }
   const auto counts = count_by_op(target);
   out << "prediction at world " << a.world_size << " (communication time of one pass over the trace):\n";
-  out << (a.measure ? fmt::format("  {:<15} {:>6} {:>13} {:>13} {:>8}\n", "op", "count", "predicted ms",
-                                  "measured ms", "error")
+  out << (a.measure ? fmt::format("  {:<15} {:>6} {:>13} {:>13} {:>8}\n", "op", "count", "predicted ms", "measured ms",
+                                  "error")
                     : fmt::format("  {:<15} {:>6} {:>13}\n", "op", "count", "predicted ms"));
   auto row = [&](const std::string& name, size_t count, int64_t p, int64_t m) {
     if (!a.measure) {
       out << fmt::format("  {:<15} {:>6} {:>13.3f}\n", name, count, p / 1e6);
       return;
     }
-    const std::string error = m > 0 ? fmt::format("{:.1f}%", 100.0 * static_cast<double>(p - m) / static_cast<double>(m))
-                                    : "-";
+    const std::string error =
+        m > 0 ? fmt::format("{:.1f}%", 100.0 * static_cast<double>(p - m) / static_cast<double>(m)) : "-";
     out << fmt::format("  {:<15} {:>6} {:>13.3f} {:>13.3f} {:>8}\n", name, count, p / 1e6, m / 1e6, error);
   };
   size_t total_count = 0;
@@ -327,11 +329,12 @@ void print_prediction(const Args& a, const ReplayPlan& target, const sim::CostMo
   }
   row("total", total_count, predicted, measured);
   if (a.measure) {
-    out << fmt::format("measured on {} at world {}{}; prediction error {:.1f}% (predicted {:.3f} ms, measured {:.3f} ms)\n",
-                       to_string(a.backend.value_or(a.calibrate_backend.value_or(ReplayBackend::FakeThreads))),
-                       a.world_size, iterations > 1 ? fmt::format(", mean of {} iterations", iterations) : "",
-                       100.0 * static_cast<double>(predicted - measured) / std::max<int64_t>(1, measured),
-                       predicted / 1e6, measured / 1e6);
+    out << fmt::format(
+        "measured on {} at world {}{}; prediction error {:.1f}% (predicted {:.3f} ms, measured {:.3f} ms)\n",
+        to_string(a.backend.value_or(a.calibrate_backend.value_or(ReplayBackend::FakeThreads))), a.world_size,
+        iterations > 1 ? fmt::format(", mean of {} iterations", iterations) : "",
+        100.0 * static_cast<double>(predicted - measured) / std::max<int64_t>(1, measured), predicted / 1e6,
+        measured / 1e6);
   }
 }
 
@@ -398,8 +401,9 @@ void add_replay_command(CLI::App& root, Command& command, const std::vector<std:
       "match every collective of every group across ranks by (group, seq); report op / dtype / size mismatches, "
       "missing ranks, ranks that stopped early, failed and in-flight collectives, a trace without collectives or "
       "with ranks the records do not back. Everything 'run' refuses is a problem here. Exit 0 clean, 1 problems.");
-  CLI::App* run = add("run", "replay the collectives with the recorded sizes, dtypes and order; per op: count, "
-                             "p50/p95 latency, algbw, busbw");
+  CLI::App* run = add("run",
+                      "replay the collectives with the recorded sizes, dtypes and order; per op: count, "
+                      "p50/p95 latency, algbw, busbw");
   bind_replay_options(*run, *a);
   bind_run_only_options(*run, *a);
   CLI::App* predict = add("predict", "predict the trace's communication time at world size N with the cost model");

@@ -39,8 +39,8 @@ Enum parse_choice(const std::string& flag, const std::string& value, const std::
 void parse_compute_time(const std::string& text, RunOptions& options) {
   const std::string fixed_prefix = "fixed:";
   if (text.rfind(fixed_prefix, 0) == 0) {
-    const double us = parse_number<UsageError>("--compute-time fixed:US", text.substr(fixed_prefix.size()), 0, 3.6e9,
-                                               "microseconds");
+    const double us =
+        parse_number<UsageError>("--compute-time fixed:US", text.substr(fixed_prefix.size()), 0, 3.6e9, "microseconds");
     options.compute_time = sim::ComputeTime::Fixed;
     options.fixed_compute_ns = static_cast<int64_t>(us * 1000);
     return;
@@ -58,81 +58,82 @@ struct RunParse {
 void bind_world_options(CLI::App& app, RunParse& p) {
   RunOptions& o = p.options;
   add_value(app, "--scenario", "NAME", "test model (default mlp_stack; 'fsdpsim list')",
-        [&o](const std::string& v) { o.scenario = v; });
+            [&o](const std::string& v) { o.scenario = v; });
   add_value(app, "--backend", "fake|gloo", "in-memory fake or Gloo over loopback (default fake)",
-        [&o](const std::string& v) {
-          o.backend = parse_choice<sim::CommBackend>("--backend", v,
-                                                     {{"fake", sim::CommBackend::Fake}, {"gloo", sim::CommBackend::Gloo}});
-        });
+            [&o](const std::string& v) {
+              o.backend = parse_choice<sim::CommBackend>(
+                  "--backend", v, {{"fake", sim::CommBackend::Fake}, {"gloo", sim::CommBackend::Gloo}});
+            });
   add_value(app, "--ranks", "threads|fibers|processes", "how ranks run (processes: Gloo only; default threads)",
-        [&o](const std::string& v) {
-          o.processes = v == "processes";
-          if (!o.processes) {
-            o.rank_kind = parse_choice<sim::RankKind>(
-                "--ranks", v, {{"threads", sim::RankKind::Threads}, {"fibers", sim::RankKind::Fibers}});
-          }
-        });
+            [&o](const std::string& v) {
+              o.processes = v == "processes";
+              if (!o.processes) {
+                o.rank_kind = parse_choice<sim::RankKind>(
+                    "--ranks", v, {{"threads", sim::RankKind::Threads}, {"fibers", sim::RankKind::Fibers}});
+              }
+            });
   add_value(app, "--world-size", "N", "ranks (default 4)",
-        [&o](const std::string& v) { o.world_size = static_cast<int>(parse_int("--world-size", v, 1, 8192)); });
-  add_value(app, "--mesh", "RxS", "hybrid_shard: R replicas of S shards (R*S = world size)", [&p](const std::string& v) {
-    const size_t x = v.find('x');
-    if (x == std::string::npos) throw UsageError("--mesh needs RxS, got '" + v + "'");
-    p.options.replicate_size = static_cast<int>(parse_int("--mesh", v.substr(0, x), 1, 8192));
-    p.mesh_shards = static_cast<int>(parse_int("--mesh", v.substr(x + 1), 1, 8192));
-  });
+            [&o](const std::string& v) { o.world_size = static_cast<int>(parse_int("--world-size", v, 1, 8192)); });
+  add_value(app, "--mesh", "RxS", "hybrid_shard: R replicas of S shards (R*S = world size)",
+            [&p](const std::string& v) {
+              const size_t x = v.find('x');
+              if (x == std::string::npos) throw UsageError("--mesh needs RxS, got '" + v + "'");
+              p.options.replicate_size = static_cast<int>(parse_int("--mesh", v.substr(0, x), 1, 8192));
+              p.mesh_shards = static_cast<int>(parse_int("--mesh", v.substr(x + 1), 1, 8192));
+            });
   add_value(app, "--schedule", "round-robin|seeded-random", "fiber schedule (seeded by --seed; fibers only)",
-        [&o](const std::string& v) {
-          o.schedule = parse_choice<sim::SchedulePolicy>(
-              "--schedule", v,
-              {{"round-robin", sim::SchedulePolicy::RoundRobin},
-               {"seeded-random", sim::SchedulePolicy::SeededRandom}});
-        });
+            [&o](const std::string& v) {
+              o.schedule = parse_choice<sim::SchedulePolicy>("--schedule", v,
+                                                             {{"round-robin", sim::SchedulePolicy::RoundRobin},
+                                                              {"seeded-random", sim::SchedulePolicy::SeededRandom}});
+            });
   app.add_flag("--simulated-time", o.simulated_time, "fibers: simulated clock, predicted step time");
   add_value(app, "--cost-model", "PRESET", "simulated time: the cost model preset (default fake-2core)",
-        [&o](const std::string& v) { o.cost_model = v; });
+            [&o](const std::string& v) { o.cost_model = v; });
   add_value(app, "--compute-time", "measured|zero|fixed:US",
-        "simulated time: what compute costs (default measured); zero or fixed:US (per slice of rank code) make a "
-        "seeded run's times and traces reproducible bit for bit",
-        [&o](const std::string& v) { parse_compute_time(v, o); });
+            "simulated time: what compute costs (default measured); zero or fixed:US (per slice of rank code) make a "
+            "seeded run's times and traces reproducible bit for bit",
+            [&o](const std::string& v) { parse_compute_time(v, o); });
   add_value(app, "--timeout", "S",
-        "collective timeout in seconds (default 60); process ranks: also the launcher's grace for the other ranks "
-        "after one fails",
-        [&o](const std::string& v) {
-          o.collective_timeout = std::chrono::milliseconds(
-              static_cast<int64_t>(parse_number<UsageError>("--timeout", v, 0.001, 86400, "seconds") * 1000));
-        });
+            "collective timeout in seconds (default 60); process ranks: also the launcher's grace for the other ranks "
+            "after one fails",
+            [&o](const std::string& v) {
+              o.collective_timeout = std::chrono::milliseconds(
+                  static_cast<int64_t>(parse_number<UsageError>("--timeout", v, 0.001, 86400, "seconds") * 1000));
+            });
 }
 
 void bind_training_options(CLI::App& app, RunOptions& o) {
-  add_value(app, "--strategy", "full_shard|shard_grad_op|no_shard|hybrid_shard", "sharding strategy (default full_shard)",
-        [&o](const std::string& v) {
-          o.strategy = parse_choice<fsdp::ShardingStrategy>("--strategy", v,
-                                                            {{"full_shard", fsdp::ShardingStrategy::FullShard},
-                                                             {"shard_grad_op", fsdp::ShardingStrategy::ShardGradOp},
-                                                             {"no_shard", fsdp::ShardingStrategy::NoShard},
-                                                             {"hybrid_shard", fsdp::ShardingStrategy::HybridShard}});
-        });
+  add_value(app, "--strategy", "full_shard|shard_grad_op|no_shard|hybrid_shard",
+            "sharding strategy (default full_shard)", [&o](const std::string& v) {
+              o.strategy =
+                  parse_choice<fsdp::ShardingStrategy>("--strategy", v,
+                                                       {{"full_shard", fsdp::ShardingStrategy::FullShard},
+                                                        {"shard_grad_op", fsdp::ShardingStrategy::ShardGradOp},
+                                                        {"no_shard", fsdp::ShardingStrategy::NoShard},
+                                                        {"hybrid_shard", fsdp::ShardingStrategy::HybridShard}});
+            });
   add_value(app, "--prefetch", "backward_pre|backward_post|none", "backward prefetch (default backward_pre)",
-        [&o](const std::string& v) {
-          o.backward_prefetch = parse_choice<fsdp::BackwardPrefetch>(
-              "--prefetch", v,
-              {{"backward_pre", fsdp::BackwardPrefetch::BackwardPre},
-               {"backward_post", fsdp::BackwardPrefetch::BackwardPost},
-               {"none", fsdp::BackwardPrefetch::None}});
-        });
+            [&o](const std::string& v) {
+              o.backward_prefetch =
+                  parse_choice<fsdp::BackwardPrefetch>("--prefetch", v,
+                                                       {{"backward_pre", fsdp::BackwardPrefetch::BackwardPre},
+                                                        {"backward_post", fsdp::BackwardPrefetch::BackwardPost},
+                                                        {"none", fsdp::BackwardPrefetch::None}});
+            });
   app.add_flag("--forward-prefetch", o.forward_prefetch, "implicit forward prefetch");
   add_value(app, "--steps", "N", "training steps (default 5)",
-        [&o](const std::string& v) { o.steps = static_cast<int>(parse_int("--steps", v, 1, 1000000)); });
+            [&o](const std::string& v) { o.steps = static_cast<int>(parse_int("--steps", v, 1, 1000000)); });
   add_value(app, "--seed", "N", "seed of the data and the fiber schedule (default 0)",
-        [&o](const std::string& v) { o.seed = static_cast<uint64_t>(parse_int("--seed", v, 0, INT64_MAX)); });
+            [&o](const std::string& v) { o.seed = static_cast<uint64_t>(parse_int("--seed", v, 0, INT64_MAX)); });
   add_value(app, "--optimizer", "sgd|adam", "optimiser (default sgd)", [&o](const std::string& v) {
     o.optimizer = parse_choice<scenarios::OptimizerKind>(
         "--optimizer", v, {{"sgd", scenarios::OptimizerKind::SGD}, {"adam", scenarios::OptimizerKind::Adam}});
   });
   add_value(app, "--mlp-dim", "N", "mlp_stack: width (default 64)",
-        [&o](const std::string& v) { o.mlp_dim = parse_int("--mlp-dim", v, 1, 1 << 16); });
+            [&o](const std::string& v) { o.mlp_dim = parse_int("--mlp-dim", v, 1, 1 << 16); });
   add_value(app, "--trace", "PATH", "Chrome trace (default fsdpsim-trace.json); PATH.jsonl too",
-        [&o](const std::string& v) { o.trace_path = v; });
+            [&o](const std::string& v) { o.trace_path = v; });
   app.add_flag("--check-parity", o.check_parity, "also run the unsharded reference and compare every step");
 }
 

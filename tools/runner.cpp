@@ -5,6 +5,9 @@
 #include <torch/optim/adam.h>
 #include <torch/optim/sgd.h>
 
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
 #include <algorithm>
 #include <array>
 #include <cerrno>
@@ -17,14 +20,11 @@
 #include <iomanip>
 #include <map>
 #include <mutex>
-#include <optional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <stdexcept>
-#include <fcntl.h>
-#include <signal.h>
-#include <unistd.h>
 
 #include "backends/comm_hooks.h"
 #include "backends/errors.h"
@@ -158,7 +158,8 @@ std::string compute_time_text(const RunOptions& options) {
   switch (options.compute_time) {
     case sim::ComputeTime::Measured: return "measured";
     case sim::ComputeTime::Zero: return "zero";
-    case sim::ComputeTime::Fixed: return fmt::format("{:.3f} us per slice", static_cast<double>(options.fixed_compute_ns) / 1000);
+    case sim::ComputeTime::Fixed:
+      return fmt::format("{:.3f} us per slice", static_cast<double>(options.fixed_compute_ns) / 1000);
   }
   return "?";
 }

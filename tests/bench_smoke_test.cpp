@@ -1,4 +1,4 @@
-// Smoke tests of fsdpsim_bench_comm and fsdpsim_bench_engine: the --quick
+// Smoke tests of `fsdpsim bench comm` and `fsdpsim bench engine`: the --quick
 // run ends with exit code 0 and prints every table and target/ratio line;
 // bad flags exit 2 with one error line. Timings themselves are not checked
 // (the machine may be busy).
@@ -35,7 +35,7 @@ CommandResult run_command(const std::string& command) {
   return result;
 }
 
-const std::string kBench = std::string(FSDPSIM_TOOLS_DIR) + "/fsdpsim_bench_comm";
+const std::string kBench = std::string(FSDPSIM_TOOLS_DIR) + "/fsdpsim bench comm";
 
 TEST(BenchCommSmoke, QuickRunPrintsEveryTableAndRatio) {
   CommandResult run = run_command(kBench + " --quick");
@@ -65,17 +65,17 @@ TEST(BenchCommSmoke, QuickRunPrintsEveryTableAndRatio) {
 TEST(BenchCommSmoke, BadFlagIsOneErrorLineAndExitCode2) {
   CommandResult run = run_command(kBench + " --bogus");
   EXPECT_EQ(run.exit_code, 2);
-  EXPECT_EQ(run.output, "fsdpsim_bench_comm: unknown option '--bogus' (see --help)\n");
+  EXPECT_EQ(run.output, "fsdpsim: error: unknown option '--bogus' (see 'fsdpsim bench comm --help')\n");
 }
 
 TEST(BenchCommSmoke, HelpExitsZero) {
   CommandResult run = run_command(kBench + " --help");
   EXPECT_EQ(run.exit_code, 0);
-  EXPECT_THAT(run.output, HasSubstr("usage: fsdpsim_bench_comm"));
+  EXPECT_THAT(run.output, HasSubstr("Usage: fsdpsim bench comm"));
   EXPECT_THAT(run.output, HasSubstr("--no-processes"));
 }
 
-const std::string kBenchEngine = std::string(FSDPSIM_TOOLS_DIR) + "/fsdpsim_bench_engine";
+const std::string kBenchEngine = std::string(FSDPSIM_TOOLS_DIR) + "/fsdpsim bench engine";
 
 TEST(BenchEngineSmoke, QuickRunPrintsTheTables) {
   CommandResult run = run_command(kBenchEngine + " --quick");
@@ -105,7 +105,7 @@ TEST(BenchEngineSmoke, QuickRunPrintsTheTables) {
 TEST(BenchEngineSmoke, BadFlagIsOneErrorLineAndExitCode2) {
   CommandResult run = run_command(kBenchEngine + " --bogus");
   EXPECT_EQ(run.exit_code, 2);
-  EXPECT_EQ(run.output, "fsdpsim_bench_engine: unknown option '--bogus' (see --help)\n");
+  EXPECT_EQ(run.output, "fsdpsim: error: unknown option '--bogus' (see 'fsdpsim bench engine --help')\n");
 }
 
 }  // namespace

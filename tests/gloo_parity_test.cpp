@@ -26,8 +26,8 @@ FSDPSIM_REGISTER_WORKER(gloo_parity) {
   at::set_num_threads(1);
   const LaunchEnv env = LaunchEnv::from_env();
   ParityConfig config;
-  config.scenario.name = std::getenv("FSDPSIM_PARITY_SCENARIO");
-  config.strategy = std::string(std::getenv("FSDPSIM_PARITY_STRATEGY")) == "shard_grad_op"
+  config.scenario.name = context.job().at("scenario").get<std::string>();
+  config.strategy = context.job().at("strategy").get<std::string>() == "shard_grad_op"
                         ? fsdp::ShardingStrategy::ShardGradOp
                         : fsdp::ShardingStrategy::FullShard;
   config.world.world_size = env.world_size;
@@ -42,12 +42,6 @@ FSDPSIM_REGISTER_WORKER(gloo_parity) {
   return 0;
 }
 
-std::string self_exe() {
-  char buffer[4096];
-  const ssize_t n = readlink("/proc/self/exe", buffer, sizeof buffer - 1);
-  return n > 0 ? std::string(buffer, static_cast<size_t>(n)) : "/proc/self/exe";
-}
-
 using GlooProcessParityParam = std::tuple<std::string, std::string, int>;
 class GlooProcessParity : public ::testing::TestWithParam<GlooProcessParityParam> {};
 
@@ -55,8 +49,7 @@ TEST_P(GlooProcessParity, EveryRankMatchesTheReferenceExactly) {
   const auto& [scenario, strategy, world_size] = GetParam();
   LaunchOptions options;
   options.nproc = world_size;
-  options.command = {self_exe(), testing::worker_flag("gloo_parity")};
-  options.extra_env = {{"FSDPSIM_PARITY_SCENARIO", scenario}, {"FSDPSIM_PARITY_STRATEGY", strategy}};
+  testing::set_test_worker(options, "gloo_parity", {{"scenario", scenario}, {"strategy", strategy}});
   options.output = nullptr;
   options.timeout = std::chrono::seconds(30);
   options.deadline = std::chrono::seconds(240);

@@ -1,6 +1,6 @@
 // Real Gloo behind fsdpsim::ProcessGroup (thread ranks in this process and
 // separate processes via the launcher), the process launcher itself and
-// fsdpsim_launch.
+// `fsdpsim launch`.
 //
 // Inputs follow nccl-tests: value = f(rank, index), small integers, so every
 // expected output is exact in every dtype and compared exactly.
@@ -806,13 +806,6 @@ TEST(GlooLaunchEnv, RejectsMissingOrBadVariablesNamingThem) {
 // ---------------------------------------------------------------------------
 // Process launcher
 
-std::string self_exe() {
-  char buffer[4096];
-  ssize_t n = readlink("/proc/self/exe", buffer, sizeof buffer - 1);
-  if (n <= 0) throw std::runtime_error("cannot read /proc/self/exe");
-  return std::string(buffer, static_cast<size_t>(n));
-}
-
 std::chrono::milliseconds env_ms(const char* name, std::chrono::milliseconds fallback) {
   const char* value = std::getenv(name);
   return value ? std::chrono::milliseconds(std::atoll(value)) : fallback;
@@ -934,9 +927,9 @@ TEST(GlooLauncher, RejectsBadOptions) {
   EXPECT_THROW(launch_processes(options), std::invalid_argument);
 }
 
-// fsdpsim_launch, run through the launcher itself to capture its output.
+// `fsdpsim launch`, run through the launcher itself to capture its output.
 LaunchResult run_launch_cli(std::vector<std::string> args) {
-  args.insert(args.begin(), std::string(FSDPSIM_TOOLS_DIR) + "/fsdpsim_launch");
+  args.insert(args.begin(), {std::string(FSDPSIM_TOOLS_DIR) + "/fsdpsim", "launch"});
   return launch_processes(quiet(1, std::move(args), nullptr));
 }
 
@@ -975,7 +968,8 @@ TEST(GlooLauncher, CliRejectsBadUsageWithOneLine) {
 // Gloo across processes: this binary re-executed as workers.
 
 LaunchOptions worker_launch(int nproc, const std::string& worker, std::ostream* output) {
-  LaunchOptions options = quiet(nproc, {self_exe(), fsdpsim::testing::worker_flag(worker)}, output);
+  LaunchOptions options = quiet(nproc, {}, output);
+  fsdpsim::testing::set_test_worker(options, worker);
   options.extra_env["FSDPSIM_TEST_TIMEOUT_MS"] = "5000";
   return options;
 }

@@ -1,4 +1,4 @@
-// fsdpsim_replay: reading hostile traces (one clean "trace line N" error,
+// fsdpsim replay: reading hostile traces (one clean "trace line N" error,
 // never a crash or a huge allocation), the corpus in tests/replay_corpus/
 // plus generated mutations, the flight-recorder style check (on crafted
 // traces and on worlds that fail on purpose), replay on every backend with
@@ -32,10 +32,9 @@
 #include "backends/observe/observed_process_group.h"
 #include "backends/observe/trace_recorder.h"
 #include "sim/world.h"
-#include "tests/worker_registry.h"
+#include "tools/worker.h"
 #include "tools/replay_lib.h"
 
-FSDPSIM_REGISTER_WORKER(replay_worker) { return fsdpsim::tools::replay_worker_main(); }
 
 namespace fsdpsim::tools {
 namespace {
@@ -45,16 +44,6 @@ using ::testing::HasSubstr;
 
 // ---------------------------------------------------------------------------
 // Helpers
-
-std::string self_exe() {
-  char buffer[4096];
-  const ssize_t n = readlink("/proc/self/exe", buffer, sizeof buffer - 1);
-  return n > 0 ? std::string(buffer, static_cast<size_t>(n)) : std::string();
-}
-
-std::vector<std::string> worker_command() {
-  return {self_exe(), fsdpsim::testing::worker_flag("replay_worker")};
-}
 
 class TempFile {
  public:
@@ -877,7 +866,7 @@ TEST(ReplayRunFake, UnmatchedTracesAreNotReplayed) {
   } catch (const ReplayPlanError& e) {
     EXPECT_EQ(std::string(e.what()),
               "cannot replay: not all ranks joined collective 2 of group world: missing ranks {3}; rank 3's last "
-              "collective: group world seq 1 all_gather (completed) (run 'fsdpsim_replay check' for the full report)");
+              "collective: group world seq 1 all_gather (completed) (run 'fsdpsim replay check' for the full report)");
   }
 }
 
@@ -895,8 +884,8 @@ void expect_check_reports_what_run_refuses(const std::string& text, CheckFinding
   EXPECT_THAT(checked.out, HasSubstr(message));
   CliResult ran = cli({"run", file.path()});
   EXPECT_EQ(ran.code, 2) << ran.out;
-  EXPECT_EQ(ran.err, "fsdpsim_replay: " + file.path() + ": cannot replay: " + message +
-                         " (run 'fsdpsim_replay check' for the full report)\n");
+  EXPECT_EQ(ran.err, "fsdpsim: error: " + file.path() + ": cannot replay: " + message +
+                         " (run 'fsdpsim replay check' for the full report)\n");
 }
 
 TEST(ReplayRunFake, CheckReportsARankWhoseRecordsStartLate) {
@@ -1092,7 +1081,7 @@ TEST(ReplayCli, UsageErrorsExit2WithOneLine) {
     CliResult r = cli(args);
     EXPECT_EQ(r.code, 2);
     EXPECT_EQ(count_lines(r.err), 1u) << r.err;
-    EXPECT_EQ(r.err.rfind("fsdpsim_replay: ", 0), 0u) << r.err;
+    EXPECT_EQ(r.err.rfind("fsdpsim: error: ", 0), 0u) << r.err;
   }
   EXPECT_EQ(cli({"--help"}).code, 0);
 }

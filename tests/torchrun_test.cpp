@@ -44,12 +44,6 @@ FSDPSIM_REGISTER_WORKER(torchrun_parity) {
   return 0;
 }
 
-std::string self_exe() {
-  char buffer[4096];
-  const ssize_t n = readlink("/proc/self/exe", buffer, sizeof buffer - 1);
-  return n > 0 ? std::string(buffer, static_cast<size_t>(n)) : "/proc/self/exe";
-}
-
 TEST(Torchrun, TwoNodesOfTwoGlooRanksRunFsdpParityExactly) {
   ASSERT_EQ(access(FSDPSIM_TORCHRUN, X_OK), 0) << FSDPSIM_TORCHRUN << " is not executable (run .ci/setup.sh)";
   LaunchOptions options;
@@ -58,7 +52,8 @@ TEST(Torchrun, TwoNodesOfTwoGlooRanksRunFsdpParityExactly) {
                      "exec \"$0\" --nnodes 2 --node-rank \"$RANK\" --nproc-per-node 2 --rdzv-backend static "
                      "--master-addr \"$MASTER_ADDR\" --master-port \"$MASTER_PORT\" --max-restarts 0 "
                      "--no-python \"$1\" \"$2\"",
-                     FSDPSIM_TORCHRUN, self_exe(), testing::worker_flag("torchrun_parity")};
+                     FSDPSIM_TORCHRUN, tools::self_exe(), tools::kWorkerFlag};
+  testing::set_test_worker(options, "torchrun_parity");  // the job reaches the workers through torchrun's environment
   options.output = nullptr;
   options.timeout = std::chrono::seconds(30);
   options.deadline = std::chrono::seconds(240);

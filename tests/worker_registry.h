@@ -1,48 +1,39 @@
 #pragma once
-// Worker mode of the test binary: a test that needs real processes re-executes
-// this binary (/proc/self/exe) with --fsdpsim-worker=NAME, and main() runs the
-// function registered under NAME instead of the tests; its return value is the
-// process's exit code. Workers read what they need from the environment
-// (RANK, WORLD_SIZE, ... as set by the process launcher).
+// Worker mode of the test binary, through the tools' one worker protocol
+// (tools/worker.h): a test that needs real processes starts this binary with
+// set_worker_job(options, {{"kind", NAME}, ...}) and main() runs the worker
+// registered under NAME instead of the tests (the tools' own kinds, such as
+// the replay's, work here too); its return value is the process's exit code.
+// Workers read the launcher's RANK, WORLD_SIZE, ... from the environment and
+// their inputs from the job.
 //
 // Thread-safety: registration happens during static initialisation, lookups
 // from main(); neither needs a lock.
 
-#include <functional>
-#include <iostream>
-#include <map>
-#include <string>
+#include <nlohmann/json.hpp>
+
+#include "tools/worker.h"
 
 namespace fsdpsim::testing {
 
-using WorkerMain = std::function<int()>;
-
-inline std::map<std::string, WorkerMain>& worker_registry() {
-  static std::map<std::string, WorkerMain> registry;
-  return registry;
-}
-
 struct WorkerRegistration {
-  WorkerRegistration(const std::string& name, WorkerMain worker) {
-    if (!worker_registry().emplace(name, std::move(worker)).second) {
-      std::cerr << "fsdpsim tests: worker '" << name << "' is registered twice" << std::endl;
-      std::abort();
-    }
+  WorkerRegistration(const std::string& name, tools::WorkerFn worker) {
+    tools::register_worker(name, std::move(worker));
   }
 };
 
-/// The argument that selects worker NAME: "--fsdpsim-worker=NAME".
-inline std::string worker_flag(const std::string& name) { return "--fsdpsim-worker=" + name; }
+/// Makes `options` start this binary as test worker `name` (the job's other
+/// fields are its inputs).
+inline void set_test_worker(LaunchOptions& options, const std::string& name, nlohmann::json job = {}) {
+  job["kind"] = name;
+  tools::set_worker_job(options, job);
+}
 
 }  // namespace fsdpsim::testing
 
-/// Runs the registered worker `name` and returns its exit code; 2 (with a
-/// message on stderr) if there is none and 1 if it throws.
-int run_registered_worker(const std::string& name);
-
-/// FSDPSIM_REGISTER_WORKER(my_worker) { ...; return 0; }
-#define FSDPSIM_REGISTER_WORKER(NAME)                                                       \
-  static int fsdpsim_worker_##NAME();                                                       \
-  static const ::fsdpsim::testing::WorkerRegistration fsdpsim_worker_registration_##NAME{ \
-      #NAME, &fsdpsim_worker_##NAME};                                                       \
-  static int fsdpsim_worker_##NAME()
+/// FSDPSIM_REGISTER_WORKER(my_worker) { ...context.job()...; return 0; }
+#define FSDPSIM_REGISTER_WORKER(NAME)                                                                             \
+  static int fsdpsim_worker_##NAME(const ::fsdpsim::tools::WorkerContext& context);                               \
+  static const ::fsdpsim::testing::WorkerRegistration fsdpsim_worker_registration_##NAME{#NAME,                   \
+                                                                                         &fsdpsim_worker_##NAME}; \
+  static int fsdpsim_worker_##NAME([[maybe_unused]] const ::fsdpsim::tools::WorkerContext& context)

@@ -1,4 +1,4 @@
-// fsdpsim_bench_comm: measures the communication backends side by side in one
+// `fsdpsim bench comm`: measures the communication backends side by side in one
 // run and prints three tables:
 //   1. the fake all-gather / reduce-scatter (thread ranks) against a plain
 //      memcpy measured in the same run;
@@ -13,11 +13,12 @@
 // clock when it leaves a barrier and stops it when its wait() returns);
 // tables quote the median over the timed iterations after a warm-up.
 //
-// Process mode: the parent re-executes this binary with the hidden flag
-// --worker under launch_processes(); each worker builds its group with
-// make_gloo_process_group_from_env(), runs the same measurement, and rank 0
-// prints "RESULT <op> <world> <bytes> <median_ns> <iters>" lines that the
-// parent parses from the launcher's output.
+// Process mode: the parent re-executes this binary as workers
+// (tools/worker.h, kind "bench-comm") under launch_processes(); each worker
+// builds its group with make_gloo_process_group_from_env(), runs the same
+// measurement, and rank 0 writes the medians as its result. The scale test
+// runs each measurement in one worker (kind "bench-scale") so that it can be
+// stopped.
 //
 // Exit code: 0 when every measurement ran (thread ranks that cannot be
 // created in the scale test are reported, not an error), 1 when one failed,
@@ -26,8 +27,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <unistd.h>
-
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cstdarg>
@@ -49,113 +49,34 @@
 #include "backends/gloo/gloo_process_group.h"
 #include "backends/process_group.h"
 #include "sim/world.h"
+#include "tools/cli.h"
 #include "tools/format_util.h"
 #include "tools/process_launcher.h"
+#include "tools/worker.h"
 
 namespace {
 
 using namespace fsdpsim;
 using namespace std::chrono_literals;
 
-constexpr const char* kProgram = "fsdpsim_bench_comm";
+constexpr const char* kProgram = "fsdpsim bench comm";
 constexpr int64_t kMiB = 1024 * 1024;
 constexpr int64_t kElementBytes = sizeof(float);
 constexpr double kTargetRatio = 0.5;
 constexpr int kTargetWorld = 8;
 constexpr int64_t kTargetBytes = 16 * kMiB;
 
-const char* kUsage =
-    "usage: fsdpsim_bench_comm [--quick] [--no-processes] [--no-gloo]\n"
-    "  Measures, in one run: the fake all-gather / reduce-scatter (thread ranks) against a\n"
-    "  memcpy of the same bytes; Gloo thread ranks and Gloo processes against the fake; a\n"
-    "  4096-rank round on fiber ranks against thread ranks.\n"
-    "  --quick         tiny run: 1 MiB, world 2, 1 iteration, 2 Gloo processes, 256-rank scale test\n"
-    "  --no-processes  skip the Gloo process measurements\n"
-    "  --no-gloo       skip every Gloo measurement (threads and processes)\n"
-    "  --scale-ranks N ranks of the fiber/thread scale test (default 4096; 256 with --quick)\n"
-    "  --help          this text\n";
-
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
 struct Config {
   bool quick = false;
   bool processes = true;
   bool gloo = true;
-  bool worker = false;
   std::vector<int64_t> sizes;  // total bytes S
   std::vector<int> worlds;
   int scale_ranks = 4096;
-  // Hidden --scale-worker KIND RANKS ROUNDS: one scale measurement.
-  bool scale_worker = false;
-  sim::RankKind scale_kind = sim::RankKind::Fibers;
-  int scale_rounds = 1;
 };
 
-long long parse_integer(const std::string& flag, const std::string& text, long long min, long long max) {
-  return fsdpsim::tools::parse_integer<UsageError>(flag, text, min, max);
-}
-
-std::vector<int64_t> parse_sizes_mib(const std::string& text) {
-  std::vector<int64_t> sizes;
-  std::stringstream in(text);
-  std::string item;
-  while (std::getline(in, item, ',')) {
-    size_t used = 0;
-    long long mib = 0;
-    try {
-      mib = std::stoll(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used == 0 || used != item.size() || mib < 1 || mib > 1024) {
-      throw UsageError("--sizes needs a comma-separated list of MiB in [1, 1024], got '" + text + "'");
-    }
-    sizes.push_back(mib * kMiB);
-  }
-  if (sizes.empty()) throw UsageError("--sizes must not be empty");
-  return sizes;
-}
-
-Config parse(int argc, char** argv) {
-  Config config;
-  std::optional<std::vector<int64_t>> sizes;
-  std::optional<int> scale_ranks;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--help" || arg == "-h") {
-      std::cout << kUsage;
-      std::exit(0);
-    } else if (arg == "--quick") {
-      config.quick = true;
-    } else if (arg == "--no-processes") {
-      config.processes = false;
-    } else if (arg == "--no-gloo") {
-      config.gloo = false;
-    } else if (arg == "--scale-ranks") {
-      if (i + 1 >= argc) throw UsageError("--scale-ranks needs a value");
-      scale_ranks = static_cast<int>(parse_integer("--scale-ranks", argv[++i], 2, 16384));
-    } else if (arg == "--scale-worker") {  // hidden: KIND RANKS ROUNDS
-      if (i + 3 >= argc) throw UsageError("--scale-worker needs KIND RANKS ROUNDS");
-      const std::string kind = argv[++i];
-      if (kind != sim::to_string(sim::RankKind::Fibers) && kind != sim::to_string(sim::RankKind::Threads)) {
-        throw UsageError("--scale-worker: unknown rank kind '" + kind + "'");
-      }
-      config.scale_worker = true;
-      config.scale_kind = kind == sim::to_string(sim::RankKind::Fibers) ? sim::RankKind::Fibers : sim::RankKind::Threads;
-      scale_ranks = static_cast<int>(parse_integer("--scale-worker RANKS", argv[++i], 2, 16384));
-      config.scale_rounds = static_cast<int>(parse_integer("--scale-worker ROUNDS", argv[++i], 1, 1000));
-    } else if (arg == "--worker") {  // hidden: one rank of the Gloo process measurement
-      config.worker = true;
-    } else if (arg == "--sizes") {  // hidden: the worker's sizes, in MiB
-      if (i + 1 >= argc) throw UsageError("--sizes needs a value");
-      sizes = parse_sizes_mib(argv[++i]);
-    } else {
-      throw UsageError("unknown option '" + arg + "'");
-    }
-  }
-  if (sizes && !config.worker) throw UsageError("--sizes is only for --worker");
+// The sizes and worlds of a quick or a full run; --scale-ranks overrides the default.
+void complete(Config& config, std::optional<int> scale_ranks) {
   if (config.quick) {
     config.sizes = {1 * kMiB};
     config.worlds = {2};
@@ -164,23 +85,20 @@ Config parse(int argc, char** argv) {
     config.sizes = {1 * kMiB, 4 * kMiB, 16 * kMiB, 64 * kMiB};
     config.worlds = {2, 4, 8};
   }
-  if (sizes) config.sizes = *sizes;
   if (scale_ranks) config.scale_ranks = *scale_ranks;
-  return config;
 }
 
 // ---------------------------------------------------------------------------
 // Small helpers
 
 using fsdpsim::tools::first_line;
-using fsdpsim::tools::format;
 using fsdpsim::tools::median;
 using fsdpsim::tools::now_ns;
 using fsdpsim::tools::seconds_since;
 
 std::string size_label(int64_t bytes) {
-  return bytes % kMiB == 0 ? format("%lld MiB", static_cast<long long>(bytes / kMiB))
-                           : format("%.2f MiB", static_cast<double>(bytes) / kMiB);
+  return bytes % kMiB == 0 ? fmt::format("{} MiB", bytes / kMiB)
+                           : fmt::format("{:.2f} MiB", static_cast<double>(bytes) / kMiB);
 }
 
 double gbps(double bytes, double ns) { return ns > 0 ? bytes / ns : 0; }  // bytes/ns == GB/s
@@ -335,74 +253,30 @@ std::string run_world(sim::CommBackend backend, int world_size, const Config& co
   return "";
 }
 
-std::string sizes_argument(const std::vector<int64_t>& sizes) {
-  std::string text;
-  for (int64_t bytes : sizes) text += (text.empty() ? "" : ",") + std::to_string(bytes / kMiB);
-  return text;
-}
-
-std::string self_exe() {
-  char buffer[4096];
-  ssize_t n = readlink("/proc/self/exe", buffer, sizeof buffer - 1);
-  if (n <= 0) throw std::runtime_error("cannot read /proc/self/exe");
-  return std::string(buffer, static_cast<size_t>(n));
-}
-
-/// Launches `world_size` worker processes and parses rank 0's RESULT lines.
+/// Launches `world_size` worker processes; rank 0's result holds the medians.
 std::string run_processes(int world_size, const std::vector<int64_t>& sizes, const Config& config,
                           Results& results) {
   LaunchOptions options;
   options.nproc = world_size;
-  options.command = {self_exe(), "--worker", "--sizes", sizes_argument(sizes)};
-  if (config.quick) options.command.push_back("--quick");
   std::ostringstream output;
   options.output = &output;
   options.timeout = 20s;
   options.deadline = 240s;
-  LaunchResult launched = launch_processes(options);
-  int parsed = 0;
-  std::istringstream lines(output.str());
-  std::string line;
-  const std::string prefix = "[rank 0] RESULT ";
-  while (std::getline(lines, line)) {
-    if (line.compare(0, prefix.size(), prefix) != 0) continue;
-    std::istringstream fields(line.substr(prefix.size()));
-    std::string op;
-    int world = 0;
-    int64_t bytes = 0;
-    double ns = 0;
-    int iters = 0;
-    if (!(fields >> op >> world >> bytes >> ns >> iters) || world != world_size) continue;
-    results[{op == "all_gather" ? Op::AllGather : Op::ReduceScatter, world, bytes}] = {ns, iters};
+  const tools::WorkerRun run =
+      tools::launch_workers({{"kind", "bench-comm"}, {"sizes", sizes}, {"quick", config.quick}}, options);
+  if (!run.launched.ok()) return first_line(run.launched.report());
+  if (!run.results[0]) return "rank 0 wrote no results";
+  size_t parsed = 0;
+  for (const auto& m : run.results[0]->at("measurements")) {
+    const Op op = m.at("op").get<std::string>() == op_name(Op::AllGather) ? Op::AllGather : Op::ReduceScatter;
+    results[{op, world_size, m.at("bytes").get<int64_t>()}] = {m.at("median_ns").get<double>(),
+                                                               m.at("iters").get<int>()};
     ++parsed;
   }
-  if (!launched.ok()) return first_line(launched.report());
-  if (parsed != static_cast<int>(2 * sizes.size())) {
-    return "expected " + std::to_string(2 * sizes.size()) + " result lines from rank 0, got " + std::to_string(parsed);
+  if (parsed != 2 * sizes.size()) {
+    return "expected " + std::to_string(2 * sizes.size()) + " results from rank 0, got " + std::to_string(parsed);
   }
   return "";
-}
-
-int worker_main(const Config& config) {
-  ProcessGroupPtr pg;
-  try {
-    pg = make_gloo_process_group_from_env(120s, /*check_collectives=*/false);
-  } catch (const std::invalid_argument& e) {
-    std::cerr << kProgram << ": --worker runs under the process launcher: " << e.what() << std::endl;
-    return 2;
-  }
-  for (int64_t bytes : config.sizes) {
-    const Iterations iterations = iterations_for(bytes, /*gloo=*/true, config.quick);
-    for (Op op : kOps) {
-      Measurement m = measure(*pg, op, bytes, iterations);
-      if (pg->rank() == 0) {
-        std::cout << "RESULT " << op_name(op) << " " << pg->size() << " " << bytes << " "
-                  << static_cast<int64_t>(m.median_ns) << " " << m.iters << std::endl;
-      }
-    }
-  }
-  pg->barrier()->wait();
-  return 0;
 }
 
 // ---------------------------------------------------------------------------
@@ -496,13 +370,13 @@ void section_fake(const Config& config, Report& report) {
             << "         n thread ranks share the cores). Per-rank view: algbw / memcpy = ratio / n.\n";
   for (Op op : kOps) {
     std::cout << "\n  " << op_name(op) << "\n"
-              << format("  %5s %8s %6s %10s %10s %10s %10s %10s %7s\n", "world", "size", "iters", "time(ms)",
-                        "algbw", "busbw", "copy", "memcpy", "ratio")
-              << format("  %5s %8s %6s %10s %10s %10s %10s %10s %7s\n", "", "", "", "", "GB/s", "GB/s", "GB/s",
-                        "GB/s", "");
+              << fmt::format("  {:>5} {:>8} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7}\n", "world", "size", "iters",
+                             "time(ms)", "algbw", "busbw", "copy", "memcpy", "ratio")
+              << fmt::format("  {:>5} {:>8} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7}\n", "", "", "", "", "GB/s",
+                             "GB/s", "GB/s", "GB/s", "");
     for (int n : config.worlds) {
       if (errors.count(n)) {
-        std::cout << format("  %5d  FAILED: %s\n", n, errors[n].c_str());
+        std::cout << fmt::format("  {:5}  FAILED: {}\n", n, errors[n]);
         continue;
       }
       for (int64_t bytes : config.sizes) {
@@ -510,20 +384,21 @@ void section_fake(const Config& config, Report& report) {
         const double memcpy_gbps = gbps(bytes, report.memcpy_ns[{Op::AllGather, n, bytes}]);
         const double algbw = gbps(bytes, m.median_ns);
         const double copy = algbw * n;
-        std::cout << format("  %5d %8s %6d %10.3f %10.2f %10.2f %10.2f %10.2f %7.2f\n", n, size_label(bytes).c_str(),
-                            m.iters, m.median_ns / 1e6, algbw, algbw * bus_factor(n), copy, memcpy_gbps,
-                            memcpy_gbps > 0 ? copy / memcpy_gbps : 0.0);
+        std::cout << fmt::format("  {:5} {:>8} {:6} {:10.3f} {:10.2f} {:10.2f} {:10.2f} {:10.2f} {:7.2f}\n", n,
+                                 size_label(bytes), m.iters, m.median_ns / 1e6, algbw, algbw * bus_factor(n), copy,
+                                 memcpy_gbps, memcpy_gbps > 0 ? copy / memcpy_gbps : 0.0);
       }
     }
   }
   const Key target{Op::AllGather, kTargetWorld, kTargetBytes};
-  std::string target_line = format("target: fake all_gather copy >= %.1f x memcpy at %d ranks, %s: ", kTargetRatio,
-                                   kTargetWorld, size_label(kTargetBytes).c_str());
+  std::string target_line =
+      fmt::format("target: fake all_gather copy >= {:.1f} x memcpy at {} ranks, {}: ", kTargetRatio, kTargetWorld,
+                  size_label(kTargetBytes));
   auto found = report.fake.find(target);
   if (found != report.fake.end() && found->second.ok()) {
     const double ratio = gbps(kTargetBytes, found->second.median_ns) * kTargetWorld /
                          gbps(kTargetBytes, report.memcpy_ns[target]);
-    target_line += format("%s (ratio %.2f)", ratio >= kTargetRatio ? "PASS" : "MISS", ratio);
+    target_line += fmt::format("{} (ratio {:.2f})", ratio >= kTargetRatio ? "PASS" : "MISS", ratio);
   } else {
     // Not measured in this run; quote the largest measured case instead.
     const Key nearest{Op::AllGather, config.worlds.back(), config.sizes.back()};
@@ -532,10 +407,78 @@ void section_fake(const Config& config, Report& report) {
                              ? gbps(config.sizes.back(), near->second.median_ns) * config.worlds.back() /
                                    gbps(config.sizes.back(), report.memcpy_ns[nearest])
                              : 0.0;
-    target_line += format("NOT MEASURED%s (world %d, %s: ratio %.2f)", config.quick ? " in --quick" : "",
-                          config.worlds.back(), size_label(config.sizes.back()).c_str(), ratio);
+    target_line += fmt::format("NOT MEASURED{} (world {}, {}: ratio {:.2f})", config.quick ? " in --quick" : "",
+                               config.worlds.back(), size_label(config.sizes.back()), ratio);
   }
-  std::cout << "\n" << target_line << "\n" << format("(section 1 took %.2f s)\n", seconds_since(started)) << std::endl;
+  std::cout << "\n"
+            << target_line << "\n"
+            << fmt::format("(section 1 took {:.2f} s)\n", seconds_since(started)) << std::endl;
+}
+
+// Section 2's measurements: Gloo thread ranks and processes, with the
+// worlds whose run failed.
+struct GlooResults {
+  Results threads, processes;
+  std::map<int, std::string> thread_errors, process_errors;
+  std::vector<std::string> notes;
+};
+
+void print_gloo_tables(const Config& config, const Report& report, GlooResults& g) {
+  std::cout << "\n== 2. Gloo (loopback TCP) vs fake, same sizes and timing ==\n"
+            << "  time in ms, busbw in GB/s; x-fake = Gloo time / fake time (how many times slower).\n"
+            << "  fake: thread ranks, the numbers of section 1. gloo-thr: Gloo with thread ranks in this\n"
+            << "  process. gloo-proc: one process per rank via launch_processes (this binary as workers).\n";
+  for (const auto& note : g.notes) std::cout << "  note: " << note << "\n";
+  auto cell = [](const Results& results, const Key& key, double fake_ns, const std::string& error) -> std::string {
+    if (!error.empty()) return fmt::format(" {:>9} {:>7} {:>7}", "failed", "-", "-");
+    auto found = results.find(key);
+    if (found == results.end() || !found->second.ok()) return fmt::format(" {:>9} {:>7} {:>7}", "-", "-", "-");
+    const int n = std::get<1>(key);
+    const double ns = found->second.median_ns;
+    return fmt::format(" {:9.3f} {:7.3f} {:7.1f}", ns / 1e6, gbps(std::get<2>(key), ns) * bus_factor(n),
+                       fake_ns > 0 ? ns / fake_ns : 0.0);
+  };
+  for (Op op : kOps) {
+    std::cout << "\n  " << op_name(op) << "\n"
+              << fmt::format("  {:>5} {:>8} | {:>9} {:>7} | {:>9} {:>7} {:>7} | {:>9} {:>7} {:>7}\n", "world", "size",
+                             "fake", "", "gloo-thr", "", "", "gloo-proc", "", "")
+              << fmt::format("  {:>5} {:>8} | {:>9} {:>7} | {:>9} {:>7} {:>7} | {:>9} {:>7} {:>7}\n", "", "", "time",
+                             "busbw", "time", "busbw", "x-fake", "time", "busbw", "x-fake");
+    for (int n : config.worlds) {
+      for (int64_t bytes : config.sizes) {
+        const Key key{op, n, bytes};
+        auto fake = report.fake.find(key);
+        const double fake_ns = fake != report.fake.end() ? fake->second.median_ns : 0;
+        std::string fake_cell =
+            fake_ns > 0 ? fmt::format(" {:9.3f} {:7.3f}", fake_ns / 1e6, gbps(bytes, fake_ns) * bus_factor(n))
+                        : fmt::format(" {:>9} {:>7}", "-", "-");
+        std::string proc_cell = config.processes ? cell(g.processes, key, fake_ns, g.process_errors[n])
+                                                 : fmt::format(" {:>9} {:>7} {:>7}", "skipped", "-", "-");
+        std::cout << fmt::format("  {:5} {:>8} |", n, size_label(bytes)) << fake_cell << " |"
+                  << cell(g.threads, key, fake_ns, g.thread_errors[n]) << " |" << proc_cell << "\n";
+      }
+    }
+  }
+}
+
+// One line per op for the benchmark report: the largest world at 16 MiB (or the largest size).
+void print_gloo_ratios(const Config& config, const Report& report, const GlooResults& g) {
+  const int n = config.worlds.back();
+  int64_t bytes = config.sizes.back();
+  for (int64_t size : config.sizes) {
+    if (size == 16 * kMiB) bytes = size;
+  }
+  for (Op op : kOps) {
+    const Key key{op, n, bytes};
+    auto fake = report.fake.find(key);
+    auto ratio = [&](const Results& results) -> std::string {
+      auto found = results.find(key);
+      if (fake == report.fake.end() || found == results.end() || !found->second.ok()) return "n/a";
+      return fmt::format("{:.2f}", found->second.median_ns / fake->second.median_ns);
+    };
+    std::cout << fmt::format("ratio gloo/fake {} at {} ranks, {}: threads {}, processes {}\n", op_name(op), n,
+                             size_label(bytes), ratio(g.threads), config.processes ? ratio(g.processes) : "skipped");
+  }
 }
 
 void section_gloo(const Config& config, Report& report) {
@@ -545,143 +488,72 @@ void section_gloo(const Config& config, Report& report) {
   }
   progress("[2/3] Gloo thread ranks" + std::string(config.processes ? " and Gloo processes" : "") + " vs fake ...");
   const int64_t started = now_ns();
-  Results threads, processes;
-  std::map<int, std::string> thread_errors, process_errors;
+  GlooResults g;
   for (int n : config.worlds) {
-    std::string error = run_world(sim::CommBackend::Gloo, n, config, threads, nullptr);
+    std::string error = run_world(sim::CommBackend::Gloo, n, config, g.threads, nullptr);
     if (!error.empty()) {
-      thread_errors[n] = error;
+      g.thread_errors[n] = error;
       report.failed = true;
     }
   }
   // Every process loads LibTorch and holds its own buffers; the sizes are not
   // capped today (the whole full run stays within a few minutes on 2 cores),
   // but the launch has a deadline and a missing result is reported as such.
-  std::vector<std::string> notes;
   if (config.processes) {
     for (int n : config.worlds) {
       std::string error;
       try {
-        error = run_processes(n, config.sizes, config, processes);
+        error = run_processes(n, config.sizes, config, g.processes);
       } catch (const std::exception& e) {
         error = first_line(e.what());
       }
       if (!error.empty()) {
-        process_errors[n] = error;
+        g.process_errors[n] = error;
         report.failed = true;
       }
     }
   } else {
-    notes.push_back("Gloo processes skipped (--no-processes)");
+    g.notes.push_back("Gloo processes skipped (--no-processes)");
   }
 
-  std::cout << "\n== 2. Gloo (loopback TCP) vs fake, same sizes and timing ==\n"
-            << "  time in ms, busbw in GB/s; x-fake = Gloo time / fake time (how many times slower).\n"
-            << "  fake: thread ranks, the numbers of section 1. gloo-thr: Gloo with thread ranks in this\n"
-            << "  process. gloo-proc: one process per rank via launch_processes (this binary, --worker).\n";
-  for (const auto& note : notes) std::cout << "  note: " << note << "\n";
-  auto cell = [](const Results& results, const Key& key, double fake_ns, const std::string& error) -> std::string {
-    if (!error.empty()) return format(" %9s %7s %7s", "failed", "-", "-");
-    auto found = results.find(key);
-    if (found == results.end() || !found->second.ok()) return format(" %9s %7s %7s", "-", "-", "-");
-    const int n = std::get<1>(key);
-    const double ns = found->second.median_ns;
-    return format(" %9.3f %7.3f %7.1f", ns / 1e6, gbps(std::get<2>(key), ns) * bus_factor(n),
-                  fake_ns > 0 ? ns / fake_ns : 0.0);
-  };
-  for (Op op : kOps) {
-    std::cout << "\n  " << op_name(op) << "\n"
-              << format("  %5s %8s | %9s %7s | %9s %7s %7s | %9s %7s %7s\n", "world", "size", "fake", "", "gloo-thr",
-                        "", "", "gloo-proc", "", "")
-              << format("  %5s %8s | %9s %7s | %9s %7s %7s | %9s %7s %7s\n", "", "", "time", "busbw", "time", "busbw",
-                        "x-fake", "time", "busbw", "x-fake");
-    for (int n : config.worlds) {
-      for (int64_t bytes : config.sizes) {
-        const Key key{op, n, bytes};
-        auto fake = report.fake.find(key);
-        const double fake_ns = fake != report.fake.end() ? fake->second.median_ns : 0;
-        std::string fake_cell = fake_ns > 0 ? format(" %9.3f %7.3f", fake_ns / 1e6, gbps(bytes, fake_ns) * bus_factor(n))
-                                            : format(" %9s %7s", "-", "-");
-        std::string proc_cell = config.processes ? cell(processes, key, fake_ns, process_errors[n])
-                                                 : format(" %9s %7s %7s", "skipped", "-", "-");
-        std::cout << format("  %5d %8s |", n, size_label(bytes).c_str()) << fake_cell << " |"
-                  << cell(threads, key, fake_ns, thread_errors[n]) << " |" << proc_cell << "\n";
-      }
-    }
-  }
-  {  // one line per op for the benchmark report: the largest world at 16 MiB (or the largest size)
-    const int n = config.worlds.back();
-    int64_t bytes = config.sizes.back();
-    for (int64_t size : config.sizes) {
-      if (size == 16 * kMiB) bytes = size;
-    }
-    for (Op op : kOps) {
-      const Key key{op, n, bytes};
-      auto fake = report.fake.find(key);
-      auto ratio = [&](const Results& results) -> std::string {
-        auto found = results.find(key);
-        if (fake == report.fake.end() || found == results.end() || !found->second.ok()) return "n/a";
-        return format("%.2f", found->second.median_ns / fake->second.median_ns);
-      };
-      std::cout << format("ratio gloo/fake %s at %d ranks, %s: threads %s, processes %s\n", op_name(op), n,
-                          size_label(bytes).c_str(), ratio(threads).c_str(),
-                          config.processes ? ratio(processes).c_str() : "skipped");
-    }
-  }
-  for (const auto& [n, error] : thread_errors) {
+  print_gloo_tables(config, report, g);
+  print_gloo_ratios(config, report, g);
+  for (const auto& [n, error] : g.thread_errors) {
     if (!error.empty()) std::cout << "  gloo-thr world " << n << " failed: " << error << "\n";
   }
-  for (const auto& [n, error] : process_errors) {
+  for (const auto& [n, error] : g.process_errors) {
     if (!error.empty()) std::cout << "  gloo-proc world " << n << " failed: " << error << "\n";
   }
-  std::cout << format("(section 2 took %.2f s)\n", seconds_since(started)) << std::endl;
+  std::cout << fmt::format("(section 2 took {:.2f} s)\n", seconds_since(started)) << std::endl;
 }
 
-/// Runs one scale measurement in a child process (this binary,
-/// --scale-worker) so that a run that takes too long can be stopped: a World
-/// cannot be cancelled from outside while its ranks make progress.
+/// Runs one scale measurement in a worker process (kind "bench-scale") so
+/// that a run that takes too long can be stopped: a World cannot be
+/// cancelled from outside while its ranks make progress.
 ScaleResult run_scale_child(sim::RankKind kind, int ranks, int rounds, std::chrono::seconds deadline,
                             bool& timed_out) {
   LaunchOptions options;
   options.nproc = 1;
-  options.command = {self_exe(), "--scale-worker", sim::to_string(kind), std::to_string(ranks), std::to_string(rounds)};
   std::ostringstream output;
   options.output = &output;
   options.prefix_output = false;
   options.timeout = 5s;
   options.deadline = deadline;
-  LaunchResult launched = launch_processes(options);
-  timed_out = launched.deadline_exceeded;
+  const tools::WorkerRun run = tools::launch_workers(
+      {{"kind", "bench-scale"}, {"rank_kind", sim::to_string(kind)}, {"ranks", ranks}, {"rounds", rounds}}, options);
+  timed_out = run.launched.deadline_exceeded;
   ScaleResult result;
   result.rounds = rounds;
   if (timed_out) {
-    result.error = format("did not finish within %lld s (stopped)", static_cast<long long>(deadline.count()));
-    return result;
-  }
-  std::istringstream lines(output.str());
-  std::string line;
-  while (std::getline(lines, line)) {
-    if (line.rfind("SCALE_ERROR ", 0) == 0) {
-      result.error = line.substr(12);
-      return result;
-    }
-    if (line.rfind("SCALE ", 0) == 0) {
-      std::istringstream fields(line.substr(6));
-      if (fields >> result.round_median_ns >> result.run_s) return result;
-    }
-  }
-  result.error = launched.ok() ? "no result line" : first_line(launched.report());
-  return result;
-}
-
-int scale_worker_main(const Config& config) {
-  ScaleResult result = run_scale(config.scale_kind, config.scale_ranks, config.scale_rounds);
-  if (!result.error.empty()) {
-    std::cout << "SCALE_ERROR " << result.error << std::endl;
+    result.error = fmt::format("did not finish within {} s (stopped)", deadline.count());
+  } else if (!run.results[0]) {
+    result.error = run.launched.ok() ? "no result" : first_line(run.launched.report());
   } else {
-    std::cout << "SCALE " << static_cast<int64_t>(result.round_median_ns) << " " << result.run_s << std::endl;
+    result.error = run.results[0]->at("error").get<std::string>();
+    result.round_median_ns = run.results[0]->at("round_median_ns").get<double>();
+    result.run_s = run.results[0]->at("run_s").get<double>();
   }
-  return 0;
+  return result;
 }
 
 void section_scale(const Config& config) {
@@ -695,7 +567,8 @@ void section_scale(const Config& config) {
     }
   }
   ladder.push_back(target);
-  progress(format("[3/3] %d-rank round (barrier + all_gather of 1 float per rank + reduce_scatter): fibers vs "
+  progress(
+      fmt::format("[3/3] {}-rank round (barrier + all_gather of 1 float per rank + reduce_scatter): fibers vs "
                   "threads ...",
                   target));
   const int64_t started = now_ns();
@@ -706,8 +579,8 @@ void section_scale(const Config& config) {
     ScaleResult fibers = run_scale_child(sim::RankKind::Fibers, ranks, rounds, deadline, timed_out);
     ScaleResult threads;
     if (threads_stopped_at) {
-      threads.error = format("not run (%d thread ranks already took over %lld s)", threads_stopped_at,
-                             static_cast<long long>(deadline.count()));
+      threads.error =
+          fmt::format("not run ({} thread ranks already took over {} s)", threads_stopped_at, deadline.count());
     } else {
       threads = run_scale_child(sim::RankKind::Threads, ranks, rounds, deadline, timed_out);
       if (timed_out) threads_stopped_at = ranks;
@@ -721,74 +594,116 @@ void section_scale(const Config& config) {
             << "  run = the whole World::run (start the ranks, warm-up barrier, rounds, join). Each kind runs\n"
             << "  in a child process stopped after " << deadline.count() << " s; fibers: one OS thread, 512 KiB"
             << " stacks; threads: 256 KiB stacks.\n"
-            << format("  %6s | %10s %8s | %10s %8s | %9s %8s\n", "", "fibers", "", "threads", "", "threads/", "")
-            << format("  %6s | %10s %8s | %10s %8s | %9s %8s\n", "ranks", "round(ms)", "run(s)", "round(ms)", "run(s)",
-                      "fib round", "run");
+            << fmt::format("  {:>6} | {:>10} {:>8} | {:>10} {:>8} | {:>9} {:>8}\n", "", "fibers", "", "threads", "",
+                           "threads/", "")
+            << fmt::format("  {:>6} | {:>10} {:>8} | {:>10} {:>8} | {:>9} {:>8}\n", "ranks", "round(ms)", "run(s)",
+                           "round(ms)", "run(s)", "fib round", "run");
   std::string ratio_line;
   for (size_t i = 0; i < ladder.size(); ++i) {
     const auto& [fibers, threads] = rows[i];
-    std::string line = format("  %6d |", ladder[i]);
-    line += fibers.error.empty() ? format(" %10.3f %8.3f |", fibers.round_median_ns / 1e6, fibers.run_s)
-                                 : format(" %19s |", "failed");
-    line += threads.error.empty() ? format(" %10.3f %8.3f |", threads.round_median_ns / 1e6, threads.run_s)
-                                  : format(" %19s |", "see below");
+    std::string line = fmt::format("  {:6} |", ladder[i]);
+    line += fibers.error.empty() ? fmt::format(" {:10.3f} {:8.3f} |", fibers.round_median_ns / 1e6, fibers.run_s)
+                                 : fmt::format(" {:>19} |", "failed");
+    line += threads.error.empty() ? fmt::format(" {:10.3f} {:8.3f} |", threads.round_median_ns / 1e6, threads.run_s)
+                                  : fmt::format(" {:>19} |", "see below");
     if (fibers.error.empty() && threads.error.empty() && fibers.round_median_ns > 0 && fibers.run_s > 0) {
       const double round_ratio = threads.round_median_ns / fibers.round_median_ns;
       const double run_ratio = threads.run_s / fibers.run_s;
-      line += format(" %9.1f %8.1f", round_ratio, run_ratio);
-      ratio_line = format("ratio threads/fibers at %d ranks: round %.2f, run %.2f", ladder[i], round_ratio, run_ratio);
-      if (ladder[i] != target) ratio_line += format(" (%d ranks: see below)", target);
+      line += fmt::format(" {:9.1f} {:8.1f}", round_ratio, run_ratio);
+      ratio_line =
+          fmt::format("ratio threads/fibers at {} ranks: round {:.2f}, run {:.2f}", ladder[i], round_ratio, run_ratio);
+      if (ladder[i] != target) ratio_line += fmt::format(" ({} ranks: see below)", target);
     } else if (fibers.error.empty() && threads_stopped_at == ladder[i] && fibers.run_s > 0) {
-      line += format(" %9s %8s", "-", format(">%.0f", static_cast<double>(deadline.count()) / fibers.run_s).c_str());
-      ratio_line = format("ratio threads/fibers at %d ranks: run > %.0f (threads did not finish within %lld s)",
-                          ladder[i], static_cast<double>(deadline.count()) / fibers.run_s,
-                          static_cast<long long>(deadline.count()));
+      line += fmt::format(" {:>9} {:>8}", "-",
+                          fmt::format(">{:.0f}", static_cast<double>(deadline.count()) / fibers.run_s));
+      ratio_line = fmt::format("ratio threads/fibers at {} ranks: run > {:.0f} (threads did not finish within {} s)",
+                               ladder[i], static_cast<double>(deadline.count()) / fibers.run_s, deadline.count());
     } else {
-      line += format(" %9s %8s", "-", "-");
+      line += fmt::format(" {:>9} {:>8}", "-", "-");
     }
     std::cout << line << "\n";
   }
   for (size_t i = 0; i < ladder.size(); ++i) {
-    if (!rows[i].first.error.empty()) std::cout << format("  fibers, %d ranks: %s\n", ladder[i], rows[i].first.error.c_str());
+    if (!rows[i].first.error.empty())
+      std::cout << fmt::format("  fibers, {} ranks: {}\n", ladder[i], rows[i].first.error);
     if (!rows[i].second.error.empty()) {
-      std::cout << format("  threads, %d ranks: %s\n", ladder[i], rows[i].second.error.c_str());
+      std::cout << fmt::format("  threads, {} ranks: {}\n", ladder[i], rows[i].second.error);
     }
   }
   std::cout << (ratio_line.empty() ? "ratio threads/fibers: n/a (no size ran on both kinds)" : ratio_line) << "\n";
-  std::cout << format("(section 3 took %.2f s)\n", seconds_since(started)) << std::endl;
+  std::cout << fmt::format("(section 3 took {:.2f} s)\n", seconds_since(started)) << std::endl;
+}
+
+int bench_comm_main(const Config& config) {
+  const int64_t started = now_ns();
+  std::cout << kProgram << ": " << (config.quick ? "quick" : "full") << " run, " << std::thread::hardware_concurrency()
+            << " cores, ATen intra-op threads 1, float32\n"
+            << std::endl;
+  Report report;
+  section_fake(config, report);
+  section_gloo(config, report);
+  section_scale(config);
+  std::cout << fmt::format("total {:.1f} s{}", seconds_since(started),
+                           report.failed ? ", SOME MEASUREMENTS FAILED" : "")
+            << std::endl;
+  return report.failed ? 1 : 0;
 }
 
 }  // namespace
 
-static int bench_main(int argc, char** argv) {
-  Config config;
-  try {
-    config = parse(argc, argv);
-  } catch (const UsageError& e) {
-    std::cerr << kProgram << ": " << e.what() << " (see --help)" << std::endl;
-    return 2;
-  }
-  at::set_num_threads(1);
-  try {
-    if (config.worker) return worker_main(config);
-    if (config.scale_worker) return scale_worker_main(config);
-    const int64_t started = now_ns();
-    std::cout << kProgram << ": " << (config.quick ? "quick" : "full") << " run, "
-              << std::thread::hardware_concurrency() << " cores, ATen intra-op threads 1, float32\n"
-              << std::endl;
-    Report report;
-    section_fake(config, report);
-    section_gloo(config, report);
-    section_scale(config);
-    std::cout << format("total %.1f s%s", seconds_since(started), report.failed ? ", SOME MEASUREMENTS FAILED" : "")
-              << std::endl;
-    return report.failed ? 1 : 0;
-  } catch (const std::exception& e) {
-    std::cerr << kProgram << ": " << e.what() << std::endl;
-    return 1;
-  }
+namespace fsdpsim::tools {
+
+void add_bench_comm_command(CLI::App& bench, Command& command) {
+  CLI::App* comm = bench.add_subcommand(
+      "comm",
+      "measure, in one run: the fake all-gather / reduce-scatter (thread ranks) against a memcpy of the same "
+      "bytes; Gloo thread ranks and Gloo processes against the fake; a 4096-rank round on fiber ranks against "
+      "thread ranks");
+  auto config = std::make_shared<Config>();
+  auto scale_ranks = std::make_shared<std::optional<int>>();
+  comm->add_flag("--quick", config->quick,
+                 "tiny run: 1 MiB, world 2, 1 iteration, 2 Gloo processes, 256-rank scale test");
+  comm->add_flag_callback(
+      "--no-processes", [config] { config->processes = false; }, "skip the Gloo process measurements");
+  comm->add_flag_callback(
+      "--no-gloo", [config] { config->gloo = false; }, "skip every Gloo measurement (threads and processes)");
+  add_value(*comm, "--scale-ranks", "N", "ranks of the fiber/thread scale test (default 4096; 256 with --quick)",
+            [scale_ranks](const std::string& v) {
+              *scale_ranks = static_cast<int>(parse_integer<UsageError>("--scale-ranks", v, 2, 16384));
+            });
+  comm->callback([config, scale_ranks, &command] {
+    command.action = [config, scale_ranks] {
+      complete(*config, *scale_ranks);
+      return bench_comm_main(*config);
+    };
+  });
 }
 
-int main(int argc, char** argv) {
-  return fsdpsim::tools::guarded_main(kProgram, [&] { return bench_main(argc, argv); });
+int bench_comm_worker(const WorkerContext& context) {
+  using namespace std::chrono_literals;
+  ProcessGroupPtr pg = make_gloo_process_group_from_env(120s, /*check_collectives=*/false);
+  const bool quick = context.job().at("quick").get<bool>();
+  nlohmann::json measurements = nlohmann::json::array();
+  for (int64_t bytes : context.job().at("sizes").get<std::vector<int64_t>>()) {
+    const Iterations iterations = iterations_for(bytes, /*gloo=*/true, quick);
+    for (Op op : kOps) {
+      const Measurement m = measure(*pg, op, bytes, iterations);
+      measurements.push_back({{"op", op_name(op)}, {"bytes", bytes}, {"median_ns", m.median_ns}, {"iters", m.iters}});
+    }
+  }
+  pg->barrier()->wait();
+  if (pg->rank() == 0) context.write_result({{"measurements", measurements}});
+  return 0;
 }
+
+int bench_scale_worker(const WorkerContext& context) {
+  const nlohmann::json& job = context.job();
+  const sim::RankKind kind = job.at("rank_kind").get<std::string>() == sim::to_string(sim::RankKind::Fibers)
+                                 ? sim::RankKind::Fibers
+                                 : sim::RankKind::Threads;
+  const ScaleResult result = run_scale(kind, job.at("ranks").get<int>(), job.at("rounds").get<int>());
+  context.write_result({{"error", result.error}, {"round_median_ns", result.round_median_ns}, {"run_s", result.run_s}});
+  return 0;
+}
+
+}  // namespace fsdpsim::tools

@@ -1,4 +1,4 @@
-// fsdpsim_bench_engine: measures the FSDP engine side by side with the plain
+// `fsdpsim bench engine`: measures the FSDP engine side by side with the plain
 // (unsharded) model in one run and prints three tables:
 //   1. step time of the engine at world size 1 (FullShard, one thread rank)
 //      against the plain model, with the overhead in percent and the target
@@ -47,36 +47,25 @@
 #include <utility>
 #include <vector>
 
-#include "tools/format_util.h"
+#include <CLI/CLI.hpp>
+
 #include "backends/process_group.h"
 #include "fsdp/fully_shard.h"
 #include "scenarios/models.h"
 #include "scenarios/trainer.h"
 #include "sim/world.h"
+#include "tools/cli.h"
+#include "tools/format_util.h"
 
 namespace {
 
 using namespace fsdpsim;
 using namespace std::chrono_literals;
 
-constexpr const char* kProgram = "fsdpsim_bench_engine";
+constexpr const char* kProgram = "fsdpsim bench engine";
 constexpr double kTargetOverhead = 0.15;
 constexpr double kLearningRate = 1e-4;  // small: the params stay in range over the run
 constexpr uint64_t kSeed = 7;
-
-const char* kUsage =
-    "usage: fsdpsim_bench_engine [--quick]\n"
-    "  Measures, in one run: the step time (forward + backward + SGD step) of the FSDP engine at\n"
-    "  world size 1 against the plain unsharded model; the step time at 2, 4, 8 fake ranks\n"
-    "  (thread and fiber ranks, FullShard and ShardGradOp); the peak gathered-param bytes per\n"
-    "  rank against the theoretical peak. Models: mlp_stack (dim 256 and 512, batch 64; dim 512 at\n"
-    "  world size 1 only) and transformer (the scenario's model, longer sequences).\n"
-    "  --quick  tiny run: mlp_stack dim 32 and a short transformer, 2 steps, world 2 only\n"
-    "  --help   this text\n";
-
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
 
 scenarios::TrainConfig bench_train_config() {
   scenarios::TrainConfig train;
@@ -143,19 +132,8 @@ ModelSpec transformer_model(int64_t src_len, int64_t tgt_len) {
   return spec;
 }
 
-Config parse(int argc, char** argv) {
-  Config config;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--help" || arg == "-h") {
-      std::cout << kUsage;
-      std::exit(0);
-    } else if (arg == "--quick") {
-      config.quick = true;
-    } else {
-      throw UsageError("unknown option '" + arg + "'");
-    }
-  }
+// The models, worlds and iterations of a quick or a full run.
+void complete(Config& config) {
   if (config.quick) {
     config.models = {mlp_model(32, 8), transformer_model(8, 6)};
     config.worlds = {2};
@@ -175,14 +153,12 @@ Config parse(int argc, char** argv) {
     config.single = {2, 11};
     config.multi = {1, 5};
   }
-  return config;
 }
 
 // ---------------------------------------------------------------------------
 // Small helpers
 
 using fsdpsim::tools::first_line;
-using fsdpsim::tools::format;
 using fsdpsim::tools::median;
 using fsdpsim::tools::now_ns;
 using fsdpsim::tools::seconds_since;
@@ -500,15 +476,12 @@ std::string model_details(const ModelSpec& spec) {
   Trainer plain(spec, 0);
   int64_t params = 0;
   for (const auto& param : scenarios::unique_parameters(*plain.scenario().module())) params += param.numel();
-  std::string input = spec.train.scenario.name == "transformer"
-                          ? format("src (%lld, %lld) + tgt (%lld, %lld) token ids",
-                                   static_cast<long long>(spec.src_len), static_cast<long long>(spec.batch),
-                                   static_cast<long long>(spec.tgt_len), static_cast<long long>(spec.batch))
-                          : format("input (%lld, %lld)", static_cast<long long>(spec.batch),
-                                   static_cast<long long>(spec.train.scenario.mlp_dim));
-  return format("  %-16s %9lld params (%.1f KiB), %d units, %s\n", spec.label.c_str(), static_cast<long long>(params),
-                kib(params * static_cast<int64_t>(sizeof(float))), plain.scenario().sharded_blocks() + 1,
-                input.c_str());
+  std::string input =
+      spec.train.scenario.name == "transformer"
+          ? fmt::format("src ({}, {}) + tgt ({}, {}) token ids", spec.src_len, spec.batch, spec.tgt_len, spec.batch)
+          : fmt::format("input ({}, {})", spec.batch, spec.train.scenario.mlp_dim);
+  return fmt::format("  {:<16} {:9} params ({:.1f} KiB), {} units, {}\n", spec.label, params,
+                     kib(params * static_cast<int64_t>(sizeof(float))), plain.scenario().sharded_blocks() + 1, input);
 }
 
 void section_single(const Config& config, Report& report) {
@@ -528,8 +501,8 @@ void section_single(const Config& config, Report& report) {
             << "  same loss: plain and engine losses are bitwise equal on every step (world 1 moves no data).\n\n";
   for (const auto& spec : config.models) std::cout << model_details(spec);
   std::cout << "\n"
-            << format("  %-16s %10s %10s %9s %9s %7s\n", "model", "plain(ms)", "engine(ms)", "overhead", "same loss",
-                      "steps");
+            << fmt::format("  {:<16} {:>10} {:>10} {:>9} {:>9} {:>7}\n", "model", "plain(ms)", "engine(ms)", "overhead",
+                           "same loss", "steps");
   double worst = -1e9;
   std::string worst_label;
   bool any = false;
@@ -537,28 +510,30 @@ void section_single(const Config& config, Report& report) {
     const auto& r = results[m];
     const auto& label = config.models[m].label;
     if (!r.error.empty()) {
-      std::cout << format("  %-16s FAILED: %s\n", label.c_str(), r.error.c_str());
+      std::cout << fmt::format("  {:<16} FAILED: {}\n", label, r.error);
       continue;
     }
     const Iterations iterations = config.models[m].single.value_or(config.single);
-    std::cout << format("  %-16s %10.3f %10.3f %+8.1f%% %9s %7s\n", label.c_str(), r.plain_ms, r.engine_ms,
-                        100 * r.overhead(), r.losses_equal ? "yes" : "NO",
-                        format("%d+%d", iterations.warmup, iterations.timed).c_str());
+    std::cout << fmt::format("  {:<16} {:10.3f} {:10.3f} {:+8.1f}% {:>9} {:>7}\n", label, r.plain_ms, r.engine_ms,
+                             100 * r.overhead(), r.losses_equal ? "yes" : "NO",
+                             fmt::format("{}+{}", iterations.warmup, iterations.timed));
     if (r.overhead() > worst) {
       worst = r.overhead();
       worst_label = label;
     }
     any = true;
   }
-  std::string target = format("target: world-size-1 overhead < %.0f%%: ", 100 * kTargetOverhead);
+  std::string target = fmt::format("target: world-size-1 overhead < {:.0f}%: ", 100 * kTargetOverhead);
   if (any) {
-    target += format("%s (%.1f%%, worst of %zu models: %s)", worst < kTargetOverhead ? "PASS" : "MISS", 100 * worst,
-                     config.models.size(), worst_label.c_str());
+    target += fmt::format("{} ({:.1f}%, worst of {} models: {})", worst < kTargetOverhead ? "PASS" : "MISS",
+                          100 * worst, config.models.size(), worst_label);
     if (config.quick) target += " [--quick: tiny models, per-call overhead dominates]";
   } else {
     target += "NOT MEASURED (every model failed)";
   }
-  std::cout << "\n" << target << "\n" << format("(section 1 took %.2f s)\n", seconds_since(started)) << std::endl;
+  std::cout << "\n"
+            << target << "\n"
+            << fmt::format("(section 1 took {:.2f} s)\n", seconds_since(started)) << std::endl;
 }
 
 using MultiKey = std::tuple<size_t, int, sim::RankKind, fsdp::ShardingStrategy>;  // model, world, kind, strategy
@@ -606,26 +581,26 @@ void section_multi(const Config& config, Report& report, std::map<MultiKey, Mult
       std::cout << "\n  " << config.models[m].label << ": world size 1 only (see section 1)\n";
       continue;
     }
-    std::cout << "\n  " << config.models[m].label << format(": plain step %.3f ms\n", plain[m])
-              << format("  %5s %-12s %-8s %10s %9s %10s\n", "world", "strategy", "ranks", "step(ms)", "x plain",
-                        "x N*plain");
+    std::cout << "\n  " << config.models[m].label << fmt::format(": plain step {:.3f} ms\n", plain[m])
+              << fmt::format("  {:>5} {:<12} {:<8} {:>10} {:>9} {:>10}\n", "world", "strategy", "ranks", "step(ms)",
+                             "x plain", "x N*plain");
     for (int n : config.worlds) {
       for (fsdp::ShardingStrategy strategy : kStrategies) {
         for (sim::RankKind kind : kKinds) {
           const MultiResult& r = results[{m, n, kind, strategy}];
           if (!r.error.empty()) {
-            std::cout << format("  %5d %-12s %-8s FAILED: %s\n", n, short_name(strategy), sim::to_string(kind),
-                                r.error.c_str());
+            std::cout << fmt::format("  {:5} {:<12} {:<8} FAILED: {}\n", n, short_name(strategy), sim::to_string(kind),
+                                     r.error);
             continue;
           }
           const double x = plain[m] > 0 ? r.step_ms / plain[m] : 0.0;
-          std::cout << format("  %5d %-12s %-8s %10.3f %9.2f %10.2f\n", n, short_name(strategy), sim::to_string(kind),
-                              r.step_ms, x, x / n);
+          std::cout << fmt::format("  {:5} {:<12} {:<8} {:10.3f} {:9.2f} {:10.2f}\n", n, short_name(strategy),
+                                   sim::to_string(kind), r.step_ms, x, x / n);
         }
       }
     }
   }
-  std::cout << format("(section 2 took %.2f s)\n", seconds_since(started)) << std::endl;
+  std::cout << fmt::format("(section 2 took {:.2f} s)\n", seconds_since(started)) << std::endl;
 }
 
 void section_memory(const Config& config, const std::map<MultiKey, MultiResult>& results) {
@@ -650,15 +625,16 @@ void section_memory(const Config& config, const std::map<MultiKey, MultiResult>&
   for (size_t m = 0; m < config.models.size(); ++m) {
     if (!config.models[m].multi) continue;
     std::cout << "\n  " << config.models[m].label << "\n"
-              << format("  %5s %-12s %9s %9s %9s %6s %9s %9s %9s %9s %6s\n", "world", "strategy", "shards", "peak",
-                        "theory", "ratio", "total", "theory", "issued", "+prefetch", "fibers")
-              << format("  %5s %-12s %9s %9s %9s %6s %9s %9s %9s %9s %6s\n", "", "", "KiB", "KiB", "KiB", "", "KiB",
-                        "KiB", "KiB", "KiB", "");
+              << fmt::format("  {:>5} {:<12} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>6}\n", "world",
+                             "strategy", "shards", "peak", "theory", "ratio", "total", "theory", "issued", "+prefetch",
+                             "fibers")
+              << fmt::format("  {:>5} {:<12} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>6}\n", "", "", "KiB",
+                             "KiB", "KiB", "", "KiB", "KiB", "KiB", "KiB", "");
     for (int n : config.worlds) {
       for (fsdp::ShardingStrategy strategy : kStrategies) {
         auto found = results.find({m, n, sim::RankKind::Threads, strategy});
         if (found == results.end() || !found->second.ran) {
-          std::cout << format("  %5d %-12s %10s\n", n, short_name(strategy), "not measured");
+          std::cout << fmt::format("  {:5} {:<12} {:>10}\n", n, short_name(strategy), "not measured");
           continue;
         }
         const MultiResult& r = found->second;
@@ -669,11 +645,12 @@ void section_memory(const Config& config, const std::map<MultiKey, MultiResult>&
                                    fibers->second.issued_bytes == r.issued_bytes
                                ? "yes"
                                : "NO";
-        std::cout << format("  %5d %-12s %9.1f %9.1f %9.1f %6.3f %9.1f %9.1f %9.1f %9.1f %6s\n", n,
-                            short_name(strategy), kib(r.theory.shard_bytes), kib(r.peak_bytes), kib(theory),
-                            theory > 0 ? static_cast<double>(r.peak_bytes) / static_cast<double>(theory) : 0.0,
-                            kib(r.theory.shard_bytes + r.peak_bytes), kib(r.theory.shard_bytes + theory),
-                            kib(r.issued_bytes), kib(r.theory.peak_with_prefetch(strategy)), same);
+        std::cout << fmt::format(
+            "  {:5} {:<12} {:9.1f} {:9.1f} {:9.1f} {:6.3f} {:9.1f} {:9.1f} {:9.1f} {:9.1f} {:>6}\n", n,
+            short_name(strategy), kib(r.theory.shard_bytes), kib(r.peak_bytes), kib(theory),
+            theory > 0 ? static_cast<double>(r.peak_bytes) / static_cast<double>(theory) : 0.0,
+            kib(r.theory.shard_bytes + r.peak_bytes), kib(r.theory.shard_bytes + theory), kib(r.issued_bytes),
+            kib(r.theory.peak_with_prefetch(strategy)), same);
         if (!r.issued_error.empty()) std::cout << "        issued: " << r.issued_error << "\n";
       }
     }
@@ -681,37 +658,38 @@ void section_memory(const Config& config, const std::map<MultiKey, MultiResult>&
   std::cout << std::endl;
 }
 
+int bench_engine_main(Config config) {
+  complete(config);
+  const int64_t started = now_ns();
+  std::cout << kProgram << ": " << (config.quick ? "quick" : "full") << " run, " << std::thread::hardware_concurrency()
+            << " cores, ATen intra-op threads 1 (at::set_num_threads(1): the ranks share the cores), float32\n"
+            << std::endl;
+  Report report;
+  section_single(config, report);
+  std::map<MultiKey, MultiResult> multi;
+  section_multi(config, report, multi);
+  section_memory(config, multi);
+  std::cout << fmt::format("total {:.1f} s{}", seconds_since(started),
+                           report.failed ? ", SOME MEASUREMENTS FAILED" : "")
+            << std::endl;
+  return report.failed ? 1 : 0;
+}
+
 }  // namespace
 
-static int bench_main(int argc, char** argv) {
-  Config config;
-  try {
-    config = parse(argc, argv);
-  } catch (const UsageError& e) {
-    std::cerr << kProgram << ": " << e.what() << " (see --help)" << std::endl;
-    return 2;
-  }
-  at::set_num_threads(1);
-  try {
-    const int64_t started = now_ns();
-    std::cout << kProgram << ": " << (config.quick ? "quick" : "full") << " run, "
-              << std::thread::hardware_concurrency()
-              << " cores, ATen intra-op threads 1 (at::set_num_threads(1): the ranks share the cores), float32\n"
-              << std::endl;
-    Report report;
-    section_single(config, report);
-    std::map<MultiKey, MultiResult> multi;
-    section_multi(config, report, multi);
-    section_memory(config, multi);
-    std::cout << format("total %.1f s%s", seconds_since(started), report.failed ? ", SOME MEASUREMENTS FAILED" : "")
-              << std::endl;
-    return report.failed ? 1 : 0;
-  } catch (const std::exception& e) {
-    std::cerr << kProgram << ": " << e.what() << std::endl;
-    return 1;
-  }
+namespace fsdpsim::tools {
+
+void add_bench_engine_command(CLI::App& bench, Command& command) {
+  CLI::App* engine = bench.add_subcommand(
+      "engine",
+      "measure, in one run: the step time (forward + backward + SGD step) of the FSDP engine at world size 1 against "
+      "the plain unsharded model; the step time at 2, 4, 8 fake ranks (thread and fiber ranks, FullShard and "
+      "ShardGradOp); the peak gathered-param bytes per rank against the theoretical peak. Models: mlp_stack (dim 256 "
+      "and 512, batch 64; dim 512 at world size 1 only) and transformer (the scenario's model, longer sequences).");
+  auto config = std::make_shared<Config>();
+  engine->add_flag("--quick", config->quick,
+                   "tiny run: mlp_stack dim 32 and a short transformer, 2 steps, world 2 only");
+  engine->callback([config, &command] { command.action = [config] { return bench_engine_main(*config); }; });
 }
 
-int main(int argc, char** argv) {
-  return fsdpsim::tools::guarded_main(kProgram, [&] { return bench_main(argc, argv); });
-}
+}  // namespace fsdpsim::tools

@@ -9,26 +9,24 @@ build=${1:-build}
 tools="$build/tools"
 logs=${FSDPSIM_BENCH_LOGS:-$(mktemp -d /tmp/fsdpsim-bench-XXXXXX)}
 mkdir -p "$logs"
-for binary in fsdpsim fsdpsim_bench_comm fsdpsim_bench_engine fsdpsim_replay; do
-  if [ ! -x "$tools/$binary" ]; then
-    echo "bench_report: $tools/$binary is missing; build first (bash .ci/build.sh)" >&2
-    exit 2
-  fi
-done
+if [ ! -x "$tools/fsdpsim" ]; then
+  echo "bench_report: $tools/fsdpsim is missing; build first (bash .ci/build.sh)" >&2
+  exit 2
+fi
 
 started=$(date +%s)
 status=0
 step() { echo "bench_report: [$1/4] $2 (log: $logs/$3)"; }
 
 step 1 "collectives: fake vs memcpy, Gloo vs fake, fibers vs threads" comm.log
-"$tools/fsdpsim_bench_comm" >"$logs/comm.log" 2>&1 || status=1
+"$tools/fsdpsim" bench comm >"$logs/comm.log" 2>&1 || status=1
 step 2 "engine step vs plain step, peak memory" engine.log
-"$tools/fsdpsim_bench_engine" >"$logs/engine.log" 2>&1 || status=1
+"$tools/fsdpsim" bench engine >"$logs/engine.log" 2>&1 || status=1
 step 3 "record a trace to replay (mlp_stack, 4 fake thread ranks)" trace.log
 "$tools/fsdpsim" run --scenario mlp_stack --world-size 4 --steps 3 --mlp-dim 256 \
   --trace "$logs/trace.json" >"$logs/trace.log" 2>&1 || status=1
 step 4 "cost model: predicted vs measured replay at world 4" predict.log
-"$tools/fsdpsim_replay" predict "$logs/trace.json.jsonl" --world-size 4 --calibrate-backend fake-threads \
+"$tools/fsdpsim" replay predict "$logs/trace.json.jsonl" --world-size 4 --calibrate-backend fake-threads \
   --measure >"$logs/predict.log" 2>&1 || status=1
 
 pick() {  # pick FILE PATTERN: the first matching line, trimmed

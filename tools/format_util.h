@@ -1,28 +1,25 @@
 #pragma once
 // Small helpers the tools share for their command lines and reports: integer
-// flags, one clock reading, medians, printf-style formatting, byte counts.
+// and number flags, one clock reading, medians, byte counts; {fmt} for the
+// rest. Thread-safety: stateless functions.
 
 #include <algorithm>
 #include <cctype>
 #include <chrono>
 #include <cmath>
-#include <cstdarg>
 #include <cstdint>
-#include <cstdio>
 #include <functional>
 #include <iostream>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
-namespace fsdpsim::tools {
+#include <fmt/format.h>
 
-/// A limit in a message: "3600000", "0.001" (no trailing zeros).
-inline std::string format_limit(double value) {
-  char buffer[64];
-  std::snprintf(buffer, sizeof buffer, "%.10g", value);
-  return buffer;
-}
+// fmt comes header-only from the torch wheel's headers (cmake/Dependencies.cmake).
+static_assert(FMT_VERSION >= 120000, "fsdpsim formats with the torch wheel's fmt 12 (header-only)");
+
+namespace fsdpsim::tools {
 
 /// The integer value of `flag`; throws Error naming the flag for text that is
 /// not exactly one decimal integer ("needs an integer, got 'x'": no sign
@@ -42,7 +39,7 @@ int64_t parse_integer(const std::string& flag, const std::string& text, int64_t 
   }
   if (used == 0 || used != text.size()) throw Error(flag + " needs an integer, got '" + text + "'");
   if (value < min || value > max) {
-    throw Error(flag + " must be in [" + std::to_string(min) + ", " + std::to_string(max) + "], got " + text);
+    throw Error(fmt::format("{} must be in [{}, {}], got {}", flag, min, max, text));
   }
   return value;
 }
@@ -54,8 +51,7 @@ template <typename Error = std::invalid_argument>
 double parse_number(const std::string& flag, const std::string& text, double min, double max,
                     const std::string& what = "a number") {
   auto refuse = [&]() -> Error {
-    return Error(flag + " needs " + what + " in [" + format_limit(min) + ", " + format_limit(max) + "], got '" +
-                 text + "'");
+    return Error(fmt::format("{} needs {} in [{:.10g}, {:.10g}], got '{}'", flag, what, min, max, text));
   };
   const bool decimal = !text.empty() && text.find_first_not_of("0123456789.eE+-") == std::string::npos &&
                        text[0] != '+';
@@ -119,16 +115,6 @@ inline double median(std::vector<double> values) {
   return values.size() % 2 ? values[mid] : (values[mid - 1] + values[mid]) / 2;
 }
 
-inline std::string format(const char* pattern, ...) __attribute__((format(printf, 1, 2)));
-inline std::string format(const char* pattern, ...) {
-  char buffer[512];
-  va_list args;
-  va_start(args, pattern);
-  std::vsnprintf(buffer, sizeof buffer, pattern, args);
-  va_end(args);
-  return buffer;
-}
-
 /// "1.5 MiB" (binary units, one decimal; whole bytes below 1 KiB).
 inline std::string human_bytes(double bytes) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
@@ -137,16 +123,7 @@ inline std::string human_bytes(double bytes) {
     bytes /= 1024;
     ++unit;
   }
-  char buffer[64];
-  std::snprintf(buffer, sizeof buffer, unit ? "%.1f %s" : "%.0f %s", bytes, units[unit]);
-  return buffer;
-}
-
-/// `value` with `digits` decimals.
-inline std::string fixed(double value, int digits) {
-  char buffer[64];
-  std::snprintf(buffer, sizeof buffer, "%.*f", digits, value);
-  return buffer;
+  return unit ? fmt::format("{:.1f} {}", bytes, units[unit]) : fmt::format("{:.0f} {}", bytes, units[unit]);
 }
 
 }  // namespace fsdpsim::tools

@@ -21,6 +21,7 @@
 #include <stdexcept>
 
 #include "sim/fake_process_group.h"
+#include "tools/format_util.h"
 
 extern char** environ;
 
@@ -387,13 +388,9 @@ std::vector<int> LaunchResult::stalled_ranks() const {
 
 std::string LaunchResult::report() const {
   std::ostringstream out;
-  out << std::fixed << std::setprecision(1);
   const double seconds = static_cast<double>(elapsed.count()) / 1000.0;
-  if (ok()) {
-    out << "launch: all " << ranks.size() << " ranks exited 0 in " << seconds << " s\n";
-    return out.str();
-  }
-  out << "launch: FAILED after " << seconds << " s" << headline() << "\n";
+  if (ok()) return fmt::format("launch: all {} ranks exited 0 in {:.1f} s\n", ranks.size(), seconds);
+  out << fmt::format("launch: FAILED after {:.1f} s", seconds) << headline() << "\n";
   const std::vector<int> stalled = stalled_ranks();
   for (const auto& rank : ranks) {
     out << "  rank " << rank.rank << ": " << describe_outcome(rank);
@@ -410,7 +407,6 @@ std::string LaunchResult::report() const {
 
 std::string LaunchResult::headline() const {
   std::ostringstream out;
-  out << std::fixed << std::setprecision(1);
   std::vector<int> stopped;
   for (const auto& rank : ranks) {
     if (rank.process_was_stopped) stopped.push_back(rank.rank);
@@ -426,7 +422,8 @@ std::string LaunchResult::headline() const {
     for (const auto& rank : ranks) {
       if (rank.stopped_by_launcher && !rank.process_was_stopped) late.push_back(rank.rank);
     }
-    out << "; the launcher's grace of " << static_cast<double>(grace.count()) / 1000.0 << " s after the first failure ran out: "
+    out << fmt::format("; the launcher's grace of {:.1f} s after the first failure ran out: ",
+                       static_cast<double>(grace.count()) / 1000.0)
         << ranks_text(late) << " still running, stopped by the launcher";
   }
   if (deadline_exceeded) out << "; the launch deadline passed and the remaining ranks were stopped";

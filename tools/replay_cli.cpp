@@ -1,72 +1,28 @@
-// fsdpsim_replay's command line (replay_main); tools/replay.cpp is the
-// executable around it.
+// `fsdpsim replay check|run|predict` (CLI11) and what each prints.
 
 #include <ATen/ATen.h>
 
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdio>
 #include <cstring>
-#include <map>
-#include <set>
-#include <iomanip>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <optional>
-#include <sstream>
+#include <set>
 #include <thread>
 
+#include <fmt/ranges.h>
+
+#include "tools/cli.h"
 #include "tools/format_util.h"
 #include "tools/replay_lib.h"
 
 namespace fsdpsim::tools {
 
 namespace {
-
-const char* kUsage =
-    "usage:\n"
-    "  fsdpsim_replay check TRACE.jsonl\n"
-    "      match every collective of every group across ranks by (group, seq); report op / dtype / size\n"
-    "      mismatches, missing ranks, ranks that stopped early, failed and in-flight collectives, a trace\n"
-    "      without collectives or with ranks the records do not back. Everything 'run' refuses is a\n"
-    "      problem here (one verdict for both). exit 0 clean, 1 problems found.\n"
-    "  fsdpsim_replay run TRACE.jsonl [options]\n"
-    "      replay the collectives with the recorded sizes, dtypes and order; per op: count, p50/p95\n"
-    "      latency, algbw, busbw.\n"
-    "      --backend fake-threads|fake-fibers|gloo-threads|gloo-processes   (default fake-threads)\n"
-    "      --world-size N      replay at another world size: all_gather / reduce_scatter keep their\n"
-    "                          total size S (per-rank counts S/N, padded up); only groups over the\n"
-    "                          whole world can be rescaled\n"
-    "      --iterations K      replay the whole trace K times (default 1)\n"
-    "      --use-timestamps    sleep each rank's recorded gap before each of its collectives\n"
-    "      --dry-run           print the trace's statistics only\n"
-    "      --check-data        crafted inputs, every output verified bit for bit\n"
-    "      --per-op            print every replayed collective's latency\n"
-    "      --timeout-s S       per-collective timeout (default 60)\n"
-    "  fsdpsim_replay predict TRACE.jsonl --world-size N [options]\n"
-    "      predict the trace's communication time at world size N with the cost model\n"
-    "      --calibrate-backend B   fit latency and bandwidth to a replay of a few sizes on B\n"
-    "                              (default fake-threads)\n"
-    "      --calibrate-world-sizes A,B   worlds of the calibration replays (default: 2 and the\n"
-    "                          trace's world, or 2 and 4 for a trace of 2 ranks)\n"
-    "      --latency-us X --bandwidth-gbps Y   use these instead of calibrating\n"
-    "      --preset NAME       use a named preset (nvlink-h100, ib-ndr400, pcie4, ethernet-100g,\n"
-    "                          gloo-loopback, fake-2core)\n"
-    "      --parallel-links C  links that move data at once (default: one per rank for given\n"
-    "                          parameters; when calibrating, the cores of this host, 1 for fibers)\n"
-    "      --measure           also replay at N (--backend, default the calibration backend) and\n"
-    "                          print prediction vs measurement with the percentage error\n"
-    "      --iterations K      iterations of the measured replay (default 1)\n"
-    "limits (run, predict): --max-bytes B (one rank, one collective; default 1G), --max-memory B\n"
-    "  (all in-process ranks at once; default 8G), --max-sleep-s S (--use-timestamps; default 60).\n"
-    "  Sizes take K, M, G suffixes (powers of 1024).\n"
-    "exit: 0 success / clean, 1 problems found or the replay failed, 2 usage error or a trace that\n"
-    "  cannot be read or replayed.\n";
-
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
 
 int64_t parse_int(const std::string& flag, const std::string& text, int64_t min, int64_t max) {
   return parse_integer<UsageError>(flag, text, min, max);
@@ -97,6 +53,14 @@ int64_t parse_bytes(const std::string& flag, const std::string& text) {
   }
 }
 
+ReplayBackend parse_backend(const std::string& flag, const std::string& text) {
+  try {
+    return replay_backend_from_string(text);
+  } catch (const std::invalid_argument& e) {
+    throw UsageError(flag + std::strchr(e.what(), ' '));  // the message names --backend
+  }
+}
+
 struct Args {
   std::string command;
   std::string trace;
@@ -115,113 +79,82 @@ struct Args {
   bool measure = false;
 };
 
-Args parse(const std::vector<std::string>& argv) {
-  Args a;
-  if (argv.empty()) throw UsageError("missing command (check, run or predict)");
-  a.command = argv[0];
-  if (a.command != "check" && a.command != "run" && a.command != "predict") {
-    throw UsageError("unknown command '" + a.command + "' (check, run or predict)");
+// Options of run and predict.
+void bind_replay_options(CLI::App& app, Args& a) {
+  add_value(app, "--backend", "B", "fake-threads|fake-fibers|gloo-threads|gloo-processes (default fake-threads)",
+            [&a](const std::string& v) { a.backend = parse_backend("--backend", v); });
+  add_value(app, "--world-size", "N",
+            "replay at another world size: all_gather / reduce_scatter keep their total size S (per-rank counts "
+            "S/N, padded up); only groups over the whole world can be rescaled",
+            [&a](const std::string& v) { a.world_size = static_cast<int>(parse_int("--world-size", v, 1, 65536)); });
+  add_value(app, "--iterations", "K", "replay the whole trace K times (default 1)", [&a](const std::string& v) {
+    a.options.iterations = static_cast<int>(parse_int("--iterations", v, 1, 1000000));
+  });
+  add_value(app, "--timeout-s", "S", "per-collective timeout (default 60)", [&a](const std::string& v) {
+    a.options.timeout =
+        std::chrono::milliseconds(static_cast<int64_t>(parse_double("--timeout-s", v, 0.001, 86400) * 1000));
+  });
+  add_value(app, "--max-bytes", "B", "one rank, one collective (default 1G; K, M, G suffixes)",
+            [&a](const std::string& v) { a.options.limits.max_bytes_per_collective = parse_bytes("--max-bytes", v); });
+  add_value(app, "--max-memory", "B", "all in-process ranks at once (default 8G)",
+            [&a](const std::string& v) { a.options.limits.max_memory_bytes = parse_bytes("--max-memory", v); });
+}
+
+void bind_run_only_options(CLI::App& app, Args& a) {
+  app.add_flag("--use-timestamps", a.options.use_timestamps, "sleep each rank's recorded gap before each collective");
+  app.add_flag("--dry-run", a.dry_run, "print the trace's statistics only");
+  app.add_flag("--check-data", a.options.check_data, "crafted inputs, every output verified bit for bit");
+  app.add_flag("--per-op", a.per_op, "print every replayed collective's latency");
+  add_value(app, "--max-sleep-s", "S", "--use-timestamps: limit on a rank's recorded gaps (default 60)",
+            [&a](const std::string& v) { a.options.limits.max_sleep_s = parse_double("--max-sleep-s", v, 0, 86400); });
+}
+
+void bind_predict_only_options(CLI::App& app, Args& a) {
+  add_value(app, "--calibrate-backend", "B",
+            "fit latency and bandwidth to a replay of a few sizes on B "
+            "(default fake-threads)",
+            [&a](const std::string& v) { a.calibrate_backend = parse_backend("--calibrate-backend", v); });
+  add_value(app, "--calibrate-world-sizes", "A,B",
+            "worlds of the calibration replays (default: 2 and the trace's world, or 2 and 4 for a trace of 2 ranks)",
+            [&a](const std::string& v) {
+              a.calibrate_world_sizes.clear();
+              for (int64_t world : parse_integer_list<UsageError>("--calibrate-world-sizes", v, 2, 65536)) {
+                a.calibrate_world_sizes.push_back(static_cast<int>(world));
+              }
+            });
+  add_value(app, "--latency-us", "X", "with --bandwidth-gbps: use these instead of calibrating",
+            [&a](const std::string& v) { a.latency_us = parse_double("--latency-us", v, 0, 1e9); });
+  add_value(app, "--bandwidth-gbps", "Y", "with --latency-us",
+            [&a](const std::string& v) { a.bandwidth_gbps = parse_double("--bandwidth-gbps", v, 1e-9, 1e9); });
+  add_value(app, "--preset", "NAME",
+            "a named cost model (nvlink-h100, ib-ndr400, pcie4, ethernet-100g, gloo-loopback, fake-2core)",
+            [&a](const std::string& v) {
+              try {
+                (void)sim::cost_model_preset(v);
+              } catch (const std::invalid_argument& e) {
+                throw UsageError(e.what());
+              }
+              a.preset = v;
+            });
+  add_value(
+      app, "--parallel-links", "C",
+      "links that move data at once (default: one per rank for given parameters; when calibrating, the cores "
+      "of this host, 1 for fibers)",
+      [&a](const std::string& v) { a.parallel_links = static_cast<int>(parse_int("--parallel-links", v, 0, 65536)); });
+  app.add_flag("--measure", a.measure, "also replay at N and print prediction vs measurement with the error");
+}
+
+// What needs the whole line.
+void check_args(Args& a) {
+  if (a.command == "run" && a.backend) a.options.backend = *a.backend;
+  if (a.command != "predict") return;
+  if (a.world_size == 0) throw UsageError("predict needs --world-size N");
+  if (a.latency_us.has_value() != a.bandwidth_gbps.has_value()) {
+    throw UsageError("--latency-us and --bandwidth-gbps go together");
   }
-  bool is_run = a.command == "run", is_predict = a.command == "predict";
-  for (size_t i = 1; i < argv.size(); ++i) {
-    const std::string& flag = argv[i];
-    auto value = [&]() -> const std::string& {
-      if (i + 1 >= argv.size()) throw UsageError(flag + " needs a value");
-      return argv[++i];
-    };
-    auto only = [&](bool allowed) {
-      if (!allowed) throw UsageError(flag + " does not apply to '" + a.command + "'");
-    };
-    if (flag.empty() || flag[0] != '-') {
-      if (!a.trace.empty()) throw UsageError("one trace file, got '" + a.trace + "' and '" + flag + "'");
-      a.trace = flag;
-    } else if (flag == "--backend") {
-      only(is_run || is_predict);
-      try {
-        a.backend = replay_backend_from_string(value());
-      } catch (const std::invalid_argument& e) {
-        throw UsageError(e.what());
-      }
-    } else if (flag == "--calibrate-backend") {
-      only(is_predict);
-      try {
-        a.calibrate_backend = replay_backend_from_string(value());
-      } catch (const std::invalid_argument& e) {
-        throw UsageError(std::string("--calibrate-backend") + std::strchr(e.what(), ' '));
-      }
-    } else if (flag == "--world-size") {
-      only(is_run || is_predict);
-      a.world_size = static_cast<int>(parse_int(flag, value(), 1, 65536));
-    } else if (flag == "--calibrate-world-sizes") {
-      only(is_predict);
-      a.calibrate_world_sizes.clear();
-      for (int64_t world : parse_integer_list<UsageError>(flag, value(), 2, 65536)) {
-        a.calibrate_world_sizes.push_back(static_cast<int>(world));
-      }
-    } else if (flag == "--iterations") {
-      only(is_run || is_predict);
-      a.options.iterations = static_cast<int>(parse_int(flag, value(), 1, 1000000));
-    } else if (flag == "--use-timestamps") {
-      only(is_run);
-      a.options.use_timestamps = true;
-    } else if (flag == "--dry-run") {
-      only(is_run);
-      a.dry_run = true;
-    } else if (flag == "--check-data") {
-      only(is_run);
-      a.options.check_data = true;
-    } else if (flag == "--per-op") {
-      only(is_run);
-      a.per_op = true;
-    } else if (flag == "--timeout-s") {
-      only(is_run || is_predict);
-      a.options.timeout = std::chrono::milliseconds(
-          static_cast<int64_t>(parse_double(flag, value(), 0.001, 86400) * 1000));
-    } else if (flag == "--max-bytes") {
-      only(is_run || is_predict);
-      a.options.limits.max_bytes_per_collective = parse_bytes(flag, value());
-    } else if (flag == "--max-memory") {
-      only(is_run || is_predict);
-      a.options.limits.max_memory_bytes = parse_bytes(flag, value());
-    } else if (flag == "--max-sleep-s") {
-      only(is_run);
-      a.options.limits.max_sleep_s = parse_double(flag, value(), 0, 86400);
-    } else if (flag == "--latency-us") {
-      only(is_predict);
-      a.latency_us = parse_double(flag, value(), 0, 1e9);
-    } else if (flag == "--bandwidth-gbps") {
-      only(is_predict);
-      a.bandwidth_gbps = parse_double(flag, value(), 1e-9, 1e9);
-    } else if (flag == "--preset") {
-      only(is_predict);
-      a.preset = value();
-      try {
-        (void)sim::cost_model_preset(*a.preset);
-      } catch (const std::invalid_argument& e) {
-        throw UsageError(e.what());
-      }
-    } else if (flag == "--parallel-links") {
-      only(is_predict);
-      a.parallel_links = static_cast<int>(parse_int(flag, value(), 0, 65536));
-    } else if (flag == "--measure") {
-      only(is_predict);
-      a.measure = true;
-    } else {
-      throw UsageError("unknown option '" + flag + "'");
-    }
-  }
-  if (a.trace.empty()) throw UsageError(a.command + " needs a trace file");
-  if (is_run && a.backend) a.options.backend = *a.backend;
-  if (is_predict) {
-    if (a.world_size == 0) throw UsageError("predict needs --world-size N");
-    if (a.latency_us.has_value() != a.bandwidth_gbps.has_value()) {
-      throw UsageError("--latency-us and --bandwidth-gbps go together");
-    }
-    const int sources = (a.latency_us ? 1 : 0) + (a.preset ? 1 : 0) + (a.calibrate_backend ? 1 : 0);
-    if (sources > 1) throw UsageError("give one of --calibrate-backend, --preset, --latency-us/--bandwidth-gbps");
-    if (a.backend && !a.measure) throw UsageError("--backend applies to predict with --measure");
-  }
-  return a;
+  const int sources = (a.latency_us ? 1 : 0) + (a.preset ? 1 : 0) + (a.calibrate_backend ? 1 : 0);
+  if (sources > 1) throw UsageError("give one of --calibrate-backend, --preset, --latency-us/--bandwidth-gbps");
+  if (a.backend && !a.measure) throw UsageError("--backend applies to predict with --measure");
 }
 
 // A single-thread memcpy of `bytes`, median of a few, in GB/s: the in-memory
@@ -254,7 +187,7 @@ int default_links(ReplayBackend b) {
 int cmd_check(const Args& a, std::ostream& out) {
   const ReplayTrace trace = load_replay_trace(a.trace);
   const CheckReport report = check_trace(trace);
-  out << "fsdpsim_replay check: " << a.trace << ": " << report.text();
+  out << "fsdpsim replay check: " << a.trace << ": " << report.text();
   return report.clean() ? 0 : 1;
 }
 
@@ -264,11 +197,11 @@ void print_yardstick(const ReplayPlan& plan, const ReplayResult& result, std::os
   if (largest == 0) return;
   const int64_t bytes = std::min<int64_t>(largest, int64_t{64} << 20);
   const double copy = memcpy_gbps(bytes);
-  out << "memory yardstick: one thread copies " << human_bytes(static_cast<double>(bytes)) << " at " << fixed(copy, 2)
-      << " GB/s here";
+  out << "memory yardstick: one thread copies " << human_bytes(static_cast<double>(bytes)) << " at "
+      << fmt::format("{:.2f}", copy) << " GB/s here";
   for (const auto& s : summarize(result.collectives)) {
     if ((s.op == CollectiveOp::AllGather || s.op == CollectiveOp::ReduceScatter) && s.busbw_gbps > 0 && copy > 0) {
-      out << "; " << to_string(s.op) << " busbw is " << fixed(s.busbw_gbps / copy, 2) << "x of it";
+      out << "; " << to_string(s.op) << " busbw is " << fmt::format("{:.2f}", s.busbw_gbps / copy) << "x of it";
     }
   }
   out << "\n";
@@ -279,30 +212,30 @@ int cmd_run(const Args& a, std::ostream& out, std::ostream& err) {
   const ReplayTrace trace = load_replay_trace(a.trace);
   const ReplayPlan plan = make_replay_plan(trace, a.world_size, a.options.limits);
   if (a.dry_run) {
-    out << "fsdpsim_replay run --dry-run: " << a.trace << "\n" << format_plan_statistics(trace, plan);
+    out << "fsdpsim replay run --dry-run: " << a.trace << "\n" << format_plan_statistics(trace, plan);
     return 0;
   }
-  out << "fsdpsim_replay run: " << a.trace << ": world " << plan.world_size << " (trace world "
-      << plan.trace_world_size << "), backend " << to_string(a.options.backend) << ", " << a.options.iterations
+  out << "fsdpsim replay run: " << a.trace << ": world " << plan.world_size << " (trace world " << plan.trace_world_size
+      << "), backend " << to_string(a.options.backend) << ", " << a.options.iterations
       << (a.options.iterations == 1 ? " iteration, " : " iterations, ") << plan.collectives
       << " collectives per iteration" << (a.options.use_timestamps ? ", recorded gaps" : "")
       << (a.options.check_data ? ", data check" : "") << (plan.padded ? ", per-rank counts padded" : "") << std::endl;
   const ReplayResult result = run_replay(plan, a.options);
   out << format_summary(summarize(result.collectives));
-  out << "wall " << fixed(result.wall_s, 3) << " s; communication " << fixed(result.total_latency_ns() / 1e6, 3)
-      << " ms (sum of collective latencies)\n";
+  out << "wall " << fmt::format("{:.3f}", result.wall_s) << " s; communication "
+      << fmt::format("{:.3f}", result.total_latency_ns() / 1e6) << " ms (sum of collective latencies)\n";
   if (a.per_op) {
     out << "per collective (iteration, group, seq, op, S, latency us):\n";
     for (const auto& t : result.collectives) {
-      out << "  " << t.iteration + 1 << " " << plan.groups[t.group_index].name << " " << t.seq << " "
-          << to_string(t.op) << " " << t.total_bytes << " " << fixed(t.latency_ns / 1e3, 1) << "\n";
+      out << "  " << t.iteration + 1 << " " << plan.groups[t.group_index].name << " " << t.seq << " " << to_string(t.op)
+          << " " << t.total_bytes << " " << fmt::format("{:.1f}", t.latency_ns / 1e3) << "\n";
     }
   }
   if (is_fake(a.options.backend)) print_yardstick(plan, result, out);
   if (a.options.check_data) {
     if (!result.data_error.empty()) {
       out << "data check FAILED: " << result.data_error << "\n";
-      err << "fsdpsim_replay: " << result.data_error << std::endl;
+      err << "fsdpsim: error: " << result.data_error << std::endl;
       return 1;
     }
     out << "data check: " << result.checked_outputs << " outputs verified bit for bit (the latencies above include "
@@ -311,140 +244,183 @@ int cmd_run(const Args& a, std::ostream& out, std::ostream& err) {
   return 0;
 }
 
-int cmd_predict(const Args& a, std::ostream& out) {
-  const ReplayTrace trace = load_replay_trace(a.trace);
-  const ReplayPlan target = make_replay_plan(trace, a.world_size, a.options.limits);
-  out << "fsdpsim_replay predict: " << a.trace << ": trace world " << trace.world_size << " -> world "
-      << a.world_size << ", " << target.collectives << " collectives"
-      << (target.padded ? " (per-rank counts padded)" : "") << std::endl;
-
+// The cost model predict uses: given, a preset, or fitted to a calibration replay.
+sim::CostModelParams predict_cost_model(const Args& a, const ReplayTrace& trace, ReplayBackend calibrate_on,
+                                        std::ostream& out) {
   sim::CostModelParams params;
-  ReplayBackend calibrate_on = a.calibrate_backend.value_or(ReplayBackend::FakeThreads);
   if (a.latency_us) {
     params.latency_us = *a.latency_us;
     params.bandwidth_gbps = *a.bandwidth_gbps;
     params.max_parallel_links = a.parallel_links.value_or(0);
     out << "cost model: given, " << params.to_string() << "\n";
-  } else if (a.preset) {
+    return params;
+  }
+  if (a.preset) {
     params = sim::cost_model_preset(*a.preset);
     if (a.parallel_links) params.max_parallel_links = *a.parallel_links;
     out << "cost model: preset " << *a.preset << ", " << params.to_string() << "\n";
-  } else {
-    std::vector<int> worlds = a.calibrate_world_sizes;
-    if (worlds.empty()) worlds = {2, trace.world_size > 2 ? trace.world_size : 4};
-    const int links = a.parallel_links.value_or(default_links(calibrate_on));
-    ReplayOptions options = a.options;
-    options.backend = calibrate_on;
-    const ReplayPlan source = make_replay_plan(trace, 0, a.options.limits);
-    const auto samples = calibrate(source, worlds, options);
-    params = sim::fit_cost_model(samples, links);
-    std::string world_list;
-    for (int w : worlds) world_list += (world_list.empty() ? "" : ", ") + std::to_string(w);
-    out << "calibration: " << samples.size() << " samples on " << to_string(calibrate_on) << ", worlds " << world_list
-        << " (median of 5 after 1 untimed each):\n";
-    char line[200];
-    std::snprintf(line, sizeof line, "  %-15s %5s %11s %12s %12s %8s\n", "op", "world", "S", "measured us",
-                  "model us", "error");
-    out << line;
-    for (const auto& s : samples) {
-      const double model = static_cast<double>(sim::predict_ns(s.op, s.bytes, s.world_size, params));
-      std::snprintf(line, sizeof line, "  %-15s %5d %11s %12.1f %12.1f %7.1f%%\n", to_string(s.op), s.world_size,
-                    human_bytes(static_cast<double>(s.bytes)).c_str(), s.time_ns / 1e3, model / 1e3,
-                    (model - s.time_ns) / s.time_ns * 100);
-      out << line;
-    }
-    out << "cost model: fitted, " << params.to_string() << " (rms error " << fixed(100 * sim::rms_relative_error(samples, params), 1)
-        << "% over the calibration sizes)\n";
+    return params;
   }
+  std::vector<int> worlds = a.calibrate_world_sizes;
+  if (worlds.empty()) worlds = {2, trace.world_size > 2 ? trace.world_size : 4};
+  const int links = a.parallel_links.value_or(default_links(calibrate_on));
+  ReplayOptions options = a.options;
+  options.backend = calibrate_on;
+  const auto samples = calibrate(make_replay_plan(trace, 0, a.options.limits), worlds, options);
+  params = sim::fit_cost_model(samples, links);
+  out << fmt::format("calibration: {} samples on {}, worlds {} (median of 5 after 1 untimed each):\n", samples.size(),
+                     to_string(calibrate_on), fmt::join(worlds, ", "));
+  out << fmt::format("  {:<15} {:>5} {:>11} {:>12} {:>12} {:>8}\n", "op", "world", "S", "measured us", "model us",
+                     "error");
+  for (const auto& s : samples) {
+    const double model = static_cast<double>(sim::predict_ns(s.op, s.bytes, s.world_size, params));
+    out << fmt::format("  {:<15} {:>5} {:>11} {:>12.1f} {:>12.1f} {:>7.1f}%\n", to_string(s.op), s.world_size,
+                       human_bytes(static_cast<double>(s.bytes)), s.time_ns / 1e3, model / 1e3,
+                       (model - s.time_ns) / s.time_ns * 100);
+  }
+  out << fmt::format("cost model: fitted, {} (rms error {:.1f}% over the calibration sizes)\n", params.to_string(),
+                     100 * sim::rms_relative_error(samples, params));
+  return params;
+}
 
+// Collectives of the plan per op: each (group, seq) once.
+std::map<CollectiveOp, size_t> count_by_op(const ReplayPlan& plan) {
+  std::map<CollectiveOp, size_t> counts;
+  std::set<std::pair<size_t, uint64_t>> seen;
+  for (const auto& program : plan.per_rank) {
+    for (const auto& op : program) {
+      if (seen.insert({op.group_index, op.seq}).second) ++counts[op.op];
+    }
+  }
+  return counts;
+}
+
+void print_prediction(const Args& a, const ReplayPlan& target, const sim::CostModelParams& params,
+                      const std::optional<ReplayResult>& measured_run, std::ostream& out) {
   std::map<CollectiveOp, int64_t> predicted_by_op;
   const int64_t predicted = predict_plan_ns(target, params, &predicted_by_op);
   std::map<CollectiveOp, int64_t> measured_by_op;
-  std::map<CollectiveOp, size_t> count_by_op;
   int64_t measured = 0;
   const int iterations = a.options.iterations;
-  ReplayBackend measure_on = a.backend.value_or(calibrate_on);
-  if (a.measure) {
-    ReplayOptions options = a.options;
-    options.backend = measure_on;
-    const ReplayResult result = run_replay(target, options);
-    for (const auto& t : result.collectives) measured_by_op[t.op] += t.latency_ns;
-    measured = result.total_latency_ns() / iterations;
+  if (measured_run) {
+    for (const auto& t : measured_run->collectives) measured_by_op[t.op] += t.latency_ns;
+    measured = measured_run->total_latency_ns() / iterations;
     for (auto& [op, ns] : measured_by_op) ns /= iterations;
   }
-  {
-    std::set<std::pair<size_t, uint64_t>> seen;
-    for (const auto& program : target.per_rank) {
-      for (const auto& op : program) {
-        if (seen.insert({op.group_index, op.seq}).second) ++count_by_op[op.op];
-      }
-    }
-  }
+  const auto counts = count_by_op(target);
   out << "prediction at world " << a.world_size << " (communication time of one pass over the trace):\n";
-  char line[200];
-  if (a.measure) {
-    std::snprintf(line, sizeof line, "  %-15s %6s %13s %13s %8s\n", "op", "count", "predicted ms", "measured ms",
-                  "error");
-  } else {
-    std::snprintf(line, sizeof line, "  %-15s %6s %13s\n", "op", "count", "predicted ms");
-  }
-  out << line;
+  out << (a.measure ? fmt::format("  {:<15} {:>6} {:>13} {:>13} {:>8}\n", "op", "count", "predicted ms", "measured ms",
+                                  "error")
+                    : fmt::format("  {:<15} {:>6} {:>13}\n", "op", "count", "predicted ms"));
   auto row = [&](const std::string& name, size_t count, int64_t p, int64_t m) {
-    if (a.measure) {
-      const std::string error = m > 0 ? fixed(100.0 * static_cast<double>(p - m) / static_cast<double>(m), 1) + "%" : "-";
-      std::snprintf(line, sizeof line, "  %-15s %6zu %13.3f %13.3f %8s\n", name.c_str(), count, p / 1e6, m / 1e6,
-                    error.c_str());
-    } else {
-      std::snprintf(line, sizeof line, "  %-15s %6zu %13.3f\n", name.c_str(), count, p / 1e6);
+    if (!a.measure) {
+      out << fmt::format("  {:<15} {:>6} {:>13.3f}\n", name, count, p / 1e6);
+      return;
     }
-    out << line;
+    const std::string error =
+        m > 0 ? fmt::format("{:.1f}%", 100.0 * static_cast<double>(p - m) / static_cast<double>(m)) : "-";
+    out << fmt::format("  {:<15} {:>6} {:>13.3f} {:>13.3f} {:>8}\n", name, count, p / 1e6, m / 1e6, error);
   };
   size_t total_count = 0;
   for (const auto& [op, p] : predicted_by_op) {
-    row(to_string(op), count_by_op[op], p, measured_by_op[op]);
-    total_count += count_by_op[op];
+    const size_t count = counts.count(op) ? counts.at(op) : 0;
+    row(to_string(op), count, p, measured_by_op[op]);
+    total_count += count;
   }
   row("total", total_count, predicted, measured);
   if (a.measure) {
-    out << "measured on " << to_string(measure_on) << " at world " << a.world_size
-        << (iterations > 1 ? ", mean of " + std::to_string(iterations) + " iterations" : "")
-        << "; prediction error " << fixed(100.0 * static_cast<double>(predicted - measured) / std::max<int64_t>(1, measured), 1)
-        << "% (predicted " << fixed(predicted / 1e6, 3) << " ms, measured " << fixed(measured / 1e6, 3) << " ms)\n";
+    out << fmt::format(
+        "measured on {} at world {}{}; prediction error {:.1f}% (predicted {:.3f} ms, measured {:.3f} ms)\n",
+        to_string(a.backend.value_or(a.calibrate_backend.value_or(ReplayBackend::FakeThreads))), a.world_size,
+        iterations > 1 ? fmt::format(", mean of {} iterations", iterations) : "",
+        100.0 * static_cast<double>(predicted - measured) / std::max<int64_t>(1, measured), predicted / 1e6,
+        measured / 1e6);
   }
+}
+
+int cmd_predict(const Args& a, std::ostream& out) {
+  const ReplayTrace trace = load_replay_trace(a.trace);
+  const ReplayPlan target = make_replay_plan(trace, a.world_size, a.options.limits);
+  out << "fsdpsim replay predict: " << a.trace << ": trace world " << trace.world_size << " -> world " << a.world_size
+      << ", " << target.collectives << " collectives" << (target.padded ? " (per-rank counts padded)" : "")
+      << std::endl;
+  const ReplayBackend calibrate_on = a.calibrate_backend.value_or(ReplayBackend::FakeThreads);
+  const sim::CostModelParams params = predict_cost_model(a, trace, calibrate_on, out);
+  std::optional<ReplayResult> measured;
+  if (a.measure) {
+    ReplayOptions options = a.options;
+    options.backend = a.backend.value_or(calibrate_on);
+    measured = run_replay(target, options);
+  }
+  print_prediction(a, target, params, measured, out);
   return 0;
+}
+
+// Runs the parsed command; a trace that cannot be read or replayed exits 2.
+int replay_action(Args& a, Command& command) {
+  check_args(a);
+  std::ostream& err = command.err;
+  try {
+    if (a.command == "check") return cmd_check(a, command.out);
+    if (a.command == "run") return cmd_run(a, command.out, err);
+    return cmd_predict(a, command.out);
+  } catch (const TraceFileError& e) {
+    err << "fsdpsim: error: " << a.trace << ": " << first_line(e.what()) << std::endl;
+    return 2;
+  } catch (const ReplayPlanError& e) {
+    err << "fsdpsim: error: " << a.trace << ": " << first_line(e.what()) << std::endl;
+    return 2;
+  } catch (const ReplayRunError& e) {
+    err << "fsdpsim: error: " << e.what() << std::endl;  // with each rank's report
+    return 1;
+  }
 }
 
 }  // namespace
 
+void add_replay_command(CLI::App& root, Command& command, const std::vector<std::string>& worker_command) {
+  CLI::App* replay = root.add_subcommand("replay", "check, replay and predict JSONL traces of fsdpsim worlds");
+  replay->require_subcommand(1);
+  replay->footer(
+      "exit: 0 success / clean, 1 problems found or the replay failed, 2 usage error or a trace that cannot be "
+      "read or replayed.");
+  auto a = std::make_shared<Args>();
+  a->options.worker_command = worker_command;
+  auto add = [&](const std::string& name, const std::string& help) {
+    CLI::App* sub = replay->add_subcommand(name, help);
+    sub->add_option("trace", a->trace, "the trace (PATH.jsonl of fsdpsim run --trace PATH)")
+        ->required()
+        ->type_name("TRACE.jsonl");
+    sub->callback([a, name, &command] {
+      a->command = name;
+      command.action = [a, &command] { return replay_action(*a, command); };
+    });
+    return sub;
+  };
+  add("check",
+      "match every collective of every group across ranks by (group, seq); report op / dtype / size mismatches, "
+      "missing ranks, ranks that stopped early, failed and in-flight collectives, a trace without collectives or "
+      "with ranks the records do not back. Everything 'run' refuses is a problem here. Exit 0 clean, 1 problems.");
+  CLI::App* run = add("run",
+                      "replay the collectives with the recorded sizes, dtypes and order; per op: count, "
+                      "p50/p95 latency, algbw, busbw");
+  bind_replay_options(*run, *a);
+  bind_run_only_options(*run, *a);
+  CLI::App* predict = add("predict", "predict the trace's communication time at world size N with the cost model");
+  bind_replay_options(*predict, *a);
+  bind_predict_only_options(*predict, *a);
+}
+
 int replay_main(const std::vector<std::string>& args, std::ostream& out, std::ostream& err,
                 const std::vector<std::string>& worker_command) {
-  if (!args.empty() && (args[0] == "--help" || args[0] == "-h" || args[0] == "help")) {
-    out << kUsage;
-    return 0;
-  }
-  Args a;
+  Command command{{"replay"}, out, err, {}};
+  command.args.insert(command.args.end(), args.begin(), args.end());
+  CLI::App root("fsdpsim", "fsdpsim");
+  add_replay_command(root, command, worker_command);
   try {
-    a = parse(args);
-  } catch (const UsageError& e) {
-    err << "fsdpsim_replay: " << e.what() << " (see 'fsdpsim_replay --help')" << std::endl;
-    return 2;
-  }
-  a.options.worker_command = worker_command;
-  try {
-    if (a.command == "check") return cmd_check(a, out);
-    if (a.command == "run") return cmd_run(a, out, err);
-    return cmd_predict(a, out);
-  } catch (const TraceFileError& e) {
-    err << "fsdpsim_replay: " << a.trace << ": " << e.what() << std::endl;
-    return 2;
-  } catch (const ReplayPlanError& e) {
-    err << "fsdpsim_replay: " << a.trace << ": " << e.what() << std::endl;
-    return 2;
-  } catch (const ReplayRunError& e) {
-    err << "fsdpsim_replay: " << e.what() << std::endl;
-    return 1;
+    return run_command_line(root, command);
   } catch (const std::exception& e) {
-    err << "fsdpsim_replay: " << e.what() << std::endl;
+    err << "fsdpsim: error: " << first_line(e.what()) << std::endl;
     return 1;
   }
 }

@@ -1,4 +1,4 @@
-// fsdpsim_replay: reading, check, planning and reports (no ranks run here;
+// `fsdpsim replay`: reading, check, planning and reports (no ranks run here;
 // see replay_run.cpp for the replay itself and replay_cli.cpp for the
 // command line).
 
@@ -604,7 +604,7 @@ size_t refuse_unreplayable(const ReplayTrace& trace) {
   const CheckReport report = check_trace(trace);
   for (const auto& finding : report.findings) {
     if (blocks_replay(finding.kind)) {
-      throw ReplayPlanError("cannot replay: " + finding.message + " (run 'fsdpsim_replay check' for the full report)");
+      throw ReplayPlanError("cannot replay: " + finding.message + " (run 'fsdpsim replay check' for the full report)");
     }
   }
   return report.collectives;

@@ -1,5 +1,5 @@
 #pragma once
-// fsdpsim_replay's logic, as a library the tests call directly:
+// `fsdpsim replay`'s logic, as a library the tests call directly:
 //   check   -- flight-recorder style analysis of a JSONL trace: every
 //              collective matched across ranks by (group, seq); op, dtype,
 //              size, reduce-op and root mismatches; missing ranks; ranks that
@@ -43,6 +43,8 @@
 #include "sim/cost_model.h"
 
 namespace fsdpsim::tools {
+
+class WorkerContext;  // tools/worker.h
 
 /// A trace that cannot be used: "trace line N: <field>: <problem>" (or a
 /// file-level problem without a line).
@@ -130,7 +132,7 @@ struct CheckReport {
   /// collective (empty when the trace is clean).
   std::vector<std::string> where;
   bool clean() const { return findings.empty(); }
-  /// The report as printed by `fsdpsim_replay check`.
+  /// The report as printed by `fsdpsim replay check`.
   std::string text() const;
 };
 
@@ -213,8 +215,8 @@ struct ReplayOptions {
   bool check_data = false;
   std::chrono::milliseconds timeout{60000};
   ReplayLimits limits;
-  /// GlooProcesses: the command that runs replay_worker_main() (the launcher
-  /// adds the rendezvous variables and FSDPSIM_REPLAY_JOB).
+  /// GlooProcesses: the command that runs a worker (tools/worker.h:
+  /// worker_command(); the job names kReplayWorker); empty: refused.
   std::vector<std::string> worker_command;
   /// In-process backends: decorates each rank's world group before the
   /// replay builds its sub-groups (tests inject faults through it).
@@ -247,10 +249,10 @@ struct ReplayResult {
 /// own limits refuse it before anything runs, ReplayRunError when it fails.
 ReplayResult run_replay(const ReplayPlan& plan, const ReplayOptions& options);
 
-/// Entry point of a Gloo process worker (reads FSDPSIM_REPLAY_JOB and the
-/// launcher's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT). Returns the
-/// exit code.
-int replay_worker_main();
+/// The worker kind (tools/worker.h) of a gloo-processes rank, and its entry
+/// point (the job, and the launcher's RANK / WORLD_SIZE / MASTER_*).
+inline constexpr const char* kReplayWorker = "replay";
+int replay_worker_main(const WorkerContext& context);
 
 // ---------------------------------------------------------------------------
 // Reports
@@ -302,11 +304,11 @@ std::vector<sim::CostSample> calibrate(const ReplayPlan& plan, const std::vector
 // ---------------------------------------------------------------------------
 // Command line
 
-/// fsdpsim_replay's main: `args` without the program name. Returns the exit
-/// code: 0 clean / success, 1 problems found or the replay failed, 2 usage
-/// errors and unreadable or unreplayable traces (one line on `err`).
-/// `worker_command` runs replay_worker_main() in a child process (for
-/// fsdpsim_replay: {its path, "worker"}); without it gloo-processes is refused.
+/// `fsdpsim replay`: `args` after "replay". Returns the exit code: 0 clean /
+/// success, 1 problems found or the replay failed, 2 usage errors and
+/// unreadable or unreplayable traces (one line on `err`). `worker_command`
+/// starts a worker of this binary (worker_command() in tools/worker.h);
+/// without it gloo-processes is refused.
 int replay_main(const std::vector<std::string>& args, std::ostream& out, std::ostream& err,
                 const std::vector<std::string>& worker_command = {});
 

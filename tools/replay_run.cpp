@@ -1,4 +1,4 @@
-// fsdpsim_replay: running a plan on ranks (in-process worlds or Gloo
+// `fsdpsim replay`: running a plan on ranks (in-process worlds or Gloo
 // processes), verifying data, and calibrating the cost model.
 
 #include <ATen/ATen.h>
@@ -25,6 +25,7 @@
 #include "backends/gloo/gloo_process_group.h"
 #include "sim/world.h"
 #include "tools/format_util.h"
+#include "tools/worker.h"
 #include "tools/process_launcher.h"
 #include "tools/replay_lib.h"
 
@@ -448,18 +449,16 @@ ReplayResult run_processes(const ReplayPlan& plan, const ReplayOptions& options)
   if (options.worker_command.empty()) {
     throw ReplayPlanError("gloo-processes needs the command of a replay worker (ReplayOptions::worker_command)");
   }
-  TempDir dir;
+  TempDir dir;  // the plan: too large for the job in the environment
   const std::string plan_path = dir.path() + "/plan.json";
-  const std::string job_path = dir.path() + "/job.json";
   write_file(plan_path, plan_to_json(plan).dump());
   Json job;
+  job["kind"] = kReplayWorker;
   job["plan"] = plan_path;
-  job["out_dir"] = dir.path();
   job["iterations"] = options.iterations;
   job["use_timestamps"] = options.use_timestamps;
   job["check_data"] = options.check_data;
   job["timeout_ms"] = options.timeout.count();
-  write_file(job_path, job.dump());
 
   LaunchOptions launch;
   launch.nproc = plan.world_size;
@@ -468,14 +467,14 @@ ReplayResult run_processes(const ReplayPlan& plan, const ReplayOptions& options)
   launch.output = &output;
   launch.timeout = std::chrono::milliseconds(10000);
   launch.deadline = std::chrono::minutes(30);
-  launch.extra_env["FSDPSIM_REPLAY_JOB"] = job_path;
   const int64_t started = now_ns();
-  LaunchResult launched = launch_processes(launch);
+  const WorkerRun run = launch_workers(job, launch);
   const double wall_s = static_cast<double>(now_ns() - started) / 1e9;
-  if (!launched.ok()) throw ReplayRunError("the replay failed (gloo-processes):\n" + launched.report());
+  if (!run.launched.ok()) throw ReplayRunError("the replay failed (gloo-processes):\n" + run.launched.report());
   std::vector<RankRecord> records(static_cast<size_t>(plan.world_size));
   for (int r = 0; r < plan.world_size; ++r) {
-    const Json j = read_json_file(dir.path() + "/rank-" + std::to_string(r) + ".json");
+    if (!run.results[r]) throw ReplayRunError("rank " + std::to_string(r) + " of gloo-processes wrote no result");
+    const Json& j = *run.results[r];
     auto& rec = records[static_cast<size_t>(r)];
     rec.start = j.at("start").get<std::vector<int64_t>>();
     rec.end = j.at("end").get<std::vector<int64_t>>();
@@ -554,43 +553,31 @@ ReplayResult run_replay(const ReplayPlan& plan, const ReplayOptions& options) {
   return collect(plan, options, records, wall_s);
 }
 
-int replay_worker_main() {
-  try {
-    const char* job_path = std::getenv("FSDPSIM_REPLAY_JOB");
-    if (job_path == nullptr || *job_path == '\0') {
-      std::cerr << "fsdpsim_replay worker: FSDPSIM_REPLAY_JOB is not set (workers are started by "
-                   "'fsdpsim_replay run --backend gloo-processes')"
-                << std::endl;
-      return 2;
-    }
-    const Json job = read_json_file(job_path);
-    const ReplayPlan plan = plan_from_json(read_json_file(job.at("plan").get<std::string>()));
-    ReplayOptions options;
-    options.backend = ReplayBackend::GlooProcesses;
-    options.iterations = job.at("iterations").get<int>();
-    options.use_timestamps = job.at("use_timestamps").get<bool>();
-    options.check_data = job.at("check_data").get<bool>();
-    options.timeout = std::chrono::milliseconds(job.at("timeout_ms").get<int64_t>());
-    const LaunchEnv env = LaunchEnv::from_env();
-    if (env.world_size != plan.world_size) {
-      throw std::runtime_error("WORLD_SIZE " + std::to_string(env.world_size) + " differs from the plan's world of " +
-                               std::to_string(plan.world_size));
-    }
-    at::set_num_threads(1);
-    ProcessGroupPtr world = make_gloo_process_group_from_env(options.timeout);
-    RankRecord record;
-    replay_rank(plan, env.rank, world, options, record);
-    Json out;
-    out["start"] = record.start;
-    out["end"] = record.end;
-    out["checked"] = record.checked;
-    out["data_error"] = record.data_error;
-    write_file(job.at("out_dir").get<std::string>() + "/rank-" + std::to_string(env.rank) + ".json", out.dump());
-    return 0;
-  } catch (const std::exception& e) {
-    std::cerr << "fsdpsim_replay worker: " << first_line(e.what()) << std::endl;
-    return 1;
+int replay_worker_main(const WorkerContext& context) {
+  const Json& job = context.job();
+  const ReplayPlan plan = plan_from_json(read_json_file(job.at("plan").get<std::string>()));
+  ReplayOptions options;
+  options.backend = ReplayBackend::GlooProcesses;
+  options.iterations = job.at("iterations").get<int>();
+  options.use_timestamps = job.at("use_timestamps").get<bool>();
+  options.check_data = job.at("check_data").get<bool>();
+  options.timeout = std::chrono::milliseconds(job.at("timeout_ms").get<int64_t>());
+  const LaunchEnv env = LaunchEnv::from_env();
+  if (env.world_size != plan.world_size) {
+    throw std::runtime_error("WORLD_SIZE " + std::to_string(env.world_size) + " differs from the plan's world of " +
+                             std::to_string(plan.world_size));
   }
+  at::set_num_threads(1);
+  ProcessGroupPtr world = make_gloo_process_group_from_env(options.timeout);
+  RankRecord record;
+  replay_rank(plan, env.rank, world, options, record);
+  Json out;
+  out["start"] = record.start;
+  out["end"] = record.end;
+  out["checked"] = record.checked;
+  out["data_error"] = record.data_error;
+  context.write_result(out);
+  return 0;
 }
 
 namespace {

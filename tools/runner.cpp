@@ -3,6 +3,9 @@
 
 #include <ATen/ATen.h>
 
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
 #include <algorithm>
 #include <array>
 #include <cerrno>
@@ -16,12 +19,10 @@
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <stdexcept>
-#include <fcntl.h>
-#include <signal.h>
-#include <unistd.h>
 
 #include "backends/clock.h"
 #include "backends/comm_hooks.h"
@@ -37,6 +38,7 @@
 #include "sim/fake_process_group.h"
 #include "sim/fiber_autograd.h"
 #include "tools/process_launcher.h"
+#include "tools/worker.h"
 
 namespace fsdpsim::tools {
 
@@ -46,23 +48,6 @@ using Ms = std::chrono::duration<double, std::milli>;
 
 std::chrono::nanoseconds ms_to_ns(double ms) {
   return std::chrono::nanoseconds(static_cast<int64_t>(ms * 1e6));
-}
-
-int64_t parse_int(const std::string& flag, const std::string& value, int64_t min, int64_t max) {
-  return parse_integer(flag, value, min, max);
-}
-
-double parse_ms(const std::string& flag, const std::string& value) {
-  return parse_number(flag, value, 0, 3.6e6, "milliseconds");
-}
-
-template <typename Enum>
-Enum parse_choice(const std::string& flag, const std::string& value, const std::map<std::string, Enum>& choices) {
-  auto it = choices.find(value);
-  if (it != choices.end()) return it->second;
-  std::string names;
-  for (const auto& [name, unused] : choices) names += (names.empty() ? "" : ", ") + name;
-  throw std::invalid_argument(flag + " must be one of " + names + ", got '" + value + "'");
 }
 
 /// Sleeps in on_reshard: the free of gathered params waits.
@@ -162,7 +147,8 @@ std::string compute_time_text(const RunOptions& options) {
   switch (options.world.compute_time) {
     case sim::ComputeTime::Measured: return "measured";
     case sim::ComputeTime::Zero: return "zero";
-    case sim::ComputeTime::Fixed: return fixed(static_cast<double>(options.world.fixed_compute_ns) / 1000, 3) + " us per slice";
+    case sim::ComputeTime::Fixed:
+      return fmt::format("{:.3f} us per slice", static_cast<double>(options.world.fixed_compute_ns) / 1000);
   }
   return "?";
 }
@@ -186,15 +172,14 @@ std::string describe(const RunOptions& options) {
 
 void print_progress(std::ostream& out, const RunOptions& options, int step, const RankStats& stats,
                     bool simulated) {
-  out << "  step " << step + 1 << "/" << options.steps << "  loss(rank 0) " << std::setprecision(6)
-      << stats.losses.back() << "  " << std::fixed << std::setprecision(2) << stats.wall_step_ns.back() / 1e6
-      << " ms";
+  std::string line = fmt::format("  step {}/{}  loss(rank 0) {:.6g}  {:.2f} ms", step + 1, options.steps,
+                                 stats.losses.back(), stats.wall_step_ns.back() / 1e6);
   if (simulated) {
     const double predicted = static_cast<double>(stats.step_ns.back());
-    out << "  predicted " << predicted / 1e6 << " ms, exposed comm "
-        << (predicted > 0 ? 100.0 * stats.exposed_ns.back() / predicted : 0.0) << "%";
+    line += fmt::format("  predicted {:.2f} ms, exposed comm {:.2f}%", predicted / 1e6,
+                        predicted > 0 ? 100.0 * stats.exposed_ns.back() / predicted : 0.0);
   }
-  out << std::defaultfloat << std::endl;
+  out << line << std::endl;
 }
 
 void write_traces(const RunOptions& options, observe::TraceRecorder& recorder) {
@@ -228,7 +213,7 @@ void print_summary(std::ostream& out, const RunOptions& options, const std::vect
   for (int step = 0; step < options.steps; ++step) {
     double sum = 0;
     for (const auto& r : ranks) sum += r.losses[step];
-    out << " " << std::setprecision(6) << sum / n;
+    out << fmt::format(" {:.6g}", sum / n);
   }
   std::vector<int64_t> wall;
   std::vector<int64_t> predicted;
@@ -244,12 +229,12 @@ void print_summary(std::ostream& out, const RunOptions& options, const std::vect
     }
     peak = std::max(peak, r.peak_unsharded_bytes);
   }
-  out << std::fixed << std::setprecision(2) << "\n  step time measured (median over ranks and steps): "
-      << ns_to_ms(median(wall)) << " ms";
+  out << fmt::format("\n  step time measured (median over ranks and steps): {:.2f} ms", ns_to_ms(median(wall)));
   if (simulated) {
-    out << "\n  step time predicted (simulated clock, " << options.cost_model << "): " << ns_to_ms(median(predicted))
-        << " ms\n  exposed communication: " << (total > 0 ? 100.0 * exposed / total : 0.0)
-        << "% of the simulated step time";
+    out << fmt::format(
+        "\n  step time predicted (simulated clock, {}): {:.2f} ms\n  exposed communication: {:.2f}% of the simulated "
+        "step time",
+        options.cost_model, ns_to_ms(median(predicted)), total > 0 ? 100.0 * exposed / total : 0.0);
   } else {
     out << "\n  exposed communication: measured only with simulated time (--ranks fibers --simulated-time)";
   }
@@ -259,9 +244,9 @@ void print_summary(std::ostream& out, const RunOptions& options, const std::vect
       << human_bytes(static_cast<double>(volume.reduced_bytes)) << " over " << options.steps << " steps;";
   for (const auto& [op, count] : volume.op_counts) out << " " << op << " x" << count;
   out << "\n  peak unsharded params (max over ranks): " << human_bytes(static_cast<double>(peak));
-  out << "\n  wall time " << wall_seconds << " s\n  trace: " << options.trace_path
-      << " (Perfetto / chrome://tracing), " << options.trace_path << ".jsonl (" << recorder.size() << " events)"
-      << std::defaultfloat << std::endl;
+  out << fmt::format("\n  wall time {:.2f} s\n  trace: {} (Perfetto / chrome://tracing), {}.jsonl ({} events)",
+                     wall_seconds, options.trace_path, options.trace_path, recorder.size())
+      << std::endl;
 }
 
 // The name alone: building the scenario to check it would allocate the
@@ -347,231 +332,32 @@ void check_trace_writable(const std::string& path) {
   }
 }
 
-std::string run_usage() {
-  return "usage: fsdpsim run [options]\n"
-         "  --scenario NAME           test model (default mlp_stack; 'fsdpsim list')\n"
-         "  --backend fake|gloo       in-memory fake or Gloo over loopback (default fake)\n"
-         "  --ranks threads|fibers|processes   (processes: Gloo only)\n"
-         "  --world-size N            ranks (default 4)\n"
-         "  --strategy full_shard|shard_grad_op|no_shard|hybrid_shard\n"
-         "  --mesh RxS                hybrid_shard: R replicas of S shards (R*S = world size)\n"
-         "  --prefetch backward_pre|backward_post|none   backward prefetch (default backward_pre)\n"
-         "  --forward-prefetch        implicit forward prefetch\n"
-         "  --steps N  --seed N  --optimizer sgd|adam  --mlp-dim N\n"
-         "  --schedule round-robin|seeded-random        fiber schedule (seeded by --seed; fibers only)\n"
-         "  --simulated-time [--cost-model PRESET]     fibers: simulated clock, predicted step time\n"
-         "  --compute-time measured|zero|fixed:US      simulated time: what compute costs (default measured);\n"
-         "                            zero or fixed:US (per slice of rank code) make a seeded run's\n"
-         "                            times and traces reproducible bit for bit\n"
-         "  --timeout S               collective timeout in seconds (default 60); process ranks: also the\n"
-         "                            launcher's grace for the other ranks after one fails\n"
-         "  --delay-reduce-scatter MS --delay-all-gather MS --delay-after-all-gather MS\n"
-         "  --delay-rank R            the comm delays above on rank R only\n"
-         "  --straggler R:MS          rank R sleeps MS before every collective\n"
-         "  --delay-after-loss MS --delay-before-step MS --delay-before-reshard MS\n"
-         "  --trace PATH              Chrome trace (default fsdpsim-trace.json); PATH.jsonl too\n"
-         "  --check-parity            also run the unsharded reference and compare every step\n";
-}
-
-namespace {
-
-// --compute-time measured|zero|fixed:US
-void parse_compute_time(const std::string& value, RunOptions& options) {
-  const std::string fixed_prefix = "fixed:";
-  if (value.rfind(fixed_prefix, 0) == 0) {
-    const double us = parse_number("--compute-time fixed:US", value.substr(fixed_prefix.size()), 0, 3.6e9,
-                                   "microseconds");
-    options.world.compute_time = sim::ComputeTime::Fixed;
-    options.world.fixed_compute_ns = static_cast<int64_t>(us * 1000);
-    return;
-  }
-  options.world.compute_time = parse_choice<sim::ComputeTime>(
-      "--compute-time", value, {{"measured", sim::ComputeTime::Measured}, {"zero", sim::ComputeTime::Zero}});
-}
-
-// --mesh RxS gives the world size, or must match --world-size, in any order.
-void resolve_mesh(bool world_given, int mesh_shards, RunOptions& options) {
-  const int64_t mesh_size = int64_t{options.replicate_size} * mesh_shards;
-  if (world_given && mesh_size != options.world.world_size) {
-    throw std::invalid_argument("--mesh " + std::to_string(options.replicate_size) + "x" +
-                                std::to_string(mesh_shards) + " has " + std::to_string(mesh_size) +
-                                " ranks but --world-size is " + std::to_string(options.world.world_size));
-  }
-  if (mesh_size > 8192) throw std::invalid_argument("--mesh has " + std::to_string(mesh_size) + " ranks, over 8192");
-  options.world.world_size = static_cast<int>(mesh_size);
-}
-
-// Options that mean nothing without another one are refused, not ignored.
-void require_companions(const std::set<std::string>& given, const RunOptions& options) {
-  auto require = [&](const char* flag, bool present, const char* needed) {
-    if (given.count(flag) && !present) throw std::invalid_argument(std::string(flag) + " needs " + needed);
-  };
-  require("--cost-model", options.world.simulated_time, "--simulated-time");
-  require("--compute-time", options.world.simulated_time, "--simulated-time");
-  require("--schedule", !options.processes && options.world.rank_kind == sim::RankKind::Fibers, "--ranks fibers");
-  const sim::DelayOptions& d = options.delays;
-  require("--delay-rank",
-          d.before_reduce_scatter.count() > 0 || d.before_all_gather.count() > 0 || d.after_all_gather.count() > 0,
-          "a delay it restricts (--delay-reduce-scatter, --delay-all-gather or --delay-after-all-gather)");
-}
-
-}  // namespace
-
-RunOptions parse_run_options(const std::vector<std::string>& args) {
-  RunOptions options;
-  options.args = args;
-  std::set<std::string> given;
-  int mesh_shards = 0;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const std::string& flag = args[i];
-    given.insert(flag);
-    auto value = [&]() -> const std::string& {
-      if (i + 1 >= args.size()) throw std::invalid_argument(flag + " needs a value");
-      return args[++i];
-    };
-    if (flag == "--scenario") {
-      options.scenario.name = value();
-    } else if (flag == "--backend") {
-      options.world.backend = parse_choice<sim::CommBackend>(
-          flag, value(), {{"fake", sim::CommBackend::Fake}, {"gloo", sim::CommBackend::Gloo}});
-    } else if (flag == "--ranks") {
-      const std::string& v = value();
-      options.processes = v == "processes";
-      if (!options.processes) {
-        options.world.rank_kind = parse_choice<sim::RankKind>(
-            flag, v, {{"threads", sim::RankKind::Threads}, {"fibers", sim::RankKind::Fibers}});
-      }
-    } else if (flag == "--world-size") {
-      options.world.world_size = static_cast<int>(parse_int(flag, value(), 1, 8192));
-    } else if (flag == "--strategy") {
-      options.strategy = parse_choice<fsdp::ShardingStrategy>(
-          flag, value(),
-          {{"full_shard", fsdp::ShardingStrategy::FullShard},
-           {"shard_grad_op", fsdp::ShardingStrategy::ShardGradOp},
-           {"no_shard", fsdp::ShardingStrategy::NoShard},
-           {"hybrid_shard", fsdp::ShardingStrategy::HybridShard}});
-    } else if (flag == "--mesh") {
-      const std::string& v = value();
-      const size_t x = v.find('x');
-      if (x == std::string::npos) throw std::invalid_argument("--mesh needs RxS, got '" + v + "'");
-      options.replicate_size = static_cast<int>(parse_int(flag, v.substr(0, x), 1, 8192));
-      mesh_shards = static_cast<int>(parse_int(flag, v.substr(x + 1), 1, 8192));
-    } else if (flag == "--prefetch") {
-      options.backward_prefetch = parse_choice<fsdp::BackwardPrefetch>(
-          flag, value(),
-          {{"backward_pre", fsdp::BackwardPrefetch::BackwardPre},
-           {"backward_post", fsdp::BackwardPrefetch::BackwardPost},
-           {"none", fsdp::BackwardPrefetch::None}});
-    } else if (flag == "--forward-prefetch") {
-      options.forward_prefetch = true;
-    } else if (flag == "--steps") {
-      options.steps = static_cast<int>(parse_int(flag, value(), 1, 1000000));
-    } else if (flag == "--seed") {
-      options.scenario.seed = static_cast<uint64_t>(parse_int(flag, value(), 0, INT64_MAX));
-    } else if (flag == "--optimizer") {
-      options.optimizer = parse_choice<scenarios::OptimizerKind>(
-          flag, value(), {{"sgd", scenarios::OptimizerKind::SGD}, {"adam", scenarios::OptimizerKind::Adam}});
-    } else if (flag == "--mlp-dim") {
-      options.scenario.mlp_dim = parse_int(flag, value(), 1, 1 << 16);
-    } else if (flag == "--schedule") {
-      options.world.schedule = parse_choice<sim::SchedulePolicy>(
-          flag, value(),
-          {{"round-robin", sim::SchedulePolicy::RoundRobin}, {"seeded-random", sim::SchedulePolicy::SeededRandom}});
-    } else if (flag == "--simulated-time") {
-      options.world.simulated_time = true;
-    } else if (flag == "--cost-model") {
-      options.cost_model = value();
-    } else if (flag == "--compute-time") {
-      parse_compute_time(value(), options);
-    } else if (flag == "--timeout") {
-      options.world.collective_timeout = std::chrono::milliseconds(
-          static_cast<int64_t>(parse_number(flag, value(), 0.001, 86400, "seconds") * 1000));
-    } else if (flag == "--delay-reduce-scatter") {
-      options.delays.before_reduce_scatter = ms_to_ns(parse_ms(flag, value()));
-    } else if (flag == "--delay-all-gather") {
-      options.delays.before_all_gather = ms_to_ns(parse_ms(flag, value()));
-    } else if (flag == "--delay-after-all-gather") {
-      options.delays.after_all_gather = ms_to_ns(parse_ms(flag, value()));
-    } else if (flag == "--delay-rank") {
-      options.delays.only_rank = static_cast<int>(parse_int(flag, value(), 0, 8191));
-    } else if (flag == "--straggler") {
-      const std::string& v = value();
-      const size_t colon = v.find(':');
-      if (colon == std::string::npos) throw std::invalid_argument("--straggler needs RANK:MS, got '" + v + "'");
-      options.delays.straggler_rank = static_cast<int>(parse_int(flag, v.substr(0, colon), 0, 8191));
-      options.delays.straggler_delay = ms_to_ns(parse_ms(flag, v.substr(colon + 1)));
-    } else if (flag == "--delay-after-loss") {
-      options.delay_after_loss_ms = parse_ms(flag, value());
-    } else if (flag == "--delay-before-step") {
-      options.delay_before_step_ms = parse_ms(flag, value());
-    } else if (flag == "--delay-before-reshard") {
-      options.delay_before_reshard_ms = parse_ms(flag, value());
-    } else if (flag == "--trace") {
-      options.trace_path = value();
-    } else if (flag == "--check-parity") {
-      options.check_parity = true;
-    } else {
-      throw std::invalid_argument("unknown option '" + flag + "'");
-    }
-  }
-  if (mesh_shards > 0) resolve_mesh(given.count("--world-size") > 0, mesh_shards, options);
-  require_companions(given, options);
-  options.validate();
-  return options;
-}
-
-int run_process_worker(const RunOptions& options, const std::string& stats_path, std::ostream& err) {
+int run_process_worker(const WorkerContext& context) {
+  const RunOptions options = parse_run_options(context.job().at("args").get<std::vector<std::string>>());
+  const LaunchEnv env = LaunchEnv::from_env();
+  auto trace = std::make_shared<observe::TraceRecorder>(env.world_size);
+  auto flight = std::make_shared<observe::FlightRecorder>(env.world_size, 16);
+  ProcessGroupPtr group = make_gloo_process_group_from_env(options.world.collective_timeout);
+  group = std::make_shared<observe::ObservedProcessGroup>(group, std::vector<observe::SinkPtr>{trace, flight}, env.rank);
+  RankStats stats;
   try {
-    const LaunchEnv env = LaunchEnv::from_env();
-    auto trace = std::make_shared<observe::TraceRecorder>(env.world_size);
-    auto flight = std::make_shared<observe::FlightRecorder>(env.world_size, 16);
-    ProcessGroupPtr group = make_gloo_process_group_from_env(options.world.collective_timeout);
-    group = std::make_shared<observe::ObservedProcessGroup>(group, std::vector<observe::SinkPtr>{trace, flight}, env.rank);
-    RankStats stats;
-    try {
-      stats = train_rank(options, env.rank, group, SteadyClock::instance(), nullptr, trace,
-                         [&](int step, const RankStats& s) {
-                           if (env.rank == 0) print_progress(std::cout, options, step, s, false);
-                         });
-    } catch (const std::exception& e) {
-      // The launcher shows each rank's last lines: this rank's recent collectives.
-      err << "fsdpsim worker rank " << env.rank << ": " << first_line(e.what()) << "\n" << flight->dump() << std::flush;
-      return dynamic_cast<const CollectiveTimeoutError*>(&e) ? kWorkerTimedOutExit : 1;
-    }
-    std::ofstream file(stats_path + ".rank" + std::to_string(env.rank));
-    file << to_json(stats).dump() << "\n";
-    trace->write_jsonl(file);
-    return file ? 0 : 1;
+    stats = train_rank(options, env.rank, group, SteadyClock::instance(), nullptr, trace,
+                       [&](int step, const RankStats& s) {
+                         if (env.rank == 0) print_progress(std::cout, options, step, s, false);
+                       });
   } catch (const std::exception& e) {
-    err << "fsdpsim worker: " << first_line(e.what()) << std::endl;
-    return 1;
+    // The launcher shows each rank's last lines: this rank's recent collectives.
+    std::cerr << "fsdpsim worker rank " << env.rank << ": " << first_line(e.what()) << "\n"
+              << flight->dump() << std::flush;
+    return dynamic_cast<const CollectiveTimeoutError*>(&e) ? kWorkerTimedOutExit : 1;
   }
+  std::ostringstream events;
+  trace->write_jsonl(events);
+  context.write_result({{"stats", to_json(stats)}, {"trace_jsonl", events.str()}});
+  return 0;
 }
 
 namespace {
-
-// A fresh directory under TMPDIR (default /tmp), removed with its files when
-// the scope ends, whichever way it ends.
-class TempDir {
- public:
-  explicit TempDir(const std::string& prefix) {
-    std::string path = (std::filesystem::temp_directory_path() / (prefix + "XXXXXX")).string();
-    if (mkdtemp(path.data()) == nullptr) {
-      throw RunFailedError("cannot create a temporary directory " + path + ": " + std::strerror(errno));
-    }
-    path_ = path;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 volatile std::sig_atomic_t stop_signal = 0;
 
@@ -609,41 +395,36 @@ std::string launch_failure_summary(const LaunchResult& launched, const RunOption
     if (rank.exit_code == kWorkerTimedOutExit && !rank.stopped_by_launcher) timed_out.push_back(rank.rank);
   }
   if (!timed_out.empty()) {
-    summary += "; the collective timeout (" + fixed(options.world.collective_timeout.count() / 1000.0, 1) +
+    summary += "; the collective timeout (" + fmt::format("{:.1f}", options.world.collective_timeout.count() / 1000.0) +
                " s, --timeout) fired on " + sim::ranks_text(timed_out);
   }
   return summary;
 }
 
-RankStats read_rank_stats(const std::string& path, int rank, observe::TraceRecorder& merged) {
+RankStats read_rank_stats(const std::optional<nlohmann::json>& result, int rank, observe::TraceRecorder& merged) {
+  if (!result) throw RunFailedError("rank " + std::to_string(rank) + " wrote no results");
   try {
-    std::ifstream file(path);
-    std::string first;
-    std::getline(file, first);
-    RankStats stats = stats_from_json(nlohmann::json::parse(first));
-    merged.import_events(observe::read_jsonl(file));
+    RankStats stats = stats_from_json(result->at("stats"));
+    std::istringstream events(result->at("trace_jsonl").get<std::string>());
+    merged.import_events(observe::read_jsonl(events));
     return stats;
   } catch (const std::exception& e) {
-    throw RunFailedError("rank " + std::to_string(rank) + "'s results in " + path + ": " + first_line(e.what()));
+    throw RunFailedError("rank " + std::to_string(rank) + "'s results: " + first_line(e.what()));
   }
 }
 
-int run_processes(const RunOptions& options, const std::vector<std::string>& worker_args, std::ostream& out,
-                  std::ostream& err) {
-  const TempDir dir("fsdpsim-run-");
+// Re-executes this binary as each rank (tools/worker.h), with the same options.
+int run_processes(const RunOptions& options, std::ostream& out, std::ostream& err) {
   const ScopedStopSignals signals;
-  const std::string stats_path = dir.path() + "/stats";
   LaunchOptions launch;
   launch.nproc = options.world.world_size;
-  launch.command = worker_args;
-  launch.command.push_back("--stats");
-  launch.command.push_back(stats_path);
   // Ranks blocked with a failed one time out within one collective timeout.
   launch.timeout = options.world.collective_timeout;
   launch.output = &out;
   launch.stop_signal = &stop_signal;
   const auto started = std::chrono::steady_clock::now();
-  LaunchResult launched = launch_processes(launch);
+  const WorkerRun run = launch_workers({{"kind", kRunWorker}, {"args", options.args}}, launch);
+  const LaunchResult& launched = run.launched;
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   if (launched.interrupted_by != 0) throw RunInterruptedError(launched.interrupted_by);
   if (!launched.ok()) {
@@ -652,9 +433,7 @@ int run_processes(const RunOptions& options, const std::vector<std::string>& wor
   }
   std::vector<RankStats> ranks;
   observe::TraceRecorder merged(options.world.world_size);
-  for (int r = 0; r < options.world.world_size; ++r) {
-    ranks.push_back(read_rank_stats(stats_path + ".rank" + std::to_string(r), r, merged));
-  }
+  for (int r = 0; r < options.world.world_size; ++r) ranks.push_back(read_rank_stats(run.results[r], r, merged));
   write_traces(options, merged);
   print_summary(out, options, ranks, merged, false, wall);
   return 0;
@@ -664,15 +443,7 @@ int run_processes(const RunOptions& options, const std::vector<std::string>& wor
 
 int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err) {
   out << "fsdpsim: " << describe(options) << std::endl;
-  if (options.processes) {
-    // Re-execute this binary as each rank, passing the same options.
-    std::vector<std::string> args = {"/proc/self/exe", "run-worker"};
-    char self[4096];
-    const ssize_t length = readlink("/proc/self/exe", self, sizeof(self) - 1);
-    if (length > 0) args[0] = std::string(self, static_cast<size_t>(length));
-    for (const auto& arg : options.args) args.push_back(arg);
-    return run_processes(options, args, out, err);
-  }
+  if (options.processes) return run_processes(options, out, err);
   auto recorder = std::make_shared<observe::TraceRecorder>(options.world.world_size);
   sim::World world(world_options(options, recorder));
   const int n = options.world.world_size;
@@ -695,7 +466,7 @@ int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err
       if (!rank.ok) err << "rank " << rank.rank << ": " << first_line(rank.error) << "\n";  // no c10 backtraces
     }
     err << result.flight_recorder;  // where each rank was: its last collectives
-    err << "fsdpsim: analyse with 'fsdpsim_replay check " << options.trace_path << ".jsonl'" << std::endl;
+    err << "fsdpsim: analyse with 'fsdpsim replay check " << options.trace_path << ".jsonl'" << std::endl;
     throw RunFailedError(world_failure_summary(result));
   }
   print_summary(out, options, ranks, *recorder, options.world.simulated_time, wall);

@@ -56,9 +56,9 @@ struct RunOptions : scenarios::TrainConfig {
   void validate() const;
 };
 
-/// Parses `fsdpsim run` arguments; throws std::invalid_argument (one line).
+/// Parses `fsdpsim run` arguments (tools/run_cli.cpp); throws UsageError, an
+/// std::invalid_argument (one line naming the option).
 RunOptions parse_run_options(const std::vector<std::string>& args);
-std::string run_usage();
 
 /// Throws std::invalid_argument (one line) unless the trace and its .jsonl
 /// can be written at `path`; checked before a run, not after it.
@@ -92,8 +92,11 @@ int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err
 /// Exit code of a process rank whose collective timed out (others: 1).
 constexpr int kWorkerTimedOutExit = 3;
 
-/// Entry of a Gloo process rank (the runner re-executes itself with
-/// `run-worker`): reads RANK / WORLD_SIZE / MASTER_* and the run options.
-int run_process_worker(const RunOptions& options, const std::string& stats_path, std::ostream& err);
+/// The worker kind (tools/worker.h) of a Gloo process rank, and its entry:
+/// the job holds the run's arguments ("args"), the result the rank's stats
+/// and trace; RANK / WORLD_SIZE / MASTER_* come from the launcher.
+inline constexpr const char* kRunWorker = "run";
+class WorkerContext;
+int run_process_worker(const WorkerContext& context);
 
 }  // namespace fsdpsim::tools

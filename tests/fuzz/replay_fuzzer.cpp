@@ -1,4 +1,4 @@
-// libFuzzer target for fsdpsim_replay's trace reader: parse, check and plan
+// libFuzzer target for `fsdpsim replay`'s trace reader: parse, check and plan
 // arbitrary bytes. Contract: any input either parses or throws
 // TraceFileError starting "trace line N: "; planning throws only
 // ReplayPlanError; nothing else escapes, crashes or allocates without bound.

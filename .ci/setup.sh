@@ -16,6 +16,7 @@ packages=(
   libgtest-dev libgmock-dev
   libbenchmark-dev
   nlohmann-json3-dev
+  clang-format clang-tidy  # .ci/lint.sh
   libcli11-dev          # the fsdpsim command line (CLI11, header-only)
 )
 

@@ -26,7 +26,6 @@ int64_t fingerprint(const CollectiveDesc& desc) {
 // Bytes of each rank's call text in a mismatch report.
 constexpr int64_t kTextBytes = 512;
 
-
 // A collective that failed its check: never issued, completed with the error
 // (the ProcessGroup contract: calls return a Work, wait() throws).
 class FailedWork final : public Work {

@@ -81,8 +81,8 @@ CollectiveDesc in_out_desc(const ProcessGroup& group, CollectiveOp op, const at:
   check_tensor(desc, input, "input");
   check_tensor(desc, output, "output");
   if (output.scalar_type() != input.scalar_type()) {
-    fail(desc, std::string("output dtype ") + c10::toString(output.scalar_type()) +
-                   " differs from input dtype " + c10::toString(input.scalar_type()));
+    fail(desc, std::string("output dtype ") + c10::toString(output.scalar_type()) + " differs from input dtype " +
+                   c10::toString(input.scalar_type()));
   }
   if (output.device() != input.device()) fail(desc, "input and output are on different devices");
   return desc;
@@ -90,26 +90,25 @@ CollectiveDesc in_out_desc(const ProcessGroup& group, CollectiveOp op, const at:
 
 }  // namespace
 
-CollectiveDesc check_all_gather(const ProcessGroup& group, const at::Tensor& output,
-                                const at::Tensor& input) {
+CollectiveDesc check_all_gather(const ProcessGroup& group, const at::Tensor& output, const at::Tensor& input) {
   CollectiveDesc desc = in_out_desc(group, CollectiveOp::AllGather, output, input);
   if (output.numel() != input.numel() * group.size()) {
-    fail(desc, "output has " + std::to_string(output.numel()) + " elements, expected " +
-                   std::to_string(group.size()) + " ranks x " + std::to_string(input.numel()));
+    fail(desc, "output has " + std::to_string(output.numel()) + " elements, expected " + std::to_string(group.size()) +
+                   " ranks x " + std::to_string(input.numel()));
   }
   return desc;
 }
 
-CollectiveDesc check_reduce_scatter(const ProcessGroup& group, const at::Tensor& output,
-                                    const at::Tensor& input, const ReduceScatterOptions& options) {
+CollectiveDesc check_reduce_scatter(const ProcessGroup& group, const at::Tensor& output, const at::Tensor& input,
+                                    const ReduceScatterOptions& options) {
   CollectiveDesc desc = in_out_desc(group, CollectiveOp::ReduceScatter, output, input);
   desc.reduce_op = options.reduce_op;
   desc.predivide_factor = options.predivide_factor;
   desc.postdivide_factor = options.postdivide_factor;
   check_reduce(desc, options.reduce_op);
   if (input.numel() != output.numel() * group.size()) {
-    fail(desc, "input has " + std::to_string(input.numel()) + " elements, expected " +
-                   std::to_string(group.size()) + " ranks x " + std::to_string(output.numel()));
+    fail(desc, "input has " + std::to_string(input.numel()) + " elements, expected " + std::to_string(group.size()) +
+                   " ranks x " + std::to_string(output.numel()));
   }
   bool has_factors = options.predivide_factor != 1.0 || options.postdivide_factor != 1.0;
   if (has_factors && options.reduce_op != ReduceOp::Sum) {
@@ -122,16 +121,14 @@ CollectiveDesc check_reduce_scatter(const ProcessGroup& group, const at::Tensor&
   return desc;
 }
 
-CollectiveDesc check_all_reduce(const ProcessGroup& group, const at::Tensor& tensor,
-                                const AllReduceOptions& options) {
+CollectiveDesc check_all_reduce(const ProcessGroup& group, const at::Tensor& tensor, const AllReduceOptions& options) {
   CollectiveDesc desc = in_out_desc(group, CollectiveOp::AllReduce, tensor, tensor);
   desc.reduce_op = options.reduce_op;
   check_reduce(desc, options.reduce_op);
   return desc;
 }
 
-CollectiveDesc check_broadcast(const ProcessGroup& group, const at::Tensor& tensor,
-                               const BroadcastOptions& options) {
+CollectiveDesc check_broadcast(const ProcessGroup& group, const at::Tensor& tensor, const BroadcastOptions& options) {
   CollectiveDesc desc = in_out_desc(group, CollectiveOp::Broadcast, tensor, tensor);
   desc.root = options.root;
   if (options.root < 0 || options.root >= group.size()) {

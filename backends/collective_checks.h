@@ -7,14 +7,11 @@
 
 namespace fsdpsim {
 
-CollectiveDesc check_all_gather(const ProcessGroup& group, const at::Tensor& output,
-                                const at::Tensor& input);
-CollectiveDesc check_reduce_scatter(const ProcessGroup& group, const at::Tensor& output,
-                                    const at::Tensor& input, const ReduceScatterOptions& options);
-CollectiveDesc check_all_reduce(const ProcessGroup& group, const at::Tensor& tensor,
-                                const AllReduceOptions& options);
-CollectiveDesc check_broadcast(const ProcessGroup& group, const at::Tensor& tensor,
-                               const BroadcastOptions& options);
+CollectiveDesc check_all_gather(const ProcessGroup& group, const at::Tensor& output, const at::Tensor& input);
+CollectiveDesc check_reduce_scatter(const ProcessGroup& group, const at::Tensor& output, const at::Tensor& input,
+                                    const ReduceScatterOptions& options);
+CollectiveDesc check_all_reduce(const ProcessGroup& group, const at::Tensor& tensor, const AllReduceOptions& options);
+CollectiveDesc check_broadcast(const ProcessGroup& group, const at::Tensor& tensor, const BroadcastOptions& options);
 CollectiveDesc describe_barrier(const ProcessGroup& group);
 
 /// "[2, 3]"

@@ -65,8 +65,7 @@ WorkPtr ForwardingProcessGroup::issue_observed(const CollectiveDesc& desc, const
       WorkTimes times = work->times();
       if (times.end_ns == 0) times.end_ns = clock->now_ns();
       ended(times, work->exception());
-    } catch (...) {
-    }
+    } catch (...) {}
   });
   return work;
 }

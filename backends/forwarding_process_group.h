@@ -54,8 +54,8 @@ class ForwardingProcessGroup : public ProcessGroup {
   /// the callback owns the Work, so a caller that drops its Work early (a
   /// failed wait() unwinding) loses nothing. Errors from `ended` are
   /// swallowed: observing never breaks a collective's completion path.
-  static WorkPtr issue_observed(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue,
-                                const Clock& clock, EndObserver ended);
+  static WorkPtr issue_observed(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue, const Clock& clock,
+                                EndObserver ended);
 
  private:
   ProcessGroupPtr inner_;

@@ -73,8 +73,7 @@ std::string CollectiveDesc::call_string() const {
   std::ostringstream out;
   out << fsdpsim::to_string(op);
   if (op == CollectiveOp::Barrier) return out.str();
-  out << " " << c10::toString(dtype) << " in " << shape_string(input_shape) << " out "
-      << shape_string(output_shape);
+  out << " " << c10::toString(dtype) << " in " << shape_string(input_shape) << " out " << shape_string(output_shape);
   if (op == CollectiveOp::ReduceScatter || op == CollectiveOp::AllReduce) {
     out << " op " << fsdpsim::to_string(reduce_op);
   }
@@ -100,13 +99,12 @@ void check_partition(const ProcessGroup& group, const std::vector<std::vector<in
     }
     for (int r : ranks) {
       if (r < 0 || r >= group.size()) {
-        throw CommError("split of group " + group.name() + " (rank " + std::to_string(group.rank()) +
-                        "): rank " + std::to_string(r) + " is outside [0, " +
-                        std::to_string(group.size()) + ")");
+        throw CommError("split of group " + group.name() + " (rank " + std::to_string(group.rank()) + "): rank " +
+                        std::to_string(r) + " is outside [0, " + std::to_string(group.size()) + ")");
       }
       if (!seen.insert(r).second) {
-        throw CommError("split of group " + group.name() + " (rank " + std::to_string(group.rank()) +
-                        "): rank " + std::to_string(r) + " appears twice in the partition");
+        throw CommError("split of group " + group.name() + " (rank " + std::to_string(group.rank()) + "): rank " +
+                        std::to_string(r) + " appears twice in the partition");
       }
     }
   }

@@ -1,7 +1,7 @@
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
-#include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/sequential.h>
@@ -112,10 +112,10 @@ void stash_grad(ShardedParam& p) {
 }
 
 struct PendingReduction {
-  WorkPtr reduce_scatter;     // null when the shard group has one rank
-  at::Tensor input;           // kept alive until the collective is done
-  at::Tensor output;          // this rank's reduced chunk, flat
-  std::vector<size_t> params; // indices of the params reduced, with their offsets in `output`
+  WorkPtr reduce_scatter;      // null when the shard group has one rank
+  at::Tensor input;            // kept alive until the collective is done
+  at::Tensor output;           // this rank's reduced chunk, flat
+  std::vector<size_t> params;  // indices of the params reduced, with their offsets in `output`
   std::vector<int64_t> offsets;
 };
 
@@ -142,12 +142,12 @@ struct Unit::Impl {
   WorkPtr gather_work;
   at::Tensor gather_buffer;
   bool needs_post_backward = false;
-  bool backward_done = false;      // its post-backward ran in this backward pass
-  bool prefetch_in_flight = false; // gathered ahead, not yet used by the unit
+  bool backward_done = false;       // its post-backward ran in this backward pass
+  bool prefetch_in_flight = false;  // gathered ahead, not yet used by the unit
   std::vector<PendingReduction> pending;
-  std::vector<Unit::Impl*> sub_units;  // units inside this unit's module (known once the root is)
-  uint64_t last_forward_call = 0;      // Engine::Impl::forward_calls at its latest pre-forward
-  std::vector<Unit::Impl*> forward_prefetch;   // explicit lists (empty: implicit)
+  std::vector<Unit::Impl*> sub_units;         // units inside this unit's module (known once the root is)
+  uint64_t last_forward_call = 0;             // Engine::Impl::forward_calls at its latest pre-forward
+  std::vector<Unit::Impl*> forward_prefetch;  // explicit lists (empty: implicit)
   std::vector<Unit::Impl*> backward_prefetch;
   bool explicit_forward_prefetch = false;
   bool explicit_backward_prefetch = false;
@@ -286,17 +286,15 @@ void Engine::Impl::check_shards(Unit::Impl& unit) {
     if (!same) {
       if (data.sizes() != p.shard_view.sizes()) {
         throw std::runtime_error("Cannot writeback: param '" + p.fqn + "' of unit '" + unit.fqn + "' now has shape " +
-                                 shape_of(data.sizes()) + ", its shard has shape " +
-                                 shape_of(p.shard_view.sizes()));
+                                 shape_of(data.sizes()) + ", its shard has shape " + shape_of(p.shard_view.sizes()));
       }
       p.shard_view.copy_(data);
       p.param.set_data(p.shard_view);
     }
     const at::Tensor& grad = p.param.grad();
     if (grad.defined() && grad.sizes() != p.shard_view.sizes()) {
-      throw std::runtime_error("Cannot writeback: grad of param '" + p.fqn + "' of unit '" + unit.fqn +
-                               "' has shape " + shape_of(grad.sizes()) + ", its shard has shape " +
-                               shape_of(p.shard_view.sizes()));
+      throw std::runtime_error("Cannot writeback: grad of param '" + p.fqn + "' of unit '" + unit.fqn + "' has shape " +
+                               shape_of(grad.sizes()) + ", its shard has shape " + shape_of(p.shard_view.sizes()));
     }
   }
 }
@@ -312,7 +310,7 @@ void Engine::Impl::check_gathered(Unit::Impl& unit, const char* when) {
 }
 
 void Engine::Impl::unshard(Unit::Impl& unit) {
-  if (unit.unsharded || unit.gather_work) return;  // a no-op unshard is not an event
+  if (unit.unsharded || unit.gather_work) return;      // a no-op unshard is not an event
   if (unit.shard_world == 1 || unit.params.empty()) {  // nothing to gather
     unit.unsharded = true;
     return;
@@ -431,7 +429,7 @@ void Engine::Impl::queue_final_callback() {
 void Engine::Impl::pre_backward(Unit::Impl& unit) {
   queue_final_callback();
   if (unit.needs_post_backward) return;  // this unit's backward already began
-  if (unit.prefetch_in_flight) {  // its own gather, prefetched, is now in use
+  if (unit.prefetch_in_flight) {         // its own gather, prefetched, is now in use
     unit.prefetch_in_flight = false;
     --prefetches_in_flight;
   }
@@ -449,8 +447,7 @@ void Engine::Impl::pre_backward(Unit::Impl& unit) {
   for (auto& p : unit.params) {
     if (p.param.sizes() != at::IntArrayRef(p.full_shape)) {
       throw std::runtime_error("param '" + p.fqn + "' of unit '" + unit.fqn + "' has shape " +
-                               shape_of(p.param.sizes()) + " in backward, " + shape_of(p.full_shape) +
-                               " in forward");
+                               shape_of(p.param.sizes()) + " in backward, " + shape_of(p.full_shape) + " in forward");
     }
   }
 }
@@ -528,7 +525,9 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
       const int64_t begin = r * p.rows_per_rank;
       const int64_t rows = std::max<int64_t>(0, std::min(p.rows_per_rank, p.dim0 - begin));
       if (rows == 0) continue;
-      by_rank[r].narrow(0, reduction.offsets[k], rows * p.row_numel).copy_(flat_rows.narrow(0, begin, rows).reshape(-1));
+      by_rank[r]
+          .narrow(0, reduction.offsets[k], rows * p.row_numel)
+          .copy_(flat_rows.narrow(0, begin, rows).reshape(-1));
     }
   }
   if (world == 1) {
@@ -544,7 +543,8 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
       scatter.postdivide_factor = static_cast<double>(world) / factor;
     }
     ScopedCollectiveLabel label(collective_label("reduce-scatter", unit));
-    reduction.reduce_scatter = unit.options.shard_group->reduce_scatter_tensor(reduction.output, reduction.input, scatter);
+    reduction.reduce_scatter =
+        unit.options.shard_group->reduce_scatter_tensor(reduction.output, reduction.input, scatter);
   }
   unit.pending.push_back(std::move(reduction));
   emit(&EngineHooks::on_post_backward, unit);
@@ -609,9 +609,9 @@ void Engine::Impl::finish_reductions(Unit::Impl& unit) {
     }
     for (size_t k = 0; k < reduction.params.size(); ++k) {
       auto& p = unit.params[reduction.params[k]];
-      at::Tensor reduced =
-          reduction.output.narrow(0, reduction.offsets[k], p.chunk_numel()).view(p.rows_shape(p.rows_per_rank))
-              .narrow(0, 0, p.my_rows);
+      at::Tensor reduced = reduction.output.narrow(0, reduction.offsets[k], p.chunk_numel())
+                               .view(p.rows_shape(p.rows_per_rank))
+                               .narrow(0, 0, p.my_rows);
       at::Tensor& grad = p.param.mutable_grad();
       if (grad.defined()) {
         grad.add_(reduced);
@@ -710,12 +710,17 @@ class UnitForwardScope final : public Engine::ForwardScope {
     engine_.post_forward(unit_, outputs, grad_enabled_);
   }
   std::exception_ptr with_context(std::exception_ptr error) override {
+    // A failed collective keeps its type (callers tell a timeout by it) and
+    // its text: it has nothing to do with how sub-units were called.
+    if (is_comm_error(error)) return error;
     const std::vector<Unit::Impl*> skipped = sub_units_not_run();
     if (skipped.empty()) return error;
     return std::make_exception_ptr(std::runtime_error(
-        "forward of unit '" + unit_.fqn + "' failed: " + error_text(error) + "\n  note: its sub-unit(s) " + names(skipped) +
+        "forward of unit '" + unit_.fqn + "' failed: " + error_text(error) + "\n  note: its sub-unit(s) " +
+        names(skipped) +
         " were not called through fsdp::call before the failure; a forward that calls them directly computes "
-        "with their shards. " + kFix));
+        "with their shards. " +
+        kFix));
   }
 
  private:
@@ -730,6 +735,16 @@ class UnitForwardScope final : public Engine::ForwardScope {
       if (sub->last_forward_call < my_call_) skipped.push_back(sub);
     }
     return skipped;
+  }
+
+  static bool is_comm_error(const std::exception_ptr& error) {
+    try {
+      std::rethrow_exception(error);
+    } catch (const CommError&) {
+      return true;
+    } catch (...) {
+      return false;
+    }
   }
 
   static std::string names(const std::vector<Unit::Impl*>& units) {
@@ -765,10 +780,10 @@ class UnitForwardScope final : public Engine::ForwardScope {
       auto found = accumulators.find(node);
       if (found != accumulators.end()) {
         const auto& [sub, param] = found->second;
-        throw std::runtime_error("forward of unit '" + unit_.fqn + "' computed with the shard of param '" +
-                                 param->fqn + "' of sub-unit '" + sub->fqn + "' (shape " +
-                                 shape_of(param->param.sizes()) + ", full " + shape_of(param->full_shape) +
-                                 "): the forward called '" + sub->fqn + "' directly. " + kFix);
+        throw std::runtime_error("forward of unit '" + unit_.fqn + "' computed with the shard of param '" + param->fqn +
+                                 "' of sub-unit '" + sub->fqn + "' (shape " + shape_of(param->param.sizes()) +
+                                 ", full " + shape_of(param->full_shape) + "): the forward called '" + sub->fqn +
+                                 "' directly. " + kFix);
       }
       for (const auto& edge : node->next_edges()) {
         if (edge.function) stack.push_back(edge.function.get());
@@ -777,7 +792,6 @@ class UnitForwardScope final : public Engine::ForwardScope {
   }
 
  public:
-
  private:
   Engine::Impl& engine_;
   Unit::Impl& unit_;
@@ -808,8 +822,8 @@ namespace {
 
 void check_shard_options(const std::string& name, const FullyShardOptions& options) {
   if (!options.shard_group) throw std::invalid_argument("fully_shard(" + name + "): shard_group is null");
-  const bool replicated = options.strategy == ShardingStrategy::NoShard ||
-                          options.strategy == ShardingStrategy::HybridShard;
+  const bool replicated =
+      options.strategy == ShardingStrategy::NoShard || options.strategy == ShardingStrategy::HybridShard;
   if (replicated && !options.replicate_group) {
     throw std::invalid_argument(std::string("fully_shard(") + name + "): strategy " + to_string(options.strategy) +
                                 " needs a replicate_group");
@@ -853,8 +867,8 @@ class UnitParamChecker {
 
   void check(const std::string& fqn, const at::Tensor& param) {
     if (device_ && param.device() != *device_) {
-      throw std::invalid_argument("fully_shard(" + unit_name_ + "): param '" + fqn + "' is on " +
-                                  param.device().str() + ", other params of the unit on " + device_->str());
+      throw std::invalid_argument("fully_shard(" + unit_name_ + "): param '" + fqn + "' is on " + param.device().str() +
+                                  ", other params of the unit on " + device_->str());
     }
     if (dtype_ && param.scalar_type() != *dtype_) {
       throw std::invalid_argument("fully_shard(" + unit_name_ + "): param '" + fqn + "' is " +
@@ -924,8 +938,8 @@ void Engine::fully_shard(const std::shared_ptr<torch::nn::Module>& module, const
   unit.options = options;
   unit.shard_world = options.shard_group->size();
   unit.shard_rank = options.shard_group->rank();
-  unit.reshard_after_forward = options.strategy == ShardingStrategy::FullShard ||
-                               options.strategy == ShardingStrategy::HybridShard;
+  unit.reshard_after_forward =
+      options.strategy == ShardingStrategy::FullShard || options.strategy == ShardingStrategy::HybridShard;
   if (options.sync_module_states) sync_module_states(*module, options, impl_->managed);
 
   std::unordered_set<const c10::TensorImpl*> seen;
@@ -1054,8 +1068,8 @@ at::Tensor forward_sequential(const std::shared_ptr<torch::nn::SequentialImpl>& 
       if (auto nested = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(child.ptr())) {
         x = forward_sequential(nested, std::move(x));
       } else {
-        x = forward_as_unit(child.ptr().get(), [&child](at::Tensor in) { return child.forward(std::move(in)); },
-                            std::move(x));
+        x = forward_as_unit(
+            child.ptr().get(), [&child](at::Tensor in) { return child.forward(std::move(in)); }, std::move(x));
       }
     }
     return x;

@@ -30,8 +30,8 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/sequential.h>
 
-#include <functional>
 #include <exception>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>

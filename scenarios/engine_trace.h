@@ -34,8 +34,7 @@ class TraceEngineHooks final : public fsdp::EngineHooks {
   void on_prefetch(const std::string& unit, const std::string& target, fsdp::TrainingState state) override {
     const int64_t now = clock_.now_ns();
     recorder_->record_engine_event(rank_, "prefetch", unit.empty() ? "<root>" : unit,
-                                   std::string(fsdp::to_string(state)) + " -> " +
-                                       (target.empty() ? "none" : target),
+                                   std::string(fsdp::to_string(state)) + " -> " + (target.empty() ? "none" : target),
                                    now, now);
   }
 

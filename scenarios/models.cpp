@@ -26,15 +26,14 @@ fsdp::FullyShardOptions ShardingSetup::options() const {
 fsdp::FullyShardOptions ShardingSetup::rank_local_options() const {
   fsdp::FullyShardOptions options;
   options.strategy = strategy == fsdp::ShardingStrategy::ShardGradOp ? fsdp::ShardingStrategy::ShardGradOp
-                                                                      : fsdp::ShardingStrategy::FullShard;
+                                                                     : fsdp::ShardingStrategy::FullShard;
   options.shard_group = self_group;
   return options;
 }
 
 ShardingSetup make_sharding_setup(const ProcessGroupPtr& world, fsdp::ShardingStrategy strategy, int replicate_size) {
   if (!world) throw std::invalid_argument("make_sharding_setup: no world group");
-  if (strategy == fsdp::ShardingStrategy::HybridShard &&
-      (replicate_size < 1 || world->size() % replicate_size != 0)) {
+  if (strategy == fsdp::ShardingStrategy::HybridShard && (replicate_size < 1 || world->size() % replicate_size != 0)) {
     throw std::invalid_argument("make_sharding_setup: replicate_size " + std::to_string(replicate_size) +
                                 " does not divide world size " + std::to_string(world->size()));
   }
@@ -45,9 +44,7 @@ ShardingSetup make_sharding_setup(const ProcessGroupPtr& world, fsdp::ShardingSt
   setup.self_group = make_self_group(*world);
   switch (strategy) {
     case fsdp::ShardingStrategy::FullShard:
-    case fsdp::ShardingStrategy::ShardGradOp:
-      setup.shard_group = world;
-      break;
+    case fsdp::ShardingStrategy::ShardGradOp: setup.shard_group = world; break;
     case fsdp::ShardingStrategy::NoShard:
       setup.shard_group = setup.self_group;
       setup.replicate_group = world;
@@ -222,17 +219,17 @@ class TransformerCoreImpl : public torch::nn::Module {
  public:
   TransformerCoreImpl(int64_t d_model, int64_t nhead, int64_t dim_feedforward, int num_layers) {
     encoder = register_module(
-        "encoder", EncoderStack(num_layers,
-                                torch::nn::TransformerEncoderLayerOptions(d_model, nhead)
-                                    .dim_feedforward(dim_feedforward)
-                                    .dropout(0.0),
-                                d_model));
+        "encoder",
+        EncoderStack(
+            num_layers,
+            torch::nn::TransformerEncoderLayerOptions(d_model, nhead).dim_feedforward(dim_feedforward).dropout(0.0),
+            d_model));
     decoder = register_module(
-        "decoder", DecoderStack(num_layers,
-                                torch::nn::TransformerDecoderLayerOptions(d_model, nhead)
-                                    .dim_feedforward(dim_feedforward)
-                                    .dropout(0.0),
-                                d_model));
+        "decoder",
+        DecoderStack(
+            num_layers,
+            torch::nn::TransformerDecoderLayerOptions(d_model, nhead).dim_feedforward(dim_feedforward).dropout(0.0),
+            d_model));
   }
   EncoderStack encoder{nullptr};
   DecoderStack decoder{nullptr};
@@ -452,9 +449,7 @@ class ScenarioBase : public Scenario {
 class NestedScenario : public ScenarioBase {
  public:
   using ScenarioBase::ScenarioBase;
-  std::vector<at::Tensor> input(int rank, int step) override {
-    return {at::rand({4, 8}, input_generator(rank, step))};
-  }
+  std::vector<at::Tensor> input(int rank, int step) override { return {at::rand({4, 8}, input_generator(rank, step))}; }
   at::Tensor forward_loss(const std::vector<at::Tensor>& input) override {
     return fsdp::call(model_, at::Tensor(input.at(0))).sum();
   }
@@ -500,8 +495,7 @@ class NestedWrappedScenario : public NestedScenario {
 /// frozen except that unit's second Linear (module.2.1).
 class NonUniformReqGradScenario : public NestedScenario {
  public:
-  explicit NonUniformReqGradScenario(const ScenarioConfig& config)
-      : NestedScenario("non_uniform_req_grad", config) {
+  explicit NonUniformReqGradScenario(const ScenarioConfig& config) : NestedScenario("non_uniform_req_grad", config) {
     auto& chain = model_->module;
     chain->add("0", torch::nn::Linear(8, 4));
     auto inner = chain->add("1", Chain());
@@ -535,8 +529,7 @@ class MixtureOfExpertsScenario : public NestedScenario {
     chain->add("3", torch::nn::Linear(12, 8));
     root_ = model_.ptr();
     const std::string expert_prefix = "module.2.";
-    init_parameters(*root_, init_generator(),
-                    [&](const std::string& fqn) { return !starts_with(fqn, expert_prefix); });
+    init_parameters(*root_, init_generator(), [&](const std::string& fqn) { return !starts_with(fqn, expert_prefix); });
     // The reference seeds the expert 42 + rank.
     init_parameters(*root_, generator(derive_seed(config.seed, kExpertStream, 42 + static_cast<uint64_t>(rank))),
                     [&](const std::string& fqn) { return starts_with(fqn, expert_prefix); });

@@ -66,8 +66,8 @@ std::string ParityReport::summary() const {
     out << "FAILED to run: " << error;
     return out.str();
   }
-  out << (ok() ? "parity holds" : "PARITY BROKEN") << " (" << mismatch_count << " mismatches; reference "
-      << std::fixed << std::setprecision(2) << seconds_reference << " s, sharded " << seconds_sharded << " s)\n";
+  out << (ok() ? "parity holds" : "PARITY BROKEN") << " (" << mismatch_count << " mismatches; reference " << std::fixed
+      << std::setprecision(2) << seconds_reference << " s, sharded " << seconds_sharded << " s)\n";
   out << std::defaultfloat << std::setprecision(6);
   for (size_t s = 0; s < steps.size(); ++s) {
     out << "  step " << s << " max |diff|: loss " << steps[s].loss << ", param after backward "
@@ -247,19 +247,20 @@ Outcome compare_values(const at::Tensor& actual, const at::Tensor& expected, con
   }
   if (actual.numel() == 0) return outcome;
   outcome.max_abs_diff = (actual.to(at::kDouble) - expected.to(at::kDouble)).abs().max().item<double>();
-  outcome.ok = tolerance.exact() ? at::equal(actual, expected)
-                                 : at::allclose(actual, expected, tolerance.rtol, tolerance.atol);
+  outcome.ok =
+      tolerance.exact() ? at::equal(actual, expected) : at::allclose(actual, expected, tolerance.rtol, tolerance.atol);
   if (!outcome.ok) {
     auto differ = tolerance.exact() ? actual.ne(expected)
-                                    : (actual.to(at::kDouble) - expected.to(at::kDouble)).abs().gt(
-                                          tolerance.atol + tolerance.rtol * expected.to(at::kDouble).abs());
+                                    : (actual.to(at::kDouble) - expected.to(at::kDouble))
+                                          .abs()
+                                          .gt(tolerance.atol + tolerance.rtol * expected.to(at::kDouble).abs());
     auto where = differ.flatten().nonzero();
     std::ostringstream out;
     out << std::setprecision(9) << where.size(0) << " of " << actual.numel() << " elements differ";
     if (where.size(0) > 0) {
       const int64_t k = where[0][0].item<int64_t>();
-      out << "; first at flat index " << k << " of the shard: " << actual.flatten()[k].item<double>()
-          << ", reference " << expected.flatten()[k].item<double>();
+      out << "; first at flat index " << k << " of the shard: " << actual.flatten()[k].item<double>() << ", reference "
+          << expected.flatten()[k].item<double>();
     } else if (std::isnan(outcome.max_abs_diff)) {
       out << "; NaN";
     }
@@ -387,8 +388,11 @@ class Placements {
 class RankChecker {
  public:
   RankChecker(const ParityConfig& config, const Reference& reference, Trainer& trainer, RankResult& result)
-      : tolerance_(config.tolerance), reference_(reference), trainer_(trainer),
-        placements_(*trainer.scenario().module(), *trainer.engine()), result_(result) {}
+      : tolerance_(config.tolerance),
+        reference_(reference),
+        trainer_(trainer),
+        placements_(*trainer.scenario().module(), *trainer.engine()),
+        result_(result) {}
 
   void after_backward(int step, const at::Tensor& loss) {
     const auto& ref = reference_.steps[static_cast<size_t>(step)];
@@ -415,8 +419,7 @@ class RankChecker {
       }
       const at::Tensor& expected = snapshot.get(index->second, rank);
       const at::Tensor actual = phase == kGrad ? param.grad() : param;
-      result_.record(step, rank, phase, i, fqn,
-                     compare_shard(actual, expected, placements_.of(param), tolerance_));
+      result_.record(step, rank, phase, i, fqn, compare_shard(actual, expected, placements_.of(param), tolerance_));
     }
   }
 
@@ -561,8 +564,7 @@ ParityReport run_parity_rank(const ParityConfig& config, int rank, const Process
   report.seconds_reference = seconds_since(start);
   std::vector<RankResult> results(1);
   start = std::chrono::steady_clock::now();
-  sim::RankContext ctx(rank, world_size, sim::RankKind::Threads, world_group, &SteadyClock::instance(),
-                       nullptr);
+  sim::RankContext ctx(rank, world_size, sim::RankKind::Threads, world_group, &SteadyClock::instance(), nullptr);
   try {
     run_rank(config, &reference, ctx, results[0]);
   } catch (const std::exception& e) {

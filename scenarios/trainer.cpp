@@ -31,8 +31,7 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const TrainConfig& confi
                                                         const std::vector<at::Tensor>& params) {
   switch (config.optimizer) {
     case OptimizerKind::SGD:
-      return std::make_unique<torch::optim::SGD>(params,
-                                                 torch::optim::SGDOptions(config.learning_rate).momentum(0.9));
+      return std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(config.learning_rate).momentum(0.9));
     case OptimizerKind::Adam:
       return std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(config.learning_rate));
   }

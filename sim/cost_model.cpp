@@ -34,7 +34,8 @@ struct Terms {
 Terms terms(CollectiveOp op, int64_t bytes, int n, int links) {
   if (bytes < 0) throw std::invalid_argument("cost model: bytes must be >= 0, got " + std::to_string(bytes));
   if (n < 1) throw std::invalid_argument("cost model: world_size must be >= 1, got " + std::to_string(n));
-  if (links < 0) throw std::invalid_argument("cost model: max_parallel_links must be >= 0, got " + std::to_string(links));
+  if (links < 0)
+    throw std::invalid_argument("cost model: max_parallel_links must be >= 0, got " + std::to_string(links));
   Terms t;
   if (n == 1) return t;
   t.calls = 1;
@@ -54,9 +55,7 @@ Terms terms(CollectiveOp op, int64_t bytes, int n, int links) {
       t.steps = ceil_log2(n);
       t.volume = s * share;
       break;
-    case CollectiveOp::Barrier:
-      t.steps = ceil_log2(n);
-      break;
+    case CollectiveOp::Barrier: t.steps = ceil_log2(n); break;
   }
   return t;
 }
@@ -68,7 +67,7 @@ struct Preset {
 
 const std::vector<Preset>& presets() {
   static const std::vector<Preset> all = {
-      {"nvlink-h100", {3, 450, 0}},     {"ib-ndr400", {8, 50, 0}},      {"pcie4", {10, 25, 0}},
+      {"nvlink-h100", {3, 450, 0}},     {"ib-ndr400", {8, 50, 0}},        {"pcie4", {10, 25, 0}},
       {"ethernet-100g", {20, 12.5, 0}}, {"gloo-loopback", {50, 0.35, 2}}, {"fake-2core", {20, 6, 2}},
   };
   return all;

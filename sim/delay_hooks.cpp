@@ -18,10 +18,10 @@ std::string milliseconds(std::chrono::nanoseconds duration) {
 }  // namespace
 
 void DelayOptions::validate() const {
-  for (auto [name, value] : {std::make_pair("before_reduce_scatter", before_reduce_scatter),
-                             std::make_pair("before_all_gather", before_all_gather),
-                             std::make_pair("after_all_gather", after_all_gather),
-                             std::make_pair("straggler_delay", straggler_delay)}) {
+  for (auto [name, value] :
+       {std::make_pair("before_reduce_scatter", before_reduce_scatter),
+        std::make_pair("before_all_gather", before_all_gather), std::make_pair("after_all_gather", after_all_gather),
+        std::make_pair("straggler_delay", straggler_delay)}) {
     if (value.count() < 0) throw std::invalid_argument(std::string("DelayOptions::") + name + " is negative");
   }
   if (only_rank < -1) throw std::invalid_argument("DelayOptions::only_rank must be -1 (every rank) or a rank");
@@ -38,8 +38,8 @@ std::string DelayOptions::describe() const {
   if (before_reduce_scatter.count() > 0) item("rs " + milliseconds(before_reduce_scatter));
   if (before_all_gather.count() > 0) item("ag before " + milliseconds(before_all_gather));
   if (after_all_gather.count() > 0) item("ag after " + milliseconds(after_all_gather));
-  if (only_rank >= 0 && (before_reduce_scatter.count() > 0 || before_all_gather.count() > 0 ||
-                         after_all_gather.count() > 0)) {
+  if (only_rank >= 0 &&
+      (before_reduce_scatter.count() > 0 || before_all_gather.count() > 0 || after_all_gather.count() > 0)) {
     item("on rank " + std::to_string(only_rank));
   }
   if (straggler_rank >= 0 && straggler_delay.count() > 0) {

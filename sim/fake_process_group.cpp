@@ -10,12 +10,12 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
-#include <thread>
-#include <mutex>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include "backends/collective_checks.h"
 #include "backends/errors.h"
@@ -100,7 +100,8 @@ void reduce_blocks(T* out, const std::vector<const char*>& sources, int64_t coun
   for (int64_t begin = 0; begin < count; begin += kReduceBlock) {
     const int64_t n = std::min(kReduceBlock, count - begin);
     const auto* first = reinterpret_cast<const T*>(sources[0]) + begin;
-    for (int64_t i = 0; i < n; ++i) block[i] = divide ? static_cast<T>(static_cast<Math>(first[i]) / divisor) : first[i];
+    for (int64_t i = 0; i < n; ++i)
+      block[i] = divide ? static_cast<T>(static_cast<Math>(first[i]) / divisor) : first[i];
     for (size_t k = 1; k < sources.size(); ++k) {
       const auto* src = reinterpret_cast<const T*>(sources[k]) + begin;
       if (divide) {
@@ -115,8 +116,8 @@ void reduce_blocks(T* out, const std::vector<const char*>& sources, int64_t coun
   }
 }
 
-void reduce_into(void* dst, const std::vector<const char*>& sources, int64_t count, at::ScalarType dtype,
-                 ReduceOp op, double predivide) {
+void reduce_into(void* dst, const std::vector<const char*>& sources, int64_t count, at::ScalarType dtype, ReduceOp op,
+                 double predivide) {
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fake_reduce", [&] {
     auto* out = static_cast<scalar_t*>(dst);
     switch (op) {
@@ -139,7 +140,6 @@ bool overlaps(const at::Tensor& a, const at::Tensor& b) {
 }
 
 }  // namespace
-
 
 enum class CollectiveState { Gathering, Ready, Done, Failed };
 
@@ -203,8 +203,7 @@ struct RankWhere {
   std::string describe() const {
     switch (kind) {
       case Kind::Running:
-        return collective.empty() ? "running, no collective issued yet"
-                                  : "running, last issued " + collective;
+        return collective.empty() ? "running, no collective issued yet" : "running, last issued " + collective;
       case Kind::Waiting: return "waiting in " + collective;
       case Kind::Exited: return "exited normally";
       case Kind::Failed: return "failed: " + error.substr(0, error.find('\n'));
@@ -238,8 +237,7 @@ struct FakeWorldState::Impl {
     std::ostringstream out;
     bool first = true;
     for (const auto& [state, ranks] : by_state) {
-      out << (first ? "" : "; ") << ranks_text(ranks)
-          << ": " << state;
+      out << (first ? "" : "; ") << ranks_text(ranks) << ": " << state;
       first = false;
     }
     return out.str();
@@ -277,8 +275,7 @@ struct FakeWorldState::Impl {
     for (size_t r = 0; r < pending.arrivals.size(); ++r) {
       int global = pending.global_ranks[r];
       if (!pending.arrivals[r] && exited[global]) {
-        return "rank " + std::to_string(global) + " " + where[global].describe() +
-               " without calling this collective";
+        return "rank " + std::to_string(global) + " " + where[global].describe() + " without calling this collective";
       }
     }
     return std::nullopt;
@@ -354,9 +351,9 @@ void FakeWorldState::rank_exited(int global_rank, bool failed, const std::string
     for (auto& [name, group] : impl_->groups) {
       for (auto& [seq, pending] : group->gathering) {
         if (auto why = impl_->exited_member_locked(*pending)) {
-          auto err = std::make_exception_ptr(CommError(
-              pending->header() + " " + to_string(pending->first_desc().op) + ": can never complete: " + *why +
-              "; where each rank is: " + impl_->where_locked()));
+          auto err = std::make_exception_ptr(CommError(pending->header() + " " + to_string(pending->first_desc().op) +
+                                                       ": can never complete: " + *why +
+                                                       "; where each rank is: " + impl_->where_locked()));
           auto more = impl_->fail_locked(*pending, err);
           callbacks.insert(callbacks.end(), more.begin(), more.end());
         }
@@ -371,7 +368,9 @@ void FakeWorldState::rank_exited(int global_rank, bool failed, const std::string
 class FakeWork final : public Work {
  public:
   FakeWork(std::shared_ptr<FakeWorldState> world, std::shared_ptr<PendingCollective> pending, int group_rank)
-      : world_(std::move(world)), pending_(std::move(pending)), group_rank_(group_rank),
+      : world_(std::move(world)),
+        pending_(std::move(pending)),
+        group_rank_(group_rank),
         desc_(pending_->arrivals[group_rank_]->desc) {}
 
   void wait() override;
@@ -510,8 +509,7 @@ void FakeWorldState::progress_loop() {
     std::shared_ptr<PendingCollective> pending = std::move(impl_->ready.front());
     impl_->ready.pop_front();
     Callbacks callbacks;
-    while (help_locked(*this, *impl_, *pending, lock, callbacks)) {
-    }
+    while (help_locked(*this, *impl_, *pending, lock, callbacks)) {}
     if (!callbacks.empty()) {
       lock.unlock();
       run_callbacks(callbacks);
@@ -572,8 +570,7 @@ class FakeProcessGroup final : public ProcessGroup {
 
   WorkPtr all_gather_into_tensor(const at::Tensor& output, const at::Tensor& input) override {
     auto desc = check_all_gather(*this, output, input);
-    if (overlaps(input, output) &&
-        byte_ptr(input) != byte_ptr(output) + static_cast<size_t>(rank_) * input.nbytes()) {
+    if (overlaps(input, output) && byte_ptr(input) != byte_ptr(output) + static_cast<size_t>(rank_) * input.nbytes()) {
       fail_local(desc, "input overlaps output but is not this rank's chunk of it");
     }
     return issue(std::move(desc), input, output);
@@ -581,8 +578,7 @@ class FakeProcessGroup final : public ProcessGroup {
   WorkPtr reduce_scatter_tensor(const at::Tensor& output, const at::Tensor& input,
                                 const ReduceScatterOptions& options) override {
     auto desc = check_reduce_scatter(*this, output, input, options);
-    if (overlaps(input, output) &&
-        byte_ptr(output) != byte_ptr(input) + static_cast<size_t>(rank_) * output.nbytes()) {
+    if (overlaps(input, output) && byte_ptr(output) != byte_ptr(input) + static_cast<size_t>(rank_) * output.nbytes()) {
       fail_local(desc, "output overlaps input but is not this rank's chunk of it");
     }
     return issue(std::move(desc), input, output);
@@ -647,8 +643,8 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
       throw WorldAbortedError(desc.to_string() + ": world aborted: " + impl.abort_reason);
     }
     seq_ = desc.seq;
-    const std::string label = std::string(to_string(desc.op)) + " group " + desc.group + " seq " +
-                              std::to_string(desc.seq);
+    const std::string label =
+        std::string(to_string(desc.op)) + " group " + desc.group + " seq " + std::to_string(desc.seq);
     impl.where[global_rank] = RankWhere{RankWhere::Kind::Running, label, ""};
 
     auto& slot = group_->gathering[desc.seq];
@@ -683,8 +679,7 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
       std::ostringstream msg;
       msg << "collective mismatch in " << p.header() << ":";
       for (const auto& [call, ranks] : by_call) {
-        msg << " " << ranks_text(ranks)
-            << " called " << call << ";";
+        msg << " " << ranks_text(ranks) << " called " << call << ";";
       }
       auto missing = p.missing_global_ranks();
       if (!missing.empty()) msg << " ranks " << rank_set_string(missing) << " have not called it yet;";
@@ -748,8 +743,8 @@ ProcessGroupPtr FakeProcessGroup::split(const std::vector<std::vector<int>>& par
   }
   if (!sub) return nullptr;
   const auto& members = sub->global_ranks;
-  const int sub_rank = static_cast<int>(
-      std::find(members.begin(), members.end(), group_->global_ranks[rank_]) - members.begin());
+  const int sub_rank =
+      static_cast<int>(std::find(members.begin(), members.end(), group_->global_ranks[rank_]) - members.begin());
   return std::make_shared<FakeProcessGroup>(world_, std::move(sub), sub_rank);
 }
 

@@ -12,8 +12,8 @@
 // copies run in parallel on thread ranks and nothing depends on one rank
 // doing everybody's work. Thread worlds also run a progress thread that
 // starts on ready collectives at once, so a collective moves data while its
-// ranks compute (fiber worlds progress when a fiber waits: one OS thread). A rank's Work completes once all tasks finished,
-// i.e. once no rank reads its input any more.
+// ranks compute (fiber worlds progress when a fiber waits: one OS thread). A rank's Work completes once all tasks
+// finished, i.e. once no rank reads its input any more.
 //
 // Arithmetic: reductions run in rank order (in_0 op in_1 op ... op in_{n-1})
 // element by element in the tensor's dtype (half/bf16 through float, rounded

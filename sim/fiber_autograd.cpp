@@ -1,7 +1,6 @@
 #include "sim/fiber_autograd.h"
 
 #include <ATen/ATen.h>
-#include <boost/fiber/fss.hpp>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/edge.h>
 #include <torch/csrc/autograd/engine.h>
@@ -10,6 +9,7 @@
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/variable.h>
+#include <boost/fiber/fss.hpp>
 
 #include <algorithm>
 #include <exception>
@@ -101,24 +101,24 @@ std::string node_context(const Node& fn) { return "(in backward node " + fn.name
 // another real dtype is cast to the input's grad_dtype (none: any dtype is
 // kept, LibTorch 2.x); anything else is an error naming `who`.
 void validate_grads(const edge_list& edges, variable_list& grads, const std::string& who) {
-  TORCH_CHECK(grads.size() == edges.size(), who, " returned an invalid number of gradients - expected ",
-              edges.size(), ", but got ", grads.size());
+  TORCH_CHECK(grads.size() == edges.size(), who, " returned an invalid number of gradients - expected ", edges.size(),
+              ", but got ", grads.size());
   for (size_t i = 0; i < grads.size(); ++i) {
     const Edge& edge = edges[i];
     at::Tensor& grad = grads[i];
     if (!edge.is_valid() || !grad.defined()) continue;
     const auto& meta = edge.function->input_metadata(edge.input_nr);
-    grad = meta.maybe_reduce(i, std::move(grad), [&](const std::string& message) { return who + " returned an " + message; });
-    const std::optional<at::ScalarType> expected =
-        meta.was_default_constructed() ? std::nullopt : meta.grad_dtype();
+    grad = meta.maybe_reduce(i, std::move(grad),
+                             [&](const std::string& message) { return who + " returned an " + message; });
+    const std::optional<at::ScalarType> expected = meta.was_default_constructed() ? std::nullopt : meta.grad_dtype();
     if (expected) {
       TORCH_CHECK(at::isFloatingType(grad.scalar_type()) || at::isComplexType(*expected) == grad.is_complex(), who,
                   " returned an invalid gradient at index ", i, " - expected dtype ", *expected, " but got ",
                   grad.scalar_type());
       if (grad.scalar_type() != *expected) grad = grad.to(*expected);
     }
-    TORCH_CHECK(grad.layout() == meta.layout() || grad.is_sparse(), who, " returned an invalid gradient at index ",
-                i, " - expected layout ", meta.layout(), " but got ", grad.layout());
+    TORCH_CHECK(grad.layout() == meta.layout() || grad.is_sparse(), who, " returned an invalid gradient at index ", i,
+                " - expected layout ", meta.layout(), " but got ", grad.layout());
     if (grad.device() != meta.device()) {
       TORCH_CHECK(grad.dim() == 0, who, " returned an invalid gradient at index ", i, " - expected device ",
                   meta.device(), " but got ", grad.device());
@@ -166,9 +166,7 @@ class ReadyQueue {
 
  private:
   struct RunsLater {
-    bool operator()(const ReadyNode& a, const ReadyNode& b) const {
-      return a.fn->sequence_nr() < b.fn->sequence_nr();
-    }
+    bool operator()(const ReadyNode& a, const ReadyNode& b) const { return a.fn->sequence_nr() < b.fn->sequence_nr(); }
   };
   std::vector<ReadyNode> heap_;
 };

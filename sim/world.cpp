@@ -1,8 +1,8 @@
 #include "sim/world.h"
 
 #include <ATen/Parallel.h>
-#include <boost/fiber/all.hpp>
 #include <pthread.h>
+#include <boost/fiber/all.hpp>
 
 #include <cstring>
 #include <sstream>
@@ -93,13 +93,17 @@ std::string first_line(const std::string& text) { return text.substr(0, text.fin
 // Runs one rank's function; never throws.
 class RankRunner {
  public:
-  RankRunner(int rank, const WorldOptions& options, const Clock* clock, SimClock* sim_clock,
-             FakeWorldState* fake_state,
-             const std::function<ProcessGroupPtr(int)>& make_group,
-             const std::function<void(RankContext&)>& rank_main, RankOutcome& outcome)
-      : rank_(rank), options_(options), clock_(clock), sim_clock_(sim_clock), fake_state_(fake_state),
+  RankRunner(int rank, const WorldOptions& options, const Clock* clock, SimClock* sim_clock, FakeWorldState* fake_state,
+             const std::function<ProcessGroupPtr(int)>& make_group, const std::function<void(RankContext&)>& rank_main,
+             RankOutcome& outcome)
+      : rank_(rank),
+        options_(options),
+        clock_(clock),
+        sim_clock_(sim_clock),
+        fake_state_(fake_state),
         make_group_(make_group),
-        rank_main_(rank_main), outcome_(outcome) {}
+        rank_main_(rank_main),
+        outcome_(outcome) {}
 
   void operator()() {
     outcome_.rank = rank_;
@@ -198,7 +202,8 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
   sim_clock_.reset();
   const Clock* clock = &SteadyClock::instance();
   if (options_.simulated_time) {
-    sim_clock_ = std::make_shared<SimClock>(n, options_.compute_time, options_.compute_scale, options_.fixed_compute_ns);
+    sim_clock_ =
+        std::make_shared<SimClock>(n, options_.compute_time, options_.compute_scale, options_.fixed_compute_ns);
     clock = sim_clock_.get();
   }
   if (options_.backend == CommBackend::Fake) {
@@ -211,8 +216,8 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
     const int port = tcp_store_port(master_store);
     make_group = [this, port](int rank) {
       GlooOptions gloo;
-      gloo.store = make_tcp_store("127.0.0.1", port, options_.world_size, /*is_master=*/false,
-                                  options_.collective_timeout);
+      gloo.store =
+          make_tcp_store("127.0.0.1", port, options_.world_size, /*is_master=*/false, options_.collective_timeout);
       gloo.rank = rank;
       gloo.size = options_.world_size;
       gloo.timeout = options_.collective_timeout;
@@ -229,8 +234,8 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
   std::vector<std::unique_ptr<RankRunner>> runners;
   runners.reserve(n);
   for (int r = 0; r < n; ++r) {
-    runners.push_back(std::make_unique<RankRunner>(r, options_, clock, sim_clock_.get(), fake_state_.get(),
-                                                   make_group, rank_main, result.ranks[r]));
+    runners.push_back(std::make_unique<RankRunner>(r, options_, clock, sim_clock_.get(), fake_state_.get(), make_group,
+                                                   rank_main, result.ranks[r]));
   }
 
   if (options_.rank_kind == RankKind::Threads) {

@@ -95,7 +95,11 @@ class RankContext {
 
   RankContext(int rank, int world_size, RankKind kind, ProcessGroupPtr world_group, const Clock* clock,
               SimClock* sim_clock)
-      : rank_(rank), world_size_(world_size), kind_(kind), world_group_(std::move(world_group)), clock_(clock),
+      : rank_(rank),
+        world_size_(world_size),
+        kind_(kind),
+        world_group_(std::move(world_group)),
+        clock_(clock),
         sim_clock_(sim_clock) {}
 
  private:

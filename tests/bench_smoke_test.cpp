@@ -14,8 +14,8 @@
 namespace fsdpsim {
 namespace {
 
-using ::testing::HasSubstr;
 using ::testing::ContainsRegex;
+using ::testing::HasSubstr;
 using ::testing::Not;
 
 struct CommandResult {
@@ -57,7 +57,7 @@ TEST(BenchCommSmoke, QuickRunPrintsEveryTableAndRatio) {
   // Gloo column (thread ranks and the two worker processes).
   EXPECT_THAT(out, HasSubstr("\n      2    1 MiB      1 "));
   EXPECT_THAT(out, ContainsRegex("\n +2 +1 MiB \\| +[0-9.]+ +[0-9.]+ \\| +[0-9.]+ +[0-9.]+ +[0-9.]+ \\| "
-                                            "+[0-9.]+ +[0-9.]+ +[0-9.]+\n"));
+                                 "+[0-9.]+ +[0-9.]+ +[0-9.]+\n"));
   EXPECT_THAT(out, Not(HasSubstr("failed")));
   EXPECT_THAT(out, HasSubstr("\ntotal "));
 }

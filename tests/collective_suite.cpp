@@ -28,14 +28,14 @@ void expect_equal(const at::Tensor& actual, const at::Tensor& expected, const st
   auto diff = at::ne(a.to(at::kDouble), e.to(at::kDouble)).nonzero();
   int64_t i = diff.numel() ? diff[0].item<int64_t>() : 0;
   std::ostringstream msg;
-  msg << what << " on rank " << group.rank() << " of " << group.size() << " (group " << group.name()
-      << ", dtype " << c10::toString(actual.scalar_type()) << "): element " << i << " is "
-      << a[i].item<double>() << ", expected " << e[i].item<double>();
+  msg << what << " on rank " << group.rank() << " of " << group.size() << " (group " << group.name() << ", dtype "
+      << c10::toString(actual.scalar_type()) << "): element " << i << " is " << a[i].item<double>() << ", expected "
+      << e[i].item<double>();
   throw std::runtime_error(msg.str());
 }
 
-at::Tensor reduce_expected(int n, int64_t count, int64_t offset, int64_t length, at::ScalarType dtype,
-                           ReduceOp op, double predivide = 1.0, double postdivide = 1.0) {
+at::Tensor reduce_expected(int n, int64_t count, int64_t offset, int64_t length, at::ScalarType dtype, ReduceOp op,
+                           double predivide = 1.0, double postdivide = 1.0) {
   at::Tensor acc;
   for (int k = 0; k < n; ++k) {
     auto v = crafted_values(k, count, dtype).narrow(0, offset, length);
@@ -79,8 +79,8 @@ void check_all_collectives(ProcessGroup& group, at::ScalarType dtype, int64_t co
     input.copy_(crafted_values(rank, count, dtype));
     group.all_gather_into_tensor(output, input)->wait();
     for (int k = 0; k < n; ++k) {
-      expect_equal(output.narrow(0, k * count, count), crafted_values(k, count, dtype),
-                   label("all_gather in place"), group);
+      expect_equal(output.narrow(0, k * count, count), crafted_values(k, count, dtype), label("all_gather in place"),
+                   group);
     }
   }
   std::vector<ReduceOp> ops = {ReduceOp::Sum, ReduceOp::Min, ReduceOp::Max};

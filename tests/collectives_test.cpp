@@ -78,8 +78,8 @@ TEST_P(SubGroups, MeshAxesAndSelfGroupsMoveTheRightData) {
     ASSERT_EQ(mesh.replicate_group->size(), 2);
     EXPECT_EQ(mesh.shard_group->rank(), ctx.rank() % 3);
     EXPECT_EQ(mesh.replicate_group->rank(), ctx.rank() / 3);
-    EXPECT_EQ(mesh.shard_group->global_ranks(), (std::vector<int>{ctx.rank() / 3 * 3, ctx.rank() / 3 * 3 + 1,
-                                                                  ctx.rank() / 3 * 3 + 2}));
+    EXPECT_EQ(mesh.shard_group->global_ranks(),
+              (std::vector<int>{ctx.rank() / 3 * 3, ctx.rank() / 3 * 3 + 1, ctx.rank() / 3 * 3 + 2}));
     // Each axis gathers the global ranks of its members.
     auto mine = at::full({1}, static_cast<double>(ctx.rank()), at::kDouble);
     auto row = at::empty({3}, at::kDouble);
@@ -161,8 +161,7 @@ TEST_P(FakeFailures, DtypeShapeReduceOpAndRootMismatchesAreCaught) {
          g.all_reduce(at::zeros({3}, r == 1 ? at::kDouble : at::kFloat), AllReduceOptions{})->wait();
        },
        "rank 1 called all_reduce Double in [3]"},
-      {"shape",
-       [](ProcessGroup& g, int r) { g.all_reduce(at::zeros({r == 1 ? 4 : 3}), AllReduceOptions{})->wait(); },
+      {"shape", [](ProcessGroup& g, int r) { g.all_reduce(at::zeros({r == 1 ? 4 : 3}), AllReduceOptions{})->wait(); },
        "rank 1 called all_reduce Float in [4]"},
       {"reduce op",
        [](ProcessGroup& g, int r) {
@@ -314,8 +313,7 @@ TEST(FiberWorld, FourThousandNinetySixRanksCompleteARound) {
     auto grads = at::ones({n}, at::kFloat);
     auto shard = at::empty({1}, at::kFloat);
     group.reduce_scatter_tensor(shard, grads, ReduceScatterOptions{})->wait();
-    bool ok = shard.item<float>() == static_cast<float>(n) &&
-              at::equal(all, at::arange(n, at::kFloat));
+    bool ok = shard.item<float>() == static_cast<float>(n) && at::equal(all, at::arange(n, at::kFloat));
     if (ok) ++correct;
   });
   EXPECT_TRUE(result.ok()) << result.error_report().substr(0, 2000);

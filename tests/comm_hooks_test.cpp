@@ -23,7 +23,6 @@
 #include "sim/testing/mock_hooks.h"
 #include "sim/testing/world_fixture.h"
 #include "sim/world.h"
-#include "tests/mock_comm_hooks.h"
 
 namespace fsdpsim {
 namespace {
@@ -110,10 +109,10 @@ TEST_P(CommHooksWorldTest, CallCountsPerOp) {
   auto mocks = per_rank<StrictMock<MockCommHooks>>();
   for (auto& m : mocks) {
     for (auto [op, count] : std::vector<std::pair<CollectiveOp, int>>{{CollectiveOp::AllGather, 2},
-                                                                    {CollectiveOp::ReduceScatter, 1},
-                                                                    {CollectiveOp::AllReduce, 3},
-                                                                    {CollectiveOp::Broadcast, 1},
-                                                                    {CollectiveOp::Barrier, 1}}) {
+                                                                      {CollectiveOp::ReduceScatter, 1},
+                                                                      {CollectiveOp::AllReduce, 3},
+                                                                      {CollectiveOp::Broadcast, 1},
+                                                                      {CollectiveOp::Barrier, 1}}) {
       EXPECT_CALL(*m, before(OpIs(op))).Times(count);
       EXPECT_CALL(*m, run(OpIs(op), _)).Times(count);
       EXPECT_CALL(*m, after(OpIs(op), NotNull())).Times(count);

@@ -46,16 +46,16 @@ class SleepBeforeFree final : public fsdp::NoEngineHooks {
 };
 
 enum class Delay {
-  ReduceScatter,     ///< before each reduce-scatter, every rank
-  AllGatherBefore,   ///< before each all-gather is issued, every rank
-  AllGatherAfter,    ///< after each all-gather is issued, every rank
-  CommOnOneRank,     ///< the three above, on rank 0 only
-  Straggler,         ///< the last rank sleeps before every collective
-  Reshard,           ///< before each free of gathered params, every rank
-  AfterLoss,         ///< after the loss, every rank
-  BeforeStep,        ///< before the optimiser step, every rank
-  EngineOnOneRank,   ///< reshard, after-loss and before-step on rank 0 only
-  Everything,        ///< all of the above at once
+  ReduceScatter,    ///< before each reduce-scatter, every rank
+  AllGatherBefore,  ///< before each all-gather is issued, every rank
+  AllGatherAfter,   ///< after each all-gather is issued, every rank
+  CommOnOneRank,    ///< the three above, on rank 0 only
+  Straggler,        ///< the last rank sleeps before every collective
+  Reshard,          ///< before each free of gathered params, every rank
+  AfterLoss,        ///< after the loss, every rank
+  BeforeStep,       ///< before the optimiser step, every rank
+  EngineOnOneRank,  ///< reshard, after-loss and before-step on rank 0 only
+  Everything,       ///< all of the above at once
 };
 
 const char* name_of(Delay delay) {

@@ -36,8 +36,7 @@ const Backward kGraphWalk = [](const at::Tensor& root, const at::Tensor& grad) {
 // call them equal).
 ::testing::AssertionResult bitwise_equal(const torch::Tensor& expected, const torch::Tensor& actual) {
   if (expected.defined() != actual.defined()) {
-    return ::testing::AssertionFailure() << "defined: expected " << expected.defined() << ", got "
-                                         << actual.defined();
+    return ::testing::AssertionFailure() << "defined: expected " << expected.defined() << ", got " << actual.defined();
   }
   if (!expected.defined()) return ::testing::AssertionSuccess();
   if (expected.scalar_type() != actual.scalar_type() || !expected.sizes().equals(actual.sizes())) {
@@ -76,8 +75,8 @@ Grads param_grads(const torch::nn::Module& module) {
 
 torch::nn::Sequential make_mlp() {
   torch::manual_seed(0);
-  return torch::nn::Sequential(torch::nn::Linear(6, 8), torch::nn::ReLU(), torch::nn::Linear(8, 5),
-                               torch::nn::ReLU(), torch::nn::Linear(5, 3));
+  return torch::nn::Sequential(torch::nn::Linear(6, 8), torch::nn::ReLU(), torch::nn::Linear(8, 5), torch::nn::ReLU(),
+                               torch::nn::Linear(5, 3));
 }
 
 class FiberAutograd : public ::testing::Test {
@@ -126,8 +125,8 @@ TEST_F(FiberAutograd, UnusedOutputsMatchEngine) {
   expect_parity([](const Backward& backward) {
     torch::manual_seed(3);
     auto w = torch::randn({6, 4}, torch::requires_grad());
-    auto parts = (w * 2).chunk(3);                 // parts[1] never used: undefined grad into SplitBackward
-    auto mx = torch::max(parts[2], /*dim=*/1);     // indices output unused
+    auto parts = (w * 2).chunk(3);              // parts[1] never used: undefined grad into SplitBackward
+    auto mx = torch::max(parts[2], /*dim=*/1);  // indices output unused
     backward(parts[0].sum() + std::get<0>(mx).pow(2).sum(), {});
     return Grads{w.grad()};
   });
@@ -139,8 +138,8 @@ TEST_F(FiberAutograd, NonLeafHookScalingMatchesEngine) {
     auto x = torch::randn({7, 6});
     auto h = mlp[0]->as<torch::nn::Linear>()->forward(x);
     h.register_hook([](torch::Tensor g) { return g * 3.0; });
-    auto y = mlp[4]->as<torch::nn::Linear>()->forward(
-        torch::relu(mlp[2]->as<torch::nn::Linear>()->forward(torch::relu(h))));
+    auto y =
+        mlp[4]->as<torch::nn::Linear>()->forward(torch::relu(mlp[2]->as<torch::nn::Linear>()->forward(torch::relu(h))));
     backward(y.sum(), {});
     return param_grads(*mlp);
   });
@@ -277,7 +276,7 @@ TEST_F(FiberAutograd, NodeOutputsAreCastAndReducedLikeEngine) {
     auto a = torch::ones({2, 3}, torch::requires_grad());
     auto b = torch::ones({3}, torch::requires_grad());
     auto out = scripted({1}, a * 1.5, b, [](torch::autograd::variable_list&&) {
-      return torch::autograd::variable_list{torch::full({2, 3}, 0.1, torch::kDouble),  // cast to float
+      return torch::autograd::variable_list{torch::full({2, 3}, 0.1, torch::kDouble),           // cast to float
                                             torch::arange(12, torch::kFloat).reshape({4, 3})};  // summed to [3]
     });
     backward(out.sum(), {});
@@ -501,8 +500,14 @@ std::vector<Grads> sequential_reference(int world_size) {
   torch::Tensor weight_sum = torch::zeros({3, 8});
   for (int r = 0; r < world_size; ++r) {
     TinyNet net = make_tiny_net();
-    StepHooks capture{[&](const torch::Tensor& g) { hidden_sum += g; return torch::Tensor(); },
-                      [&](const torch::Tensor& g) { weight_sum += g; return torch::Tensor(); }};
+    StepHooks capture{[&](const torch::Tensor& g) {
+                        hidden_sum += g;
+                        return torch::Tensor();
+                      },
+                      [&](const torch::Tensor& g) {
+                        weight_sum += g;
+                        return torch::Tensor();
+                      }};
     tiny_loss(net, r, capture).backward();
   }
   std::vector<Grads> reference;
@@ -520,8 +525,7 @@ std::vector<Grads> sequential_reference(int world_size) {
 
 // Each rank blocks twice inside its backward (an all-reduce in a non-leaf
 // hook, another in a leaf hook) and checks its callback ran after all nodes.
-void expect_ranks_match_reference(RankKind kind, int world_size,
-                                  SchedulePolicy schedule = SchedulePolicy::RoundRobin) {
+void expect_ranks_match_reference(RankKind kind, int world_size, SchedulePolicy schedule = SchedulePolicy::RoundRobin) {
   const std::vector<Grads> reference = sequential_reference(world_size);
   std::vector<Grads> got(world_size);
   std::vector<int> callback_runs(world_size, 0);

@@ -19,11 +19,11 @@
 namespace fsdpsim::sim {
 namespace {
 
-using ::testing::HasSubstr;
 using observe::FlightHandle;
 using observe::FlightRecorder;
 using observe::FlightState;
 using observe::TraceRecorder;
+using ::testing::HasSubstr;
 
 CollectiveDesc desc(uint64_t seq, CollectiveOp op = CollectiveOp::AllGather, const std::string& group = "world") {
   CollectiveDesc d;
@@ -116,12 +116,15 @@ TEST(FlightRecorder, DecoratorRecordsALiveWorld) {
     options.world_size = 3;
     options.rank_kind = kind;
     World world(options);
-    world.run([&](RankContext& ctx) {
-      auto pg = std::make_shared<observe::ObservedProcessGroup>(ctx.world_group(), std::vector<observe::SinkPtr>{fr}, ctx.rank());
-      for (int i = 0; i < 5; ++i) pg->all_reduce(at::ones({4}), {})->wait();
-      auto sub = pg->split({{0, 1}, {2}});
-      sub->barrier()->wait();
-    }).throw_if_failed();
+    world
+        .run([&](RankContext& ctx) {
+          auto pg = std::make_shared<observe::ObservedProcessGroup>(ctx.world_group(),
+                                                                    std::vector<observe::SinkPtr>{fr}, ctx.rank());
+          for (int i = 0; i < 5; ++i) pg->all_reduce(at::ones({4}), {})->wait();
+          auto sub = pg->split({{0, 1}, {2}});
+          sub->barrier()->wait();
+        })
+        .throw_if_failed();
     for (int r = 0; r < 3; ++r) {
       const auto entries = fr->entries(r);
       ASSERT_EQ(entries.size(), 4u);

@@ -26,7 +26,8 @@ struct Block : torch::nn::Module {
 // Root with three blocks: L0..L2 units, the root owns `head`.
 struct Stack : torch::nn::Module {
   Stack() {
-    for (int i = 0; i < 3; ++i) blocks.push_back(register_module("block" + std::to_string(i), std::make_shared<Block>(6, 6)));
+    for (int i = 0; i < 3; ++i)
+      blocks.push_back(register_module("block" + std::to_string(i), std::make_shared<Block>(6, 6)));
     head = register_module("head", torch::nn::Linear(6, 5));
   }
   torch::Tensor forward(torch::Tensor x) {
@@ -98,15 +99,15 @@ TEST(FsdpEngine, ImplicitOrderAndStateAfterForwardAndBackward) {
     events[ctx.rank()] = hooks->events;
   });
   ASSERT_TRUE(result.ok()) << result.error_report();
-  const std::vector<std::string> expected = {
-      "U root", "U block0", "R block0", "U block1", "R block1", "U block2", "R block2",  // forward
-      // backward, implicit BACKWARD_PRE prefetch: each unshard one slot early
-      // (the reference's U L2, U L1, PB L2, U L0, PB L1, PB L0, PB root)
-      // block0 (fed the raw input) and the root have no post-backward hook:
-      // the end-of-backward step reduces them in module pre-order, the root
-      // first, as FSDP2 does (tests/conformance: its K1 check before the fix)
-      "U block2", "U block1", "R block2", "PB block2", "U block0", "R block1", "PB block1", "R root",
-      "PB root", "R block0", "PB block0", "final"};
+  const std::vector<std::string> expected = {"U root", "U block0", "R block0", "U block1", "R block1", "U block2",
+                                             "R block2",  // forward
+                                             // backward, implicit BACKWARD_PRE prefetch: each unshard one slot early
+                                             // (the reference's U L2, U L1, PB L2, U L0, PB L1, PB L0, PB root)
+                                             // block0 (fed the raw input) and the root have no post-backward hook:
+                                             // the end-of-backward step reduces them in module pre-order, the root
+                                             // first, as FSDP2 does (tests/conformance: its K1 check before the fix)
+                                             "U block2", "U block1", "R block2", "PB block2", "U block0", "R block1",
+                                             "PB block1", "R root", "PB root", "R block0", "PB block0", "final"};
   EXPECT_EQ(events[0], expected);
   EXPECT_EQ(events[1], expected);
 }
@@ -165,8 +166,8 @@ TEST(FsdpEngineErrors, WritesBetweenStepsLandInTheShardOrFailClearly) {
     ASSERT_EQ(linear->weight.size(0), rows);
     {
       torch::NoGradGuard no_grad;
-      linear->weight.fill_(ctx.rank() + 1);                        // in place: the shard itself
-      linear->bias.set_data(torch::full({rows}, 7.0));              // replaced data, right shape
+      linear->weight.fill_(ctx.rank() + 1);             // in place: the shard itself
+      linear->bias.set_data(torch::full({rows}, 7.0));  // replaced data, right shape
     }
     torch::Tensor out;
     {
@@ -306,8 +307,7 @@ TEST(FsdpEngineHooks, GMockSeesTheEventsInOrderWithTrainingStates) {
 // both ranks' inputs. The arithmetic is the same (fp32, rank-order sum, then
 // divide by 2) except where a test says so, so the comparison is exact.
 void expect_grads_match_reference(
-    const std::function<torch::Tensor(std::shared_ptr<Stack>&, const torch::Tensor&)>& loss_of,
-    double tolerance) {
+    const std::function<torch::Tensor(std::shared_ptr<Stack>&, const torch::Tensor&)>& loss_of, double tolerance) {
   const int world_size = 2;
   auto input_of = [](int rank) { return torch::arange(12, torch::kFloat).reshape({2, 6}) * (rank + 1) / 10; };
   at::set_num_threads(1);
@@ -436,7 +436,7 @@ TEST(FsdpEngineTrace, EngineEventsAreRecordedBesideTheCollectives) {
   ASSERT_GE(rank0.size(), 4u);
   EXPECT_EQ(rank0[0], "all_gather");
   EXPECT_EQ(rank0[1], "unshard <root>");
-  EXPECT_EQ(std::count(rank0.begin(), rank0.end(), "all_gather"), 7);   // B+1 forward, B backward
+  EXPECT_EQ(std::count(rank0.begin(), rank0.end(), "all_gather"), 7);      // B+1 forward, B backward
   EXPECT_EQ(std::count(rank0.begin(), rank0.end(), "reduce_scatter"), 4);  // B+1
   EXPECT_EQ(rank0.back(), "final_callback <root>");
 }

@@ -40,7 +40,6 @@
 #include "sim/testing/collective_matchers.h"
 #include "sim/testing/mock_hooks.h"
 #include "sim/world.h"
-#include "tests/mock_comm_hooks.h"
 
 namespace fsdpsim::scenarios {
 namespace {
@@ -137,8 +136,7 @@ TEST(ScenarioModels, ShapesNamesAndBlocksFollowTheReference) {
     EXPECT_EQ(shapes.at("embed_tokens.weight"), (std::vector<int64_t>{23, 16}));
     EXPECT_EQ(shapes.at("output_proj.bias"), (std::vector<int64_t>{23}));
     EXPECT_EQ(shapes.at("transformer.encoder.layers.1.linear1.weight"), (std::vector<int64_t>{8, 16}));
-    EXPECT_EQ(shapes.at("transformer.decoder.layers.0.multihead_attn.in_proj_weight"),
-              (std::vector<int64_t>{48, 16}));
+    EXPECT_EQ(shapes.at("transformer.decoder.layers.0.multihead_attn.in_proj_weight"), (std::vector<int64_t>{48, 16}));
     EXPECT_EQ(shapes.at("bn.weight"), (std::vector<int64_t>{2}));
     EXPECT_EQ(unique_named_parameters(*scenario->module()).size(), named.size() - 1);
     auto buffers = scenario->module()->named_buffers();
@@ -318,9 +316,9 @@ ParityCase seeded(ParityCase c, uint64_t seed) {
 }
 
 std::vector<Model> all_models() {
-  return {model("nested_wrapped"),      model("always_wrap_nested"), model("transformer"),
-          model("mixture_of_experts"),  model("non_uniform_req_grad"), model("double_linear"),
-          lin1_only(),                  model("mlp_stack"),            model("rank_divergent")};
+  return {model("nested_wrapped"),       model("always_wrap_nested"), model("transformer"), model("mixture_of_experts"),
+          model("non_uniform_req_grad"), model("double_linear"),      lin1_only(),          model("mlp_stack"),
+          model("rank_divergent")};
 }
 
 /// Every model x {FullShard, ShardGradOp, NoShard} x worlds {1, 2, 3, 4, 8},
@@ -406,16 +404,16 @@ std::vector<ParityCase> zero_grad_cases() {
       for (auto strategy : {ShardingStrategy::FullShard, ShardingStrategy::ShardGradOp, ShardingStrategy::NoShard}) {
         cases.push_back(zero_grad_at(make_case(model("mlp_stack"), strategy, 3), at, set_to_none));
       }
-      cases.push_back(zero_grad_at(make_case(model("nested_wrapped"), ShardingStrategy::FullShard, 4, fibers), at,
-                                   set_to_none));
-      cases.push_back(zero_grad_at(
-          make_case(model("transformer"), ShardingStrategy::ShardGradOp, 2, threads, CommBackend::Gloo), at,
-          set_to_none));
+      cases.push_back(
+          zero_grad_at(make_case(model("nested_wrapped"), ShardingStrategy::FullShard, 4, fibers), at, set_to_none));
+      cases.push_back(
+          zero_grad_at(make_case(model("transformer"), ShardingStrategy::ShardGradOp, 2, threads, CommBackend::Gloo),
+                       at, set_to_none));
     }
   }
-  cases.push_back(zero_grad_at(make_case(model("mlp_stack"), ShardingStrategy::FullShard, 4, threads,
-                                         CommBackend::Fake, OptimizerKind::Adam),
-                               ZeroGradAt::BeforeBackward, true));
+  cases.push_back(zero_grad_at(
+      make_case(model("mlp_stack"), ShardingStrategy::FullShard, 4, threads, CommBackend::Fake, OptimizerKind::Adam),
+      ZeroGradAt::BeforeBackward, true));
   return cases;
 }
 
@@ -594,8 +592,7 @@ TEST_P(CommCount, AllGathersAndReduceScattersPerStep) {
     engine_options.queue_backward_callback = sim::queue_backward_callback;
     fsdp::Engine engine(engine_options);
     scenario->shard(engine, setup);
-    torch::optim::SGD optimizer(unique_parameters(*scenario->module()),
-                                torch::optim::SGDOptions(1e-2).momentum(0.9));
+    torch::optim::SGD optimizer(unique_parameters(*scenario->module()), torch::optim::SGDOptions(1e-2).momentum(0.9));
     for (int step = 0; step < kSteps; ++step) {
       where[rank] = step * 3 + kForward;
       optimizer.zero_grad();

@@ -13,12 +13,16 @@
 
 #include <torch/torch.h>
 
+#include <atomic>
+#include <chrono>
 #include <functional>
 #include <map>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "backends/errors.h"
 #include "fsdp/fully_shard.h"
 #include "sim/fiber_autograd.h"
 #include "sim/world.h"
@@ -44,7 +48,8 @@ struct Block : torch::nn::Module {
 // Three block units; the root owns `head`.
 struct Stack : torch::nn::Module {
   Stack() {
-    for (int i = 0; i < 3; ++i) blocks.push_back(register_module("block" + std::to_string(i), std::make_shared<Block>()));
+    for (int i = 0; i < 3; ++i)
+      blocks.push_back(register_module("block" + std::to_string(i), std::make_shared<Block>()));
     head = register_module("head", torch::nn::Linear(6, 5));
   }
   torch::Tensor forward(torch::Tensor x) {
@@ -63,9 +68,7 @@ std::shared_ptr<Stack> make_stack() {
   return std::make_shared<Stack>();
 }
 
-torch::Tensor input(int step) {
-  return torch::linspace(-1.0, 1.0, 12).reshape({2, 6}) * static_cast<double>(step + 1);
-}
+torch::Tensor input(int step) { return torch::linspace(-1.0, 1.0, 12).reshape({2, 6}) * static_cast<double>(step + 1); }
 
 std::map<std::string, torch::Tensor> grads_of(torch::nn::Module& module) {
   std::map<std::string, torch::Tensor> grads;
@@ -157,15 +160,13 @@ TEST_P(BackwardFailure, NextStepsRunAsIfTheFailedBackwardNeverHad) {
   ASSERT_TRUE(result.ok()) << result.error_report();
 }
 
-INSTANTIATE_TEST_SUITE_P(All, BackwardFailure,
-                         ::testing::Values(RecoveryCase{sim::RankKind::Threads, 2},
-                                           RecoveryCase{sim::RankKind::Threads, 4},
-                                           RecoveryCase{sim::RankKind::Fibers, 2},
-                                           RecoveryCase{sim::RankKind::Fibers, 4}),
-                         [](const ::testing::TestParamInfo<RecoveryCase>& info) {
-                           return std::string(sim::to_string(info.param.kind)) + "_w" +
-                                  std::to_string(info.param.world);
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    All, BackwardFailure,
+    ::testing::Values(RecoveryCase{sim::RankKind::Threads, 2}, RecoveryCase{sim::RankKind::Threads, 4},
+                      RecoveryCase{sim::RankKind::Fibers, 2}, RecoveryCase{sim::RankKind::Fibers, 4}),
+    [](const ::testing::TestParamInfo<RecoveryCase>& info) {
+      return std::string(sim::to_string(info.param.kind)) + "_w" + std::to_string(info.param.world);
+    });
 
 // ---------------------------------------------------------------------------
 // zero_grad between forward and backward zeroes the sharded grads the engine
@@ -255,7 +256,8 @@ TEST(SequentialRoot, CallGathersEveryChildUnit) {
 // refused, naming the unit and the fix, whether or not the shapes happen to fit.
 
 struct DirectCaller : torch::nn::Module {
-  DirectCaller() : a(register_module("a", torch::nn::Linear(10, 10))), b(register_module("b", torch::nn::Linear(10, 10))) {}
+  DirectCaller()
+      : a(register_module("a", torch::nn::Linear(10, 10))), b(register_module("b", torch::nn::Linear(10, 10))) {}
   torch::Tensor forward(torch::Tensor x) { return calls_b ? b(a(x)) : a(x); }
   torch::nn::Linear a;
   torch::nn::Linear b;
@@ -300,6 +302,52 @@ TEST(DirectChildCall, ShapeErrorsFromShardsNameTheUngatheredUnits) {
     EXPECT_THAT(error, HasSubstr("sub-unit(s) 'a', 'b' were not called through fsdp::call"));
     EXPECT_THAT(error, HasSubstr("fsdp::call(sequential, x)"));
   }
+}
+
+// A collective that fails inside a unit's forward before its sub-units ran
+// (here: a sub-unit's all-gather times out) is a comm failure, not a
+// direct child call: it keeps its type, so callers can tell a timeout, and
+// gets no note about fsdp::call. (The note used to turn it into a plain
+// runtime_error, and a process rank reported a timeout as a failure.)
+struct CallsThroughFsdp : torch::nn::Module {
+  CallsThroughFsdp()
+      : a(register_module("a", torch::nn::Linear(10, 10))), b(register_module("b", torch::nn::Linear(10, 10))) {}
+  torch::Tensor forward(torch::Tensor x) { return fsdp::call(b.ptr(), fsdp::call(a.ptr(), x)); }
+  torch::nn::Linear a;
+  torch::nn::Linear b;
+};
+
+TEST(DirectChildCall, CollectiveTimeoutInsideAForwardKeepsItsType) {
+  sim::WorldOptions world_options = world_of(2, sim::RankKind::Threads);
+  world_options.collective_timeout = std::chrono::milliseconds(300);
+  std::atomic<bool> rank0_done{false};
+  std::string caught;
+  sim::World world(world_options);
+  auto result = world.run([&](sim::RankContext& ctx) {
+    auto model = std::make_shared<CallsThroughFsdp>();
+    Engine engine(engine_options());
+    FullyShardOptions options;
+    options.shard_group = ctx.world_group();
+    engine.fully_shard(model->a.ptr(), options);
+    engine.fully_shard(model->b.ptr(), options);
+    engine.fully_shard(model, options);
+    if (ctx.rank() == 1) {  // never joins the all-gather; stays alive so that rank 0 times out
+      while (!rank0_done) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      return;
+    }
+    try {
+      fsdp::call(model, torch::ones({4, 10}));
+      caught = "no error";
+    } catch (const CollectiveTimeoutError& e) {
+      caught = std::string("CollectiveTimeoutError: ") + e.what();
+    } catch (const std::exception& e) {
+      caught = std::string("other: ") + e.what();
+    }
+    rank0_done = true;
+  });
+  EXPECT_THAT(caught, ::testing::StartsWith("CollectiveTimeoutError: "));
+  EXPECT_THAT(caught, ::testing::Not(HasSubstr("were not called through fsdp::call")));
+  (void)result;  // rank 0 failed its collective; whether the world reports it is not this test's point
 }
 
 // ---------------------------------------------------------------------------

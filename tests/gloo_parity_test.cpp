@@ -60,15 +60,15 @@ TEST_P(GlooProcessParity, EveryRankMatchesTheReferenceExactly) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Processes, GlooProcessParity,
-    ::testing::Values(GlooProcessParityParam{"mlp_stack", "full_shard", 2},
-                      GlooProcessParityParam{"nested_wrapped", "full_shard", 4},
-                      GlooProcessParityParam{"transformer", "shard_grad_op", 2},
-                      GlooProcessParityParam{"mixture_of_experts", "full_shard", 3}),
-    [](const auto& info) {
-      return std::get<0>(info.param) + "_" + std::get<1>(info.param) + "_w" + std::to_string(std::get<2>(info.param));
-    });
+INSTANTIATE_TEST_SUITE_P(Processes, GlooProcessParity,
+                         ::testing::Values(GlooProcessParityParam{"mlp_stack", "full_shard", 2},
+                                           GlooProcessParityParam{"nested_wrapped", "full_shard", 4},
+                                           GlooProcessParityParam{"transformer", "shard_grad_op", 2},
+                                           GlooProcessParityParam{"mixture_of_experts", "full_shard", 3}),
+                         [](const auto& info) {
+                           return std::get<0>(info.param) + "_" + std::get<1>(info.param) + "_w" +
+                                  std::to_string(std::get<2>(info.param));
+                         });
 
 }  // namespace
 }  // namespace fsdpsim::scenarios

@@ -68,12 +68,11 @@ std::string where(const ProcessGroup& pg, const std::string& what) {
   return "rank " + std::to_string(pg.rank()) + "/" + std::to_string(pg.size()) + " group " + pg.name() + ": " + what;
 }
 
-void expect_equal(Failures& failures, const std::string& what, const at::Tensor& actual,
-                  const at::Tensor& expected) {
+void expect_equal(Failures& failures, const std::string& what, const at::Tensor& actual, const at::Tensor& expected) {
   std::string problem;
   if (actual.scalar_type() != expected.scalar_type()) {
-    problem = std::string("dtype ") + c10::toString(actual.scalar_type()) + " != " +
-              c10::toString(expected.scalar_type());
+    problem =
+        std::string("dtype ") + c10::toString(actual.scalar_type()) + " != " + c10::toString(expected.scalar_type());
   } else if (actual.sizes() != expected.sizes()) {
     problem = "shape differs";
   } else if (!at::equal(actual.to(at::kDouble), expected.to(at::kDouble))) {
@@ -422,10 +421,12 @@ TEST_P(GlooThreads, SeveralCollectivesInFlightBeforeWaiting) {
     std::vector<at::Tensor> chunks;
     for (int r = 0; r < pg.size(); ++r) chunks.push_back(pattern(r, n, at::kBFloat16));
     expect_equal(failures, "in flight all_gather", gathered, at::cat(chunks));
-    expect_equal(failures, "in flight all_reduce max", reduced, reduced_pattern(pg.size(), n, ReduceOp::Max, at::kBFloat16));
-    expect_equal(failures, "in flight reduce_scatter",
-                 scattered, reduced_pattern(pg.size(), pg.size() * n, ReduceOp::Sum, at::kDouble).narrow(0, pg.rank() * n, n));
-    expect_equal(failures, "in flight all_reduce avg", summed, reduced_pattern(pg.size(), n, ReduceOp::Avg, at::kFloat));
+    expect_equal(failures, "in flight all_reduce max", reduced,
+                 reduced_pattern(pg.size(), n, ReduceOp::Max, at::kBFloat16));
+    expect_equal(failures, "in flight reduce_scatter", scattered,
+                 reduced_pattern(pg.size(), pg.size() * n, ReduceOp::Sum, at::kDouble).narrow(0, pg.rank() * n, n));
+    expect_equal(failures, "in flight all_reduce avg", summed,
+                 reduced_pattern(pg.size(), n, ReduceOp::Avg, at::kFloat));
   });
 }
 
@@ -692,8 +693,8 @@ TEST(GlooMatchesFake, RankOrderReductionsAreBitwiseEqual) {
     ASSERT_EQ(gloo[rank].size(), fake[rank].size());
     for (size_t i = 0; i < gloo[rank].size(); ++i) {
       EXPECT_TRUE(at::equal(bits_of(gloo[rank][i]), bits_of(fake[rank][i])))
-          << "rank " << rank << " case " << i << " (" << c10::toString(gloo[rank][i].scalar_type())
-          << "): gloo " << values_string(gloo[rank][i]) << " fake " << values_string(fake[rank][i]);
+          << "rank " << rank << " case " << i << " (" << c10::toString(gloo[rank][i].scalar_type()) << "): gloo "
+          << values_string(gloo[rank][i]) << " fake " << values_string(fake[rank][i]);
     }
   }
 }
@@ -823,12 +824,12 @@ LaunchOptions quiet(int nproc, std::vector<std::string> command, std::ostream* o
 
 TEST(GlooLauncher, SetsRankEnvironmentAndPrefixesOutput) {
   std::ostringstream output;
-  LaunchOptions options = quiet(
-      3,
-      {"/bin/sh", "-c",
-       "echo $MASTER_ADDR:$MASTER_PORT $RANK/$WORLD_SIZE $LOCAL_RANK/$LOCAL_WORLD_SIZE $EXTRA; echo err >&2; "
-       "printf partial"},
-      &output);
+  LaunchOptions options =
+      quiet(3,
+            {"/bin/sh", "-c",
+             "echo $MASTER_ADDR:$MASTER_PORT $RANK/$WORLD_SIZE $LOCAL_RANK/$LOCAL_WORLD_SIZE $EXTRA; echo err >&2; "
+             "printf partial"},
+            &output);
   options.extra_env["EXTRA"] = "x1";
   LaunchResult result = launch_processes(options);
   ASSERT_TRUE(result.ok()) << result.report();
@@ -857,8 +858,8 @@ TEST(GlooLauncher, KeepsOnlyTheLastFiftyLines) {
 }
 
 TEST(GlooLauncher, FailureStopsTheOthersAfterTheGracePeriod) {
-  LaunchOptions options = quiet(3, {"/bin/sh", "-c", "if [ $RANK = 1 ]; then echo boom; exit 4; fi; exec sleep 30"},
-                                nullptr);
+  LaunchOptions options =
+      quiet(3, {"/bin/sh", "-c", "if [ $RANK = 1 ]; then echo boom; exit 4; fi; exec sleep 30"}, nullptr);
   options.timeout = 300ms;
   const auto start = std::chrono::steady_clock::now();
   LaunchResult result = launch_processes(options);
@@ -885,8 +886,8 @@ TEST(GlooLauncher, FailureStopsTheOthersAfterTheGracePeriod) {
 }
 
 TEST(GlooLauncher, SigkillFollowsAnIgnoredSigterm) {
-  LaunchOptions options = quiet(
-      2, {"/bin/sh", "-c", "if [ $RANK = 0 ]; then exit 1; fi; trap '' TERM; exec sleep 30"}, nullptr);
+  LaunchOptions options =
+      quiet(2, {"/bin/sh", "-c", "if [ $RANK = 0 ]; then exit 1; fi; trap '' TERM; exec sleep 30"}, nullptr);
   options.timeout = 100ms;
   const auto start = std::chrono::steady_clock::now();
   LaunchResult result = launch_processes(options);
@@ -1145,7 +1146,8 @@ FSDPSIM_REGISTER_WORKER(gloo_rank1_exits_flight_recorder) {
   using namespace fsdpsim;
   ProcessGroupPtr gloo = worker_group_after_full_rendezvous();
   auto flight = std::make_shared<observe::FlightRecorder>(gloo->size(), 8);
-  ProcessGroupPtr pg = std::make_shared<observe::ObservedProcessGroup>(gloo, std::vector<observe::SinkPtr>{flight}, gloo->rank());
+  ProcessGroupPtr pg =
+      std::make_shared<observe::ObservedProcessGroup>(gloo, std::vector<observe::SinkPtr>{flight}, gloo->rank());
   pg->barrier()->wait();
   if (pg->rank() == 1) std::_Exit(3);
   at::Tensor tensor = at::ones({16});

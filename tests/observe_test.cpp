@@ -118,12 +118,14 @@ TEST(ObservedProcessGroup, FansEveryCollectiveOutToEverySink) {
     options.rank_kind = kind;
     options.flight_recorder_entries = 0;
     sim::World world(options);
-    world.run([&](sim::RankContext& ctx) {
-      ObservedProcessGroup pg(ctx.world_group(), {trace, flight, counting}, ctx.rank());
-      pg.all_gather_into_tensor(at::empty({6}, at::kByte), at::ones({2}, at::kByte))->wait();
-      pg.all_reduce(at::ones({4}), {})->wait();
-      pg.split({{0, 1}, {2}})->barrier()->wait();
-    }).throw_if_failed();
+    world
+        .run([&](sim::RankContext& ctx) {
+          ObservedProcessGroup pg(ctx.world_group(), {trace, flight, counting}, ctx.rank());
+          pg.all_gather_into_tensor(at::empty({6}, at::kByte), at::ones({2}, at::kByte))->wait();
+          pg.all_reduce(at::ones({4}), {})->wait();
+          pg.split({{0, 1}, {2}})->barrier()->wait();
+        })
+        .throw_if_failed();
 
     EXPECT_EQ(counting->issued(), 9u);
     EXPECT_EQ(counting->ended(), 9u);

@@ -23,8 +23,8 @@
 #include <iterator>
 #include <map>
 #include <memory>
-#include <set>
 #include <ostream>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -171,16 +171,16 @@ struct EncoderDecoder : torch::nn::Module {
   EncoderDecoder() {
     in_proj = register_module("in_proj", torch::nn::Linear(kModel, kModel));
     for (int i = 0; i < 6; ++i) {
-      encoders.push_back(register_module(
-          "enc" + std::to_string(i),
-          torch::nn::TransformerEncoderLayer(
-              torch::nn::TransformerEncoderLayerOptions(kModel, 2).dim_feedforward(8).dropout(0.0))));
+      encoders.push_back(
+          register_module("enc" + std::to_string(i),
+                          torch::nn::TransformerEncoderLayer(
+                              torch::nn::TransformerEncoderLayerOptions(kModel, 2).dim_feedforward(8).dropout(0.0))));
     }
     for (int i = 0; i < 6; ++i) {
-      decoders.push_back(register_module(
-          "dec" + std::to_string(i),
-          torch::nn::TransformerDecoderLayer(
-              torch::nn::TransformerDecoderLayerOptions(kModel, 2).dim_feedforward(8).dropout(0.0))));
+      decoders.push_back(
+          register_module("dec" + std::to_string(i),
+                          torch::nn::TransformerDecoderLayer(
+                              torch::nn::TransformerDecoderLayerOptions(kModel, 2).dim_feedforward(8).dropout(0.0))));
     }
     out_proj = register_module("out_proj", torch::nn::Linear(kModel, kModel));
   }
@@ -215,9 +215,7 @@ Built make_chain(const std::vector<std::string>& names) {
     built.units.push_back(model->layers[i].ptr());
     built.by_name[names[i]] = model->layers[i].ptr();
   }
-  built.loss = [model](int rank, int pass) {
-    return fsdp::call(model, draw({4, kDim}, 100 + 10 * rank + pass)).sum();
-  };
+  built.loss = [model](int rank, int pass) { return fsdp::call(model, draw({4, kDim}, 100 + 10 * rank + pass)).sum(); };
   return built;
 }
 
@@ -286,7 +284,8 @@ void expect_order(const OrderRun& run, sim::RankKind kind) {
     for (int pass = 1; pass < run.forwards; ++pass) loss = loss + built.loss(ctx.rank(), pass);
     sim::backward(loss);
 
-    for (const Unit* unit : engine.units()) EXPECT_FALSE(unit->is_unsharded()) << "rank " << ctx.rank() << " " << unit->fqn();
+    for (const Unit* unit : engine.units())
+      EXPECT_FALSE(unit->is_unsharded()) << "rank " << ctx.rank() << " " << unit->fqn();
     EXPECT_EQ(engine.unsharded_bytes(), 0) << "rank " << ctx.rank();
     EXPECT_TRUE(::testing::Mock::VerifyAndClearExpectations(mock.get())) << "rank " << ctx.rank();
   });
@@ -314,8 +313,8 @@ namespace {
 // Implicit prefetch, 3 layers + root.
 
 const Events kForward3 = {"U root", "U L0", "R L0", "U L1", "R L1", "U L2", "R L2"};
-const Events kBackward3 = {"U L2", "U L1", "R L2", "PB L2", "U L0", "R L1", "PB L1",
-                           "R L0", "PB L0", "R root", "PB root"};
+const Events kBackward3 = {"U L2",  "U L1", "R L2",  "PB L2",  "U L0",   "R L1",
+                           "PB L1", "R L0", "PB L0", "R root", "PB root"};
 
 TEST_P(PrefetchOrder, ImplicitThreeLayers) {
   // Reference: forward U root, U L0, U L1, U L2; backward each unshard one
@@ -338,8 +337,8 @@ TEST_P(PrefetchOrder, ImplicitThreeLayersDecisions) {
   run.build = [] { return make_chain(layer_names(3)); };
   run.kinds = {"U", "R", "PB", "P"};
   run.expected = concat({kForward3,
-                         {"P root>L2", "U L2", "P L2>L1", "U L1", "R L2", "PB L2", "P L1>L0", "U L0", "R L1",
-                          "PB L1", "P L0>none", "R L0", "PB L0", "R root", "PB root"}});
+                         {"P root>L2", "U L2", "P L2>L1", "U L1", "R L2", "PB L2", "P L1>L0", "U L0", "R L1", "PB L1",
+                          "P L0>none", "R L0", "PB L0", "R root", "PB root"}});
   expect_order(run, GetParam());
 }
 
@@ -383,8 +382,8 @@ TEST_P(PrefetchOrder, TwoForwardsThenOneBackward) {
 
 // The implicit backward of 4 layers + root (also what explicit backward
 // prefetch with k = 1 gives).
-const Events kBackward4 = {"U L3", "U L2", "R L3", "PB L3", "U L1", "R L2", "PB L2", "U L0",
-                           "R L1", "PB L1", "R L0", "PB L0", "R root", "PB root"};
+const Events kBackward4 = {"U L3", "U L2", "R L3",  "PB L3", "U L1",  "R L2",   "PB L2",
+                           "U L0", "R L1", "PB L1", "R L0",  "PB L0", "R root", "PB root"};
 
 void set_forward_prefetch(Engine& engine, Built& built, int n, int k) {
   for (int i = 0; i + k < n; ++i) {
@@ -430,7 +429,7 @@ TEST_P(PrefetchOrder, ExplicitBackwardPrefetchTwoBack) {
   OrderRun run;
   run.build = [] { return make_chain(layer_names(4)); };
   run.configure = [](Engine& engine, Built& built) { set_backward_prefetch(engine, built, 4, 2); };
-  const Events backward = {"U L3", "U L2", "U L1", "R L3", "PB L3", "U L0", "R L2",
+  const Events backward = {"U L3",  "U L2", "U L1",  "R L3", "PB L3", "U L0",   "R L2",
                            "PB L2", "R L1", "PB L1", "R L0", "PB L0", "R root", "PB root"};
   run.expected = concat({kForward4, backward, {"final"}});
   expect_order(run, GetParam());
@@ -461,9 +460,9 @@ TEST_P(PrefetchOrder, MaxPrefetchesInFlightOneLimitsExplicitBackwardPrefetch) {
   run.max_prefetches_in_flight = 1;
   run.configure = [](Engine& engine, Built& built) { set_backward_prefetch(engine, built, 4, 2); };
   run.kinds = {"U", "R", "PB", "P", "final"};
-  const Events backward = {"P root>L3", "U L3", "P L3>L2", "U L2", "P L3>L1", "R L3", "PB L3",
-                           "P L2>L1", "U L1", "P L2>L0", "R L2", "PB L2", "P L1>L0", "U L0",
-                           "R L1", "PB L1", "P L0>none", "R L0", "PB L0", "R root", "PB root", "final"};
+  const Events backward = {"P root>L3", "U L3",    "P L3>L2", "U L2",   "P L3>L1", "R L3", "PB L3", "P L2>L1",
+                           "U L1",      "P L2>L0", "R L2",    "PB L2",  "P L1>L0", "U L0", "R L1",  "PB L1",
+                           "P L0>none", "R L0",    "PB L0",   "R root", "PB root", "final"};
   run.expected = concat({kForward4, backward});
   expect_order(run, GetParam());
 }
@@ -487,12 +486,10 @@ Events targets_of(const Events& decisions) {
 void expect_policy_decisions(const std::function<Built()>& build, sim::RankKind kind) {
   // Reference: BACKWARD_PRE 13 prefetches dec5..dec0, enc5..enc0, none;
   // BACKWARD_POST dec4..dec0, enc5..enc0, none, none; no prefetch: none.
-  EXPECT_EQ(targets_of(kBackwardPreDecisions),
-            (Events{"dec5", "dec4", "dec3", "dec2", "dec1", "dec0", "enc5", "enc4", "enc3", "enc2", "enc1", "enc0",
-                    "none"}));
-  EXPECT_EQ(targets_of(kBackwardPostDecisions),
-            (Events{"dec4", "dec3", "dec2", "dec1", "dec0", "enc5", "enc4", "enc3", "enc2", "enc1", "enc0", "none",
-                    "none"}));
+  EXPECT_EQ(targets_of(kBackwardPreDecisions), (Events{"dec5", "dec4", "dec3", "dec2", "dec1", "dec0", "enc5", "enc4",
+                                                       "enc3", "enc2", "enc1", "enc0", "none"}));
+  EXPECT_EQ(targets_of(kBackwardPostDecisions), (Events{"dec4", "dec3", "dec2", "dec1", "dec0", "enc5", "enc4", "enc3",
+                                                        "enc2", "enc1", "enc0", "none", "none"}));
   OrderRun run;
   run.build = build;
   run.kinds = kPrefetchDecisions;
@@ -646,8 +643,10 @@ void expect_unused_target_keeps_parity(sim::RankKind kind, Misprefetch where) {
     shard.shard_group = ctx.world_group();
     for (auto unit : {model->l0.ptr(), model->lin1.ptr(), model->lin2.ptr()}) engine.fully_shard(unit, shard);
     engine.fully_shard(model, shard);
-    if (where == Misprefetch::Forward || where == Misprefetch::Both) engine.set_forward_prefetch(model->l0.ptr(), {model->lin2.ptr(), model->lin1.ptr()});
-    if (where == Misprefetch::Backward || where == Misprefetch::Both) engine.set_backward_prefetch(model->lin1.ptr(), {model->lin2.ptr(), model->l0.ptr()});
+    if (where == Misprefetch::Forward || where == Misprefetch::Both)
+      engine.set_forward_prefetch(model->l0.ptr(), {model->lin2.ptr(), model->lin1.ptr()});
+    if (where == Misprefetch::Backward || where == Misprefetch::Both)
+      engine.set_backward_prefetch(model->lin1.ptr(), {model->lin2.ptr(), model->l0.ptr()});
     auto params = model->parameters();
     torch::optim::SGD sgd(params, torch::optim::SGDOptions(kLr));
     for (int step = 0; step < kSteps; ++step) {
@@ -666,7 +665,8 @@ void expect_unused_target_keeps_parity(sim::RankKind kind, Misprefetch where) {
         const int64_t begin = std::min<int64_t>(ctx.rank() * rows, expected.size(0));
         const int64_t mine = std::min<int64_t>(rows, expected.size(0) - begin);
         EXPECT_TRUE(torch::equal(grad, expected.narrow(0, begin, mine)))
-            << "max diff " << (grad - expected.narrow(0, begin, mine)).abs().max().item<double>() << " grad of param " << i << " rank " << ctx.rank() << " step " << step;
+            << "max diff " << (grad - expected.narrow(0, begin, mine)).abs().max().item<double>() << " grad of param "
+            << i << " rank " << ctx.rank() << " step " << step;
       }
       sgd.step();
       for (size_t i = 0; i < params.size(); ++i) {

@@ -32,9 +32,8 @@
 #include "backends/observe/observed_process_group.h"
 #include "backends/observe/trace_recorder.h"
 #include "sim/world.h"
-#include "tools/worker.h"
 #include "tools/replay_lib.h"
-
+#include "tools/worker.h"
 
 namespace fsdpsim::tools {
 namespace {
@@ -124,8 +123,8 @@ void fsdp_like(sim::RankContext& ctx) {
   pg.all_gather_into_tensor(at::empty({2 * n}, at::kBFloat16), at::ones({2}, at::kBFloat16))->wait();
   pg.barrier()->wait();
 }
-constexpr size_t kFsdpLikeOps = 8;         // collectives per rank
-constexpr size_t kFsdpLikeChecked = 7;     // all but the barrier
+constexpr size_t kFsdpLikeOps = 8;      // collectives per rank
+constexpr size_t kFsdpLikeChecked = 7;  // all but the barrier
 
 // fsdp_like plus sub-groups {0,1},{2,3} (Int max all-reduce) and {0,2},{1,3} (all-gather).
 void with_subgroups(sim::RankContext& ctx) {
@@ -222,13 +221,27 @@ std::string header(int world = 2) {
 // One valid collective line of a world-2 trace, with `replace` applied
 // (key -> raw JSON value).
 std::string event_line(int id, int rank, uint64_t seq, const std::map<std::string, std::string>& replace = {}) {
-  std::map<std::string, std::string> fields = {
-      {"id", std::to_string(id)}, {"rank", std::to_string(rank)}, {"kind", "\"collective\""},
-      {"name", "\"all_gather\""}, {"detail", "\"\""}, {"group", "\"world\""}, {"group_ranks", "[0,1]"},
-      {"seq", std::to_string(seq)}, {"op", "\"all_gather\""}, {"dtype", "\"Float\""}, {"in_numel", "2"},
-      {"out_numel", "4"}, {"reduce_op", "\"sum\""}, {"root", "0"}, {"issue_ns", "100"}, {"start_ns", "110"},
-      {"end_ns", "120"}, {"logical_clock_issue", std::to_string(2 * seq - 1)},
-      {"logical_clock_end", std::to_string(2 * seq)}, {"status", "\"completed\""}, {"error", "\"\""}};
+  std::map<std::string, std::string> fields = {{"id", std::to_string(id)},
+                                               {"rank", std::to_string(rank)},
+                                               {"kind", "\"collective\""},
+                                               {"name", "\"all_gather\""},
+                                               {"detail", "\"\""},
+                                               {"group", "\"world\""},
+                                               {"group_ranks", "[0,1]"},
+                                               {"seq", std::to_string(seq)},
+                                               {"op", "\"all_gather\""},
+                                               {"dtype", "\"Float\""},
+                                               {"in_numel", "2"},
+                                               {"out_numel", "4"},
+                                               {"reduce_op", "\"sum\""},
+                                               {"root", "0"},
+                                               {"issue_ns", "100"},
+                                               {"start_ns", "110"},
+                                               {"end_ns", "120"},
+                                               {"logical_clock_issue", std::to_string(2 * seq - 1)},
+                                               {"logical_clock_end", std::to_string(2 * seq)},
+                                               {"status", "\"completed\""},
+                                               {"error", "\"\""}};
   for (const auto& [k, v] : replace) fields[k] = v;
   std::string line = "{";
   bool first = true;
@@ -325,7 +338,8 @@ TEST(ReplayParse, CommandLineRefusesHostileTracesWithExit2AndOneLine) {
 
 TEST(ReplayParse, HugeSizesAreRefusedBeforeAnythingIsAllocated) {
   // 1e15 floats per rank: well formed, describable by check, never allocated by run.
-  const std::string text = header() + event_line(0, 0, 1, {{"in_numel", "1000000000000000"}, {"out_numel", "2000000000000000"}}) +
+  const std::string text = header() +
+                           event_line(0, 0, 1, {{"in_numel", "1000000000000000"}, {"out_numel", "2000000000000000"}}) +
                            event_line(1, 1, 1, {{"in_numel", "1000000000000000"}, {"out_numel", "2000000000000000"}});
   const ReplayTrace trace = parse(text);
   EXPECT_TRUE(check_trace(trace).clean());
@@ -437,8 +451,19 @@ TEST(ReplayCorpus, MutatedTracesNeverCrash) {
   const std::regex clean_error("^trace line ([0-9]+): [^\n]+$");
   std::mt19937_64 rng(20240601);
   auto pick = [&](size_t n) { return static_cast<size_t>(rng() % n); };
-  const char* tokens[] = {"-1", "0", "1e308", "99999999999999999999", "\"x\"", "null", "[]", "{}", "true",
-                          "18446744073709551615", "9223372036854775807", "\"all_to_all\"", "\"in_flight\""};
+  const char* tokens[] = {"-1",
+                          "0",
+                          "1e308",
+                          "99999999999999999999",
+                          "\"x\"",
+                          "null",
+                          "[]",
+                          "{}",
+                          "true",
+                          "18446744073709551615",
+                          "9223372036854775807",
+                          "\"all_to_all\"",
+                          "\"in_flight\""};
   size_t parsed = 0, refused = 0;
   for (int i = 0; i < 400; ++i) {
     std::string text;
@@ -454,8 +479,10 @@ TEST(ReplayCorpus, MutatedTracesNeverCrash) {
       case 2: {  // drop or duplicate a line
         std::vector<std::string> l = lines;
         const size_t at = 1 + pick(l.size() - 1);
-        if (i % 2) l.erase(l.begin() + static_cast<long>(at));
-        else l.insert(l.begin() + static_cast<long>(at), l[at]);
+        if (i % 2)
+          l.erase(l.begin() + static_cast<long>(at));
+        else
+          l.insert(l.begin() + static_cast<long>(at), l[at]);
         for (const auto& s : l) text += s;
         break;
       }
@@ -599,9 +626,10 @@ TEST(ReplayCheck, MissingRanksAndWhereEachRankWas) {
             "group world seqs 5-6 (2 collectives, from all_gather): never completed: ranks {0-2} still in flight when "
             "the trace was written");
   ASSERT_EQ(report.findings.size(), 2u) << report.text();
-  EXPECT_EQ(report.where, (std::vector<std::string>{
-                              "ranks {0-2}: group world seq 6 all_gather Float in [4] out [16] (in_flight)",
-                              "rank 3: group world seq 4 all_gather Float in [4] out [16] (completed), stopped early"}));
+  EXPECT_EQ(report.where,
+            (std::vector<std::string>{
+                "ranks {0-2}: group world seq 6 all_gather Float in [4] out [16] (in_flight)",
+                "rank 3: group world seq 4 all_gather Float in [4] out [16] (completed), stopped early"}));
   EXPECT_THAT(report.text(), HasSubstr("2 problems:\n  not all ranks joined collective 5 of group world"));
 }
 
@@ -696,8 +724,11 @@ TEST_P(ReplayFailure, RankSkipsACollective) {
   ASSERT_NE(failed, nullptr) << report.text();
   EXPECT_EQ(failed->seq, 3u);
   EXPECT_EQ(failed->ranks, (std::vector<int>{0, 1, 2}));
-  EXPECT_THAT(report.where, ::testing::Contains("rank 3: group world seq 2 all_gather Float in [2] out [8] (completed), stopped early"));
-  const std::string where = "group world: ranks {0-2} at seq 3 all_gather (failed); rank 3 at seq 2 all_gather (completed)";
+  EXPECT_THAT(
+      report.where,
+      ::testing::Contains("rank 3: group world seq 2 all_gather Float in [2] out [8] (completed), stopped early"));
+  const std::string where =
+      "group world: ranks {0-2} at seq 3 all_gather (failed); rank 3 at seq 2 all_gather (completed)";
   EXPECT_THAT(run.flight_dump, HasSubstr(where)) << run.flight_dump;
   EXPECT_THAT(run.trace_flight_dump, HasSubstr(where)) << run.trace_flight_dump;
 
@@ -764,8 +795,11 @@ TEST_P(ReplayFailure, RankDies) {
   ASSERT_NE(failed, nullptr);
   EXPECT_EQ(failed->ranks, (std::vector<int>{0, 1, 3}));
   EXPECT_THAT(failed->message, HasSubstr("group world seq 3 all_gather: ranks {0-1,3} failed; rank 0's error: "));
-  EXPECT_THAT(report.where, ::testing::Contains("rank 2: group world seq 2 all_gather Float in [2] out [8] (completed), stopped early"));
-  const std::string where = "group world: ranks {0-1,3} at seq 3 all_gather (failed); rank 2 at seq 2 all_gather (completed)";
+  EXPECT_THAT(
+      report.where,
+      ::testing::Contains("rank 2: group world seq 2 all_gather Float in [2] out [8] (completed), stopped early"));
+  const std::string where =
+      "group world: ranks {0-1,3} at seq 3 all_gather (failed); rank 2 at seq 2 all_gather (completed)";
   EXPECT_THAT(run.flight_dump, HasSubstr(where)) << run.flight_dump;
   EXPECT_THAT(run.trace_flight_dump, HasSubstr(where)) << run.trace_flight_dump;
 }
@@ -957,8 +991,9 @@ TEST(ReplayRunFake, DataCheckNamesTheFirstWrongElement) {
   for (size_t i = 0; i < trace.collectives.size(); ++i) {
     if (trace.collectives[i].rank == 1 && trace.collectives[i].seq == 3) line = trace.lines[i];
   }
-  EXPECT_EQ(result.data_error, "data check failed on rank 1: group world seq 3 all_gather Float in [4] out [16] (trace line " +
-                                   std::to_string(line) + "), iteration 1: element 5 is 1000, expected 5");
+  EXPECT_EQ(result.data_error,
+            "data check failed on rank 1: group world seq 3 all_gather Float in [4] out [16] (trace line " +
+                std::to_string(line) + "), iteration 1: element 5 is 1000, expected 5");
   TempFile file(make_trace(4, clean_records(4, 1)));
   EXPECT_EQ(cli({"run", file.path(), "--check-data"}).code, 0);
 }
@@ -1007,7 +1042,10 @@ TEST(ReplayReport, PercentilesAndBandwidthsFollowNcclTests) {
   EXPECT_EQ(summary[0].total_ns, 210'000);
   EXPECT_DOUBLE_EQ(summary[0].algbw_gbps, 20'000.0 / 210'000.0);
   EXPECT_DOUBLE_EQ(summary[0].busbw_gbps, 0.75 * 20'000.0 / 210'000.0);
-  EXPECT_THAT(format_summary(summary), HasSubstr("  all_gather          20    19.5 KiB       250 B       10.0       19.0      0.210    0.095    0.071\n"));
+  EXPECT_THAT(
+      format_summary(summary),
+      HasSubstr(
+          "  all_gather          20    19.5 KiB       250 B       10.0       19.0      0.210    0.095    0.071\n"));
 }
 
 // ---------------------------------------------------------------------------
@@ -1098,7 +1136,8 @@ TEST(ReplayCli, CheckRunAndDryRun) {
   r = cli({"run", file.path(), "--backend", "fake-fibers", "--world-size", "6", "--iterations", "2", "--check-data",
            "--per-op"});
   EXPECT_EQ(r.code, 0) << r.err;
-  EXPECT_THAT(r.out, HasSubstr("world 6 (trace world 4), backend fake-fibers, 2 iterations, 8 collectives per iteration"));
+  EXPECT_THAT(r.out,
+              HasSubstr("world 6 (trace world 4), backend fake-fibers, 2 iterations, 8 collectives per iteration"));
   EXPECT_THAT(r.out, HasSubstr("data check: 84 outputs verified bit for bit"));
   EXPECT_THAT(r.out, HasSubstr("busbw"));
 }

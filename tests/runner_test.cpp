@@ -58,7 +58,8 @@ std::string last_line(const std::string& text) {
   const size_t end = text.find_last_not_of('\n');
   if (end == std::string::npos) return "";
   const size_t begin = text.rfind('\n', end);
-  return text.substr(begin == std::string::npos ? 0 : begin + 1, end - (begin == std::string::npos ? 0 : begin + 1) + 1);
+  return text.substr(begin == std::string::npos ? 0 : begin + 1,
+                     end - (begin == std::string::npos ? 0 : begin + 1) + 1);
 }
 
 // `fsdpsim ARGS` in the background, its stdout and stderr on one pipe, so a
@@ -236,10 +237,9 @@ struct SimulatedRun {
 };
 
 SimulatedRun run_simulated(const std::string& compute_time, const std::string& name) {
-  RunOptions options =
-      parse_run_options({"--ranks", "fibers", "--world-size", "4", "--steps", "3", "--simulated-time", "--cost-model",
-                         "ib-ndr400", "--compute-time", compute_time, "--schedule", "seeded-random", "--seed", "7",
-                         "--trace", temp_trace(name)});
+  RunOptions options = parse_run_options({"--ranks", "fibers", "--world-size", "4", "--steps", "3", "--simulated-time",
+                                          "--cost-model", "ib-ndr400", "--compute-time", compute_time, "--schedule",
+                                          "seeded-random", "--seed", "7", "--trace", temp_trace(name)});
   std::ostringstream out, err;
   EXPECT_EQ(run_scenario(options, out, err), 0) << err.str();
   SimulatedRun run;

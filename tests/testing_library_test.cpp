@@ -22,13 +22,13 @@
 namespace fsdpsim::testing {
 namespace {
 
+using sim::RankKind;
 using ::testing::_;
 using ::testing::AllOf;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::NiceMock;
 using ::testing::Not;
-using sim::RankKind;
 
 class WorldFixture : public WorldTest {};
 
@@ -76,7 +76,8 @@ INSTANTIATE_TEST_SUITE_P(Library, WorldFixture, WorldParams({RankKind::Threads, 
 TEST(WorldParams, EveryKindTimesEverySizeNamedByBoth) {
   std::vector<std::string> names;
   int index = 0;
-  for (const WorldParam& p : std::vector<WorldParam>{WorldParam{RankKind::Threads, 2}, WorldParam{RankKind::Fibers, 8}}) {
+  for (const WorldParam& p :
+       std::vector<WorldParam>{WorldParam{RankKind::Threads, 2}, WorldParam{RankKind::Fibers, 8}}) {
     names.push_back(WorldParamName(::testing::TestParamInfo<WorldParam>(p, index++)));
   }
   EXPECT_THAT(names, ElementsAre("threads2", "fibers8"));

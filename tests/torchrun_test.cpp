@@ -48,11 +48,14 @@ TEST(Torchrun, TwoNodesOfTwoGlooRanksRunFsdpParityExactly) {
   ASSERT_EQ(access(FSDPSIM_TORCHRUN, X_OK), 0) << FSDPSIM_TORCHRUN << " is not executable (run .ci/setup.sh)";
   LaunchOptions options;
   options.nproc = 2;  // nodes: each gets RANK = its node rank from the launcher
-  options.command = {"/bin/sh", "-c",
+  options.command = {"/bin/sh",
+                     "-c",
                      "exec \"$0\" --nnodes 2 --node-rank \"$RANK\" --nproc-per-node 2 --rdzv-backend static "
                      "--master-addr \"$MASTER_ADDR\" --master-port \"$MASTER_PORT\" --max-restarts 0 "
                      "--no-python \"$1\" \"$2\"",
-                     FSDPSIM_TORCHRUN, tools::self_exe(), tools::kWorkerFlag};
+                     FSDPSIM_TORCHRUN,
+                     tools::self_exe(),
+                     tools::kWorkerFlag};
   testing::set_test_worker(options, "torchrun_parity");  // the job reaches the workers through torchrun's environment
   options.output = nullptr;
   options.timeout = std::chrono::seconds(30);

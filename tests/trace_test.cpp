@@ -258,9 +258,9 @@ void expect_valid_chrome_trace(const std::string& text, int world_size, size_t c
       if (e["cat"] == "collective") {
         ++collective_slices;
         EXPECT_GE(dur, 1.0) << e.dump();
-        for (const char* key : {"Collective name", "In msg nelems", "Out msg nelems", "Group size",
-                                "Process Group Name", "Process Group Ranks", "dtype", "Seq", "logical_clock",
-                                "status"}) {
+        for (const char* key :
+             {"Collective name", "In msg nelems", "Out msg nelems", "Group size", "Process Group Name",
+              "Process Group Ranks", "dtype", "Seq", "logical_clock", "status"}) {
           EXPECT_TRUE(e["args"].contains(key)) << "missing arg " << key << " in " << e.dump();
         }
       }
@@ -298,8 +298,8 @@ void expect_valid_chrome_trace(const std::string& text, int world_size, size_t c
     for (const auto& [begin, end] : list) {
       while (!stack.empty() && stack.back() <= begin) stack.pop_back();
       if (!stack.empty()) {
-      EXPECT_LE(end, stack.back()) << "slices cross on tid " << tid << " at " << begin;
-    }
+        EXPECT_LE(end, stack.back()) << "slices cross on tid " << tid << " at " << begin;
+      }
       stack.push_back(end);
     }
   }
@@ -351,10 +351,10 @@ TEST(TraceRecorder, LamportClockCompletionFollowsEveryIssue) {
   const size_t a0 = recorder.record_issue(0, make_desc("world", 1), {0, 1, 2}, 10);  // clock0 = 1
   const size_t a1 = recorder.record_issue(1, make_desc("world", 1), {0, 1, 2}, 11);  // clock1 = 1
   const size_t a2 = recorder.record_issue(2, make_desc("world", 1), {0, 1, 2}, 12);  // clock2 = 3
-  recorder.record_completion(a0, WorkTimes{0, 20, 30}, nullptr);                    // max(1, 1,1,3)+1 = 4
-  recorder.record_completion(a2, WorkTimes{0, 20, 31}, nullptr);                    // max(3, 3)+1 = 4
+  recorder.record_completion(a0, WorkTimes{0, 20, 30}, nullptr);                     // max(1, 1,1,3)+1 = 4
+  recorder.record_completion(a2, WorkTimes{0, 20, 31}, nullptr);                     // max(3, 3)+1 = 4
   const size_t b0 = recorder.record_issue(0, make_desc("world", 2), {0, 1, 2}, 40);  // clock0 = 5
-  recorder.record_completion(a1, WorkTimes{0, 20, 32}, nullptr);                    // max(1, 3)+1 = 4
+  recorder.record_completion(a1, WorkTimes{0, 20, 32}, nullptr);                     // max(1, 3)+1 = 4
 
   const auto events = recorder.events();
   ASSERT_EQ(events.size(), 6u);
@@ -403,7 +403,7 @@ TEST(TraceRecorder, EventsAreGroupedByRankInIssueOrder) {
   std::vector<std::tuple<int, std::string, uint64_t>> got;
   for (const auto& e : events) got.emplace_back(e.rank, e.kind, e.seq);
   std::vector<std::tuple<int, std::string, uint64_t>> want = {
-      {0, "collective", 1}, {0, "collective", 2}, {1, "collective", 1},     {1, "collective", 2},
+      {0, "collective", 1},     {0, "collective", 2}, {1, "collective", 1}, {1, "collective", 2},
       {1, "final_callback", 0}, {2, "collective", 1}, {2, "collective", 2}, {2, "collective", 3}};
   EXPECT_EQ(got, want);
   std::set<uint64_t> ids;
@@ -638,8 +638,10 @@ TEST(TraceJsonl, RoundTripKeepsEveryField) {
   // CRLF line ends and no final newline are accepted.
   std::string crlf;
   for (char ch : text) {
-    if (ch == '\n') crlf += "\r\n";
-    else crlf += ch;
+    if (ch == '\n')
+      crlf += "\r\n";
+    else
+      crlf += ch;
   }
   crlf.resize(crlf.size() - 2);
   std::istringstream crlf_in(crlf);
@@ -658,20 +660,42 @@ struct HostileCase {
 Json valid_header() { return Json{{"schema", "fsdpsim.trace"}, {"version", 1}, {"world_size", 2}}; }
 
 Json valid_collective() {
-  return Json{{"id", 0},           {"rank", 1},           {"kind", "collective"},
-              {"name", "all_gather"}, {"detail", "all_gather Float in [4] out [8]"},
-              {"group", "world"},  {"group_ranks", {0, 1}}, {"seq", 1},
-              {"op", "all_gather"}, {"dtype", "Float"},     {"in_numel", 4},
-              {"out_numel", 8},    {"reduce_op", "sum"},    {"root", 0},
-              {"issue_ns", 10},    {"start_ns", 12},        {"end_ns", 20},
-              {"logical_clock_issue", 1}, {"logical_clock_end", 2}, {"status", "completed"},
+  return Json{{"id", 0},
+              {"rank", 1},
+              {"kind", "collective"},
+              {"name", "all_gather"},
+              {"detail", "all_gather Float in [4] out [8]"},
+              {"group", "world"},
+              {"group_ranks", {0, 1}},
+              {"seq", 1},
+              {"op", "all_gather"},
+              {"dtype", "Float"},
+              {"in_numel", 4},
+              {"out_numel", 8},
+              {"reduce_op", "sum"},
+              {"root", 0},
+              {"issue_ns", 10},
+              {"start_ns", 12},
+              {"end_ns", 20},
+              {"logical_clock_issue", 1},
+              {"logical_clock_end", 2},
+              {"status", "completed"},
               {"error", ""}};
 }
 
 Json valid_engine() {
-  return Json{{"id", 1},         {"rank", 0},       {"kind", "unshard"},  {"name", "layers.0"},
-              {"detail", "FORWARD"}, {"issue_ns", 30}, {"start_ns", 30},    {"end_ns", 40},
-              {"logical_clock_issue", 1}, {"logical_clock_end", 1}, {"status", "completed"}, {"error", ""}};
+  return Json{{"id", 1},
+              {"rank", 0},
+              {"kind", "unshard"},
+              {"name", "layers.0"},
+              {"detail", "FORWARD"},
+              {"issue_ns", 30},
+              {"start_ns", 30},
+              {"end_ns", 40},
+              {"logical_clock_issue", 1},
+              {"logical_clock_end", 1},
+              {"status", "completed"},
+              {"error", ""}};
 }
 
 std::string lines(const std::vector<std::string>& ls) {
@@ -734,8 +758,8 @@ TEST(TraceJsonl, HostileInputFailsNamingLineAndField) {
       {"invalid utf-8", raw_event("{\"kind\": \"\xff\xfe\"}"), 3, "not valid JSON"},
       {"nul byte", raw_event(std::string("{\"kind\": \"a") + '\0' + "b\"}"), 3, "not valid JSON"},
       {"deep nesting", raw_event(std::string(100000, '[') + std::string(100000, ']')), 3, "nested deeper"},
-      {"line too long", raw_event("{\"name\": \"" + std::string(observe::kMaxJsonlLineBytes + 10, 'a') + "\"}"),
-       3, "longer than"},
+      {"line too long", raw_event("{\"name\": \"" + std::string(observe::kMaxJsonlLineBytes + 10, 'a') + "\"}"), 3,
+       "longer than"},
       {"rank is a string", with_event([](Json& e) { e["rank"] = "1"; }), 3, "'rank': expected an integer"},
       {"rank negative", with_event([](Json& e) { e["rank"] = -1; }), 3, "'rank'"},
       {"rank outside world", with_event([](Json& e) { e["rank"] = 2; }), 3, "'rank'"},
@@ -754,8 +778,7 @@ TEST(TraceJsonl, HostileInputFailsNamingLineAndField) {
       {"reduce_op unknown", with_event([](Json& e) { e["reduce_op"] = "product"; }), 3, "'reduce_op'"},
       {"in_numel negative", with_event([](Json& e) { e["in_numel"] = -4; }), 3, "'in_numel'"},
       {"out_numel fraction", with_event([](Json& e) { e["out_numel"] = 8.5; }), 3, "'out_numel'"},
-      {"in_numel beyond int64", with_event([](Json& e) { e["in_numel"] = 18446744073709551615ULL; }), 3,
-       "'in_numel'"},
+      {"in_numel beyond int64", with_event([](Json& e) { e["in_numel"] = 18446744073709551615ULL; }), 3, "'in_numel'"},
       {"issue_ns 1e30", raw_event([] {
          std::string s = valid_collective().dump();
          s.replace(s.find("\"issue_ns\":10"), 13, "\"issue_ns\":1e30");
@@ -768,16 +791,23 @@ TEST(TraceJsonl, HostileInputFailsNamingLineAndField) {
       {"group_ranks empty", with_event([](Json& e) { e["group_ranks"] = Json::array(); }), 3, "'group_ranks'"},
       {"group_ranks too long", with_event([](Json& e) { e["group_ranks"] = std::vector<int>(1000, 0); }), 3,
        "'group_ranks'"},
-      {"group_ranks duplicate", with_event([](Json& e) { e["group_ranks"] = {1, 1}; }), 3, "'group_ranks'"},
-      {"group_ranks out of range", with_event([](Json& e) { e["group_ranks"] = {1, 7}; }), 3, "'group_ranks'"},
+      {"group_ranks duplicate", with_event([](Json& e) {
+         e["group_ranks"] = {1, 1};
+       }),
+       3, "'group_ranks'"},
+      {"group_ranks out of range", with_event([](Json& e) {
+         e["group_ranks"] = {1, 7};
+       }),
+       3, "'group_ranks'"},
       {"group_ranks without rank", with_event([](Json& e) { e["group_ranks"] = {0}; }), 3, "'group_ranks'"},
-      {"group_ranks nested", with_event([](Json& e) { e["group_ranks"] = {Json::array({0}), 1}; }), 3,
-       "'group_ranks'"},
+      {"group_ranks nested", with_event([](Json& e) {
+         e["group_ranks"] = {Json::array({0}), 1};
+       }),
+       3, "'group_ranks'"},
       {"root outside group", with_event([](Json& e) { e["root"] = 2; }), 3, "'root'"},
       {"status unknown", with_event([](Json& e) { e["status"] = "done"; }), 3, "'status'"},
       {"error on success", with_event([](Json& e) { e["error"] = "oops"; }), 3, "'error'"},
-      {"clock end not after issue", with_event([](Json& e) { e["logical_clock_end"] = 1; }), 3,
-       "'logical_clock_end'"},
+      {"clock end not after issue", with_event([](Json& e) { e["logical_clock_end"] = 1; }), 3, "'logical_clock_end'"},
       {"clock issue zero", with_event([](Json& e) { e["logical_clock_issue"] = 0; }), 3, "'logical_clock_issue'"},
       {"in flight with end", with_event([](Json& e) { e["status"] = "in_flight"; }), 3, "'logical_clock_end'"},
       {"unknown field", with_event([](Json& e) { e["bogus"] = true; }), 3, "'bogus'"},
@@ -785,9 +815,9 @@ TEST(TraceJsonl, HostileInputFailsNamingLineAndField) {
       {"engine with collective field", with_event([](Json& e) { e["group"] = "world"; }, true), 3, "'group'"},
       {"engine failed", with_event([](Json& e) { e["status"] = "failed"; }, true), 3, "'status'"},
       {"engine issue != start", with_event([](Json& e) { e["issue_ns"] = 29; }, true), 3, "'issue_ns'"},
-      {"engine clocks differ", with_event([](Json& e) { e["logical_clock_end"] = 2; }, true), 3,
-       "'logical_clock_end'"},
-      {"error on a later line", [] {
+      {"engine clocks differ", with_event([](Json& e) { e["logical_clock_end"] = 2; }, true), 3, "'logical_clock_end'"},
+      {"error on a later line",
+       [] {
          Json bad = valid_engine();
          bad["id"] = 9;
          bad["rank"] = true;
@@ -894,8 +924,8 @@ TEST(TracedProcessGroup, EveryOpIsRecordedWithItsDesc) {
   traced.barrier()->wait();
   const auto events = recorder->events();
   ASSERT_EQ(events.size(), 5u);
-  const std::vector<CollectiveOp> ops = {CollectiveOp::AllGather, CollectiveOp::ReduceScatter,
-                                         CollectiveOp::AllReduce, CollectiveOp::Broadcast, CollectiveOp::Barrier};
+  const std::vector<CollectiveOp> ops = {CollectiveOp::AllGather, CollectiveOp::ReduceScatter, CollectiveOp::AllReduce,
+                                         CollectiveOp::Broadcast, CollectiveOp::Barrier};
   for (size_t i = 0; i < ops.size(); ++i) {
     EXPECT_EQ(events[i].op, ops[i]);
     EXPECT_EQ(events[i].seq, i + 1);
@@ -959,7 +989,7 @@ TEST(TracedProcessGroup, RejectsInconsistentConstruction) {
   auto stub = std::make_shared<StubGroup>("world", 1, std::vector<int>{0, 1}, clock);
   EXPECT_THROW(ObservedProcessGroup(nullptr, {recorder}, 1, clock), CommError);
   EXPECT_THROW(ObservedProcessGroup(stub, {nullptr}, 1, clock), CommError);
-  EXPECT_THROW(ObservedProcessGroup(stub, {}, 1, clock), CommError);  // no sink
+  EXPECT_THROW(ObservedProcessGroup(stub, {}, 1, clock), CommError);          // no sink
   EXPECT_THROW(ObservedProcessGroup(stub, {recorder}, 0, clock), CommError);  // group rank 1 is global 1
   auto far = std::make_shared<StubGroup>("world", 0, std::vector<int>{5}, clock);
   EXPECT_THROW(ObservedProcessGroup(far, {recorder}, 5, clock), CommError);  // outside the recorder's world
@@ -1018,8 +1048,7 @@ TEST_P(TraceWorldTest, EveryRankRecordsMatchingCollectives) {
     if (e.is_collective()) events.push_back(e);
   }
   ASSERT_EQ(events.size(), static_cast<size_t>(3 * n));
-  const std::vector<CollectiveOp> ops = {CollectiveOp::AllGather, CollectiveOp::ReduceScatter,
-                                         CollectiveOp::AllReduce};
+  const std::vector<CollectiveOp> ops = {CollectiveOp::AllGather, CollectiveOp::ReduceScatter, CollectiveOp::AllReduce};
   std::map<uint64_t, uint64_t> max_issue_clock;  // seq -> max over ranks
   for (const auto& e : events) max_issue_clock[e.seq] = std::max(max_issue_clock[e.seq], e.logical_clock_issue);
   std::vector<int> all_ranks(static_cast<size_t>(n));

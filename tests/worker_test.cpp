@@ -43,8 +43,7 @@ TEST(WorkerProtocol, EachRankReturnsItsResult) {
 }
 
 TEST(WorkerProtocol, ARankThatFailsHasNoResultAndItsExitCode) {
-  const WorkerRun run =
-      launch_workers({{"kind", "worker_protocol_echo"}, {"value", 1}, {"fail_rank", 1}}, quiet(2));
+  const WorkerRun run = launch_workers({{"kind", "worker_protocol_echo"}, {"value", 1}, {"fail_rank", 1}}, quiet(2));
   EXPECT_FALSE(run.launched.ok());
   EXPECT_EQ(run.launched.ranks.at(1).exit_code, 7);
   EXPECT_TRUE(run.results[0].has_value());

@@ -105,9 +105,7 @@ double gbps(double bytes, double ns) { return ns > 0 ? bytes / ns : 0; }  // byt
 
 double bus_factor(int n) { return n > 1 ? static_cast<double>(n - 1) / n : 1.0; }
 
-
 void progress(const std::string& line) { std::cout << line << std::endl; }
-
 
 // ---------------------------------------------------------------------------
 // Measurement
@@ -254,8 +252,7 @@ std::string run_world(sim::CommBackend backend, int world_size, const Config& co
 }
 
 /// Launches `world_size` worker processes; rank 0's result holds the medians.
-std::string run_processes(int world_size, const std::vector<int64_t>& sizes, const Config& config,
-                          Results& results) {
+std::string run_processes(int world_size, const std::vector<int64_t>& sizes, const Config& config, Results& results) {
   LaunchOptions options;
   options.nproc = world_size;
   std::ostringstream output;
@@ -396,8 +393,8 @@ void section_fake(const Config& config, Report& report) {
                   size_label(kTargetBytes));
   auto found = report.fake.find(target);
   if (found != report.fake.end() && found->second.ok()) {
-    const double ratio = gbps(kTargetBytes, found->second.median_ns) * kTargetWorld /
-                         gbps(kTargetBytes, report.memcpy_ns[target]);
+    const double ratio =
+        gbps(kTargetBytes, found->second.median_ns) * kTargetWorld / gbps(kTargetBytes, report.memcpy_ns[target]);
     target_line += fmt::format("{} (ratio {:.2f})", ratio >= kTargetRatio ? "PASS" : "MISS", ratio);
   } else {
     // Not measured in this run; quote the largest measured case instead.
@@ -530,8 +527,7 @@ void section_gloo(const Config& config, Report& report) {
 /// Runs one scale measurement in a worker process (kind "bench-scale") so
 /// that a run that takes too long can be stopped: a World cannot be
 /// cancelled from outside while its ranks make progress.
-ScaleResult run_scale_child(sim::RankKind kind, int ranks, int rounds, std::chrono::seconds deadline,
-                            bool& timed_out) {
+ScaleResult run_scale_child(sim::RankKind kind, int ranks, int rounds, std::chrono::seconds deadline, bool& timed_out) {
   LaunchOptions options;
   options.nproc = 1;
   std::ostringstream output;

@@ -165,15 +165,13 @@ using fsdpsim::tools::seconds_since;
 
 void progress(const std::string& line) { std::cout << line << std::endl; }
 
-
 double kib(int64_t bytes) { return static_cast<double>(bytes) / 1024.0; }
 
 const char* short_name(fsdp::ShardingStrategy strategy) {
   return strategy == fsdp::ShardingStrategy::FullShard ? "FullShard" : "ShardGradOp";
 }
 
-const fsdp::ShardingStrategy kStrategies[] = {fsdp::ShardingStrategy::FullShard,
-                                              fsdp::ShardingStrategy::ShardGradOp};
+const fsdp::ShardingStrategy kStrategies[] = {fsdp::ShardingStrategy::FullShard, fsdp::ShardingStrategy::ShardGradOp};
 const sim::RankKind kKinds[] = {sim::RankKind::Threads, sim::RankKind::Fibers};
 
 // ---------------------------------------------------------------------------
@@ -319,10 +317,10 @@ SingleResult run_single(const ModelSpec& spec, Iterations iterations, sim::World
 
 /// What the theory says of one rank's param memory, from the engine's units.
 struct MemoryTheory {
-  int64_t shard_bytes = 0;     ///< sum over units of the padded shards this rank holds
-  int64_t root_full = 0;       ///< the root unit's full params
-  int64_t largest_child = 0;   ///< the largest non-root unit's full params
-  int64_t all_full = 0;        ///< every unit's full params
+  int64_t shard_bytes = 0;    ///< sum over units of the padded shards this rank holds
+  int64_t root_full = 0;      ///< the root unit's full params
+  int64_t largest_child = 0;  ///< the largest non-root unit's full params
+  int64_t all_full = 0;       ///< every unit's full params
   /// The largest full(u) + full(next) over non-root units consecutive in
   /// fully_shard order (the forward order of these models; backward runs it
   /// in reverse and prefetches the next unit).
@@ -565,8 +563,8 @@ void section_multi(const Config& config, Report& report, std::map<MultiKey, Mult
   }
   std::cout << "\n== 2. world size N: step time on fake ranks vs the plain model ==\n"
             << "  Every rank trains on its own batch of the same size as the plain model's (per-rank work =\n"
-            << "  one plain step + the engine's gathers and reductions). step = median over "
-            << config.multi.timed << " timed steps after\n"
+            << "  one plain step + the engine's gathers and reductions). step = median over " << config.multi.timed
+            << " timed steps after\n"
             << "  " << config.multi.warmup
             << " warm-up step(s) of (last rank's end - first rank's start), each step started from a barrier.\n"
             << "  plain = the plain model alone on one thread, measured right before the model's rows.\n"
@@ -641,8 +639,7 @@ void section_memory(const Config& config, const std::map<MultiKey, MultiResult>&
         const int64_t theory = r.theory.peak_unsharded(strategy);
         auto fibers = results.find({m, n, sim::RankKind::Fibers, strategy});
         const char* same = fibers == results.end() || !fibers->second.ran ? "-"
-                           : fibers->second.peak_bytes == r.peak_bytes &&
-                                   fibers->second.issued_bytes == r.issued_bytes
+                           : fibers->second.peak_bytes == r.peak_bytes && fibers->second.issued_bytes == r.issued_bytes
                                ? "yes"
                                : "NO";
         std::cout << fmt::format(

@@ -53,8 +53,8 @@ double parse_number(const std::string& flag, const std::string& text, double min
   auto refuse = [&]() -> Error {
     return Error(fmt::format("{} needs {} in [{:.10g}, {:.10g}], got '{}'", flag, what, min, max, text));
   };
-  const bool decimal = !text.empty() && text.find_first_not_of("0123456789.eE+-") == std::string::npos &&
-                       text[0] != '+';
+  const bool decimal =
+      !text.empty() && text.find_first_not_of("0123456789.eE+-") == std::string::npos && text[0] != '+';
   if (!decimal) throw refuse();
   size_t used = 0;
   double value = 0;

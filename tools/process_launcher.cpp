@@ -64,7 +64,7 @@ struct Child {
   // are ordered by it, so the rank that died first is blamed, not the one
   // that died of its death.
   uint64_t end_order = 0;
-  std::string partial;     // output after the last newline
+  std::string partial;  // output after the last newline
   std::deque<std::string> tail;
   ProcessOutcome outcome;
 };
@@ -432,10 +432,12 @@ std::string LaunchResult::headline() const {
 }
 
 LaunchResult launch_processes(const LaunchOptions& options) {
-  if (options.nproc < 1) throw std::invalid_argument("launch: nproc must be >= 1, got " + std::to_string(options.nproc));
+  if (options.nproc < 1)
+    throw std::invalid_argument("launch: nproc must be >= 1, got " + std::to_string(options.nproc));
   if (options.command.empty() || options.command[0].empty()) throw std::invalid_argument("launch: no command given");
   if (options.master_port < 0 || options.master_port > 65535) {
-    throw std::invalid_argument("launch: master port " + std::to_string(options.master_port) + " is outside [0, 65535]");
+    throw std::invalid_argument("launch: master port " + std::to_string(options.master_port) +
+                                " is outside [0, 65535]");
   }
   if (options.timeout.count() < 0) throw std::invalid_argument("launch: timeout must not be negative");
   if (options.deadline.count() <= 0) throw std::invalid_argument("launch: deadline must be positive");

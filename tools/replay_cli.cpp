@@ -37,9 +37,12 @@ int64_t parse_bytes(const std::string& flag, const std::string& text) {
   int64_t scale = 1;
   if (!digits.empty()) {
     switch (digits.back()) {
-      case 'K': case 'k': scale = int64_t{1} << 10; break;
-      case 'M': case 'm': scale = int64_t{1} << 20; break;
-      case 'G': case 'g': scale = int64_t{1} << 30; break;
+      case 'K':
+      case 'k': scale = int64_t{1} << 10; break;
+      case 'M':
+      case 'm': scale = int64_t{1} << 20; break;
+      case 'G':
+      case 'g': scale = int64_t{1} << 30; break;
       default: break;
     }
     if (scale != 1) digits.pop_back();
@@ -238,7 +241,8 @@ int cmd_run(const Args& a, std::ostream& out, std::ostream& err) {
       err << "fsdpsim: error: " << result.data_error << std::endl;
       return 1;
     }
-    out << "data check: " << result.checked_outputs << " outputs verified bit for bit (the latencies above include "
+    out << "data check: " << result.checked_outputs
+        << " outputs verified bit for bit (the latencies above include "
            "other ranks' verification work; time without --check-data)\n";
   }
   return 0;

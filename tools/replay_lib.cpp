@@ -2,8 +2,8 @@
 // see replay_run.cpp for the replay itself and replay_cli.cpp for the
 // command line).
 
-#include "tools/format_util.h"
 #include "tools/replay_lib.h"
+#include "tools/format_util.h"
 
 #include <c10/core/ScalarType.h>
 
@@ -70,7 +70,8 @@ bool mul_overflows(int64_t a, int64_t b, int64_t& result) { return __builtin_mul
 std::string call_text(const observe::Record& e, bool show_reduce_op) {
   std::string out = to_string(e.op);
   if (e.op == CollectiveOp::Barrier) return out;
-  out += " " + observe::dtype_name(e.dtype) + " in [" + std::to_string(e.in_numel) + "] out [" + std::to_string(e.out_numel) + "]";
+  out += " " + observe::dtype_name(e.dtype) + " in [" + std::to_string(e.in_numel) + "] out [" +
+         std::to_string(e.out_numel) + "]";
   const bool reduces = e.op == CollectiveOp::ReduceScatter || e.op == CollectiveOp::AllReduce;
   if (reduces && (show_reduce_op || e.reduce_op != ReduceOp::Sum)) out += std::string(" op ") + to_string(e.reduce_op);
   if (e.op == CollectiveOp::Broadcast) out += " root " + std::to_string(e.root);
@@ -117,15 +118,15 @@ void check_counts(const observe::Record& e, size_t line) {
     case CollectiveOp::AllGather:
       if (mul_overflows(e.in_numel, n, product) || product != e.out_numel) {
         fail_line(line, "out_numel",
-                  op + " over " + std::to_string(n) + " ranks needs out_numel = " + std::to_string(n) +
-                      " x in_numel " + std::to_string(e.in_numel) + ", got " + std::to_string(e.out_numel));
+                  op + " over " + std::to_string(n) + " ranks needs out_numel = " + std::to_string(n) + " x in_numel " +
+                      std::to_string(e.in_numel) + ", got " + std::to_string(e.out_numel));
       }
       break;
     case CollectiveOp::ReduceScatter:
       if (mul_overflows(e.out_numel, n, product) || product != e.in_numel) {
         fail_line(line, "in_numel",
-                  op + " over " + std::to_string(n) + " ranks needs in_numel = " + std::to_string(n) +
-                      " x out_numel " + std::to_string(e.out_numel) + ", got " + std::to_string(e.in_numel));
+                  op + " over " + std::to_string(n) + " ranks needs in_numel = " + std::to_string(n) + " x out_numel " +
+                      std::to_string(e.out_numel) + ", got " + std::to_string(e.in_numel));
       }
       break;
     case CollectiveOp::AllReduce:
@@ -153,7 +154,7 @@ ReplayTrace parse_replay_trace(std::istream& in) {
   }
   ReplayTrace trace;
   trace.world_size = raw.world_size;
-  std::map<std::string, size_t> group_line;                            // group -> first line
+  std::map<std::string, size_t> group_line;                                      // group -> first line
   std::map<std::tuple<int, std::string>, std::pair<uint64_t, size_t>> last_seq;  // (rank, group) -> (seq, line)
   for (size_t i = 0; i < raw.events.size(); ++i) {
     observe::Record& e = raw.events[i];
@@ -224,7 +225,8 @@ const char* to_string(CheckFinding::Kind kind) {
 std::string CheckReport::text() const {
   std::ostringstream out;
   out << "world " << world_size << ", " << groups << (groups == 1 ? " group, " : " groups, ") << collectives
-      << (collectives == 1 ? " collective, " : " collectives, ") << records << (records == 1 ? " record\n" : " records\n");
+      << (collectives == 1 ? " collective, " : " collectives, ") << records
+      << (records == 1 ? " record\n" : " records\n");
   if (clean()) {
     out << "OK: every collective of every group was joined by all its ranks with matching arguments and completed\n";
     return out.str();
@@ -363,8 +365,10 @@ class TraceChecker {
     for (size_t i : by_rank(indices)) {
       std::string call = call_text(events_[i], worst == Difference::ReduceOp);
       auto it = std::find_if(calls.begin(), calls.end(), [&](const auto& c) { return c.first == call; });
-      if (it == calls.end()) calls.push_back({call, {events_[i].rank}});
-      else it->second.push_back(events_[i].rank);
+      if (it == calls.end())
+        calls.push_back({call, {events_[i].rank}});
+      else
+        it->second.push_back(events_[i].rank);
     }
     CheckFinding f;
     f.group = group;
@@ -488,7 +492,8 @@ class TraceChecker {
     for (const auto& run : state_runs_) {
       CheckFinding& f = report_.findings[run.finding];
       if (run.count == 1) {
-        f.message = "group " + short_error(f.group) + " seq " + std::to_string(run.first_seq) + " " + run.op + ": " + run.body;
+        f.message =
+            "group " + short_error(f.group) + " seq " + std::to_string(run.first_seq) + " " + run.op + ": " + run.body;
       } else {
         f.message = "group " + short_error(f.group) + " seqs " + std::to_string(run.first_seq) + "-" +
                     std::to_string(run.last_seq) + " (" + std::to_string(run.count) + " collectives, from " + run.op +
@@ -637,7 +642,8 @@ class Planner {
       for (int r = 0; r < n_; ++r) {
         const auto gaps = gaps_of(r);
         const auto& idx = of_rank_[static_cast<size_t>(r)];
-        for (size_t k = 0; k < idx.size(); ++k) plan_.per_rank[static_cast<size_t>(r)].push_back(plan_op(idx[k], gaps[k]));
+        for (size_t k = 0; k < idx.size(); ++k)
+          plan_.per_rank[static_cast<size_t>(r)].push_back(plan_op(idx[k], gaps[k]));
       }
       return std::move(plan_);
     }
@@ -711,8 +717,8 @@ class Planner {
     op.seq = e.seq;
     op.op = e.op;
     if (!replayable(e.dtype)) {
-      throw ReplayPlanError("trace line " + std::to_string(op.line) + ": field 'dtype': " +
-                            short_error(observe::dtype_name(e.dtype)) +
+      throw ReplayPlanError("trace line " + std::to_string(op.line) +
+                            ": field 'dtype': " + short_error(observe::dtype_name(e.dtype)) +
                             " cannot be replayed (Float, Double, Half, BFloat16, Int, Long, Short, Char, Byte, Bool)");
     }
     op.dtype = e.dtype;
@@ -835,8 +841,7 @@ std::string format_summary(const std::vector<OpSummary>& summary) {
     std::snprintf(line, sizeof line, "  %-15s %6zu %11s %11s %10.1f %10.1f %10.3f %8.3f %8.3f\n", to_string(s.op),
                   s.count, human_bytes(static_cast<double>(s.total_bytes)).c_str(),
                   human_bytes(static_cast<double>(s.per_rank_bytes) / static_cast<double>(s.count)).c_str(),
-                  ns_to_us(s.p50_ns), ns_to_us(s.p95_ns),
-                  ns_to_ms(s.total_ns), s.algbw_gbps, s.busbw_gbps);
+                  ns_to_us(s.p50_ns), ns_to_us(s.p95_ns), ns_to_ms(s.total_ns), s.algbw_gbps, s.busbw_gbps);
     out << line;
     total_ns += s.total_ns;
     count += s.count;
@@ -868,11 +873,10 @@ std::string recorded_timing(const ReplayTrace& trace) {
   if (complete && last_end > 0) {
     int64_t comm = 0;
     for (const auto& [key, s] : span) comm += std::max<int64_t>(0, s.second - s.first);
-    std::ostringstream out;
-    out << "recorded: " << fixed(ns_to_ms(last_end - first_issue), 3)
-        << " ms from the first call to the last completion; communication " << fixed(ns_to_ms(comm), 3)
-        << " ms (sum over collectives of last call to last completion)\n";
-    return out.str();
+    return fmt::format(
+        "recorded: {:.3f} ms from the first call to the last completion; communication {:.3f} ms (sum over "
+        "collectives of last call to last completion)\n",
+        ns_to_ms(last_end - first_issue), ns_to_ms(comm));
   }
   return "";
 }
@@ -921,8 +925,8 @@ std::string format_plan_statistics(const ReplayTrace& trace, const ReplayPlan& p
   out << line;
   for (const auto& [op, row] : rows) {
     std::snprintf(line, sizeof line, "  %-15s %6zu %11s %11s %11s %11s\n", to_string(op), row.count,
-                  human_bytes(static_cast<double>(row.total)).c_str(), human_bytes(static_cast<double>(row.min)).c_str(),
-                  human_bytes(static_cast<double>(row.max)).c_str(),
+                  human_bytes(static_cast<double>(row.total)).c_str(),
+                  human_bytes(static_cast<double>(row.min)).c_str(), human_bytes(static_cast<double>(row.max)).c_str(),
                   human_bytes(static_cast<double>(row.per_rank) / static_cast<double>(row.count)).c_str());
     out << line;
   }

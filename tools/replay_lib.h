@@ -101,17 +101,17 @@ int64_t dtype_element_size(const std::string& dtype);
 
 struct CheckFinding {
   enum class Kind {
-    OpMismatch,        ///< "collective type mismatch"
+    OpMismatch,  ///< "collective type mismatch"
     DtypeMismatch,
     SizeMismatch,
     ReduceOpMismatch,
     RootMismatch,
-    MissingRanks,      ///< "not all ranks joined collective N of group G"
-    StateMismatch,     ///< some ranks completed it, some did not
-    Failed,            ///< failed on every rank that joined
-    InFlight,          ///< never completed on any rank that joined
-    NoCollectives,     ///< the trace holds no collective record
-    AbsentRanks,       ///< ranks of the header's world in no group and without records
+    MissingRanks,   ///< "not all ranks joined collective N of group G"
+    StateMismatch,  ///< some ranks completed it, some did not
+    Failed,         ///< failed on every rank that joined
+    InFlight,       ///< never completed on any rank that joined
+    NoCollectives,  ///< the trace holds no collective record
+    AbsentRanks,    ///< ranks of the header's world in no group and without records
   };
   Kind kind = Kind::OpMismatch;
   std::string group;
@@ -166,10 +166,10 @@ struct PlannedOp {
   int64_t in_numel = 0;
   int64_t out_numel = 0;
   ReduceOp reduce_op = ReduceOp::Sum;
-  int root = 0;             ///< group rank
-  int64_t gap_ns = 0;       ///< recorded idle time on this rank before the issue
-  int64_t buffer_bytes = 0; ///< what one rank allocates for it
-  int64_t total_bytes = 0;  ///< S
+  int root = 0;              ///< group rank
+  int64_t gap_ns = 0;        ///< recorded idle time on this rank before the issue
+  int64_t buffer_bytes = 0;  ///< what one rank allocates for it
+  int64_t total_bytes = 0;   ///< S
 };
 
 struct PlannedGroup {
@@ -230,9 +230,9 @@ struct CollectiveTiming {
   int iteration = 0;
   CollectiveOp op = CollectiveOp::Barrier;
   int group_size = 0;
-  int64_t total_bytes = 0;       ///< S
-  int64_t per_rank_bytes = 0;    ///< one rank's input
-  int64_t latency_ns = 0;        ///< last rank's end - last rank's start
+  int64_t total_bytes = 0;     ///< S
+  int64_t per_rank_bytes = 0;  ///< one rank's input
+  int64_t latency_ns = 0;      ///< last rank's end - last rank's start
 };
 
 struct ReplayResult {
@@ -260,13 +260,13 @@ int replay_worker_main(const WorkerContext& context);
 struct OpSummary {
   CollectiveOp op = CollectiveOp::Barrier;
   size_t count = 0;
-  int64_t total_bytes = 0;      ///< sum of S
-  int64_t per_rank_bytes = 0;   ///< sum of one rank's input
+  int64_t total_bytes = 0;     ///< sum of S
+  int64_t per_rank_bytes = 0;  ///< sum of one rank's input
   int64_t p50_ns = 0;
   int64_t p95_ns = 0;
   int64_t total_ns = 0;
-  double algbw_gbps = 0;        ///< sum S / sum t
-  double busbw_gbps = 0;        ///< sum (S x bus factor) / sum t
+  double algbw_gbps = 0;  ///< sum S / sum t
+  double busbw_gbps = 0;  ///< sum (S x bus factor) / sum t
 };
 
 /// Per op kind, in the order all_gather, reduce_scatter, all_reduce, broadcast, barrier.

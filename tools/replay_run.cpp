@@ -25,9 +25,9 @@
 #include "backends/gloo/gloo_process_group.h"
 #include "sim/world.h"
 #include "tools/format_util.h"
-#include "tools/worker.h"
 #include "tools/process_launcher.h"
 #include "tools/replay_lib.h"
+#include "tools/worker.h"
 
 namespace fsdpsim::tools {
 
@@ -173,7 +173,8 @@ std::pair<at::Tensor, at::Tensor> crafted_buffers(const PlannedOp& op, int gr) {
       return {t, t};
     }
     case CollectiveOp::Broadcast: {
-      at::Tensor t = gr == op.root ? crafted(gr, 0, op.in_numel, op.dtype) : at::full({op.in_numel}, kUntouched, op.dtype);
+      at::Tensor t =
+          gr == op.root ? crafted(gr, 0, op.in_numel, op.dtype) : at::full({op.in_numel}, kUntouched, op.dtype);
       return {t, t};
     }
     case CollectiveOp::Barrier: break;
@@ -324,8 +325,8 @@ ReplayResult collect(const ReplayPlan& plan, const ReplayOptions& options, const
     ++wrong_ranks;
   }
   if (wrong_ranks > 1) {
-    result.data_error += " (and wrong data on " + std::to_string(wrong_ranks - 1) + " more rank" +
-                         (wrong_ranks > 2 ? "s" : "") + ")";
+    result.data_error +=
+        " (and wrong data on " + std::to_string(wrong_ranks - 1) + " more rank" + (wrong_ranks > 2 ? "s" : "") + ")";
   }
   return result;
 }
@@ -334,7 +335,8 @@ void check_limits(const ReplayPlan& plan, const ReplayOptions& options, int in_p
   if (options.iterations < 1) throw ReplayPlanError("iterations must be >= 1");
   // Per rank: the buffer pool (timing) or the buffers plus the expected
   // tensors (data check), every in-process rank at once.
-  const long double per_rank = static_cast<long double>(plan.max_buffer_bytes) * (options.check_data ? 2 : kPoolBuffers);
+  const long double per_rank =
+      static_cast<long double>(plan.max_buffer_bytes) * (options.check_data ? 2 : kPoolBuffers);
   const long double memory = per_rank * in_process_ranks;
   if (memory > static_cast<long double>(options.limits.max_memory_bytes)) {
     std::ostringstream msg;
@@ -661,10 +663,11 @@ std::vector<sim::CostSample> calibrate_one(const ReplayPlan& plan, int world_siz
   for (const auto& [kind, span] : range) {
     // Around the sizes the trace uses: a quarter of the smallest to four
     // times the largest, at least a factor 16 wide.
-    const double lo = std::clamp<double>(static_cast<double>(span.first) / 4, static_cast<double>(calibration.min_bytes),
-                                         static_cast<double>(calibration.max_bytes) / 16);
-    const double hi = std::clamp<double>(static_cast<double>(span.second) * 4, lo * 16,
-                                         static_cast<double>(calibration.max_bytes));
+    const double lo =
+        std::clamp<double>(static_cast<double>(span.first) / 4, static_cast<double>(calibration.min_bytes),
+                           static_cast<double>(calibration.max_bytes) / 16);
+    const double hi =
+        std::clamp<double>(static_cast<double>(span.second) * 4, lo * 16, static_cast<double>(calibration.max_bytes));
     for (int i = 0; i < calibration.sizes; ++i) {
       const double s = lo * std::pow(hi / lo, static_cast<double>(i) / (calibration.sizes - 1));
       add(kind, static_cast<int64_t>(std::llround(s)));

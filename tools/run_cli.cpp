@@ -72,8 +72,9 @@ void bind_world_options(CLI::App& app, RunParse& p) {
                     "--ranks", v, {{"threads", sim::RankKind::Threads}, {"fibers", sim::RankKind::Fibers}});
               }
             });
-  add_value(app, "--world-size", "N", "ranks (default 4)",
-            [&o](const std::string& v) { o.world.world_size = static_cast<int>(parse_int("--world-size", v, 1, 8192)); });
+  add_value(app, "--world-size", "N", "ranks (default 4)", [&o](const std::string& v) {
+    o.world.world_size = static_cast<int>(parse_int("--world-size", v, 1, 8192));
+  });
   add_value(app, "--mesh", "RxS", "hybrid_shard: R replicas of S shards (R*S = world size)",
             [&p](const std::string& v) {
               const size_t x = v.find('x');
@@ -81,12 +82,13 @@ void bind_world_options(CLI::App& app, RunParse& p) {
               p.options.replicate_size = static_cast<int>(parse_int("--mesh", v.substr(0, x), 1, 8192));
               p.mesh_shards = static_cast<int>(parse_int("--mesh", v.substr(x + 1), 1, 8192));
             });
-  add_value(app, "--schedule", "round-robin|seeded-random", "fiber schedule (seeded by --seed; fibers only)",
-            [&o](const std::string& v) {
-              o.world.schedule = parse_choice<sim::SchedulePolicy>("--schedule", v,
-                                                             {{"round-robin", sim::SchedulePolicy::RoundRobin},
-                                                              {"seeded-random", sim::SchedulePolicy::SeededRandom}});
-            });
+  add_value(
+      app, "--schedule", "round-robin|seeded-random", "fiber schedule (seeded by --seed; fibers only)",
+      [&o](const std::string& v) {
+        o.world.schedule = parse_choice<sim::SchedulePolicy>(
+            "--schedule", v,
+            {{"round-robin", sim::SchedulePolicy::RoundRobin}, {"seeded-random", sim::SchedulePolicy::SeededRandom}});
+      });
   app.add_flag("--simulated-time", o.world.simulated_time, "fibers: simulated clock, predicted step time");
   add_value(app, "--cost-model", "PRESET", "simulated time: the cost model preset (default fake-2core)",
             [&o](const std::string& v) { o.cost_model = v; });
@@ -124,8 +126,9 @@ void bind_training_options(CLI::App& app, RunOptions& o) {
   app.add_flag("--forward-prefetch", o.forward_prefetch, "implicit forward prefetch");
   add_value(app, "--steps", "N", "training steps (default 40)",
             [&o](const std::string& v) { o.steps = static_cast<int>(parse_int("--steps", v, 1, 1000000)); });
-  add_value(app, "--seed", "N", "seed of the data and the fiber schedule (default 0)",
-            [&o](const std::string& v) { o.scenario.seed = static_cast<uint64_t>(parse_int("--seed", v, 0, INT64_MAX)); });
+  add_value(app, "--seed", "N", "seed of the data and the fiber schedule (default 0)", [&o](const std::string& v) {
+    o.scenario.seed = static_cast<uint64_t>(parse_int("--seed", v, 0, INT64_MAX));
+  });
   add_value(app, "--optimizer", "sgd|adam", "optimiser (default sgd)", [&o](const std::string& v) {
     o.optimizer = parse_choice<scenarios::OptimizerKind>(
         "--optimizer", v, {{"sgd", scenarios::OptimizerKind::SGD}, {"adam", scenarios::OptimizerKind::Adam}});
@@ -167,7 +170,8 @@ void resolve_mesh(bool world_given, int mesh_shards, RunOptions& options) {
   const int64_t mesh_size = int64_t{options.replicate_size} * mesh_shards;
   if (world_given && mesh_size != options.world.world_size) {
     throw UsageError("--mesh " + std::to_string(options.replicate_size) + "x" + std::to_string(mesh_shards) + " has " +
-                     std::to_string(mesh_size) + " ranks but --world-size is " + std::to_string(options.world.world_size));
+                     std::to_string(mesh_size) + " ranks but --world-size is " +
+                     std::to_string(options.world.world_size));
   }
   if (mesh_size > 8192) throw UsageError("--mesh has " + std::to_string(mesh_size) + " ranks, over 8192");
   options.world.world_size = static_cast<int>(mesh_size);

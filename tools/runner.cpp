@@ -1,5 +1,5 @@
-#include "tools/format_util.h"
 #include "tools/runner.h"
+#include "tools/format_util.h"
 
 #include <ATen/ATen.h>
 
@@ -46,9 +46,7 @@ namespace {
 
 using Ms = std::chrono::duration<double, std::milli>;
 
-std::chrono::nanoseconds ms_to_ns(double ms) {
-  return std::chrono::nanoseconds(static_cast<int64_t>(ms * 1e6));
-}
+std::chrono::nanoseconds ms_to_ns(double ms) { return std::chrono::nanoseconds(static_cast<int64_t>(ms * 1e6)); }
 
 /// Sleeps in on_reshard: the free of gathered params waits.
 class ReshardDelayHooks final : public fsdp::NoEngineHooks {
@@ -161,17 +159,15 @@ std::string describe(const RunOptions& options) {
   if (options.strategy == fsdp::ShardingStrategy::HybridShard) {
     out << " " << options.replicate_size << "x" << options.world.world_size / options.replicate_size;
   }
-  out << ", prefetch " << fsdp::to_string(options.backward_prefetch)
-      << (options.forward_prefetch ? " + forward" : "") << ", " << options.steps << " steps, seed "
-      << options.scenario.seed;
+  out << ", prefetch " << fsdp::to_string(options.backward_prefetch) << (options.forward_prefetch ? " + forward" : "")
+      << ", " << options.steps << " steps, seed " << options.scenario.seed;
   if (options.world.simulated_time) {
     out << ", simulated time (" << options.cost_model << ", compute " << compute_time_text(options) << ")";
   }
   return out.str();
 }
 
-void print_progress(std::ostream& out, const RunOptions& options, int step, const RankStats& stats,
-                    bool simulated) {
+void print_progress(std::ostream& out, const RunOptions& options, int step, const RankStats& stats, bool simulated) {
   std::string line = fmt::format("  step {}/{}  loss(rank 0) {:.6g}  {:.2f} ms", step + 1, options.steps,
                                  stats.losses.back(), stats.wall_step_ns.back() / 1e6);
   if (simulated) {
@@ -188,8 +184,8 @@ void write_traces(const RunOptions& options, observe::TraceRecorder& recorder) {
   if (chrome) recorder.write_chrome_trace(chrome);
   if (lines) recorder.write_jsonl(lines);
   if (!chrome.flush() || !lines.flush()) {
-    throw RunFailedError("cannot write the trace to " + options.trace_path + " or " + options.trace_path + ".jsonl: " +
-                         std::strerror(errno));
+    throw RunFailedError("cannot write the trace to " + options.trace_path + " or " + options.trace_path +
+                         ".jsonl: " + std::strerror(errno));
   }
 }
 
@@ -338,7 +334,8 @@ int run_process_worker(const WorkerContext& context) {
   auto trace = std::make_shared<observe::TraceRecorder>(env.world_size);
   auto flight = std::make_shared<observe::FlightRecorder>(env.world_size, 16);
   ProcessGroupPtr group = make_gloo_process_group_from_env(options.world.collective_timeout);
-  group = std::make_shared<observe::ObservedProcessGroup>(group, std::vector<observe::SinkPtr>{trace, flight}, env.rank);
+  group =
+      std::make_shared<observe::ObservedProcessGroup>(group, std::vector<observe::SinkPtr>{trace, flight}, env.rank);
   RankStats stats;
   try {
     stats = train_rank(options, env.rank, group, SteadyClock::instance(), nullptr, trace,

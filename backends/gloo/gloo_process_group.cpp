@@ -10,18 +10,18 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/headeronly/version.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
-#include <torch/headeronly/version.h>
 
 #include <signal.h>
 
 #include <atomic>
 #include <cctype>
 #include <cerrno>
-#include <csignal>
 #include <condition_variable>
+#include <csignal>
 #include <cstdlib>
 #include <iostream>
 #include <mutex>
@@ -85,10 +85,8 @@ bool gloo_handles(at::ScalarType dtype) {
     case at::kChar:
     case at::kByte:
     case at::kInt:
-    case at::kLong:
-      return true;
-    default:
-      return false;
+    case at::kLong: return true;
+    default: return false;
   }
 }
 
@@ -111,8 +109,7 @@ at::Tensor flat(const at::Tensor& tensor) { return tensor.view({tensor.numel()})
 
 // rows: [size, n], row i from group rank i. The fake backend's arithmetic:
 // rank order, in the tensor's dtype, one ATen op per step.
-at::Tensor reduce_rows_in_rank_order(const at::Tensor& rows, ReduceOp op, double predivide,
-                                     double postdivide) {
+at::Tensor reduce_rows_in_rank_order(const at::Tensor& rows, ReduceOp op, double predivide, double postdivide) {
   const int64_t size = rows.size(0);
   // Pre-division happens in the compute type (float for half/bf16), rounded
   // once to the dtype, so a factor the dtype cannot represent is not
@@ -231,9 +228,8 @@ class GlooWork final : public Work {
   void attach(c10::intrusive_ptr<c10d::Work> work) {
     c10d_work_ = work;
     auto state = state_;
-    work->getFuture()->addCallback([state](c10::ivalue::Future& future) {
-      finish(state, future.hasError() ? future.exception_ptr() : nullptr);
-    });
+    work->getFuture()->addCallback(
+        [state](c10::ivalue::Future& future) { finish(state, future.hasError() ? future.exception_ptr() : nullptr); });
   }
 
   void wait() override {
@@ -302,11 +298,10 @@ class GlooProcessGroup final : public ProcessGroup {
     auto gloo_options = c10d::ProcessGroupGloo::Options::create(options_.timeout);
     gloo_options->devices.push_back(device_);
     try {
-      pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(group_store_, options_.rank, options_.size,
-                                                        gloo_options);
+      pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(group_store_, options_.rank, options_.size, gloo_options);
     } catch (...) {
-      throw CommError("rank " + std::to_string(options_.rank) + " group " + options_.name +
-                      ": Gloo rendezvous of " + std::to_string(options_.size) + " ranks failed (timeout " +
+      throw CommError("rank " + std::to_string(options_.rank) + " group " + options_.name + ": Gloo rendezvous of " +
+                      std::to_string(options_.size) + " ranks failed (timeout " +
                       std::to_string(options_.timeout.count()) + " ms): " + describe_current());
     }
   }
@@ -338,8 +333,8 @@ class GlooProcessGroup final : public ProcessGroup {
     at::Tensor received = at::empty({size(), n}, input.options());
     state->buffers.push_back(received);
     state->finalize = [received, output, options] {
-      flat(output).copy_(reduce_rows_in_rank_order(received, options.reduce_op, options.predivide_factor,
-                                                   options.postdivide_factor));
+      flat(output).copy_(
+          reduce_rows_in_rank_order(received, options.reduce_op, options.predivide_factor, options.postdivide_factor));
     };
     if (size() == 1) {
       received.copy_(input.view({1, n}));
@@ -400,9 +395,8 @@ class GlooProcessGroup final : public ProcessGroup {
     check_partition(*this, partition);
     const int index_on_parent = ++splits_;
     const std::string split_key = "split" + std::to_string(index_on_parent);
-    const std::string context = "split " + std::to_string(index_on_parent) + " of group " + name() +
-                                " (rank " + std::to_string(rank()) + ", partition " +
-                                partition_string(partition) + ")";
+    const std::string context = "split " + std::to_string(index_on_parent) + " of group " + name() + " (rank " +
+                                std::to_string(rank()) + ", partition " + partition_string(partition) + ")";
     // Every rank publishes its partition; a rank that passed another one
     // would otherwise build groups nobody else joins and hang until timeout.
     const std::string mine = partition_string(partition);
@@ -420,8 +414,7 @@ class GlooProcessGroup final : public ProcessGroup {
       try {
         theirs = group_store_->get(keys[r]);
       } catch (...) {
-        throw CommError(context + ": reading rank " + std::to_string(r) + "'s partition failed: " +
-                        describe_current());
+        throw CommError(context + ": reading rank " + std::to_string(r) + "'s partition failed: " + describe_current());
       }
       if (theirs != bytes_of(mine)) {
         throw CommError(context + ": rank " + std::to_string(r) + " passed a different partition " +
@@ -476,7 +469,7 @@ class GlooProcessGroup final : public ProcessGroup {
   const GlooOptions options_;
   const Clock& clock_;
   std::shared_ptr<::gloo::transport::Device> device_;  // shared with subgroups
-  c10::intrusive_ptr<c10d::Store> group_store_;       // options_.store under "<name>/"
+  c10::intrusive_ptr<c10d::Store> group_store_;        // options_.store under "<name>/"
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;
   std::atomic<uint64_t> seq_{0};
   int splits_ = 0;
@@ -500,8 +493,7 @@ int env_int(const char* name, long min, long max) {
     bad_env(std::string(name) + "='" + value + "' is not an integer");
   }
   if (parsed < min || parsed > max) {
-    bad_env(std::string(name) + "=" + value + " is outside [" + std::to_string(min) + ", " + std::to_string(max) +
-            "]");
+    bad_env(std::string(name) + "=" + value + " is outside [" + std::to_string(min) + ", " + std::to_string(max) + "]");
   }
   return static_cast<int>(parsed);
 }
@@ -555,10 +547,10 @@ ProcessGroupPtr make_gloo_process_group(GlooOptions options) {
   return std::make_shared<GlooProcessGroup>(std::move(options), std::move(device));
 }
 
-c10::intrusive_ptr<c10d::Store> make_tcp_store(const std::string& host, int port, int world_size,
-                                               bool is_master, std::chrono::milliseconds timeout) {
-  const std::string context = std::string(is_master ? "hosting" : "connecting to") + " TCP store " + host + ":" +
-                              std::to_string(port);
+c10::intrusive_ptr<c10d::Store> make_tcp_store(const std::string& host, int port, int world_size, bool is_master,
+                                               std::chrono::milliseconds timeout) {
+  const std::string context =
+      std::string(is_master ? "hosting" : "connecting to") + " TCP store " + host + ":" + std::to_string(port);
   if (port < (is_master ? 0 : 1) || port > 65535) throw CommError(context + ": port out of range");
   if (world_size < 1) throw CommError(context + ": world size " + std::to_string(world_size) + " < 1");
   c10d::TCPStoreOptions options;
@@ -591,8 +583,8 @@ LaunchEnv LaunchEnv::from_env() {
   env.world_size = env_int("WORLD_SIZE", 1, 1 << 20);
   env.rank = env_int("RANK", 0, env.world_size - 1);
   env.local_rank = is_set("LOCAL_RANK") ? env_int("LOCAL_RANK", 0, env.world_size - 1) : env.rank;
-  env.agent_store = is_set("TORCHELASTIC_USE_AGENT_STORE") &&
-                    std::string(std::getenv("TORCHELASTIC_USE_AGENT_STORE")) == "True";
+  env.agent_store =
+      is_set("TORCHELASTIC_USE_AGENT_STORE") && std::string(std::getenv("TORCHELASTIC_USE_AGENT_STORE")) == "True";
   env.restart_count = is_set("TORCHELASTIC_RESTART_COUNT") ? env_int("TORCHELASTIC_RESTART_COUNT", 0, 1 << 20) : 0;
   return env;
 }

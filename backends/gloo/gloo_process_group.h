@@ -104,8 +104,8 @@ ProcessGroupPtr make_gloo_process_group(GlooOptions options);
 /// picks a free one; read it with tcp_store_port()) and does not wait for the
 /// other ranks; otherwise it connects to host:port, retrying until `timeout`.
 /// Throws CommError on failure.
-c10::intrusive_ptr<c10d::Store> make_tcp_store(const std::string& host, int port, int world_size,
-                                               bool is_master, std::chrono::milliseconds timeout);
+c10::intrusive_ptr<c10d::Store> make_tcp_store(const std::string& host, int port, int world_size, bool is_master,
+                                               std::chrono::milliseconds timeout);
 
 /// The port a store from make_tcp_store() uses. Throws std::invalid_argument
 /// for other stores.

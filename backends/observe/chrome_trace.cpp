@@ -182,7 +182,7 @@ class ChromeWriter {
       const int64_t issue = base_.rel(e.issue_ns);
       int64_t end = e.end_ns != 0 ? base_.rel(e.end_ns)
                                   : (e.status == RecordStatus::InFlight ? base_.end
-                                                                         : base_.rel(std::max(e.issue_ns, e.start_ns)));
+                                                                        : base_.rel(std::max(e.issue_ns, e.start_ns)));
       end = std::max(end, issue);
       const int64_t anchor = anchors_.start[i];
 
@@ -235,8 +235,8 @@ class ChromeWriter {
   bool touches_anchor(int rank, int64_t s, int64_t t) const {
     const auto& anchors = anchors_.of_rank[static_cast<size_t>(rank)];
     for (int64_t point : {s, t}) {
-      auto it = std::upper_bound(anchors.begin(), anchors.end(),
-                                 std::make_pair(point, std::numeric_limits<int64_t>::max()));
+      auto it =
+          std::upper_bound(anchors.begin(), anchors.end(), std::make_pair(point, std::numeric_limits<int64_t>::max()));
       if (it == anchors.begin()) continue;
       const auto& a = *std::prev(it);  // the last anchor starting at or before point
       if (a.first < point && point < a.second) return true;

@@ -273,7 +273,8 @@ std::unique_ptr<FlightRecorder> FlightRecorder::from_trace(const std::vector<Rec
       recorder->record_failed(h, e->start_ns, e->end_ns, e->error);
     } else {
       const auto& who = issued[{e->group, e->seq}];
-      const bool all = std::all_of(e->group_ranks.begin(), e->group_ranks.end(), [&](int r) { return who.count(r) > 0; });
+      const bool all =
+          std::all_of(e->group_ranks.begin(), e->group_ranks.end(), [&](int r) { return who.count(r) > 0; });
       if (all) recorder->record_started(h, e->start_ns);
     }
   }

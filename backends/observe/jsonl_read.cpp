@@ -58,12 +58,16 @@ void check_nesting(const std::string& line, size_t line_number) {
   bool escaped = false;
   for (char c : line) {
     if (in_string) {
-      if (escaped) escaped = false;
-      else if (c == '\\') escaped = true;
-      else if (c == '"') in_string = false;
+      if (escaped)
+        escaped = false;
+      else if (c == '\\')
+        escaped = true;
+      else if (c == '"')
+        in_string = false;
       continue;
     }
-    if (c == '"') in_string = true;
+    if (c == '"')
+      in_string = true;
     else if (c == '[' || c == '{') {
       if (++depth > kMaxDepth) fail_line(line_number, "nested deeper than " + std::to_string(kMaxDepth) + " levels");
     } else if (c == ']' || c == '}') {
@@ -130,9 +134,11 @@ class FieldReader {
   uint64_t unsigned_integer(const char* key, uint64_t min) const {
     const Json& j = get(key);
     if (!j.is_number_integer()) fail_field(line_, key, std::string("expected an integer, got ") + type_name(j));
-    if (!j.is_number_unsigned()) fail_field(line_, key, "must not be negative, got " + std::to_string(j.get<int64_t>()));
+    if (!j.is_number_unsigned())
+      fail_field(line_, key, "must not be negative, got " + std::to_string(j.get<int64_t>()));
     uint64_t value = j.get<uint64_t>();
-    if (value < min) fail_field(line_, key, "must be at least " + std::to_string(min) + ", got " + std::to_string(value));
+    if (value < min)
+      fail_field(line_, key, "must be at least " + std::to_string(min) + ", got " + std::to_string(value));
     return value;
   }
 
@@ -193,8 +199,8 @@ std::vector<int> read_group_ranks(const FieldReader& f, int world_size, int rank
   const Json& ranks = f.get("group_ranks");
   if (!ranks.is_array()) f.fail("group_ranks", std::string("expected an array, got ") + type_name(ranks));
   if (ranks.empty() || ranks.size() > static_cast<size_t>(world_size)) {
-    f.fail("group_ranks", "has " + std::to_string(ranks.size()) + " entries, expected 1 to " +
-                              std::to_string(world_size));
+    f.fail("group_ranks",
+           "has " + std::to_string(ranks.size()) + " entries, expected 1 to " + std::to_string(world_size));
   }
   std::vector<bool> seen(static_cast<size_t>(world_size), false);
   std::vector<int> out;
@@ -204,7 +210,8 @@ std::vector<int> read_group_ranks(const FieldReader& f, int world_size, int rank
     seen[static_cast<size_t>(member)] = true;
     out.push_back(member);
   }
-  if (!seen[static_cast<size_t>(rank)]) f.fail("group_ranks", "does not contain the event's rank " + std::to_string(rank));
+  if (!seen[static_cast<size_t>(rank)])
+    f.fail("group_ranks", "does not contain the event's rank " + std::to_string(rank));
   return out;
 }
 
@@ -240,9 +247,18 @@ Record parse_record(const Json& object, size_t line, int world_size) {
   if (!collective && !is_engine_kind(e.kind)) {
     f.fail("kind", "'" + e.kind + "' is neither 'collective' nor a lowercase engine event kind");
   }
-  std::vector<const char*> allowed = {"id",     "rank",   "kind",     "name",
-                                      "detail", "issue_ns", "start_ns", "end_ns",
-                                      "logical_clock_issue", "logical_clock_end", "status", "error"};
+  std::vector<const char*> allowed = {"id",
+                                      "rank",
+                                      "kind",
+                                      "name",
+                                      "detail",
+                                      "issue_ns",
+                                      "start_ns",
+                                      "end_ns",
+                                      "logical_clock_issue",
+                                      "logical_clock_end",
+                                      "status",
+                                      "error"};
   if (collective) {
     for (const char* k : {"group", "group_ranks", "seq", "op", "dtype", "in_numel", "out_numel", "reduce_op", "root"}) {
       allowed.push_back(k);

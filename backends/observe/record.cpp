@@ -43,15 +43,14 @@ int64_t Record::element_size() const { return static_cast<int64_t>(c10::elementS
 
 bool operator==(const Record& a, const Record& b) {
   return a.id == b.id && a.rank == b.rank && a.kind == b.kind && a.name == b.name && a.detail == b.detail &&
-         a.group == b.group && a.group_ranks == b.group_ranks && a.seq == b.seq && a.op == b.op &&
-         a.dtype == b.dtype && a.in_numel == b.in_numel && a.out_numel == b.out_numel &&
-         a.reduce_op == b.reduce_op && a.root == b.root && a.issue_ns == b.issue_ns &&
-         a.start_ns == b.start_ns && a.end_ns == b.end_ns && a.logical_clock_issue == b.logical_clock_issue &&
-         a.logical_clock_end == b.logical_clock_end && a.status == b.status && a.error == b.error;
+         a.group == b.group && a.group_ranks == b.group_ranks && a.seq == b.seq && a.op == b.op && a.dtype == b.dtype &&
+         a.in_numel == b.in_numel && a.out_numel == b.out_numel && a.reduce_op == b.reduce_op && a.root == b.root &&
+         a.issue_ns == b.issue_ns && a.start_ns == b.start_ns && a.end_ns == b.end_ns &&
+         a.logical_clock_issue == b.logical_clock_issue && a.logical_clock_end == b.logical_clock_end &&
+         a.status == b.status && a.error == b.error;
 }
 
-Record collective_record(int rank, const CollectiveDesc& desc, const std::vector<int>& group_ranks,
-                         int64_t issue_ns) {
+Record collective_record(int rank, const CollectiveDesc& desc, const std::vector<int>& group_ranks, int64_t issue_ns) {
   Record record;
   record.rank = rank;
   record.kind = Record::kCollectiveKind;

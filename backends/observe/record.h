@@ -37,11 +37,11 @@ std::optional<at::ScalarType> dtype_from_name(const std::string& name);
 /// unit's FQN, detail = the training state, issue_ns = start_ns, and leave
 /// the collective fields at their defaults.
 struct Record {
-  uint64_t id = 0;        ///< recording order within its recorder (unique)
-  int rank = 0;           ///< global rank
-  std::string kind;       ///< "collective" or an engine event kind
-  std::string name;       ///< collectives: the op ("all_gather"); engine: unit FQN
-  std::string detail;     ///< collectives: CollectiveDesc::call_string(); engine: training state
+  uint64_t id = 0;     ///< recording order within its recorder (unique)
+  int rank = 0;        ///< global rank
+  std::string kind;    ///< "collective" or an engine event kind
+  std::string name;    ///< collectives: the op ("all_gather"); engine: unit FQN
+  std::string detail;  ///< collectives: CollectiveDesc::call_string(); engine: training state
 
   // Collectives only.
   std::string group;             ///< process group name
@@ -52,7 +52,7 @@ struct Record {
   int64_t in_numel = 0;
   int64_t out_numel = 0;
   ReduceOp reduce_op = ReduceOp::Sum;
-  int root = 0;                  ///< broadcast root (group rank)
+  int root = 0;  ///< broadcast root (group rank)
 
   /// Nanoseconds of the recording clock; 0 = never happened.
   int64_t issue_ns = 0;
@@ -79,8 +79,7 @@ inline bool operator!=(const Record& a, const Record& b) { return !(a == b); }
 
 /// The in-flight record of a collective `rank` issued at `issue_ns` (id and
 /// logical clocks are the recorder's to set).
-Record collective_record(int rank, const CollectiveDesc& desc, const std::vector<int>& group_ranks,
-                         int64_t issue_ns);
+Record collective_record(int rank, const CollectiveDesc& desc, const std::vector<int>& group_ranks, int64_t issue_ns);
 
 /// Whether `kind` may name an engine event: a lowercase identifier (a-z,
 /// 0-9, _) of 1-64 characters other than "collective".

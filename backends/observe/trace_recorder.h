@@ -43,8 +43,7 @@ class TraceRecorder final : public CollectiveSink {
 
   /// A collective was issued on global rank `rank`; returns the id to pass to
   /// record_completion. Throws std::invalid_argument for a rank outside the world.
-  size_t record_issue(int rank, const CollectiveDesc& desc, const std::vector<int>& group_ranks,
-                      int64_t issue_ns);
+  size_t record_issue(int rank, const CollectiveDesc& desc, const std::vector<int>& group_ranks, int64_t issue_ns);
   /// As above, from collective_record()'s record.
   size_t record_issue(Record issued);
   /// The collective `id` completed (error == nullptr) or failed. start/end
@@ -53,8 +52,8 @@ class TraceRecorder final : public CollectiveSink {
   void record_completion(size_t id, const WorkTimes& times, std::exception_ptr error);
   /// An engine event that ran on `rank` from start_ns to end_ns. `kind` is a
   /// lowercase identifier other than "collective" (is_engine_kind).
-  void record_engine_event(int rank, std::string kind, std::string name, std::string detail,
-                           int64_t start_ns, int64_t end_ns);
+  void record_engine_event(int rank, std::string kind, std::string name, std::string detail, int64_t start_ns,
+                           int64_t end_ns);
 
   /// Adds records made elsewhere (another process's rank), keeping their
   /// times and logical clocks; ids are renumbered. Throws
@@ -82,8 +81,8 @@ class TraceRecorder final : public CollectiveSink {
 
   const int world_size_;
   mutable std::mutex mutex_;
-  std::vector<Record> events_;             // by id; guarded by mutex_
-  std::vector<uint64_t> clocks_;           // per rank; guarded by mutex_
+  std::vector<Record> events_;    // by id; guarded by mutex_
+  std::vector<uint64_t> clocks_;  // per rank; guarded by mutex_
   // (group, seq) -> ids of every rank's entry; guarded by mutex_.
   std::map<std::pair<std::string, uint64_t>, std::vector<size_t>> by_collective_;
 };

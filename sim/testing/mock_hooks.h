@@ -23,8 +23,9 @@ class MockCommHooks : public CommHooks {
  public:
   MockCommHooks() {
     ON_CALL(*this, before).WillByDefault([this](const CollectiveDesc& d) { default_.before(d); });
-    ON_CALL(*this, run).WillByDefault(
-        [this](const CollectiveDesc& d, const std::function<WorkPtr()>& issue) { return default_.run(d, issue); });
+    ON_CALL(*this, run).WillByDefault([this](const CollectiveDesc& d, const std::function<WorkPtr()>& issue) {
+      return default_.run(d, issue);
+    });
     ON_CALL(*this, after).WillByDefault([this](const CollectiveDesc& d, const WorkPtr& w) { default_.after(d, w); });
   }
 

@@ -72,15 +72,24 @@ Options parse(int argc, char** argv) {
     const std::string flag = argv[i];
     if (i + 1 >= argc) throw std::invalid_argument("flag " + flag + " needs a value");
     const std::string value = argv[++i];
-    if (flag == "--out") o.out = value;
-    else if (flag == "--scenario") o.scenario = value;
-    else if (flag == "--mode") o.mode = value;
-    else if (flag == "--world") o.world = std::stoi(value);
-    else if (flag == "--replicate") o.replicate = std::stoi(value);
-    else if (flag == "--steps") o.steps = std::stoi(value);
-    else if (flag == "--forward-prefetch") o.forward_prefetch.push_back(parse_list(value));
-    else if (flag == "--backward-prefetch") o.backward_prefetch.push_back(parse_list(value));
-    else throw std::invalid_argument("unknown flag " + flag);
+    if (flag == "--out")
+      o.out = value;
+    else if (flag == "--scenario")
+      o.scenario = value;
+    else if (flag == "--mode")
+      o.mode = value;
+    else if (flag == "--world")
+      o.world = std::stoi(value);
+    else if (flag == "--replicate")
+      o.replicate = std::stoi(value);
+    else if (flag == "--steps")
+      o.steps = std::stoi(value);
+    else if (flag == "--forward-prefetch")
+      o.forward_prefetch.push_back(parse_list(value));
+    else if (flag == "--backward-prefetch")
+      o.backward_prefetch.push_back(parse_list(value));
+    else
+      throw std::invalid_argument("unknown flag " + flag);
   }
   if (o.out.empty() || o.scenario.empty() || o.mode.empty()) {
     throw std::invalid_argument("--out, --scenario and --mode are required");
@@ -138,9 +147,7 @@ class RecordingEngineHooks final : public fsdp::EngineHooks {
   void on_reshard(const std::string& unit, fsdp::TrainingState s) override { add("reshard", unit, s); }
   void on_pre_backward(const std::string& unit, fsdp::TrainingState s) override { add("pre_backward", unit, s); }
   void on_post_backward(const std::string& unit, fsdp::TrainingState s) override { add("post_backward", unit, s); }
-  void on_final_callback(const std::string& unit, fsdp::TrainingState s) override {
-    add("final_callback", unit, s);
-  }
+  void on_final_callback(const std::string& unit, fsdp::TrainingState s) override { add("final_callback", unit, s); }
   void on_prefetch(const std::string& unit, const std::string& target, fsdp::TrainingState s) override {
     if (!on) return;
     steps.back().push_back({{"seq", timeline_->next++},
@@ -271,8 +278,13 @@ void run_rank(const Options& o, sim::RankContext& ctx) {
     }
     collectives.push_back(list);
   }
-  json out = {{"rank", rank},           {"torch", std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." + std::to_string(TORCH_VERSION_PATCH)}, {"losses", losses},
-              {"collectives", collectives}, {"events", events->steps}, {"placements", placements}};
+  json out = {{"rank", rank},
+              {"torch", std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                            std::to_string(TORCH_VERSION_PATCH)},
+              {"losses", losses},
+              {"collectives", collectives},
+              {"events", events->steps},
+              {"placements", placements}};
   std::ofstream(o.out + "/ours_rank" + std::to_string(rank) + ".json") << out.dump(1) << "\n";
   save_tensors(o.out + "/ours_rank" + std::to_string(rank) + ".pt", tensors);
 }

@@ -29,8 +29,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       try {
         const ReplayPlan plan = make_replay_plan(trace, world, limits);
         (void)format_plan_statistics(trace, plan);
-      } catch (const ReplayPlanError&) {
-      }
+      } catch (const ReplayPlanError&) {}
     }
   } catch (const TraceFileError& e) {
     if (std::strncmp(e.what(), "trace line ", 11) != 0) {

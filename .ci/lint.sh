@@ -36,11 +36,9 @@ case "$mode" in
     checks+=',performance-unnecessary-copy-initialization,performance-move-const-arg'
     checks+=',performance-for-range-copy,readability-function-size'
     echo "lint: clang-tidy on ${#files[@]} file(s) changed since $base"
-    for file in "${files[@]}"; do
-      echo "lint: clang-tidy $file"
-      clang-tidy -p build --quiet --checks="$checks" --warnings-as-errors='*' \
-        --config='{CheckOptions: [{key: readability-function-size.LineThreshold, value: 80}]}' "$file"
-    done
+    printf '%s\n' "${files[@]}" |
+      xargs -P "${FSDPSIM_BUILD_JOBS:-2}" -n 1 clang-tidy -p build --quiet --checks="$checks" --warnings-as-errors='*' \
+        --config='{CheckOptions: [{key: readability-function-size.LineThreshold, value: 80}]}'
     echo "lint: clang-tidy: ${#files[@]} file(s) clean"
     ;;
   *)

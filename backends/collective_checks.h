@@ -2,6 +2,9 @@
 // Local argument checks shared by every backend: each returns the
 // CollectiveDesc of the call (with the next sequence number) or throws a
 // CommError that names rank, group, sequence number, op and shapes.
+//
+// Thread-safety: the checks read their arguments only; a group's checks run
+// on that group's rank, as its collectives do.
 
 #include "backends/process_group.h"
 

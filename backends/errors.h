@@ -1,6 +1,8 @@
 #pragma once
 // Typed errors of the comm layer. Every message carries its context (rank,
 // group, sequence number, op, shapes) so one line tells what went wrong where.
+//
+// Thread-safety: immutable values; error_text() may run on any thread.
 
 #include <exception>
 #include <stdexcept>

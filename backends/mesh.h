@@ -3,6 +3,9 @@
 // themselves), and the two axes of a 2-D replicate x shard mesh (hybrid
 // sharding: reduce-scatter within the shard group, all-reduce across
 // replicas). All are collective over the parent group.
+//
+// Thread-safety: call from the parent group's rank, like any collective;
+// Mesh2D is a plain value.
 
 #include "backends/process_group.h"
 

@@ -49,7 +49,7 @@ std::string DelayOptions::describe() const {
   return out.str();
 }
 
-DelayHooks::DelayHooks(DelayOptions options, int rank) : options_(std::move(options)), rank_(rank) {
+DelayHooks::DelayHooks(DelayOptions options, int rank) : options_(options), rank_(rank) {
   options_.validate();
   if (rank < 0) throw std::invalid_argument("DelayHooks: rank must be >= 0");
 }

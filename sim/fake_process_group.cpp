@@ -627,6 +627,22 @@ void FakeProcessGroup::setup_tasks_locked(PendingCollective& p) {
   }
 }
 
+// Every rank of a mismatched collective fails with this: who called what
+// under the one sequence number, who has not called yet, where each rank is.
+static CollectiveMismatchError mismatch_error(const PendingCollective& p, const std::string& where) {
+  std::map<std::string, std::vector<int>> by_call;
+  for (size_t r = 0; r < p.arrivals.size(); ++r) {
+    if (p.arrivals[r]) by_call[p.arrivals[r]->desc.labelled_call_string()].push_back(p.global_ranks[r]);
+  }
+  std::ostringstream msg;
+  msg << "collective mismatch in " << p.header() << ":";
+  for (const auto& [call, ranks] : by_call) msg << " " << ranks_text(ranks) << " called " << call << ";";
+  auto missing = p.missing_global_ranks();
+  if (!missing.empty()) msg << " ranks " << rank_set_string(missing) << " have not called it yet;";
+  msg << " where each rank is: " << where;
+  return CollectiveMismatchError(msg.str());
+}
+
 WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, const at::Tensor& output) {
   for (const at::Tensor* t : {&input, &output}) {
     if (t->defined() && !t->device().is_cpu()) fail_local(desc, "the fake backend moves CPU tensors only");
@@ -660,31 +676,14 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
     const bool was_failed = p.state == CollectiveState::Failed;
     const bool mismatch = !was_failed && p.first >= 0 && !desc.matches(p.first_desc());
 
-    Arrival arrival;
-    arrival.desc = desc;
-    arrival.input = input;
-    arrival.output = output;
-    arrival.issue_ns = world_->clock().now_ns();
-    arrival.deadline = std::chrono::steady_clock::now() + world_->timeout();
-    p.arrivals[rank_] = std::move(arrival);
+    p.arrivals[rank_] =
+        Arrival{desc, input, output, world_->clock().now_ns(), std::chrono::steady_clock::now() + world_->timeout()};
     ++p.arrived;
     if (p.first < 0) p.first = rank_;
     if (p.arrived == size()) group_->gathering.erase(desc.seq);
 
     if (mismatch) {
-      std::map<std::string, std::vector<int>> by_call;
-      for (size_t r = 0; r < p.arrivals.size(); ++r) {
-        if (p.arrivals[r]) by_call[p.arrivals[r]->desc.labelled_call_string()].push_back(p.global_ranks[r]);
-      }
-      std::ostringstream msg;
-      msg << "collective mismatch in " << p.header() << ":";
-      for (const auto& [call, ranks] : by_call) {
-        msg << " " << ranks_text(ranks) << " called " << call << ";";
-      }
-      auto missing = p.missing_global_ranks();
-      if (!missing.empty()) msg << " ranks " << rank_set_string(missing) << " have not called it yet;";
-      msg << " where each rank is: " << impl.where_locked();
-      callbacks = impl.fail_locked(p, std::make_exception_ptr(CollectiveMismatchError(msg.str())));
+      callbacks = impl.fail_locked(p, std::make_exception_ptr(mismatch_error(p, impl.where_locked())));
     } else if (!was_failed) {
       if (p.arrived == size()) {
         p.state = CollectiveState::Ready;

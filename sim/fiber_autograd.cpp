@@ -217,6 +217,7 @@ variable_list run_node(Node& fn, variable_list inputs) {
   validate_grads(fn.next_edges(), outputs, "Function " + fn.name());
   if (has_post_hooks) {
     try {
+      // NOLINTNEXTLINE(bugprone-use-after-move): moved above only when there are no post hooks
       for (const auto& hook : fn.post_hooks()) outputs = (*hook)(outputs, inputs);
     } catch (...) {
       rethrow_in_node(fn);

@@ -69,7 +69,7 @@ void parse_args(CLI::App& app, const std::vector<std::string>& args) {
 
 void add_value(CLI::App& app, const std::string& name, const std::string& type, const std::string& help,
                std::function<void(const std::string&)> parse) {
-  app.add_option_function<std::string>(name, std::move(parse), help)
+  app.add_option_function<std::string>(name, parse, help)
       ->type_name(type)
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
 }

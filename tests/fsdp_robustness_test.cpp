@@ -264,6 +264,16 @@ struct DirectCaller : torch::nn::Module {
   bool calls_b = false;
 };
 
+// Units for the model's children `a` and `b`, then for the model itself.
+template <typename Model>
+void shard_children_then_root(Engine& engine, const std::shared_ptr<Model>& model, ProcessGroupPtr group) {
+  FullyShardOptions options;
+  options.shard_group = std::move(group);
+  engine.fully_shard(model->a.ptr(), options);
+  engine.fully_shard(model->b.ptr(), options);
+  engine.fully_shard(model, options);
+}
+
 std::string forward_error(bool calls_b, bool grad_enabled) {
   std::vector<std::string> errors(2);
   sim::World world(world_of(2, sim::RankKind::Threads));
@@ -271,11 +281,7 @@ std::string forward_error(bool calls_b, bool grad_enabled) {
     auto model = std::make_shared<DirectCaller>();
     model->calls_b = calls_b;
     Engine engine(engine_options());
-    FullyShardOptions options;
-    options.shard_group = ctx.world_group();
-    engine.fully_shard(model->a.ptr(), options);
-    engine.fully_shard(model->b.ptr(), options);
-    engine.fully_shard(model, options);
+    shard_children_then_root(engine, model, ctx.world_group());
     torch::AutoGradMode mode(grad_enabled);
     try {
       fsdp::call(model, torch::ones({4, 10}));
@@ -326,11 +332,7 @@ TEST(DirectChildCall, CollectiveTimeoutInsideAForwardKeepsItsType) {
   auto result = world.run([&](sim::RankContext& ctx) {
     auto model = std::make_shared<CallsThroughFsdp>();
     Engine engine(engine_options());
-    FullyShardOptions options;
-    options.shard_group = ctx.world_group();
-    engine.fully_shard(model->a.ptr(), options);
-    engine.fully_shard(model->b.ptr(), options);
-    engine.fully_shard(model, options);
+    shard_children_then_root(engine, model, ctx.world_group());
     if (ctx.rank() == 1) {  // never joins the all-gather; stays alive so that rank 0 times out
       while (!rank0_done) std::this_thread::sleep_for(std::chrono::milliseconds(5));
       return;

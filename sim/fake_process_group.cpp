@@ -218,6 +218,10 @@ struct FakeWorldState::Impl {
   std::deque<std::shared_ptr<PendingCollective>> ready;
   std::condition_variable progress_cv;
   bool stopping = false;
+  // Set when the world was destroyed on the progress thread itself (a
+  // callback it ran dropped the last reference): the thread must then stop
+  // without touching the world again. Impl outlives the world for it.
+  bool world_destroyed = false;
   std::thread progress;
   std::map<std::string, std::shared_ptr<FakeGroupState>> groups;
   bool aborted = false;
@@ -283,25 +287,27 @@ struct FakeWorldState::Impl {
 };
 
 FakeWorldState::FakeWorldState(int world_size, bool fibers, std::chrono::milliseconds timeout, const Clock& clock)
-    : world_size_(world_size), fibers_(fibers), timeout_(timeout), clock_(clock), impl_(std::make_unique<Impl>()) {
+    : world_size_(world_size), fibers_(fibers), timeout_(timeout), clock_(clock), impl_(std::make_shared<Impl>()) {
   impl_->where.resize(world_size);
   impl_->exited.assign(world_size, false);
-  if (!fibers_) impl_->progress = std::thread([this] { progress_loop(); });
+  if (!fibers_) impl_->progress = std::thread([this, impl = impl_] { progress_loop(*impl); });
 }
 
 FakeWorldState::~FakeWorldState() {
+  const bool on_progress_thread = impl_->progress.joinable() && impl_->progress.get_id() == std::this_thread::get_id();
   {
     Lock lock(impl_->mutex);
     impl_->stopping = true;
+    impl_->world_destroyed = on_progress_thread;
   }
   impl_->progress_cv.notify_all();
-  if (impl_->progress.joinable()) {
-    // The last reference may go away in a callback the progress thread runs.
-    if (impl_->progress.get_id() == std::this_thread::get_id()) {
-      impl_->progress.detach();
-    } else {
-      impl_->progress.join();
-    }
+  if (!impl_->progress.joinable()) return;
+  // The last reference may go away in a callback the progress thread runs:
+  // it cannot join itself, and it holds its own reference to Impl.
+  if (on_progress_thread) {
+    impl_->progress.detach();
+  } else {
+    impl_->progress.join();
   }
 }
 
@@ -501,19 +507,21 @@ bool help_locked(FakeWorldState& world, FakeWorldState::Impl& impl, PendingColle
 
 }  // namespace
 
-void FakeWorldState::progress_loop() {
-  Lock lock(impl_->mutex);
+// `impl` (not impl_) only: after a callback, `this` may be gone.
+void FakeWorldState::progress_loop(Impl& impl) {
+  Lock lock(impl.mutex);
   while (true) {
-    impl_->progress_cv.wait(lock, [this] { return impl_->stopping || !impl_->ready.empty(); });
-    if (impl_->ready.empty()) return;
-    std::shared_ptr<PendingCollective> pending = std::move(impl_->ready.front());
-    impl_->ready.pop_front();
+    impl.progress_cv.wait(lock, [&impl] { return impl.stopping || !impl.ready.empty(); });
+    if (impl.world_destroyed || impl.ready.empty()) return;
+    std::shared_ptr<PendingCollective> pending = std::move(impl.ready.front());
+    impl.ready.pop_front();
     Callbacks callbacks;
-    while (help_locked(*this, *impl_, *pending, lock, callbacks)) {}
+    while (help_locked(*this, impl, *pending, lock, callbacks)) {}
     if (!callbacks.empty()) {
       lock.unlock();
       run_callbacks(callbacks);
       lock.lock();
+      if (impl.world_destroyed) return;
     }
   }
 }

@@ -79,14 +79,14 @@ class FakeWorldState : public std::enable_shared_from_this<FakeWorldState> {
  private:
   friend class FakeProcessGroup;
   friend class FakeWork;
-  void progress_loop();
+  void progress_loop(Impl& impl);
   const int world_size_;
   const bool fibers_;
   const std::chrono::milliseconds timeout_;
   const Clock& clock_;
   SimClock* sim_clock_ = nullptr;
   CostModelParams cost_model_;
-  std::unique_ptr<Impl> impl_;
+  std::shared_ptr<Impl> impl_;  // shared with the progress thread
 };
 
 // Rank-set formatting lives beside the other report helpers (backends/collective_checks.h).

@@ -9,11 +9,13 @@
 #include <ATen/core/grad_mode.h>
 
 #include <atomic>
+#include <future>
 #include <mutex>
 #include <thread>
 
 #include "backends/errors.h"
 #include "backends/mesh.h"
+#include "sim/fake_process_group.h"
 #include "sim/world.h"
 #include "tests/collective_suite.h"
 
@@ -398,6 +400,37 @@ TEST(FakeThreadsAsync, CollectiveCompletesWhileEveryRankComputes) {
     work->wait();
   });
   EXPECT_TRUE(result.ok()) << result.error_report();
+}
+
+TEST(FakeThreadsAsync, WorldReleasedByACallbackOnTheProgressThreadShutsDownCleanly) {
+  // The progress thread runs completion callbacks; when one of them drops the
+  // last reference to the world, the world is destroyed on that thread, which
+  // must then stop without touching the freed world (heap corruption seen in
+  // CI). Many rounds, so reused memory makes a use-after-free show.
+  for (int round = 0; round < 200; ++round) {
+    std::promise<void> released;
+    std::shared_future<void> go = released.get_future().share();
+    std::weak_ptr<FakeWorldState> alive;
+    {
+      auto state =
+          std::make_shared<FakeWorldState>(2, /*fibers=*/false, std::chrono::seconds(20), SteadyClock::instance());
+      alive = state;
+      auto t0 = at::ones({256});
+      auto t1 = at::ones({256});
+      WorkPtr w0 = state->world_group(0)->all_reduce(t0, AllReduceOptions{});
+      // The callback owns w0, and w0 owns the world: nobody waits, so the
+      // progress thread completes the collective and runs the callback.
+      w0->on_completion([w0, go] { go.wait(); });
+      WorkPtr w1 = state->world_group(1)->all_reduce(t1, AllReduceOptions{});
+    }
+    released.set_value();
+    int polls = 0;
+    while (!alive.expired() && polls < 20000) {
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+      ++polls;
+    }
+    ASSERT_TRUE(alive.expired()) << "round " << round << ": the world outlived its last callback";
+  }
 }
 
 }  // namespace

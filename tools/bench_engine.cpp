@@ -160,7 +160,7 @@ void complete(Config& config) {
 
 using fsdpsim::tools::first_line;
 using fsdpsim::tools::median;
-using fsdpsim::tools::now_ns;
+using fsdpsim::tools::run_benchmark;
 using fsdpsim::tools::seconds_since;
 
 void progress(const std::string& line) { std::cout << line << std::endl; }
@@ -295,14 +295,14 @@ SingleResult run_single(const ModelSpec& spec, Iterations iterations, sim::World
       int64_t ns[2] = {0, 0};
       for (int k = 0; k < 2; ++k) {
         const int which = (i + k) % 2;  // 0 plain, 1 engine; the first of the pair flips every step
-        const int64_t start = now_ns();
+        const int64_t start = steady_now_ns();
         loss[which] = which == 0 ? plain.step(i) : sharded.step(i);
-        ns[which] = now_ns() - start;
+        ns[which] = steady_now_ns() - start;
       }
       if (loss[0] != loss[1]) result.losses_equal = false;
       if (i >= iterations.warmup) {
-        plain_ms.push_back(static_cast<double>(ns[0]) / 1e6);
-        engine_ms.push_back(static_cast<double>(ns[1]) / 1e6);
+        plain_ms.push_back(ns_to_ms(ns[0]));
+        engine_ms.push_back(ns_to_ms(ns[1]));
       }
     }
   });
@@ -408,9 +408,9 @@ MultiResult run_multi(const ModelSpec& spec, int world_size, sim::RankKind kind,
       ctx.world_group()->barrier()->wait();
       engine.reset_peak_unsharded_bytes();
       gathers->take();
-      starts[rank][i] = now_ns();
+      starts[rank][i] = steady_now_ns();
       trainer.step(static_cast<int>(i));
-      ends[rank][i] = now_ns();
+      ends[rank][i] = steady_now_ns();
       peaks[rank][i] = engine.peak_unsharded_bytes();
       events[rank][i] = gathers->take();
     }
@@ -435,7 +435,7 @@ MultiResult run_multi(const ModelSpec& spec, int world_size, sim::RankKind kind,
         result.issued_bytes = std::max(result.issued_bytes, live);
       }
     }
-    durations.push_back(static_cast<double>(last_end - first_start) / 1e6);
+    durations.push_back(ns_to_ms(last_end - first_start));
   }
   result.step_ms = median(durations);
   result.theory = theory;
@@ -448,10 +448,10 @@ double plain_step_ms(const ModelSpec& spec, Iterations iterations) {
   Trainer plain(spec, 0);
   std::vector<double> samples;
   for (int i = 0; i < iterations.total(); ++i) {
-    const int64_t start = now_ns();
+    const int64_t start = steady_now_ns();
     plain.step(i);
-    const int64_t end = now_ns();
-    if (i >= iterations.warmup) samples.push_back(static_cast<double>(end - start) / 1e6);
+    const int64_t end = steady_now_ns();
+    if (i >= iterations.warmup) samples.push_back(ns_to_ms(end - start));
   }
   return median(samples);
 }
@@ -484,7 +484,7 @@ std::string model_details(const ModelSpec& spec) {
 
 void section_single(const Config& config, Report& report) {
   progress("[1/3] world size 1: engine (FullShard, one thread rank) vs the plain model ...");
-  const int64_t started = now_ns();
+  const int64_t started = steady_now_ns();
   std::vector<SingleResult> results;
   for (const auto& spec : config.models) {
     results.push_back(run_single(spec, spec.single.value_or(config.single), config.world));
@@ -540,7 +540,7 @@ void section_multi(const Config& config, Report& report, std::map<MultiKey, Mult
   std::string worlds;
   for (int n : config.worlds) worlds += (worlds.empty() ? "" : ", ") + std::to_string(n);
   progress("[2/3] world sizes " + worlds + ": thread and fiber ranks, FullShard and ShardGradOp ...");
-  const int64_t started = now_ns();
+  const int64_t started = steady_now_ns();
   std::vector<double> plain(config.models.size());
   for (size_t m = 0; m < config.models.size(); ++m) {
     const auto& spec = config.models[m];
@@ -657,19 +657,16 @@ void section_memory(const Config& config, const std::map<MultiKey, MultiResult>&
 
 int bench_engine_main(Config config) {
   complete(config);
-  const int64_t started = now_ns();
-  std::cout << kProgram << ": " << (config.quick ? "quick" : "full") << " run, " << std::thread::hardware_concurrency()
-            << " cores, ATen intra-op threads 1 (at::set_num_threads(1): the ranks share the cores), float32\n"
-            << std::endl;
-  Report report;
-  section_single(config, report);
-  std::map<MultiKey, MultiResult> multi;
-  section_multi(config, report, multi);
-  section_memory(config, multi);
-  std::cout << fmt::format("total {:.1f} s{}", seconds_since(started),
-                           report.failed ? ", SOME MEASUREMENTS FAILED" : "")
-            << std::endl;
-  return report.failed ? 1 : 0;
+  return run_benchmark(kProgram, config.quick,
+                       "ATen intra-op threads 1 (at::set_num_threads(1): the ranks share the cores), float32",
+                       [&config] {
+                         Report report;
+                         section_single(config, report);
+                         std::map<MultiKey, MultiResult> multi;
+                         section_multi(config, report, multi);
+                         section_memory(config, multi);
+                         return !report.failed;
+                       });
 }
 
 }  // namespace

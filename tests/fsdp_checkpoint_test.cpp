@@ -5,6 +5,7 @@
 // thread and fiber ranks (fiber ranks' backward is sim::backward's walker,
 // the recompute's nested pass runs inside it).
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -65,12 +66,15 @@ struct Block : torch::nn::Module {
 // in_proj and head on the root, three block units.
 struct Model : torch::nn::Module {
   explicit Model(bool checkpointed, double dropout = 0.0) {
-    torch::manual_seed(7);  // the same params with and without checkpointing
     in_proj = register_module("in_proj", torch::nn::Linear(kDim, kDim));
     for (int i = 0; i < 3; ++i) {
       blocks.push_back(register_module("block" + std::to_string(i), std::make_shared<Block>(checkpointed, dropout)));
     }
     head = register_module("head", torch::nn::Linear(kDim, 3));
+    // From a generator of its own: thread ranks build models concurrently.
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
+    torch::NoGradGuard no_grad;
+    for (auto& param : parameters()) param.copy_(at::randn(param.sizes(), gen) * 0.3);
   }
   at::Tensor forward(at::Tensor x) {
     x = in_proj(x);

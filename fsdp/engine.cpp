@@ -17,6 +17,7 @@
 
 #include "backends/collective_label.h"
 #include "backends/errors.h"
+#include "fsdp/checkpoint.h"
 #include "fsdp/fully_shard.h"
 
 namespace fsdpsim::fsdp {
@@ -87,14 +88,16 @@ struct ShardedParam {
   at::Tensor param;  // the module's Tensor: identity kept, data swapped
   std::vector<int64_t> full_shape;
   int64_t dim0 = 0;
-  int64_t rows_per_rank = 0;  // c = ceil(dim0 / world)
-  int64_t row_numel = 1;      // elements per dim-0 row
-  int64_t my_rows = 0;        // rows this rank owns (0..c)
-  int64_t offset = 0;         // in the unit's per-rank flat chunk
-  at::Tensor padded_shard;    // (c, rest...)
-  at::Tensor shard_view;      // padded_shard rows [0, my_rows): the param's data between steps
-  at::Tensor full;            // the gathered param, while unsharded
-  at::Tensor stashed_grad;    // the sharded grad, set aside while the param is full-size
+  int64_t rows_per_rank = 0;   // c = ceil(dim0 / world)
+  int64_t row_numel = 1;       // elements per dim-0 row
+  int64_t my_rows = 0;         // rows this rank owns (0..c)
+  int64_t offset = 0;          // in the unit's per-rank flat chunk
+  at::Tensor padded_shard;     // (c, rest...)
+  at::Tensor shard_view;       // padded_shard rows [0, my_rows): the param's data between steps
+  at::Tensor full;             // the gathered param, while unsharded
+  at::Tensor stashed_grad;     // the sharded grad, set aside while the param is full-size
+  at::Tensor unsynced_grad;    // full-size grads of backwards run without gradient sync, summed
+  at::Tensor partial_reduced;  // HSDP without all-reduce: reduce-scatter outputs summed (padded chunk, flat)
 
   int64_t chunk_numel() const { return rows_per_rank * row_numel; }
   std::vector<int64_t> rows_shape(int64_t rows) const {
@@ -148,6 +151,10 @@ struct Unit::Impl {
   bool needs_post_backward = false;
   bool backward_done = false;       // its post-backward ran in this backward pass
   bool prefetch_in_flight = false;  // gathered ahead, not yet used by the unit
+  bool grads_stashed = false;       // pre-backward set the sharded grads aside; reshard restores them
+  bool reduce_grads = true;         // set_requires_gradient_sync
+  bool all_reduce_grads = true;     // set_requires_all_reduce (HSDP, NoShard)
+  bool reshard_after_backward = true;
   std::vector<PendingReduction> pending;
   std::vector<Unit::Impl*> sub_units;         // units inside this unit's module (known once the root is)
   uint64_t last_forward_call = 0;             // Engine::Impl::forward_calls at its latest pre-forward
@@ -251,10 +258,14 @@ struct Engine::Impl {
   void abandon_backward();
   void queue_final_callback();
   void finish_post_backward(Unit::Impl& unit);
+  void keep_unsynced_grads(Unit::Impl& unit);
+  void land_reduction(Unit::Impl& unit, PendingReduction& reduction);
   void prefetch(Unit::Impl& unit, Unit::Impl* target);
   void prefetch_forward(Unit::Impl& unit);
   void prefetch_backward(Unit::Impl& unit);
   Unit::Impl* unit_of(const std::shared_ptr<torch::nn::Module>& module, const char* what);
+  std::vector<Unit::Impl*> units_under(const std::shared_ptr<torch::nn::Module>& module, bool recurse,
+                                       const char* what);
 };
 
 // ---------------------------------------------------------------------------
@@ -430,6 +441,7 @@ void Engine::Impl::reshard(Unit::Impl& unit) {
       p.stashed_grad = at::Tensor();
     }
   }
+  unit.grads_stashed = false;
 }
 
 void Engine::Impl::pre_forward(Unit::Impl& unit) {
@@ -500,6 +512,7 @@ void Engine::Impl::pre_backward(Unit::Impl& unit) {
   // forward and backward still reaches them; this backward's full-size
   // grads then accumulate alone and are reduced into them.
   for (auto& p : unit.params) stash_grad(p);
+  unit.grads_stashed = true;
   if (!unit.params.empty()) emit(&EngineHooks::on_pre_backward, unit);
   check_gathered(unit, "between forward and backward");
   unshard(unit);
@@ -510,6 +523,13 @@ void Engine::Impl::pre_backward(Unit::Impl& unit) {
       throw std::runtime_error("param '" + p.fqn + "' of unit '" + unit.fqn + "' has shape " +
                                shape_of(p.param.sizes()) + " in backward, " + shape_of(p.full_shape) + " in forward");
     }
+  }
+  // Grads of earlier backwards run without sync go back on the full params:
+  // this backward's AccumulateGrad adds into them, as on an unsharded model.
+  for (auto& p : unit.params) {
+    if (!p.unsynced_grad.defined()) continue;
+    p.param.mutable_grad() = p.unsynced_grad;
+    p.unsynced_grad = at::Tensor();
   }
 }
 
@@ -541,10 +561,14 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
   unit.state = TrainingState::PostBackward;
   unit.needs_post_backward = false;
   unit.backward_done = true;
+  if (!unit.reduce_grads) {
+    keep_unsynced_grads(unit);
+    return;
+  }
   // Take the full-size grads aside, free the gathered params (reshard first,
   // as PyTorch's FSDP does), then reduce-scatter the grads.
   std::vector<std::pair<size_t, at::Tensor>> grads = take_full_grads(unit);
-  reshard(unit);
+  if (unit.reshard_after_backward) reshard(unit);
   if (grads.empty()) {
     // No grad yet (a param used by two forwards accumulates once, after
     // both) or none at all (frozen): still the unit's post-backward step.
@@ -568,13 +592,34 @@ void Engine::Impl::accumulate_local_grads(Unit::Impl& unit, std::vector<std::pai
   for (auto& [index, grad] : grads) {
     if (!grad.defined()) continue;  // unused here, and no other rank to hear from
     const at::Tensor reduced = to_param_dtype(unit, grad.to(unit.reduce_dtype));
-    at::Tensor& current = unit.params[index].param.mutable_grad();
+    auto& p = unit.params[index];
+    at::Tensor& current = unit.grads_stashed ? p.stashed_grad : p.param.mutable_grad();
     if (current.defined()) {
       current.add_(reduced);
     } else {
       current = reduced;
     }
   }
+}
+
+// Without gradient sync the full-size grads stay on this rank, summed over
+// the backwards until one with sync reduces them (FSDP2 keeps them on the
+// unsharded param; ours is one Tensor whose data is swapped, so they wait
+// aside and return at the next pre-backward).
+void Engine::Impl::keep_unsynced_grads(Unit::Impl& unit) {
+  for (auto& p : unit.params) {
+    if (!p.param.requires_grad() || !p.param.grad().defined()) continue;
+    if (p.param.grad().sizes() != at::IntArrayRef(p.full_shape)) {
+      throw std::runtime_error("grad of param '" + p.fqn + "' of unit '" + unit.fqn + "' has shape " +
+                               shape_of(p.param.grad().sizes()) + ", expected the full shape " +
+                               shape_of(p.full_shape));
+    }
+    p.unsynced_grad = p.param.grad();
+    p.param.mutable_grad() = at::Tensor();
+  }
+  if (unit.reshard_after_backward) reshard(unit);
+  if (!unit.params.empty()) emit(&EngineHooks::on_post_backward, unit);
+  finish_post_backward(unit);
 }
 
 // Copies the full grads, rank by rank, into one flat buffer in reduce_dtype
@@ -678,34 +723,57 @@ void Engine::Impl::prefetch_backward(Unit::Impl& unit) {
 }
 
 void Engine::Impl::finish_reductions(Unit::Impl& unit) {
-  for (auto& reduction : unit.pending) {
-    if (reduction.reduce_scatter) reduction.reduce_scatter->wait();
-    if (unit.options.replicate_group && unit.options.replicate_group->size() > 1) {
-      // The mean over replicas; FSDP2's fp16 division sums and divides after.
-      const GradDivision division = grad_division(unit);
-      const bool sum_then_divide = !division.average && unit.options.gradient_predivide_factor == 1.0;
-      AllReduceOptions all_reduce;
-      all_reduce.reduce_op = sum_then_divide ? ReduceOp::Sum : ReduceOp::Avg;
-      ScopedCollectiveLabel label(collective_label("all-reduce", unit));
-      unit.options.replicate_group->all_reduce(reduction.output, all_reduce)->wait();
-      if (sum_then_divide && division.after != 1.0) reduction.output.div_(division.after);
+  for (auto& reduction : unit.pending) land_reduction(unit, reduction);
+  unit.pending.clear();
+}
+
+void Engine::Impl::land_reduction(Unit::Impl& unit, PendingReduction& reduction) {
+  if (reduction.reduce_scatter) reduction.reduce_scatter->wait();
+  auto reduced_chunk = [&](const at::Tensor& output, size_t k) {
+    return output.narrow(0, reduction.offsets[k], unit.params[reduction.params[k]].chunk_numel());
+  };
+  if (unit.options.replicate_group && unit.options.replicate_group->size() > 1) {
+    if (!unit.all_reduce_grads) {
+      // set_requires_all_reduce(false): the shard group's sums wait, summed,
+      // for the next all-reduce (FSDP2's partial reduce output).
+      for (size_t k = 0; k < reduction.params.size(); ++k) {
+        auto& p = unit.params[reduction.params[k]];
+        if (p.partial_reduced.defined()) {
+          p.partial_reduced.add_(reduced_chunk(reduction.output, k));
+        } else {
+          p.partial_reduced = reduced_chunk(reduction.output, k).clone();
+        }
+      }
+      return;
     }
-    // In the param's dtype (a reduce_dtype other than it: a cast, so a copy).
-    const at::Tensor output = to_param_dtype(unit, reduction.output);
     for (size_t k = 0; k < reduction.params.size(); ++k) {
       auto& p = unit.params[reduction.params[k]];
-      at::Tensor reduced = output.narrow(0, reduction.offsets[k], p.chunk_numel())
-                               .view(p.rows_shape(p.rows_per_rank))
-                               .narrow(0, 0, p.my_rows);
-      at::Tensor& grad = p.param.mutable_grad();
-      if (grad.defined()) {
-        grad.add_(reduced);
-      } else {
-        grad = reduced.clone();
-      }
+      if (!p.partial_reduced.defined()) continue;
+      reduced_chunk(reduction.output, k).add_(p.partial_reduced);
+      p.partial_reduced = at::Tensor();
+    }
+    // The mean over replicas; FSDP2's fp16 division sums and divides after.
+    const GradDivision division = grad_division(unit);
+    const bool sum_then_divide = !division.average && unit.options.gradient_predivide_factor == 1.0;
+    AllReduceOptions all_reduce;
+    all_reduce.reduce_op = sum_then_divide ? ReduceOp::Sum : ReduceOp::Avg;
+    ScopedCollectiveLabel label(collective_label("all-reduce", unit));
+    unit.options.replicate_group->all_reduce(reduction.output, all_reduce)->wait();
+    if (sum_then_divide && division.after != 1.0) reduction.output.div_(division.after);
+  }
+  // In the param's dtype (a reduce_dtype other than it: a cast, so a copy).
+  const at::Tensor output = to_param_dtype(unit, reduction.output);
+  for (size_t k = 0; k < reduction.params.size(); ++k) {
+    auto& p = unit.params[reduction.params[k]];
+    at::Tensor reduced = reduced_chunk(output, k).view(p.rows_shape(p.rows_per_rank)).narrow(0, 0, p.my_rows);
+    // The sharded grad: aside while the unit stays gathered after backward.
+    at::Tensor& grad = unit.grads_stashed ? p.stashed_grad : p.param.mutable_grad();
+    if (grad.defined()) {
+      grad.add_(reduced);
+    } else {
+      grad = reduced.clone();
     }
   }
-  unit.pending.clear();
 }
 
 // A backward began (a pre-backward queued the final callback) but its
@@ -749,7 +817,11 @@ void Engine::Impl::final_callback() {
   for (auto& unit : units) {
     auto& impl = unit->impl();
     finish_reductions(impl);
-    reshard(impl);  // also lands prefetches that turned out unused
+    if (impl.reshard_after_backward) {
+      reshard(impl);  // also lands prefetches that turned out unused
+    } else if (impl.gather_work) {
+      wait_unshard(impl);  // stays gathered, as its reshard_after_backward asks
+    }
     impl.state = TrainingState::Idle;
     impl.backward_done = false;
   }
@@ -1089,6 +1161,11 @@ void Engine::fully_shard(const std::shared_ptr<torch::nn::Module>& module, const
 std::unique_ptr<Engine::ForwardScope> Engine::begin_forward(const torch::nn::Module* module) {
   auto it = impl_->by_module.find(module);
   if (it == impl_->by_module.end()) throw std::logic_error("fsdp: module is not a unit of this engine");
+  if (detail::in_checkpoint_region()) {
+    throw std::runtime_error("fsdp::call of unit '" + it->second->fqn + "' (" + module->name() +
+                             ") inside an fsdp::checkpoint function: its gathers would run again in backward. "
+                             "Checkpoint inside the unit instead (in its forward, around the computation).");
+  }
   return std::make_unique<UnitForwardScope>(*impl_, *it->second);
 }
 
@@ -1133,6 +1210,47 @@ void Engine::set_backward_prefetch(const std::shared_ptr<torch::nn::Module>& mod
   unit->explicit_backward_prefetch = true;
 }
 
+std::vector<Unit::Impl*> Engine::Impl::units_under(const std::shared_ptr<torch::nn::Module>& module, bool recurse,
+                                                   const char* what) {
+  std::vector<Unit::Impl*> found{unit_of(module, what)};
+  if (!recurse) return found;
+  for (const auto& child : module->modules(/*include_self=*/false)) {
+    auto it = by_module.find(child.get());
+    if (it != by_module.end()) found.push_back(it->second);
+  }
+  return found;
+}
+
+void Engine::set_requires_gradient_sync(bool sync) {
+  for (auto& unit : impl_->units) unit->impl().reduce_grads = unit->impl().all_reduce_grads = sync;
+}
+
+void Engine::set_requires_gradient_sync(const std::shared_ptr<torch::nn::Module>& module, bool sync, bool recurse) {
+  for (Unit::Impl* unit : impl_->units_under(module, recurse, "set_requires_gradient_sync")) {
+    unit->reduce_grads = unit->all_reduce_grads = sync;
+  }
+}
+
+void Engine::set_requires_all_reduce(bool all_reduce) {
+  for (auto& unit : impl_->units) unit->impl().all_reduce_grads = all_reduce;
+}
+
+void Engine::set_requires_all_reduce(const std::shared_ptr<torch::nn::Module>& module, bool all_reduce, bool recurse) {
+  for (Unit::Impl* unit : impl_->units_under(module, recurse, "set_requires_all_reduce")) {
+    unit->all_reduce_grads = all_reduce;
+  }
+}
+
+void Engine::set_reshard_after_backward(bool reshard) {
+  for (auto& unit : impl_->units) unit->impl().reshard_after_backward = reshard;
+}
+
+void Engine::set_reshard_after_backward(const std::shared_ptr<torch::nn::Module>& module, bool reshard, bool recurse) {
+  for (Unit::Impl* unit : impl_->units_under(module, recurse, "set_reshard_after_backward")) {
+    unit->reshard_after_backward = reshard;
+  }
+}
+
 void Engine::unshard_all() {
   for (auto& unit : impl_->units) impl_->unshard(unit->impl());
   for (auto& unit : impl_->units) impl_->wait_unshard(unit->impl());
@@ -1160,6 +1278,9 @@ bool Unit::is_root() const { return impl_->is_root; }
 bool Unit::is_unsharded() const { return impl_->unsharded; }
 TrainingState Unit::state() const { return impl_->state; }
 bool Unit::reshard_after_forward() const { return impl_->reshard_after_forward; }
+bool Unit::requires_gradient_sync() const { return impl_->reduce_grads; }
+bool Unit::requires_all_reduce() const { return impl_->all_reduce_grads; }
+bool Unit::reshard_after_backward() const { return impl_->reshard_after_backward; }
 const FullyShardOptions& Unit::options() const { return impl_->options; }
 std::vector<int64_t> Unit::shard_rows() const {
   std::vector<int64_t> rows;

@@ -202,6 +202,29 @@ class Engine {
   void set_backward_prefetch(const std::shared_ptr<torch::nn::Module>& module,
                              const std::vector<std::shared_ptr<torch::nn::Module>>& targets);
 
+  /// Gradient accumulation (FSDP2's FSDPModule setters). Each applies to
+  /// every unit, or to the unit of `module` and, with `recurse`, every unit
+  /// inside it; a setting holds until changed.
+  ///
+  /// requires_gradient_sync = false: backward issues no reduce-scatter and no
+  /// all-reduce; each param's full-size grad is kept on this rank and summed
+  /// over such backwards, and the next backward with sync reduces the sum
+  /// (FSDP2's no_sync). Sharded grads already there (a synced backward
+  /// without zero_grad) keep accumulating as usual.
+  void set_requires_gradient_sync(bool sync);
+  void set_requires_gradient_sync(const std::shared_ptr<torch::nn::Module>& module, bool sync, bool recurse = true);
+  /// HybridShard / NoShard: false keeps the reduce-scatter but skips the
+  /// all-reduce across replicas; its outputs are summed and join the next
+  /// all-reduce.
+  void set_requires_all_reduce(bool all_reduce);
+  void set_requires_all_reduce(const std::shared_ptr<torch::nn::Module>& module, bool all_reduce, bool recurse = true);
+  /// false: a unit's params stay gathered after its backward, so the next
+  /// forward issues no all-gather (more memory, less communication). As in
+  /// FSDP2, call reshard_all() before optimizer.step(): until then the
+  /// params are full-size and their sharded grads are set aside.
+  void set_reshard_after_backward(bool reshard);
+  void set_reshard_after_backward(const std::shared_ptr<torch::nn::Module>& module, bool reshard, bool recurse = true);
+
   /// Gathers (or frees) every unit's params outside forward/backward.
   void unshard_all();
   void reshard_all();
@@ -236,6 +259,9 @@ class Unit {
   bool is_unsharded() const;
   TrainingState state() const;
   bool reshard_after_forward() const;
+  bool requires_gradient_sync() const;
+  bool requires_all_reduce() const;
+  bool reshard_after_backward() const;
   const FullyShardOptions& options() const;
   /// Rows of each param's padded shard (ceil(dim0 / shard world)).
   std::vector<int64_t> shard_rows() const;

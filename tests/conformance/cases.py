@@ -12,6 +12,10 @@ Modes:
             HybridShard with make_mesh_2d(world, R, S)
   prefetch  raf_on plus explicit lists: each unit (root excluded) prefetches
             the next two units in forward and the previous two in backward
+  accum     raf_on, gradient accumulation: per step ACCUM_MICRO micro-batches,
+            all but the last with set_requires_gradient_sync(False) and
+            set_reshard_after_backward(False), the last with both True
+            (ACCUM_SCENARIOS x ACCUM_WORLDS only)
   mp_bf16   raf_on plus mixed precision on every unit: param_dtype bf16,
             reduce_dtype fp32 (FSDP2's MixedPrecisionPolicy; ours mp_policy)
   mp_bf16_bf16  the same with reduce_dtype bf16
@@ -28,7 +32,10 @@ SCENARIOS = ["mlp_stack", "nested_wrapped", "transformer", "mixture_of_experts",
 # "Differences without a rule").
 EXTRA_SCENARIOS = ["non_uniform_req_grad"]
 WORLDS = [2, 3, 4, 5]
-MODES = ["raf_on", "raf_off", "hsdp", "prefetch"]
+MODES = ["raf_on", "raf_off", "hsdp", "prefetch", "accum"]
+ACCUM_SCENARIOS = ["mlp_stack", "nested_wrapped"]
+ACCUM_WORLDS = [2, 3]
+ACCUM_MICRO = 3  # the driver's kAccumMicro
 MP_MODES = ["mp_bf16", "mp_bf16_bf16"]
 MP_SCENARIOS = ["mlp_stack", "nested_wrapped"]
 MP_WORLDS = [2, 3]
@@ -66,6 +73,10 @@ class Case:
         return "mp" if self.mode in MP_MODES else "base"
 
     @property
+    def micro_batches(self):
+        return ACCUM_MICRO if self.mode == "accum" else 1
+
+    @property
     def name(self):
         mode = f"hsdp{self.replicate}x{self.world // self.replicate}" if self.mode == "hsdp" else self.mode
         return f"{self.scenario}.{mode}.w{self.world}"
@@ -76,6 +87,8 @@ def all_cases():
     for scenario in SCENARIOS:
         for mode in MODES:
             worlds = WORLDS + [6] if mode == "hsdp" else WORLDS
+            if mode == "accum":
+                worlds = ACCUM_WORLDS if scenario in ACCUM_SCENARIOS else []
             for world in worlds:
                 replicate = HSDP_MESHES[world][0] if mode == "hsdp" else 1
                 out.append(Case(scenario, mode, world, replicate))

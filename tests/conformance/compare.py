@@ -206,13 +206,17 @@ def compare_numerics(case, rank, ours_json, ours_t, theirs_json, theirs_t, repor
 
     atol, rtol, tensor_frac = tolerance(case)
     problems = []
-    for step in range(case.steps):
-        la, lb = ours_json["losses"][step], theirs_json["losses"][step]
+    # One loss per micro-batch (accum: several per step).
+    micro = case.micro_batches
+    if len(ours_json["losses"]) != len(theirs_json["losses"]):
+        problems.append(f"{len(ours_json['losses'])} losses in ours, {len(theirs_json['losses'])} in fsdp2")
+    for i, (la, lb) in enumerate(zip(ours_json["losses"], theirs_json["losses"])):
+        where = f"step {i // micro}" + (f" micro-batch {i % micro}" if micro > 1 else "")
         d = abs(la - lb)
         report["loss"] = max(report["loss"], d)
         report["ratio"] = max(report["ratio"], d / (atol + rtol * abs(lb)))
         if d > atol + rtol * abs(lb):
-            problems.append(f"step {step} loss: ours {la!r}, fsdp2 {lb!r}, |diff| {d:.3g}")
+            problems.append(f"{where} loss: ours {la!r}, fsdp2 {lb!r}, |diff| {d:.3g}")
     placements = ours_json["placements"]
     fqns = sorted({k.split("/", 3)[3] for k in theirs_t if k.startswith("step/0/param/")})
     ours_fqns = sorted({k.split("/", 3)[3] for k in ours_t if k.startswith("step/0/param/")})

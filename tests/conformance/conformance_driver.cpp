@@ -51,7 +51,7 @@ namespace sim = fsdpsim::sim;
 struct Options {
   std::string out;
   std::string scenario;
-  std::string mode;  // raf_on, raf_off, hsdp, prefetch
+  std::string mode;  // raf_on, raf_off, hsdp, prefetch, accum
   int world = 2;
   int replicate = 1;
   int steps = 3;
@@ -98,11 +98,18 @@ Options parse(int argc, char** argv) {
     throw std::invalid_argument("--out, --scenario and --mode are required");
   }
   if (o.mode != "raf_on" && o.mode != "raf_off" && o.mode != "hsdp" && o.mode != "prefetch" && o.mode != "mp_bf16" &&
-      o.mode != "mp_bf16_bf16") {
+      o.mode != "mp_bf16_bf16" && o.mode != "accum") {
     throw std::invalid_argument("unknown mode " + o.mode);
   }
   return o;
 }
+
+// accum: each step runs kAccumMicro micro-batches, the first ones without
+// gradient sync and with params kept gathered after backward, the last with
+// both back on (PyTorch's test_gradient_accumulation); inputs are indexed by
+// micro-batch (step * kAccumMicro + m).
+constexpr int kAccumMicro = 3;
+int micro_batches(const Options& o) { return o.mode == "accum" ? kAccumMicro : 1; }
 
 fsdp::ShardingStrategy strategy_of(const Options& o) {
   if (o.mode == "raf_off") return fsdp::ShardingStrategy::ShardGradOp;
@@ -246,11 +253,21 @@ void run_rank(const Options& o, sim::RankContext& ctx) {
     events->steps.push_back(json::array());
     comm->on = events->on = true;
     for (auto& p : params) p.mutable_grad().reset();  // zero_grad(set_to_none=True)
-    auto loss = scenario->forward_loss(scenario->input(rank, step));
-    sim::backward(loss);
+    const int micro = micro_batches(o);
+    std::vector<at::Tensor> step_losses;
+    for (int m = 0; m < micro; ++m) {
+      if (o.mode == "accum") {
+        const bool last = m == micro - 1;
+        engine.set_requires_gradient_sync(last);
+        engine.set_reshard_after_backward(last);
+      }
+      auto loss = scenario->forward_loss(scenario->input(rank, step * micro + m));
+      sim::backward(loss);
+      step_losses.push_back(loss);
+    }
     optimizer.step();
     comm->on = events->on = false;
-    losses.push_back(loss.item<double>());
+    for (const auto& loss : step_losses) losses.push_back(loss.item<double>());
     for (const auto& [fqn, param] : named) {
       // Copies now: the optimiser updates these tensors in place.
       tensors.emplace_back("step/" + std::to_string(step) + "/param/" + fqn, param.detach().clone());
@@ -318,7 +335,7 @@ int main(int argc, char** argv) {
       for (const auto& [fqn, param] : scenarios::unique_named_parameters(*scenario->module())) {
         init.emplace_back("param/" + fqn, param);
       }
-      for (int step = 0; step < o.steps; ++step) {
+      for (int step = 0; step < o.steps * micro_batches(o); ++step) {
         const auto inputs = scenario->input(r, step);
         for (size_t i = 0; i < inputs.size(); ++i) {
           init.emplace_back("input/" + std::to_string(step) + "/" + std::to_string(i), inputs[i]);

@@ -26,7 +26,7 @@ Usage:
   fsdp2_reference.py --root DIR --case NAME [--case NAME ...]
   fsdp2_reference.py --root DIR --cases-file FILE   (one case name a line)
 Case names: "<scenario>.<mode>.w<W>", modes raf_on, raf_off, hsdp<R>x<S>,
-prefetch (see cases.py). Normally run through generate.py, after the driver.
+prefetch, accum (see cases.py). Normally run through generate.py, after the driver.
 """
 
 import argparse
@@ -543,11 +543,19 @@ def _train(rank, case, case_dir):
         _REC["collectives"], _REC["events"] = [], []
         _REC["on"] = True
         optimizer.zero_grad(set_to_none=True)
-        loss = twin.loss_fn(model, inputs[step])
-        loss.backward()
+        micro = case.micro_batches
+        step_losses = []
+        for m in range(micro):
+            if case.mode == "accum":
+                last = m == micro - 1
+                model.set_requires_gradient_sync(last)
+                model.set_reshard_after_backward(last)
+            loss = twin.loss_fn(model, inputs[step * micro + m])
+            loss.backward()
+            step_losses.append(loss)
         optimizer.step()
         _REC["on"] = False
-        losses.append(loss.item())
+        losses.extend(loss.item() for loss in step_losses)
         collectives.append(_REC["collectives"])
         events.append(_REC["events"])
         # Gathering full tensors issues collectives: outside the recording.

@@ -89,6 +89,7 @@ TEST_P(ClipGradNorm, MatchesLibTorchOnTheUnshardedModel) {
   options.rank_kind = c.kind;
   options.trace = trace;
   sim::World world(options);
+  std::vector<double> totals(static_cast<size_t>(c.world));
   auto result = world.run([&](sim::RankContext& ctx) {
     at::set_num_threads(1);
     auto model = testnet::make_small_net();
@@ -97,6 +98,7 @@ TEST_P(ClipGradNorm, MatchesLibTorchOnTheUnshardedModel) {
     testnet::shard_small_net(engine, *model, ctx.world_group(), c.strategy, c.replicate);
     sim::backward(fsdp::call(model, testnet::small_input(ctx.rank(), 0)).sum());
     const double total = clip_grad_norm_(engine, max_norm, c.norm_type);
+    totals[static_cast<size_t>(ctx.rank())] = total;
     EXPECT_NEAR(total, expected.total, kRelTol * expected.total) << "rank " << ctx.rank();
     const auto place = testnet::shard_place(ctx.rank(), c.world, c.strategy, c.replicate);
     for (const auto& [name, p] : testnet::named_params(*model)) {
@@ -112,6 +114,9 @@ TEST_P(ClipGradNorm, MatchesLibTorchOnTheUnshardedModel) {
     }
   });
   ASSERT_TRUE(result.ok()) << result.error_report();
+  // Every rank the same total, bitwise (replicas hold equal grads), so every
+  // rank scales by the same coefficient and replicas stay in step.
+  for (double total : totals) EXPECT_EQ(total, totals[0]);
   // One all-reduce of the shard group's sum per call, none for a shard group
   // of one rank (NoShard): visible in the trace like the engine's own.
   const int shard_size = testnet::shard_place(0, c.world, c.strategy, c.replicate).size;

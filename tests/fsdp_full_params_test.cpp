@@ -148,7 +148,9 @@ TEST_P(SummonFullParams, WithGradsGathersGradsAndWritesThemBack) {
         ASSERT_EQ(p.grad().defined(), grads.at(name).defined()) << name;
         if (!p.grad().defined()) continue;
         EXPECT_EQ(p.grad().sizes(), p.sizes()) << name;
-        if (exact) EXPECT_TRUE(torch::equal(p.grad(), grads.at(name))) << name;
+        if (exact) {
+          EXPECT_TRUE(torch::equal(p.grad(), grads.at(name))) << name;
+        }
         p.grad().mul_(10);  // dropped
       }
     }
@@ -193,7 +195,9 @@ TEST_P(SummonFullParams, Rank0OnlyShowsFullParamsOnRankZeroAlone) {
       } else {
         expect_shards(*model, original, place, false, "rank0_only, rank " + std::to_string(ctx.rank()));
       }
-      edit(*model);
+      // Rank 0's edits of its full copy are dropped (no writeback); another
+      // rank would edit its own shard, as with no scope at all.
+      if (ctx.rank() == 0) edit(*model);
     }
     expect_shards(*model, original, place, false, "after rank0_only");
   });

@@ -9,6 +9,7 @@
 
 #include "backends/collective_checks.h"
 #include "backends/errors.h"
+#include "backends/work_completion.h"
 
 namespace fsdpsim {
 namespace {
@@ -26,25 +27,6 @@ int64_t fingerprint(const CollectiveDesc& desc) {
 // Bytes of each rank's call text in a mismatch report.
 constexpr int64_t kTextBytes = 512;
 
-// A collective that failed its check: never issued, completed with the error
-// (the ProcessGroup contract: calls return a Work, wait() throws).
-class FailedWork final : public Work {
- public:
-  FailedWork(CollectiveDesc desc, std::exception_ptr error, int64_t now_ns)
-      : desc_(std::move(desc)), error_(std::move(error)), times_{now_ns, now_ns, now_ns} {}
-  void wait() override { std::rethrow_exception(error_); }
-  bool is_completed() const override { return true; }
-  std::exception_ptr exception() const override { return error_; }
-  const CollectiveDesc& desc() const override { return desc_; }
-  WorkTimes times() const override { return times_; }
-  void on_completion(std::function<void()> callback) override { callback(); }
-
- private:
-  CollectiveDesc desc_;
-  std::exception_ptr error_;
-  WorkTimes times_;
-};
-
 }  // namespace
 
 CheckedProcessGroup::CheckedProcessGroup(ProcessGroupPtr inner, ProcessGroupPtr side)
@@ -59,7 +41,9 @@ WorkPtr CheckedProcessGroup::call(const CollectiveDesc& desc, const std::functio
   try {
     check(desc);
   } catch (const CommError&) {
-    return std::make_shared<FailedWork>(desc, std::current_exception(), SteadyClock::instance().now_ns());
+    // Never issued; completed with the error (the ProcessGroup contract:
+    // calls return a Work, wait() throws).
+    return completed_work(desc, steady_now_ns(), std::current_exception());
   }
   return issue();
 }

@@ -1,6 +1,7 @@
 #pragma once
-// Time in this project is int64 nanoseconds everywhere; ns_to_us and ns_to_ms
-// are the conversions (Chrome traces count microseconds, reports milliseconds).
+// Time in this project is int64 nanoseconds everywhere. The conversions below
+// are the only ones: Chrome traces count microseconds, reports milliseconds
+// or seconds, options take milliseconds.
 //
 // Thread-safety: a Clock is read from every rank at once; now_ns() is const
 // and thread-safe (SteadyClock holds no state).
@@ -31,7 +32,22 @@ class SteadyClock final : public Clock {
   }
 };
 
-inline double ns_to_us(int64_t ns) { return static_cast<double>(ns) / 1000.0; }
-inline double ns_to_ms(int64_t ns) { return static_cast<double>(ns) / 1e6; }
+// Templates so int64 counts and double averages convert the same way.
+template <typename Ns>
+constexpr double ns_to_us(Ns ns) {
+  return static_cast<double>(ns) / 1e3;
+}
+template <typename Ns>
+constexpr double ns_to_ms(Ns ns) {
+  return static_cast<double>(ns) / 1e6;
+}
+template <typename Ns>
+constexpr double ns_to_s(Ns ns) {
+  return static_cast<double>(ns) / 1e9;
+}
+constexpr double us_to_ns(double us) { return us * 1e3; }
+inline std::chrono::nanoseconds ms_to_ns(double ms) { return std::chrono::nanoseconds(static_cast<int64_t>(ms * 1e6)); }
+/// Steady-clock nanoseconds now (SteadyClock's reading).
+inline int64_t steady_now_ns() { return SteadyClock::instance().now_ns(); }
 
 }  // namespace fsdpsim

@@ -136,7 +136,11 @@ struct Unit::Impl {
   int64_t chunk_total = 0;  // per-rank flat elements
   int shard_world = 1;
   int shard_rank = 0;
-  at::TensorOptions tensor_options;
+  at::TensorOptions tensor_options;  // the params' own (sharded) dtype and device
+  // Mixed precision, resolved against the params' dtype: the dtype params are
+  // gathered and computed in (unset: no cast) and the dtype grads reduce in.
+  std::optional<at::ScalarType> compute_dtype;
+  at::ScalarType reduce_dtype = at::kFloat;
 
   bool unsharded = false;
   TrainingState state = TrainingState::Idle;
@@ -159,6 +163,51 @@ namespace {
 // under one sequence number fail with a report instead of mixing data.
 std::string collective_label(const char* what, const Unit::Impl& unit) {
   return std::string("fsdp ") + what + " of unit '" + unit.fqn + "'";
+}
+
+// Whether the unit computes with tensors other than its shards while
+// unsharded: gathered ones, or a world of one's shards cast to param_dtype.
+bool has_full_copy(const Unit::Impl& unit) { return unit.shard_world > 1 || unit.compute_dtype.has_value(); }
+
+at::TensorOptions compute_options(const Unit::Impl& unit) {
+  return unit.tensor_options.dtype(unit.compute_dtype.value_or(unit.tensor_options.dtype().toScalarType()));
+}
+
+at::TensorOptions reduce_options(const Unit::Impl& unit) { return unit.tensor_options.dtype(unit.reduce_dtype); }
+
+// A grad as reduced (reduce_dtype) in the dtype of the sharded param.
+at::Tensor to_param_dtype(const Unit::Impl& unit, const at::Tensor& reduced) {
+  return reduced.to(unit.tensor_options.dtype().toScalarType());
+}
+
+// FSDP2's division of a gradient mean: fp32 and bf16 reduce with an average;
+// fp16 (little range) divides by the largest power of two p with p * p < n
+// that divides n before the sum, and by n / p after it. An explicit
+// gradient_predivide_factor f keeps ours: f before, world / f after.
+struct GradDivision {
+  bool average = true;  // ReduceOp::Avg on the reduce-scatter and the all-reduce
+  double before = 1.0;  // divides every rank's grad before the reduction
+  double after = 1.0;   // divides the result (after the all-reduce, if any)
+};
+
+GradDivision grad_division(const Unit::Impl& unit) {
+  const double factor = unit.options.gradient_predivide_factor;
+  GradDivision division;
+  if (factor != 1.0) {
+    division.average = false;
+    division.before = factor;
+    division.after = static_cast<double>(unit.shard_world) / factor;
+    return division;
+  }
+  if (unit.reduce_dtype != at::kHalf) return division;
+  const int replicas = unit.options.replicate_group ? unit.options.replicate_group->size() : 1;
+  const int64_t ranks = static_cast<int64_t>(unit.shard_world) * replicas;
+  int64_t before = 1;
+  while (ranks % before == 0 && ranks / before > before) before *= 2;
+  division.average = false;
+  division.before = static_cast<double>(before);
+  division.after = static_cast<double>(ranks) / static_cast<double>(before);
+  return division;
 }
 }  // namespace
 
@@ -189,6 +238,7 @@ struct Engine::Impl {
   void check_shards(Unit::Impl& unit);
   void check_gathered(Unit::Impl& unit, const char* when);
   void unshard(Unit::Impl& unit);
+  void set_full(ShardedParam& p, at::Tensor full);
   void wait_unshard(Unit::Impl& unit);
   void reshard(Unit::Impl& unit);
   void pre_forward(Unit::Impl& unit);
@@ -196,6 +246,8 @@ struct Engine::Impl {
   void pre_backward(Unit::Impl& unit);
   void post_backward(Unit::Impl& unit);
   std::vector<std::pair<size_t, at::Tensor>> take_full_grads(Unit::Impl& unit);
+  void accumulate_local_grads(Unit::Impl& unit, std::vector<std::pair<size_t, at::Tensor>>& grads);
+  PendingReduction issue_reduction(Unit::Impl& unit, const std::vector<std::pair<size_t, at::Tensor>>& grads);
   void finish_reductions(Unit::Impl& unit);
   void final_callback();
   void abandon_backward();
@@ -303,7 +355,7 @@ void Engine::Impl::check_shards(Unit::Impl& unit) {
 }
 
 void Engine::Impl::check_gathered(Unit::Impl& unit, const char* when) {
-  if (!unit.unsharded || unit.shard_world == 1) return;
+  if (!unit.unsharded || !has_full_copy(unit)) return;
   for (auto& p : unit.params) {
     if (p.param.data_ptr() != p.full.data_ptr() || p.param.sizes() != p.full.sizes()) {
       throw std::runtime_error("param '" + p.fqn + "' of unit '" + unit.fqn + "' was replaced " + when +
@@ -313,19 +365,32 @@ void Engine::Impl::check_gathered(Unit::Impl& unit, const char* when) {
 }
 
 void Engine::Impl::unshard(Unit::Impl& unit) {
-  if (unit.unsharded || unit.gather_work) return;      // a no-op unshard is not an event
-  if (unit.shard_world == 1 || unit.params.empty()) {  // nothing to gather
-    unit.unsharded = true;
+  if (unit.unsharded || unit.gather_work) return;  // a no-op unshard is not an event
+  if (unit.params.empty() || !has_full_copy(unit)) {
+    unit.unsharded = true;  // nothing to gather or cast
     return;
   }
   check_shards(unit);
+  if (unit.shard_world == 1) {  // nothing to gather, but compute in param_dtype
+    for (auto& p : unit.params) set_full(p, p.shard_view.to(*unit.compute_dtype));
+    peak_unsharded_bytes = std::max(peak_unsharded_bytes, unsharded_bytes);
+    unit.unsharded = true;
+    return;
+  }
   const int64_t total = unit.chunk_total;
-  unit.gather_buffer = at::empty({unit.shard_world * total}, unit.tensor_options);
+  // In param_dtype: the copy-in below casts each shard.
+  unit.gather_buffer = at::empty({unit.shard_world * total}, compute_options(unit));
   at::Tensor mine = unit.gather_buffer.narrow(0, unit.shard_rank * total, total);
   for (auto& p : unit.params) mine.narrow(0, p.offset, p.chunk_numel()).copy_(p.padded_shard.view(-1));
   ScopedCollectiveLabel label(collective_label("all-gather", unit));
   unit.gather_work = unit.options.shard_group->all_gather_into_tensor(unit.gather_buffer, mine);
   emit(&EngineHooks::on_unshard, unit);
+}
+
+void Engine::Impl::set_full(ShardedParam& p, at::Tensor full) {
+  unsharded_bytes += full.nbytes();
+  p.param.set_data(full);
+  p.full = std::move(full);
 }
 
 void Engine::Impl::wait_unshard(Unit::Impl& unit) {
@@ -344,11 +409,7 @@ void Engine::Impl::wait_unshard(Unit::Impl& unit) {
     std::vector<int64_t> padded_shape = p.rows_shape(world * p.rows_per_rank);
     // One contiguous copy of the strided column block (reshape alone may
     // return a strided view, which changes kernels' paths and results).
-    at::Tensor full =
-        by_rank.narrow(1, p.offset, p.chunk_numel()).reshape(padded_shape).contiguous().narrow(0, 0, p.dim0);
-    p.full = full;
-    p.param.set_data(full);
-    unsharded_bytes += full.nbytes();
+    set_full(p, by_rank.narrow(1, p.offset, p.chunk_numel()).reshape(padded_shape).contiguous().narrow(0, 0, p.dim0));
   }
   peak_unsharded_bytes = std::max(peak_unsharded_bytes, unsharded_bytes);
   unit.gather_buffer = at::Tensor();
@@ -362,7 +423,7 @@ void Engine::Impl::reshard(Unit::Impl& unit) {
   if (unit.shard_world > 1 && !unit.params.empty()) emit(&EngineHooks::on_reshard, unit);
   unit.unsharded = false;
   for (auto& p : unit.params) {
-    if (unit.shard_world > 1) {
+    if (has_full_copy(unit)) {
       unsharded_bytes -= p.full.nbytes();
       p.param.set_data(p.shard_view);
       p.full = at::Tensor();
@@ -501,23 +562,37 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
     finish_post_backward(unit);
     return;
   }
-  const int world = unit.shard_world;
   const bool replicated = unit.options.replicate_group && unit.options.replicate_group->size() > 1;
-  if (world == 1 && !replicated) {
-    // A world of one: the grad is already the reduced, sharded grad.
-    for (auto& [index, grad] : grads) {
-      if (!grad.defined()) continue;  // unused here, and no other rank to hear from
-      at::Tensor& current = unit.params[index].param.mutable_grad();
-      if (current.defined()) {
-        current.add_(grad);
-      } else {
-        current = grad;
-      }
-    }
-    emit(&EngineHooks::on_post_backward, unit);
-    finish_post_backward(unit);
-    return;
+  if (unit.shard_world == 1 && !replicated) {
+    accumulate_local_grads(unit, grads);
+  } else {
+    unit.pending.push_back(issue_reduction(unit, grads));
   }
+  emit(&EngineHooks::on_post_backward, unit);
+  finish_post_backward(unit);
+}
+
+// A world of one: the grad is already the reduced, sharded grad (in
+// reduce_dtype on its way, as a reduction would round it).
+void Engine::Impl::accumulate_local_grads(Unit::Impl& unit, std::vector<std::pair<size_t, at::Tensor>>& grads) {
+  for (auto& [index, grad] : grads) {
+    if (!grad.defined()) continue;  // unused here, and no other rank to hear from
+    const at::Tensor reduced = to_param_dtype(unit, grad.to(unit.reduce_dtype));
+    at::Tensor& current = unit.params[index].param.mutable_grad();
+    if (current.defined()) {
+      current.add_(reduced);
+    } else {
+      current = reduced;
+    }
+  }
+}
+
+// Copies the full grads, rank by rank, into one flat buffer in reduce_dtype
+// and issues its reduce-scatter (none for a shard group of one: the replicas'
+// all-reduce in finish_reductions is then the whole reduction).
+PendingReduction Engine::Impl::issue_reduction(Unit::Impl& unit,
+                                               const std::vector<std::pair<size_t, at::Tensor>>& grads) {
+  const int world = unit.shard_world;
   int64_t total = 0;
   PendingReduction reduction;
   for (const auto& [index, grad] : grads) {
@@ -525,7 +600,7 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
     reduction.offsets.push_back(total);
     total += unit.params[index].chunk_numel();
   }
-  reduction.input = at::zeros({world * total}, unit.tensor_options);
+  reduction.input = at::zeros({world * total}, reduce_options(unit));
   at::Tensor by_rank = reduction.input.view({world, total});
   for (size_t k = 0; k < grads.size(); ++k) {
     const auto& p = unit.params[grads[k].first];
@@ -537,28 +612,32 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
       if (rows == 0) continue;
       by_rank[r]
           .narrow(0, reduction.offsets[k], rows * p.row_numel)
-          .copy_(flat_rows.narrow(0, begin, rows).reshape(-1));
+          .copy_(flat_rows.narrow(0, begin, rows).reshape(-1));  // casts to reduce_dtype
     }
   }
+  const GradDivision division = grad_division(unit);
+  const bool replicated = unit.options.replicate_group && unit.options.replicate_group->size() > 1;
   if (world == 1) {
     reduction.output = reduction.input;
-  } else {
-    reduction.output = at::empty({total}, unit.tensor_options);
-    ReduceScatterOptions scatter;
-    const double factor = unit.options.gradient_predivide_factor;
-    if (factor == 1.0) {
-      scatter.reduce_op = ReduceOp::Avg;
-    } else {
-      scatter.predivide_factor = factor;
-      scatter.postdivide_factor = static_cast<double>(world) / factor;
-    }
-    ScopedCollectiveLabel label(collective_label("reduce-scatter", unit));
-    reduction.reduce_scatter =
-        unit.options.shard_group->reduce_scatter_tensor(reduction.output, reduction.input, scatter);
+    // FSDP2's fp16 pre-divide (an explicit factor never divided here).
+    if (unit.options.gradient_predivide_factor == 1.0 && division.before != 1.0) reduction.output.div_(division.before);
+    return reduction;
   }
-  unit.pending.push_back(std::move(reduction));
-  emit(&EngineHooks::on_post_backward, unit);
-  finish_post_backward(unit);
+  reduction.output = at::empty({total}, reduce_options(unit));
+  ReduceScatterOptions scatter;
+  if (division.average) {
+    scatter.reduce_op = ReduceOp::Avg;
+  } else {
+    scatter.predivide_factor = division.before;
+    // The explicit factor's postdivide is over the shard group alone; FSDP2's
+    // fp16 one waits for the replicas' sum (finish_reductions).
+    const bool after_all_reduce = replicated && unit.options.gradient_predivide_factor == 1.0;
+    if (!after_all_reduce) scatter.postdivide_factor = division.after;
+  }
+  ScopedCollectiveLabel label(collective_label("reduce-scatter", unit));
+  reduction.reduce_scatter =
+      unit.options.shard_group->reduce_scatter_tensor(reduction.output, reduction.input, scatter);
+  return reduction;
 }
 
 void Engine::Impl::finish_post_backward(Unit::Impl& unit) {
@@ -612,14 +691,20 @@ void Engine::Impl::finish_reductions(Unit::Impl& unit) {
   for (auto& reduction : unit.pending) {
     if (reduction.reduce_scatter) reduction.reduce_scatter->wait();
     if (unit.options.replicate_group && unit.options.replicate_group->size() > 1) {
-      AllReduceOptions average;
-      average.reduce_op = ReduceOp::Avg;
+      // The mean over replicas; FSDP2's fp16 division sums and divides after.
+      const GradDivision division = grad_division(unit);
+      const bool sum_then_divide = !division.average && unit.options.gradient_predivide_factor == 1.0;
+      AllReduceOptions all_reduce;
+      all_reduce.reduce_op = sum_then_divide ? ReduceOp::Sum : ReduceOp::Avg;
       ScopedCollectiveLabel label(collective_label("all-reduce", unit));
-      unit.options.replicate_group->all_reduce(reduction.output, average)->wait();
+      unit.options.replicate_group->all_reduce(reduction.output, all_reduce)->wait();
+      if (sum_then_divide && division.after != 1.0) reduction.output.div_(division.after);
     }
+    // In the param's dtype (a reduce_dtype other than it: a cast, so a copy).
+    const at::Tensor output = to_param_dtype(unit, reduction.output);
     for (size_t k = 0; k < reduction.params.size(); ++k) {
       auto& p = unit.params[reduction.params[k]];
-      at::Tensor reduced = reduction.output.narrow(0, reduction.offsets[k], p.chunk_numel())
+      at::Tensor reduced = output.narrow(0, reduction.offsets[k], p.chunk_numel())
                                .view(p.rows_shape(p.rows_per_rank))
                                .narrow(0, 0, p.my_rows);
       at::Tensor& grad = p.param.mutable_grad();
@@ -700,6 +785,10 @@ class UnitForwardScope final : public Engine::ForwardScope {
     }
   }
   std::vector<at::Tensor> wrap_inputs(std::vector<at::Tensor> inputs) override {
+    const MixedPrecisionPolicy& mp = unit_.options.mp_policy;
+    if (mp.cast_forward_inputs && mp.param_dtype) {
+      for (auto& input : inputs) input = cast_floating(input, *mp.param_dtype);
+    }
     if (!grad_enabled_) return inputs;
     std::vector<size_t> positions;
     torch::autograd::variable_list needing_grad;
@@ -714,10 +803,17 @@ class UnitForwardScope final : public Engine::ForwardScope {
     for (size_t k = 0; k < positions.size(); ++k) inputs[positions[k]] = wrapped[k];
     return inputs;
   }
-  void finish(const std::vector<at::Tensor>& outputs) override {
+  std::vector<at::Tensor> finish(const std::vector<at::Tensor>& outputs) override {
     if (grad_enabled_) check_no_shards_used(outputs);
     finished_ = true;
     engine_.post_forward(unit_, outputs, grad_enabled_);
+    // After the pre-backward hooks (FSDP2's order): the cast's backward feeds them.
+    const std::optional<at::ScalarType> output_dtype = unit_.options.mp_policy.output_dtype;
+    if (!output_dtype) return outputs;
+    std::vector<at::Tensor> cast;
+    cast.reserve(outputs.size());
+    for (const auto& output : outputs) cast.push_back(cast_floating(output, *output_dtype));
+    return cast;
   }
   std::exception_ptr with_context(std::exception_ptr error) override {
     // A failed collective keeps its type (callers tell a timeout by it) and
@@ -745,6 +841,12 @@ class UnitForwardScope final : public Engine::ForwardScope {
       if (sub->last_forward_call < my_call_) skipped.push_back(sub);
     }
     return skipped;
+  }
+
+  // FSDP2's cast of inputs and outputs: floating-point tensors only.
+  static at::Tensor cast_floating(const at::Tensor& tensor, at::ScalarType dtype) {
+    if (!tensor.defined() || !tensor.is_floating_point() || tensor.scalar_type() == dtype) return tensor;
+    return tensor.to(dtype);
   }
 
   static bool is_comm_error(const std::exception_ptr& error) {
@@ -848,6 +950,27 @@ void check_shard_options(const std::string& name, const FullyShardOptions& optio
   if (!(options.gradient_predivide_factor > 0.0)) {
     throw std::invalid_argument("fully_shard(" + name + "): gradient_predivide_factor must be positive");
   }
+  const MixedPrecisionPolicy& mp = options.mp_policy;
+  for (const auto& [field, dtype] :
+       {std::pair{"param_dtype", mp.param_dtype}, std::pair{"reduce_dtype", mp.reduce_dtype},
+        std::pair{"output_dtype", mp.output_dtype}}) {
+    if (dtype && !c10::isFloatingType(*dtype)) {
+      throw std::invalid_argument("fully_shard(" + name + "): mp_policy." + field + " is " + c10::toString(*dtype) +
+                                  ", not a floating-point dtype; use at::kBFloat16, at::kHalf or at::kFloat, or leave "
+                                  "it unset (no cast)");
+    }
+  }
+}
+
+// Resolves the unit's policy against its params' dtype (FSDP2's rules): no
+// cast when param_dtype is the params' own or they are not floating point;
+// grads reduce in reduce_dtype, else in the params' own dtype.
+void resolve_mixed_precision(Unit::Impl& unit) {
+  const MixedPrecisionPolicy& mp = unit.options.mp_policy;
+  const at::ScalarType own = unit.tensor_options.dtype().toScalarType();
+  unit.compute_dtype.reset();
+  if (mp.param_dtype && *mp.param_dtype != own && c10::isFloatingType(own)) unit.compute_dtype = mp.param_dtype;
+  unit.reduce_dtype = mp.reduce_dtype.value_or(own);
 }
 
 // Broadcasts rank 0's values of the module's params (those no nested unit
@@ -961,6 +1084,7 @@ void Engine::fully_shard(const std::shared_ptr<torch::nn::Module>& module, const
     unit.params.push_back(shard_param(item.key(), item.value(), unit));
   }
   unit.tensor_options = checker.tensor_options();
+  resolve_mixed_precision(unit);
 
   for (const auto& p : unit.params) impl_->managed.insert(p.param.unsafeGetTensorImpl());
   impl_->by_module[module.get()] = &unit;
@@ -1182,6 +1306,14 @@ FullParams summon_units(Engine::Impl& engine, std::vector<Unit::Impl*> units, co
         "write back (FSDP1 refuses the pair too); pass writeback = false");
   }
   engine.check_can_summon();
+  for (const Unit::Impl* unit : units) {
+    // Its gather runs in param_dtype: writing that back would round the
+    // fp32 shards (FSDP1 gathers full precision here). Not supported yet.
+    if (unit->compute_dtype) {
+      throw std::invalid_argument("summon_full_params: unit '" + unit->fqn + "' has mixed precision (param_dtype " +
+                                  c10::toString(*unit->compute_dtype) + "), which summon_full_params does not support");
+    }
+  }
   // Gathered by a forward whose backward has not run: that backward gathers
   // them again, so summon from the shards like every other unit.
   for (Unit::Impl* unit : units) {
@@ -1315,8 +1447,7 @@ at::Tensor forward_as_unit(const torch::nn::Module* module, const std::function<
   } catch (...) {
     std::rethrow_exception(scope->with_context(std::current_exception()));
   }
-  scope->finish({output});
-  return output;
+  return scope->finish({output})[0];
 }
 }  // namespace
 

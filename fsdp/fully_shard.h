@@ -34,6 +34,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -113,6 +114,33 @@ struct EngineOptions {
   int max_prefetches_in_flight = 2;
 };
 
+/// Mixed precision for one unit (FSDP2's MixedPrecisionPolicy). The sharded
+/// params stay in their own dtype (the optimiser's master copy); the unit's
+/// all-gather, forward and backward run in param_dtype.
+///
+///   param_dtype   each shard is cast before the all-gather, so the gathered
+///                 params (and the bytes gathered) are in this dtype; also the
+///                 dtype forward inputs are cast to. Unset, or the params' own
+///                 dtype, or params that are not floating point: no cast.
+///   reduce_dtype  the dtype grads are reduce-scattered (all-reduced) in.
+///                 Unset: the params' own dtype (FSDP2 >= 2.15; FSDP1 and
+///                 older FSDP2 reduced in param_dtype). The reduced shard is
+///                 cast back to the params' dtype before it lands in .grad.
+///                 A float16 reduction divides by ~sqrt(ranks) before the sum
+///                 and the rest after it, to stay in range (FSDP2's rule).
+///   output_dtype  floating-point outputs of the unit's forward are cast to it.
+///   cast_forward_inputs  floating-point tensor inputs of the unit's forward
+///                 are cast to param_dtype (every unit casts its own inputs).
+/// Buffers are never cast. Each unit follows its own policy: a child whose
+/// param_dtype differs from its parent's casts its inputs to its own, and its
+/// output_dtype can hand the parent back the parent's dtype.
+struct MixedPrecisionPolicy {
+  std::optional<at::ScalarType> param_dtype;
+  std::optional<at::ScalarType> reduce_dtype;
+  std::optional<at::ScalarType> output_dtype;
+  bool cast_forward_inputs = true;
+};
+
 struct FullyShardOptions {
   /// Params are sharded over this group (HybridShard: the shard axis).
   ProcessGroupPtr shard_group;
@@ -127,6 +155,10 @@ struct FullyShardOptions {
   double gradient_predivide_factor = 1.0;
   /// Broadcast params and buffers from rank 0 of the world before sharding.
   bool sync_module_states = false;
+  /// Mixed precision; the default computes and reduces in the params' dtype.
+  /// Throws std::invalid_argument (at fully_shard) for a dtype that is not
+  /// floating point.
+  MixedPrecisionPolicy mp_policy;
   /// FSDP2's set_reduce_scatter_unused_params. false (FSDP2's default): only
   /// params with a grad on this rank take part in the unit's reduce-scatter,
   /// so a param no rank used keeps grad None (optimisers skip it, as
@@ -291,12 +323,14 @@ class Unit {
 
 struct Engine::ForwardScope {
   virtual ~ForwardScope() = default;
-  /// Inputs that require grad pass through the unit's post-backward hook.
   virtual std::vector<at::Tensor> wrap_inputs(std::vector<at::Tensor> inputs) = 0;
-  /// Registers pre-backward hooks on the outputs and frees params if due.
+  /// Inputs cast to the unit's param_dtype (mp_policy), then those that
+  /// require grad routed through the unit's post-backward hook.
+  /// Registers pre-backward hooks on the outputs and frees params if due;
+  /// returns the outputs to hand back (cast to the unit's output_dtype).
   /// Throws if the forward computed with a sub-unit's shards (a child unit
   /// called directly, not through fsdp::call).
-  virtual void finish(const std::vector<at::Tensor>& outputs) = 0;
+  virtual std::vector<at::Tensor> finish(const std::vector<at::Tensor>& outputs) = 0;
   /// The forward threw `error`: the error to throw instead, with a note
   /// naming sub-units it never gathered (a likely cause: shards' shapes).
   virtual std::exception_ptr with_context(std::exception_ptr error) = 0;
@@ -319,6 +353,22 @@ void collect_tensors(const T& value, std::vector<at::Tensor>& out) {
 template <typename... Ts>
 void collect_tensors(const std::tuple<Ts...>& value, std::vector<at::Tensor>& out) {
   std::apply([&](const auto&... items) { (collect_tensors(items, out), ...); }, value);
+}
+
+// Writes replacements[next...] back into `value`'s tensors, in
+// collect_tensors' order.
+template <typename T>
+void assign_tensors(T& value, const std::vector<at::Tensor>& replacements, size_t& next) {
+  if constexpr (std::is_same_v<T, at::Tensor>) {
+    value = replacements[next++];
+  } else if constexpr (std::is_same_v<T, std::vector<at::Tensor>>) {
+    for (auto& item : value) item = replacements[next++];
+  }
+}
+
+template <typename... Ts>
+void assign_tensors(std::tuple<Ts...>& value, const std::vector<at::Tensor>& replacements, size_t& next) {
+  std::apply([&](auto&... items) { (assign_tensors(items, replacements, next), ...); }, value);
 }
 
 template <typename T>
@@ -361,7 +411,9 @@ auto call_unit(Engine& engine, const std::shared_ptr<ModuleType>& module, Args&&
   auto output = run_forward();
   std::vector<at::Tensor> outputs;
   collect_tensors(output, outputs);
-  scope->finish(outputs);
+  const std::vector<at::Tensor> handed_back = scope->finish(outputs);
+  size_t next_output = 0;
+  assign_tensors(output, handed_back, next_output);
   return output;
 }
 

@@ -20,6 +20,7 @@ fsdp::FullyShardOptions ShardingSetup::options() const {
   options.strategy = strategy;
   options.shard_group = shard_group;
   options.replicate_group = replicate_group;
+  options.mp_policy = mp_policy;
   return options;
 }
 
@@ -28,6 +29,7 @@ fsdp::FullyShardOptions ShardingSetup::rank_local_options() const {
   options.strategy = strategy == fsdp::ShardingStrategy::ShardGradOp ? fsdp::ShardingStrategy::ShardGradOp
                                                                      : fsdp::ShardingStrategy::FullShard;
   options.shard_group = self_group;
+  options.mp_policy = mp_policy;
   return options;
 }
 

@@ -47,6 +47,8 @@ struct ShardingSetup {
   ProcessGroupPtr shard_group;
   ProcessGroupPtr replicate_group;
   ProcessGroupPtr self_group;
+  /// Every unit's mixed precision (rank-local units too).
+  fsdp::MixedPrecisionPolicy mp_policy;
 
   /// Options for a unit sharded with the strategy.
   fsdp::FullyShardOptions options() const;

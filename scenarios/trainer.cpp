@@ -44,7 +44,8 @@ Trainer::Trainer(const TrainConfig& config, int rank, const ProcessGroupPtr& wor
                  std::vector<std::shared_ptr<fsdp::EngineHooks>> engine_hooks)
     : config_(config), rank_(rank), scenario_(make_scenario(config.scenario, rank)) {
   if (world) {
-    const ShardingSetup setup = make_sharding_setup(world, config.strategy, config.replicate_size);
+    ShardingSetup setup = make_sharding_setup(world, config.strategy, config.replicate_size);
+    setup.mp_policy = config.mp_policy;
     fsdp::EngineOptions options;
     options.queue_backward_callback = sim::queue_backward_callback;  // fiber ranks too
     options.backward_prefetch = config.backward_prefetch;

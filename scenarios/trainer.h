@@ -49,6 +49,8 @@ struct TrainConfig {
   int replicate_size = 1;
   fsdp::BackwardPrefetch backward_prefetch = fsdp::BackwardPrefetch::BackwardPre;
   bool forward_prefetch = false;
+  /// Every unit's mixed precision (ShardingSetup::mp_policy).
+  fsdp::MixedPrecisionPolicy mp_policy;
   int steps = 5;
   OptimizerKind optimizer = OptimizerKind::SGD;
   double learning_rate = 1e-2;

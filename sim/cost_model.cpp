@@ -8,6 +8,8 @@
 #include <stdexcept>
 #include <utility>
 
+#include "backends/clock.h"
+
 namespace fsdpsim::sim {
 
 namespace {
@@ -120,7 +122,7 @@ int64_t predict_ns(CollectiveOp op, int64_t bytes_total, int world_size, const C
   params.validate();
   const Terms t = terms(op, bytes_total, world_size, params.max_parallel_links);
   const double ns =
-      t.calls * params.overhead_us * 1e3 + t.steps * params.latency_us * 1e3 + t.volume / params.bandwidth_gbps;
+      t.calls * us_to_ns(params.overhead_us) + t.steps * us_to_ns(params.latency_us) + t.volume / params.bandwidth_gbps;
   if (ns >= static_cast<double>(std::numeric_limits<int64_t>::max())) {
     throw std::overflow_error("cost model: predicted time does not fit in int64 nanoseconds");
   }
@@ -249,8 +251,8 @@ CostModelParams fit_cost_model(const std::vector<CostSample>& samples, int links
     throw std::invalid_argument("fit_cost_model: the measured times do not grow with the size moved");
   }
   CostModelParams params;
-  params.overhead_us = best[0] / 1e3;
-  params.latency_us = best[1] / 1e3;
+  params.overhead_us = ns_to_us(best[0]);
+  params.latency_us = ns_to_us(best[1]);
   params.bandwidth_gbps = 1.0 / best[2];
   params.max_parallel_links = links;
   return params;

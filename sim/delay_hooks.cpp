@@ -3,6 +3,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "backends/clock.h"
 #include "sim/world.h"
 
 namespace fsdpsim::sim {
@@ -11,7 +12,7 @@ namespace {
 
 std::string milliseconds(std::chrono::nanoseconds duration) {
   std::ostringstream out;
-  out << static_cast<double>(duration.count()) / 1e6 << "ms";
+  out << ns_to_ms(duration.count()) << "ms";
   return out.str();
 }
 

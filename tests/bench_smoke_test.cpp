@@ -82,9 +82,10 @@ TEST(BenchEngineSmoke, QuickRunPrintsTheTables) {
   ASSERT_EQ(run.exit_code, 0) << run.output;
   const std::string& out = run.output;
   EXPECT_THAT(out, HasSubstr("ATen intra-op threads 1"));
-  EXPECT_THAT(out, HasSubstr("[1/3]"));
-  EXPECT_THAT(out, HasSubstr("[2/3]"));
-  EXPECT_THAT(out, HasSubstr("[3/3]"));
+  EXPECT_THAT(out, HasSubstr("[1/4]"));
+  EXPECT_THAT(out, HasSubstr("[2/4]"));
+  EXPECT_THAT(out, HasSubstr("[3/4]"));
+  EXPECT_THAT(out, HasSubstr("[4/4]"));
   EXPECT_THAT(out, HasSubstr("== 1. world size 1: engine step vs plain step"));
   EXPECT_THAT(out, HasSubstr("model             plain(ms) engine(ms)  overhead same loss   steps"));
   EXPECT_THAT(out, HasSubstr("\ntarget: world-size-1 overhead < 15%: "));
@@ -97,6 +98,10 @@ TEST(BenchEngineSmoke, QuickRunPrintsTheTables) {
   EXPECT_THAT(out, ContainsRegex("\n  transformer +[0-9.]+ +[0-9.]+ +[-+][0-9.]+% +yes +1\\+1\n"));
   EXPECT_THAT(out, ContainsRegex("\n +2 FullShard +threads +[0-9.]+ "));
   EXPECT_THAT(out, ContainsRegex("\n +2 ShardGradOp +fibers +[0-9.]+ "));
+  // Mixed precision: bf16 gathers half the fp32 bytes; reduces half only with reduce_dtype bf16.
+  EXPECT_THAT(out, HasSubstr("== 4. mixed precision (mp_policy) vs fp32: world 2"));
+  EXPECT_THAT(out, ContainsRegex("\n  bf16/fp32 +[0-9.]+ +[0-9.]+ +[0-9.]+ +0\\.500 +[0-9.]+ +1\\.000\n"));
+  EXPECT_THAT(out, ContainsRegex("\n  bf16/bf16 +[0-9.]+ +[0-9.]+ +[0-9.]+ +0\\.500 +[0-9.]+ +0\\.500\n"));
   EXPECT_THAT(out, Not(HasSubstr("FAILED")));
   EXPECT_THAT(out, Not(HasSubstr("not measured")));
   EXPECT_THAT(out, HasSubstr("\ntotal "));

@@ -24,6 +24,7 @@
 #include "backends/observe/jsonl.h"
 #include "backends/observe/observed_process_group.h"
 #include "backends/observe/trace_recorder.h"
+#include "backends/work_completion.h"
 #include "sim/world.h"
 
 namespace fsdpsim::sim {
@@ -49,70 +50,20 @@ class ManualClock final : public Clock {
   std::atomic<int64_t> now_{1000};
 };
 
-// Completion state of one stub collective, kept by the group (as a real
-// backend keeps its pending collectives) so it can complete after the caller
-// dropped the Work.
+// Completion of one stub collective, kept by the group (as a real backend
+// keeps its pending collectives) so it can complete after the caller dropped
+// the Work.
 struct StubState {
-  std::mutex mutex;
-  WorkTimes times;
-  std::exception_ptr error;
-  bool done = false;
-  std::vector<std::function<void()>> callbacks;
-
+  WorkCompletion completion;
+  int64_t issue_ns = 0;
   void finish(int64_t start_ns, int64_t end_ns, std::exception_ptr failure = nullptr) {
-    std::vector<std::function<void()>> to_run;
-    {
-      std::lock_guard<std::mutex> lock(mutex);
-      times.start_ns = start_ns;
-      times.end_ns = end_ns;
-      error = failure;
-      done = true;
-      to_run.swap(callbacks);
-    }
-    for (auto& cb : to_run) cb();  // unlocked, as the Work contract asks
+    completion.set_issued(issue_ns, start_ns);
+    completion.complete(end_ns, std::move(failure), "stub collective");
   }
-};
-
-class StubWork final : public Work {
- public:
-  StubWork(CollectiveDesc desc, std::shared_ptr<StubState> state) : desc_(std::move(desc)), state_(std::move(state)) {}
-
-  void wait() override {
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    if (!state_->done) throw std::logic_error("StubWork::wait before finish");
-    if (state_->error) std::rethrow_exception(state_->error);
-  }
-  bool is_completed() const override {
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    return state_->done;
-  }
-  std::exception_ptr exception() const override {
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    return state_->error;
-  }
-  const CollectiveDesc& desc() const override { return desc_; }
-  WorkTimes times() const override {
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    return state_->times;
-  }
-  void on_completion(std::function<void()> callback) override {
-    {
-      std::lock_guard<std::mutex> lock(state_->mutex);
-      if (!state_->done) {
-        state_->callbacks.push_back(std::move(callback));
-        return;
-      }
-    }
-    callback();
-  }
-
- private:
-  CollectiveDesc desc_;
-  std::shared_ptr<StubState> state_;
 };
 
 // One rank's view of a group whose collectives move no data: each call
-// returns a StubWork that completes at once (auto_complete) or when the test
+// returns a Work that completes at once (auto_complete) or when the test
 // finishes it. `fail_issue` makes the next call throw like a broken backend.
 class StubGroup final : public ProcessGroup {
  public:
@@ -162,8 +113,8 @@ class StubGroup final : public ProcessGroup {
     if (fail_issue) throw CommError("stub backend refused " + desc.to_string());
     ++seq_;
     auto state = std::make_shared<StubState>();
-    state->times.issue_ns = clock_.now_ns();
-    auto work = std::make_shared<StubWork>(desc, state);
+    state->issue_ns = clock_.now_ns();
+    auto work = std::make_shared<CompletionWork>(desc, std::shared_ptr<WorkCompletion>(state, &state->completion));
     states.push_back(state);
     works.push_back(work);
     if (auto_complete) state->finish(clock_.now_ns(), clock_.now_ns());

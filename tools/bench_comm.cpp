@@ -93,7 +93,7 @@ void complete(Config& config, std::optional<int> scale_ranks) {
 
 using fsdpsim::tools::first_line;
 using fsdpsim::tools::median;
-using fsdpsim::tools::now_ns;
+using fsdpsim::tools::run_benchmark;
 using fsdpsim::tools::seconds_since;
 
 std::string size_label(int64_t bytes) {
@@ -159,11 +159,11 @@ Measurement measure(ProcessGroup& pg, Op op, int64_t bytes, Iterations iteration
   std::vector<int64_t> stamps(2 * static_cast<size_t>(iterations.timed));
   for (int i = 0; i < iterations.warmup + iterations.timed; ++i) {
     pg.barrier()->wait();
-    const int64_t start = now_ns();
+    const int64_t start = steady_now_ns();
     WorkPtr work = op == Op::AllGather ? pg.all_gather_into_tensor(large, small)
                                        : pg.reduce_scatter_tensor(small, large, ReduceScatterOptions{});
     work->wait();
-    const int64_t end = now_ns();
+    const int64_t end = steady_now_ns();
     if (i >= iterations.warmup) {
       stamps[2 * (i - iterations.warmup)] = start;
       stamps[2 * (i - iterations.warmup) + 1] = end;
@@ -199,9 +199,9 @@ double memcpy_median_ns(int64_t bytes, Iterations iterations) {
   volatile char sink = 0;
   for (int i = 0; i < iterations.warmup + std::max(iterations.timed, 3); ++i) {
     src[i % bytes] = static_cast<char>(i);
-    const int64_t start = now_ns();
+    const int64_t start = steady_now_ns();
     std::memcpy(dst.get(), src.get(), bytes);
-    const int64_t end = now_ns();
+    const int64_t end = steady_now_ns();
     sink = sink + dst[(i * 4099) % bytes];
     if (i >= iterations.warmup) samples.push_back(static_cast<double>(end - start));
   }
@@ -295,7 +295,7 @@ ScaleResult run_scale(sim::RankKind kind, int ranks, int rounds) {
   std::vector<int64_t> starts(static_cast<size_t>(ranks) * rounds), ends(starts.size());
   ScaleResult result;
   result.rounds = rounds;
-  const int64_t started = now_ns();
+  const int64_t started = steady_now_ns();
   sim::WorldResult outcome;
   try {
     sim::World world(options);
@@ -307,11 +307,11 @@ ScaleResult run_scale(sim::RankKind kind, int ranks, int rounds) {
       at::Tensor reduced = at::empty({1}, at::kFloat);
       pg.barrier()->wait();  // every rank exists before the first round
       for (int i = 0; i < rounds; ++i) {
-        starts[static_cast<size_t>(i) * ranks + r] = now_ns();
+        starts[static_cast<size_t>(i) * ranks + r] = steady_now_ns();
         pg.barrier()->wait();
         pg.all_gather_into_tensor(gathered, one)->wait();
         pg.reduce_scatter_tensor(reduced, gathered, ReduceScatterOptions{})->wait();
-        ends[static_cast<size_t>(i) * ranks + r] = now_ns();
+        ends[static_cast<size_t>(i) * ranks + r] = steady_now_ns();
       }
     });
   } catch (const std::exception& e) {
@@ -345,7 +345,7 @@ struct Report {
 
 void section_fake(const Config& config, Report& report) {
   progress("[1/3] fake all_gather / reduce_scatter (thread ranks) vs memcpy ...");
-  const int64_t started = now_ns();
+  const int64_t started = steady_now_ns();
   std::map<int, std::string> errors;
   for (int n : config.worlds) {
     std::string error = run_world(sim::CommBackend::Fake, n, config, report.fake, &report.memcpy_ns);
@@ -382,7 +382,7 @@ void section_fake(const Config& config, Report& report) {
         const double algbw = gbps(bytes, m.median_ns);
         const double copy = algbw * n;
         std::cout << fmt::format("  {:5} {:>8} {:6} {:10.3f} {:10.2f} {:10.2f} {:10.2f} {:10.2f} {:7.2f}\n", n,
-                                 size_label(bytes), m.iters, m.median_ns / 1e6, algbw, algbw * bus_factor(n), copy,
+                                 size_label(bytes), m.iters, ns_to_ms(m.median_ns), algbw, algbw * bus_factor(n), copy,
                                  memcpy_gbps, memcpy_gbps > 0 ? copy / memcpy_gbps : 0.0);
       }
     }
@@ -432,7 +432,7 @@ void print_gloo_tables(const Config& config, const Report& report, GlooResults& 
     if (found == results.end() || !found->second.ok()) return fmt::format(" {:>9} {:>7} {:>7}", "-", "-", "-");
     const int n = std::get<1>(key);
     const double ns = found->second.median_ns;
-    return fmt::format(" {:9.3f} {:7.3f} {:7.1f}", ns / 1e6, gbps(std::get<2>(key), ns) * bus_factor(n),
+    return fmt::format(" {:9.3f} {:7.3f} {:7.1f}", ns_to_ms(ns), gbps(std::get<2>(key), ns) * bus_factor(n),
                        fake_ns > 0 ? ns / fake_ns : 0.0);
   };
   for (Op op : kOps) {
@@ -447,7 +447,7 @@ void print_gloo_tables(const Config& config, const Report& report, GlooResults& 
         auto fake = report.fake.find(key);
         const double fake_ns = fake != report.fake.end() ? fake->second.median_ns : 0;
         std::string fake_cell =
-            fake_ns > 0 ? fmt::format(" {:9.3f} {:7.3f}", fake_ns / 1e6, gbps(bytes, fake_ns) * bus_factor(n))
+            fake_ns > 0 ? fmt::format(" {:9.3f} {:7.3f}", ns_to_ms(fake_ns), gbps(bytes, fake_ns) * bus_factor(n))
                         : fmt::format(" {:>9} {:>7}", "-", "-");
         std::string proc_cell = config.processes ? cell(g.processes, key, fake_ns, g.process_errors[n])
                                                  : fmt::format(" {:>9} {:>7} {:>7}", "skipped", "-", "-");
@@ -484,7 +484,7 @@ void section_gloo(const Config& config, Report& report) {
     return;
   }
   progress("[2/3] Gloo thread ranks" + std::string(config.processes ? " and Gloo processes" : "") + " vs fake ...");
-  const int64_t started = now_ns();
+  const int64_t started = steady_now_ns();
   GlooResults g;
   for (int n : config.worlds) {
     std::string error = run_world(sim::CommBackend::Gloo, n, config, g.threads, nullptr);
@@ -567,7 +567,7 @@ void section_scale(const Config& config) {
       fmt::format("[3/3] {}-rank round (barrier + all_gather of 1 float per rank + reduce_scatter): fibers vs "
                   "threads ...",
                   target));
-  const int64_t started = now_ns();
+  const int64_t started = steady_now_ns();
   std::vector<std::pair<ScaleResult, ScaleResult>> rows;
   int threads_stopped_at = 0;
   for (int ranks : ladder) {
@@ -598,9 +598,9 @@ void section_scale(const Config& config) {
   for (size_t i = 0; i < ladder.size(); ++i) {
     const auto& [fibers, threads] = rows[i];
     std::string line = fmt::format("  {:6} |", ladder[i]);
-    line += fibers.error.empty() ? fmt::format(" {:10.3f} {:8.3f} |", fibers.round_median_ns / 1e6, fibers.run_s)
+    line += fibers.error.empty() ? fmt::format(" {:10.3f} {:8.3f} |", ns_to_ms(fibers.round_median_ns), fibers.run_s)
                                  : fmt::format(" {:>19} |", "failed");
-    line += threads.error.empty() ? fmt::format(" {:10.3f} {:8.3f} |", threads.round_median_ns / 1e6, threads.run_s)
+    line += threads.error.empty() ? fmt::format(" {:10.3f} {:8.3f} |", ns_to_ms(threads.round_median_ns), threads.run_s)
                                   : fmt::format(" {:>19} |", "see below");
     if (fibers.error.empty() && threads.error.empty() && fibers.round_median_ns > 0 && fibers.run_s > 0) {
       const double round_ratio = threads.round_median_ns / fibers.round_median_ns;
@@ -631,18 +631,13 @@ void section_scale(const Config& config) {
 }
 
 int bench_comm_main(const Config& config) {
-  const int64_t started = now_ns();
-  std::cout << kProgram << ": " << (config.quick ? "quick" : "full") << " run, " << std::thread::hardware_concurrency()
-            << " cores, ATen intra-op threads 1, float32\n"
-            << std::endl;
-  Report report;
-  section_fake(config, report);
-  section_gloo(config, report);
-  section_scale(config);
-  std::cout << fmt::format("total {:.1f} s{}", seconds_since(started),
-                           report.failed ? ", SOME MEASUREMENTS FAILED" : "")
-            << std::endl;
-  return report.failed ? 1 : 0;
+  return run_benchmark(kProgram, config.quick, "ATen intra-op threads 1, float32", [&config] {
+    Report report;
+    section_fake(config, report);
+    section_gloo(config, report);
+    section_scale(config);
+    return !report.failed;
+  });
 }
 
 }  // namespace

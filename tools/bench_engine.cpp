@@ -6,7 +6,9 @@
 //   2. step time at 2, 4, 8 fake ranks (thread ranks and fiber ranks),
 //      FullShard and ShardGradOp, against the plain model's step;
 //   3. the peak of gathered (unsharded) param bytes per rank over a step
-//      against the theoretical peak of the engine's schedule.
+//      against the theoretical peak of the engine's schedule;
+//   4. mixed precision (mp_policy bf16) against fp32 at world 2: step time and
+//      bytes gathered and reduced per rank, as ratios.
 //
 // A step is zero_grad (grads set to none) + forward + backward + SGD step.
 // The plain model is the same scenario module (same init, same data) with no
@@ -49,6 +51,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "backends/comm_hooks.h"
 #include "backends/process_group.h"
 #include "fsdp/fully_shard.h"
 #include "scenarios/models.h"
@@ -160,7 +163,7 @@ void complete(Config& config) {
 
 using fsdpsim::tools::first_line;
 using fsdpsim::tools::median;
-using fsdpsim::tools::now_ns;
+using fsdpsim::tools::run_benchmark;
 using fsdpsim::tools::seconds_since;
 
 void progress(const std::string& line) { std::cout << line << std::endl; }
@@ -295,14 +298,14 @@ SingleResult run_single(const ModelSpec& spec, Iterations iterations, sim::World
       int64_t ns[2] = {0, 0};
       for (int k = 0; k < 2; ++k) {
         const int which = (i + k) % 2;  // 0 plain, 1 engine; the first of the pair flips every step
-        const int64_t start = now_ns();
+        const int64_t start = steady_now_ns();
         loss[which] = which == 0 ? plain.step(i) : sharded.step(i);
-        ns[which] = now_ns() - start;
+        ns[which] = steady_now_ns() - start;
       }
       if (loss[0] != loss[1]) result.losses_equal = false;
       if (i >= iterations.warmup) {
-        plain_ms.push_back(static_cast<double>(ns[0]) / 1e6);
-        engine_ms.push_back(static_cast<double>(ns[1]) / 1e6);
+        plain_ms.push_back(ns_to_ms(ns[0]));
+        engine_ms.push_back(ns_to_ms(ns[1]));
       }
     }
   });
@@ -408,9 +411,9 @@ MultiResult run_multi(const ModelSpec& spec, int world_size, sim::RankKind kind,
       ctx.world_group()->barrier()->wait();
       engine.reset_peak_unsharded_bytes();
       gathers->take();
-      starts[rank][i] = now_ns();
+      starts[rank][i] = steady_now_ns();
       trainer.step(static_cast<int>(i));
-      ends[rank][i] = now_ns();
+      ends[rank][i] = steady_now_ns();
       peaks[rank][i] = engine.peak_unsharded_bytes();
       events[rank][i] = gathers->take();
     }
@@ -435,7 +438,7 @@ MultiResult run_multi(const ModelSpec& spec, int world_size, sim::RankKind kind,
         result.issued_bytes = std::max(result.issued_bytes, live);
       }
     }
-    durations.push_back(static_cast<double>(last_end - first_start) / 1e6);
+    durations.push_back(ns_to_ms(last_end - first_start));
   }
   result.step_ms = median(durations);
   result.theory = theory;
@@ -448,10 +451,10 @@ double plain_step_ms(const ModelSpec& spec, Iterations iterations) {
   Trainer plain(spec, 0);
   std::vector<double> samples;
   for (int i = 0; i < iterations.total(); ++i) {
-    const int64_t start = now_ns();
+    const int64_t start = steady_now_ns();
     plain.step(i);
-    const int64_t end = now_ns();
-    if (i >= iterations.warmup) samples.push_back(static_cast<double>(end - start) / 1e6);
+    const int64_t end = steady_now_ns();
+    if (i >= iterations.warmup) samples.push_back(ns_to_ms(end - start));
   }
   return median(samples);
 }
@@ -483,8 +486,8 @@ std::string model_details(const ModelSpec& spec) {
 }
 
 void section_single(const Config& config, Report& report) {
-  progress("[1/3] world size 1: engine (FullShard, one thread rank) vs the plain model ...");
-  const int64_t started = now_ns();
+  progress("[1/4] world size 1: engine (FullShard, one thread rank) vs the plain model ...");
+  const int64_t started = steady_now_ns();
   std::vector<SingleResult> results;
   for (const auto& spec : config.models) {
     results.push_back(run_single(spec, spec.single.value_or(config.single), config.world));
@@ -539,8 +542,8 @@ using MultiKey = std::tuple<size_t, int, sim::RankKind, fsdp::ShardingStrategy>;
 void section_multi(const Config& config, Report& report, std::map<MultiKey, MultiResult>& results) {
   std::string worlds;
   for (int n : config.worlds) worlds += (worlds.empty() ? "" : ", ") + std::to_string(n);
-  progress("[2/3] world sizes " + worlds + ": thread and fiber ranks, FullShard and ShardGradOp ...");
-  const int64_t started = now_ns();
+  progress("[2/4] world sizes " + worlds + ": thread and fiber ranks, FullShard and ShardGradOp ...");
+  const int64_t started = steady_now_ns();
   std::vector<double> plain(config.models.size());
   for (size_t m = 0; m < config.models.size(); ++m) {
     const auto& spec = config.models[m];
@@ -602,7 +605,7 @@ void section_multi(const Config& config, Report& report, std::map<MultiKey, Mult
 }
 
 void section_memory(const Config& config, const std::map<MultiKey, MultiResult>& results) {
-  progress("[3/3] peak gathered-param bytes per rank vs theory (from the section 2 runs) ...");
+  progress("[3/4] peak gathered-param bytes per rank vs theory (from the section 2 runs) ...");
   std::cout << "\n== 3. peak unsharded (gathered) param bytes per rank over a step vs theory ==\n"
             << "  peak = Engine::peak_unsharded_bytes() over one step (reset before it), max over ranks and\n"
             << "  timed steps: the full params of the units gathered at once (a unit counts from the wait of\n"
@@ -655,21 +658,148 @@ void section_memory(const Config& config, const std::map<MultiKey, MultiResult>&
   std::cout << std::endl;
 }
 
+// ---------------------------------------------------------------------------
+// 4. Mixed precision
+
+// Bytes one rank's all-gathers (output) and reduce-scatters (input) move, in
+// the dtype each collective runs in.
+class ByteCounter final : public DefaultCommHooks {
+ public:
+  void before(const CollectiveDesc& desc) override {
+    const auto element = static_cast<int64_t>(c10::elementSize(desc.dtype));
+    if (desc.op == CollectiveOp::AllGather) gathered += desc.output_numel() * element;
+    if (desc.op == CollectiveOp::ReduceScatter) reduced += desc.input_numel() * element;
+  }
+  int64_t gathered = 0;
+  int64_t reduced = 0;
+};
+
+struct MixedResult {
+  double step_ms = 0;
+  double gathered_per_step = 0;  // rank 0's bytes per timed step
+  double reduced_per_step = 0;
+  std::string error;
+};
+
+MixedResult run_mixed(ModelSpec spec, const fsdp::MixedPrecisionPolicy& mp, int world_size, Iterations iterations,
+                      sim::WorldOptions options) {
+  spec.train.mp_policy = mp;
+  options.world_size = world_size;
+  options.rank_kind = sim::RankKind::Threads;
+  const auto steps = static_cast<size_t>(iterations.total());
+  std::vector<std::vector<int64_t>> starts(world_size, std::vector<int64_t>(steps));
+  std::vector<std::vector<int64_t>> ends(world_size, std::vector<int64_t>(steps));
+  MixedResult result;
+  std::pair<int64_t, int64_t> bytes;
+  result.error = run_world(options, [&](sim::RankContext& ctx) {
+    const int rank = ctx.rank();
+    auto counter = std::make_shared<ByteCounter>();
+    auto group = std::make_shared<HookedProcessGroup>(ctx.world_group(), counter);
+    Trainer trainer(spec, rank, group, fsdp::ShardingStrategy::FullShard);
+    for (size_t i = 0; i < steps; ++i) {
+      ctx.world_group()->barrier()->wait();
+      if (i == static_cast<size_t>(iterations.warmup)) counter->gathered = counter->reduced = 0;
+      starts[rank][i] = steady_now_ns();
+      trainer.step(static_cast<int>(i));
+      ends[rank][i] = steady_now_ns();
+    }
+    if (rank == 0) bytes = {counter->gathered, counter->reduced};
+  });
+  if (!result.error.empty()) return result;
+  std::vector<double> durations;
+  for (auto i = static_cast<size_t>(iterations.warmup); i < steps; ++i) {
+    int64_t first_start = INT64_MAX, last_end = INT64_MIN;
+    for (int r = 0; r < world_size; ++r) {
+      first_start = std::min(first_start, starts[r][i]);
+      last_end = std::max(last_end, ends[r][i]);
+    }
+    durations.push_back(ns_to_ms(last_end - first_start));
+  }
+  result.step_ms = median(durations);
+  result.gathered_per_step = static_cast<double>(bytes.first) / iterations.timed;
+  result.reduced_per_step = static_cast<double>(bytes.second) / iterations.timed;
+  return result;
+}
+
+struct NamedPolicy {
+  const char* name;
+  fsdp::MixedPrecisionPolicy mp;
+};
+
+std::vector<NamedPolicy> mixed_policies() {
+  fsdp::MixedPrecisionPolicy bf16;
+  bf16.param_dtype = at::kBFloat16;
+  bf16.reduce_dtype = at::kFloat;
+  fsdp::MixedPrecisionPolicy bf16_bf16 = bf16;
+  bf16_bf16.reduce_dtype = at::kBFloat16;
+  return {{"fp32", {}}, {"bf16/fp32", bf16}, {"bf16/bf16", bf16_bf16}};
+}
+
+void section_mixed(const Config& config, Report& report) {
+  const int world = config.worlds.front();
+  progress("[4/4] mixed precision vs fp32 at world " + std::to_string(world) + " ...");
+  const int64_t started = steady_now_ns();
+  const std::vector<NamedPolicy> policies = mixed_policies();
+  std::cout << "\n== 4. mixed precision (mp_policy) vs fp32: world " << world << ", FullShard, thread ranks ==\n"
+            << "  policy = param_dtype/reduce_dtype on every unit; the shards and the optimiser stay fp32.\n"
+            << "  step as in section 2 (median of " << config.multi.timed
+            << " timed steps); gathered / reduced = rank 0's all-gather output and reduce-scatter input\n"
+            << "  bytes per step, in the collective's dtype. The policies run back to back, twice, in\n"
+            << "  alternating order (step = the mean of the two medians). x fp32 = the ratio to the fp32 row.\n"
+            << "  CPU bf16 matmuls are not faster than fp32 here (no bf16 units): the bytes are the point.\n"
+            << "  mlp_stack only: the transformer adds fp32 buffers to bf16 activations (buffers are not cast).\n";
+  for (const auto& spec : config.models) {
+    // The transformer adds fp32 buffers (BatchNorm statistics) to bf16
+    // activations, which ATen refuses; FSDP2 casts no buffers either.
+    if (!spec.multi || spec.train.scenario.name != "mlp_stack") continue;
+    std::vector<MixedResult> results(policies.size());
+    for (int round = 0; round < 2; ++round) {
+      for (size_t k = 0; k < policies.size(); ++k) {
+        const size_t p = round == 0 ? k : policies.size() - 1 - k;
+        MixedResult r = run_mixed(spec, policies[p].mp, world, config.multi, config.world);
+        if (!r.error.empty()) {
+          results[p].error = r.error;
+          report.failed = true;
+          continue;
+        }
+        results[p].step_ms += r.step_ms / 2;
+        results[p].gathered_per_step = r.gathered_per_step;
+        results[p].reduced_per_step = r.reduced_per_step;
+      }
+    }
+    std::cout << "\n  " << spec.label << "\n"
+              << fmt::format("  {:<10} {:>9} {:>7} {:>13} {:>7} {:>13} {:>7}\n", "policy", "step(ms)", "x fp32",
+                             "gathered KiB", "x fp32", "reduced KiB", "x fp32");
+    const MixedResult& base = results[0];
+    auto ratio = [](double a, double b) { return b > 0 ? a / b : 0.0; };
+    for (size_t p = 0; p < policies.size(); ++p) {
+      const MixedResult& r = results[p];
+      if (!r.error.empty()) {
+        std::cout << fmt::format("  {:<10} FAILED: {}\n", policies[p].name, r.error);
+        continue;
+      }
+      std::cout << fmt::format("  {:<10} {:9.3f} {:7.2f} {:13.1f} {:7.3f} {:13.1f} {:7.3f}\n", policies[p].name,
+                               r.step_ms, ratio(r.step_ms, base.step_ms), r.gathered_per_step / 1024.0,
+                               ratio(r.gathered_per_step, base.gathered_per_step), r.reduced_per_step / 1024.0,
+                               ratio(r.reduced_per_step, base.reduced_per_step));
+    }
+  }
+  std::cout << fmt::format("(section 4 took {:.2f} s)\n", seconds_since(started)) << std::endl;
+}
+
 int bench_engine_main(Config config) {
   complete(config);
-  const int64_t started = now_ns();
-  std::cout << kProgram << ": " << (config.quick ? "quick" : "full") << " run, " << std::thread::hardware_concurrency()
-            << " cores, ATen intra-op threads 1 (at::set_num_threads(1): the ranks share the cores), float32\n"
-            << std::endl;
-  Report report;
-  section_single(config, report);
-  std::map<MultiKey, MultiResult> multi;
-  section_multi(config, report, multi);
-  section_memory(config, multi);
-  std::cout << fmt::format("total {:.1f} s{}", seconds_since(started),
-                           report.failed ? ", SOME MEASUREMENTS FAILED" : "")
-            << std::endl;
-  return report.failed ? 1 : 0;
+  return run_benchmark(kProgram, config.quick,
+                       "ATen intra-op threads 1 (at::set_num_threads(1): the ranks share the cores), float32",
+                       [&config] {
+                         Report report;
+                         section_single(config, report);
+                         std::map<MultiKey, MultiResult> multi;
+                         section_multi(config, report, multi);
+                         section_memory(config, multi);
+                         section_mixed(config, report);
+                         return !report.failed;
+                       });
 }
 
 }  // namespace
@@ -681,7 +811,8 @@ void add_bench_engine_command(CLI::App& bench, Command& command) {
       "engine",
       "measure, in one run: the step time (forward + backward + SGD step) of the FSDP engine at world size 1 against "
       "the plain unsharded model; the step time at 2, 4, 8 fake ranks (thread and fiber ranks, FullShard and "
-      "ShardGradOp); the peak gathered-param bytes per rank against the theoretical peak. Models: mlp_stack (dim 256 "
+      "ShardGradOp); the peak gathered-param bytes per rank against the theoretical peak; bf16 mixed precision against "
+      "fp32 (step time, bytes gathered and reduced). Models: mlp_stack (dim 256 "
       "and 512, batch 64; dim 512 at world size 1 only) and transformer (the scenario's model, longer sequences).");
   auto config = std::make_shared<Config>();
   engine->add_flag("--quick", config->quick,

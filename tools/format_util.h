@@ -12,9 +12,12 @@
 #include <iostream>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <fmt/format.h>
+
+#include "backends/clock.h"
 
 // fmt comes header-only from the torch wheel's headers (cmake/Dependencies.cmake).
 static_assert(FMT_VERSION >= 120000, "fsdpsim formats with the torch wheel's fmt 12 (header-only)");
@@ -100,12 +103,22 @@ inline int guarded_main(const char* program, const std::function<int()>& body) {
   return 1;
 }
 
-inline int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
+inline double seconds_since(int64_t start_ns) { return ns_to_s(steady_now_ns() - start_ns); }
 
-inline double seconds_since(int64_t start_ns) { return static_cast<double>(now_ns() - start_ns) / 1e9; }
+/// A benchmark's frame: the header line (program, run size, cores, `setup`),
+/// the sections (they return whether every measurement succeeded) and the
+/// total line. Returns the exit code: 1 if a measurement failed.
+inline int run_benchmark(const std::string& program, bool quick, const std::string& setup,
+                         const std::function<bool()>& sections) {
+  const int64_t started = steady_now_ns();
+  std::cout << program << ": " << (quick ? "quick" : "full") << " run, " << std::thread::hardware_concurrency()
+            << " cores, " << setup << "\n"
+            << std::endl;
+  const bool ok = sections();
+  std::cout << fmt::format("total {:.1f} s{}", seconds_since(started), ok ? "" : ", SOME MEASUREMENTS FAILED")
+            << std::endl;
+  return ok ? 0 : 1;
+}
 
 /// The middle value (the mean of the two middle ones for an even count); 0 for none.
 inline double median(std::vector<double> values) {

@@ -388,7 +388,7 @@ std::vector<int> LaunchResult::stalled_ranks() const {
 
 std::string LaunchResult::report() const {
   std::ostringstream out;
-  const double seconds = static_cast<double>(elapsed.count()) / 1000.0;
+  const double seconds = ns_to_s(std::chrono::duration_cast<std::chrono::nanoseconds>(elapsed).count());
   if (ok()) return fmt::format("launch: all {} ranks exited 0 in {:.1f} s\n", ranks.size(), seconds);
   out << fmt::format("launch: FAILED after {:.1f} s", seconds) << headline() << "\n";
   const std::vector<int> stalled = stalled_ranks();
@@ -423,7 +423,7 @@ std::string LaunchResult::headline() const {
       if (rank.stopped_by_launcher && !rank.process_was_stopped) late.push_back(rank.rank);
     }
     out << fmt::format("; the launcher's grace of {:.1f} s after the first failure ran out: ",
-                       static_cast<double>(grace.count()) / 1000.0)
+                       ns_to_s(std::chrono::duration_cast<std::chrono::nanoseconds>(grace).count()))
         << ranks_text(late) << " still running, stopped by the launcher";
   }
   if (deadline_exceeded) out << "; the launch deadline passed and the remaining ranks were stopped";

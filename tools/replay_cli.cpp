@@ -226,12 +226,12 @@ int cmd_run(const Args& a, std::ostream& out, std::ostream& err) {
   const ReplayResult result = run_replay(plan, a.options);
   out << format_summary(summarize(result.collectives));
   out << "wall " << fmt::format("{:.3f}", result.wall_s) << " s; communication "
-      << fmt::format("{:.3f}", result.total_latency_ns() / 1e6) << " ms (sum of collective latencies)\n";
+      << fmt::format("{:.3f}", ns_to_ms(result.total_latency_ns())) << " ms (sum of collective latencies)\n";
   if (a.per_op) {
     out << "per collective (iteration, group, seq, op, S, latency us):\n";
     for (const auto& t : result.collectives) {
       out << "  " << t.iteration + 1 << " " << plan.groups[t.group_index].name << " " << t.seq << " " << to_string(t.op)
-          << " " << t.total_bytes << " " << fmt::format("{:.1f}", t.latency_ns / 1e3) << "\n";
+          << " " << t.total_bytes << " " << fmt::format("{:.1f}", ns_to_us(t.latency_ns)) << "\n";
     }
   }
   if (is_fake(a.options.backend)) print_yardstick(plan, result, out);
@@ -279,7 +279,7 @@ sim::CostModelParams predict_cost_model(const Args& a, const ReplayTrace& trace,
   for (const auto& s : samples) {
     const double model = static_cast<double>(sim::predict_ns(s.op, s.bytes, s.world_size, params));
     out << fmt::format("  {:<15} {:>5} {:>11} {:>12.1f} {:>12.1f} {:>7.1f}%\n", to_string(s.op), s.world_size,
-                       human_bytes(static_cast<double>(s.bytes)), s.time_ns / 1e3, model / 1e3,
+                       human_bytes(static_cast<double>(s.bytes)), ns_to_us(s.time_ns), ns_to_us(model),
                        (model - s.time_ns) / s.time_ns * 100);
   }
   out << fmt::format("cost model: fitted, {} (rms error {:.1f}% over the calibration sizes)\n", params.to_string(),
@@ -318,12 +318,12 @@ void print_prediction(const Args& a, const ReplayPlan& target, const sim::CostMo
                     : fmt::format("  {:<15} {:>6} {:>13}\n", "op", "count", "predicted ms"));
   auto row = [&](const std::string& name, size_t count, int64_t p, int64_t m) {
     if (!a.measure) {
-      out << fmt::format("  {:<15} {:>6} {:>13.3f}\n", name, count, p / 1e6);
+      out << fmt::format("  {:<15} {:>6} {:>13.3f}\n", name, count, ns_to_ms(p));
       return;
     }
     const std::string error =
         m > 0 ? fmt::format("{:.1f}%", 100.0 * static_cast<double>(p - m) / static_cast<double>(m)) : "-";
-    out << fmt::format("  {:<15} {:>6} {:>13.3f} {:>13.3f} {:>8}\n", name, count, p / 1e6, m / 1e6, error);
+    out << fmt::format("  {:<15} {:>6} {:>13.3f} {:>13.3f} {:>8}\n", name, count, ns_to_ms(p), ns_to_ms(m), error);
   };
   size_t total_count = 0;
   for (const auto& [op, p] : predicted_by_op) {
@@ -337,8 +337,8 @@ void print_prediction(const Args& a, const ReplayPlan& target, const sim::CostMo
         "measured on {} at world {}{}; prediction error {:.1f}% (predicted {:.3f} ms, measured {:.3f} ms)\n",
         to_string(a.backend.value_or(a.calibrate_backend.value_or(ReplayBackend::FakeThreads))), a.world_size,
         iterations > 1 ? fmt::format(", mean of {} iterations", iterations) : "",
-        100.0 * static_cast<double>(predicted - measured) / std::max<int64_t>(1, measured), predicted / 1e6,
-        measured / 1e6);
+        100.0 * static_cast<double>(predicted - measured) / std::max<int64_t>(1, measured), ns_to_ms(predicted),
+        ns_to_ms(measured));
   }
 }
 

@@ -248,9 +248,9 @@ void replay_rank(const ReplayPlan& plan, int rank, const ProcessGroupPtr& world,
       const bool check = options.check_data;
       auto [input, output] = check ? crafted_buffers(op, gr) : pooled_buffers(op, pool);
 
-      const int64_t start = now_ns();
+      const int64_t start = steady_now_ns();
       issue(*group, op, input, output)->wait();
-      const int64_t end = now_ns();
+      const int64_t end = steady_now_ns();
       const size_t slot = static_cast<size_t>(it) * program.size() + k;
       record.start[slot] = start;
       record.end[slot] = end;
@@ -347,9 +347,9 @@ void check_limits(const ReplayPlan& plan, const ReplayOptions& options, int in_p
   }
   if (options.use_timestamps) {
     for (int r = 0; r < plan.world_size; ++r) {
-      long double sleep = 0;
-      for (const auto& op : plan.per_rank[static_cast<size_t>(r)]) sleep += op.gap_ns;
-      sleep = sleep * options.iterations / 1e9L;
+      long double sleep_ns = 0;
+      for (const auto& op : plan.per_rank[static_cast<size_t>(r)]) sleep_ns += op.gap_ns;
+      const double sleep = ns_to_s(sleep_ns * options.iterations);
       if (sleep > options.limits.max_sleep_s) {
         std::ostringstream msg;
         msg << "--use-timestamps: rank " << r << "'s recorded gaps add up to " << static_cast<double>(sleep)
@@ -469,9 +469,9 @@ ReplayResult run_processes(const ReplayPlan& plan, const ReplayOptions& options)
   launch.output = &output;
   launch.timeout = std::chrono::milliseconds(10000);
   launch.deadline = std::chrono::minutes(30);
-  const int64_t started = now_ns();
+  const int64_t started = steady_now_ns();
   const WorkerRun run = launch_workers(job, launch);
-  const double wall_s = static_cast<double>(now_ns() - started) / 1e9;
+  const double wall_s = ns_to_s(steady_now_ns() - started);
   if (!run.launched.ok()) throw ReplayRunError("the replay failed (gloo-processes):\n" + run.launched.report());
   std::vector<RankRecord> records(static_cast<size_t>(plan.world_size));
   for (int r = 0; r < plan.world_size; ++r) {
@@ -541,13 +541,13 @@ ReplayResult run_replay(const ReplayPlan& plan, const ReplayOptions& options) {
   }
   sim::World world(world_options);
   std::vector<RankRecord> records(static_cast<size_t>(plan.world_size));
-  const int64_t started = now_ns();
+  const int64_t started = steady_now_ns();
   sim::WorldResult outcome = world.run([&](sim::RankContext& ctx) {
     ProcessGroupPtr group = ctx.world_group();
     if (options.wrap_group) group = options.wrap_group(group, ctx.rank());
     replay_rank(plan, ctx.rank(), group, options, records[static_cast<size_t>(ctx.rank())]);
   });
-  const double wall_s = static_cast<double>(now_ns() - started) / 1e9;
+  const double wall_s = ns_to_s(steady_now_ns() - started);
   if (!outcome.ok()) {
     throw ReplayRunError("the replay failed (" + std::string(to_string(options.backend)) + "):\n" +
                          outcome.error_report());

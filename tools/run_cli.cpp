@@ -16,8 +16,6 @@ namespace fsdpsim::tools {
 
 namespace {
 
-std::chrono::nanoseconds ms_to_ns(double ms) { return std::chrono::nanoseconds(static_cast<int64_t>(ms * 1e6)); }
-
 int64_t parse_int(const std::string& flag, const std::string& value, int64_t min, int64_t max) {
   return parse_integer<UsageError>(flag, value, min, max);
 }

@@ -46,8 +46,6 @@ namespace {
 
 using Ms = std::chrono::duration<double, std::milli>;
 
-std::chrono::nanoseconds ms_to_ns(double ms) { return std::chrono::nanoseconds(static_cast<int64_t>(ms * 1e6)); }
-
 /// Sleeps in on_reshard: the free of gathered params waits.
 class ReshardDelayHooks final : public fsdp::NoEngineHooks {
  public:
@@ -169,10 +167,10 @@ std::string describe(const RunOptions& options) {
 
 void print_progress(std::ostream& out, const RunOptions& options, int step, const RankStats& stats, bool simulated) {
   std::string line = fmt::format("  step {}/{}  loss(rank 0) {:.6g}  {:.2f} ms", step + 1, options.steps,
-                                 stats.losses.back(), stats.wall_step_ns.back() / 1e6);
+                                 stats.losses.back(), ns_to_ms(stats.wall_step_ns.back()));
   if (simulated) {
     const double predicted = static_cast<double>(stats.step_ns.back());
-    line += fmt::format("  predicted {:.2f} ms, exposed comm {:.2f}%", predicted / 1e6,
+    line += fmt::format("  predicted {:.2f} ms, exposed comm {:.2f}%", ns_to_ms(predicted),
                         predicted > 0 ? 100.0 * stats.exposed_ns.back() / predicted : 0.0);
   }
   out << line << std::endl;
@@ -392,8 +390,12 @@ std::string launch_failure_summary(const LaunchResult& launched, const RunOption
     if (rank.exit_code == kWorkerTimedOutExit && !rank.stopped_by_launcher) timed_out.push_back(rank.rank);
   }
   if (!timed_out.empty()) {
-    summary += "; the collective timeout (" + fmt::format("{:.1f}", options.world.collective_timeout.count() / 1000.0) +
-               " s, --timeout) fired on " + sim::ranks_text(timed_out);
+    summary +=
+        "; the collective timeout (" +
+        fmt::format(
+            "{:.1f}",
+            ns_to_s(std::chrono::duration_cast<std::chrono::nanoseconds>(options.world.collective_timeout).count())) +
+        " s, --timeout) fired on " + sim::ranks_text(timed_out);
   }
   return summary;
 }

@@ -30,6 +30,7 @@
 
 #include "backends/collective_checks.h"
 #include "backends/errors.h"
+#include "backends/work_completion.h"
 
 // The wheel ships no Gloo headers, so ProcessGroupGloo.hpp is compiled
 // against Debian's libgloo-dev (an older Gloo) while the class itself lives,
@@ -147,29 +148,23 @@ c10d::ReduceOp::RedOpType native_op(ReduceOp op) {
 
 // ---------------------------------------------------------------------------
 
-// Completion state shared by the Work handle and the callback on Gloo's
-// future. Kept apart from the Work so the future (owned by the c10d work the
-// handle owns) does not own its owner.
+// What one Gloo collective needs besides its completion: the post-processing
+// to run once Gloo finished and the temporaries Gloo reads or writes. The
+// Work handle owns only `completion` (aliasing this state); the c10d work is
+// held here until it finished, so the future's callback never owns its owner
+// for longer than the collective runs.
 struct WorkState {
   WorkState(CollectiveDesc d, const Clock& c) : desc(std::move(d)), clock(c) {}
 
   const CollectiveDesc desc;
   const Clock& clock;
+  WorkCompletion completion;
 
   std::mutex mutex;  // guards everything below
-  std::condition_variable released_cv;
-  // Completed: the result (or error) is final. Released: every on_completion
-  // callback registered so far has run too; wait() returns only then, so a
-  // caller that waited may rely on its callbacks' effects.
-  bool done = false;
-  bool released = false;
-  std::exception_ptr error;
-  WorkTimes times;
-  std::vector<std::function<void()>> callbacks;
   // Runs once Gloo finished, before the work counts as completed.
   std::function<void()> finalize;
-  // Temporaries Gloo reads or writes, released at completion.
   std::vector<at::Tensor> buffers;
+  c10::intrusive_ptr<c10d::Work> c10d_work;
 };
 
 void finish(const std::shared_ptr<WorkState>& state, std::exception_ptr gloo_error) {
@@ -189,87 +184,28 @@ void finish(const std::shared_ptr<WorkState>& state, std::exception_ptr gloo_err
     }
   }
   std::vector<at::Tensor> buffers;
+  c10::intrusive_ptr<c10d::Work> c10d_work;
   {
     std::lock_guard<std::mutex> lock(state->mutex);
-    state->done = true;
-    state->error = error;
-    state->times.end_ns = state->clock.now_ns();
     buffers.swap(state->buffers);
+    c10d_work.swap(state->c10d_work);
   }
-  // Callbacks registered while these run join the queue and run here too.
-  for (;;) {
-    std::vector<std::function<void()>> callbacks;
-    {
-      std::lock_guard<std::mutex> lock(state->mutex);
-      if (state->callbacks.empty()) {
-        state->released = true;
-        break;
-      }
-      callbacks.swap(state->callbacks);
-    }
-    for (auto& callback : callbacks) {
-      // A throwing callback must not unwind into Gloo's worker thread.
-      try {
-        callback();
-      } catch (...) {
-        std::cerr << "fsdpsim: on_completion callback of " << state->desc.to_string()
-                  << " threw: " << describe_current() << std::endl;
-      }
-    }
-  }
-  state->released_cv.notify_all();
+  state->completion.complete(state->clock.now_ns(), error, state->desc.to_string());
 }
 
-class GlooWork final : public Work {
- public:
-  explicit GlooWork(std::shared_ptr<WorkState> state) : state_(std::move(state)) {}
+WorkPtr work_of(const std::shared_ptr<WorkState>& state) {
+  return std::make_shared<CompletionWork>(state->desc, std::shared_ptr<WorkCompletion>(state, &state->completion));
+}
 
-  /// Completes when `work` (already enqueued on Gloo) does.
-  void attach(c10::intrusive_ptr<c10d::Work> work) {
-    c10d_work_ = work;
-    auto state = state_;
-    work->getFuture()->addCallback(
-        [state](c10::ivalue::Future& future) { finish(state, future.hasError() ? future.exception_ptr() : nullptr); });
+/// Completes `state` when `work` (already enqueued on Gloo) does.
+void attach(const std::shared_ptr<WorkState>& state, c10::intrusive_ptr<c10d::Work> work) {
+  {
+    std::lock_guard<std::mutex> lock(state->mutex);
+    state->c10d_work = work;
   }
-
-  void wait() override {
-    std::unique_lock<std::mutex> lock(state_->mutex);
-    state_->released_cv.wait(lock, [&] { return state_->released; });
-    if (state_->error) std::rethrow_exception(state_->error);
-  }
-
-  bool is_completed() const override {
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    return state_->done;
-  }
-
-  std::exception_ptr exception() const override {
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    return state_->error;
-  }
-
-  const CollectiveDesc& desc() const override { return state_->desc; }
-
-  WorkTimes times() const override {
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    return state_->times;
-  }
-
-  void on_completion(std::function<void()> callback) override {
-    {
-      std::lock_guard<std::mutex> lock(state_->mutex);
-      if (!state_->released) {
-        state_->callbacks.push_back(std::move(callback));
-        return;
-      }
-    }
-    callback();
-  }
-
- private:
-  std::shared_ptr<WorkState> state_;
-  c10::intrusive_ptr<c10d::Work> c10d_work_;
-};
+  work->getFuture()->addCallback(
+      [state](c10::ivalue::Future& future) { finish(state, future.hasError() ? future.exception_ptr() : nullptr); });
+}
 
 // ---------------------------------------------------------------------------
 
@@ -441,28 +377,28 @@ class GlooProcessGroup final : public ProcessGroup {
   std::shared_ptr<WorkState> begin(CollectiveDesc desc) {
     seq_.fetch_add(1);
     auto state = std::make_shared<WorkState>(std::move(desc), clock_);
-    state->times.issue_ns = clock_.now_ns();
     // Gloo does not say when the transfer starts; see the header.
-    state->times.start_ns = state->times.issue_ns;
+    const int64_t issued = clock_.now_ns();
+    state->completion.set_issued(issued, issued);
     return state;
   }
 
   WorkPtr completed(const std::shared_ptr<WorkState>& state) {
-    auto work = std::make_shared<GlooWork>(state);
+    WorkPtr work = work_of(state);
     finish(state, nullptr);
     return work;
   }
 
   template <typename Start>
   WorkPtr issue(const std::shared_ptr<WorkState>& state, Start&& start) {
-    auto work = std::make_shared<GlooWork>(state);
+    WorkPtr work = work_of(state);
     c10::intrusive_ptr<c10d::Work> gloo_work;
     try {
       gloo_work = start();
     } catch (...) {
       std::rethrow_exception(collective_error(state->desc, describe_current()));
     }
-    work->attach(std::move(gloo_work));
+    attach(state, std::move(gloo_work));
     return work;
   }
 

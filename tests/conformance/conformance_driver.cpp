@@ -13,6 +13,9 @@
 // with the same optimiser as FSDP2's side: SGD lr 1e-2 momentum 0.9, grads
 // set to none before every step.
 //
+// Modes mp_bf16 / mp_bf16_bf16: raf_on with mixed precision (param_dtype
+// bf16, reduce_dtype fp32 / bf16) on every unit.
+//
 //   fsdpsim_conformance_driver --out DIR --scenario S --world W --mode M
 //       [--replicate R] [--steps N] [--forward-prefetch UNIT=T1,T2]...
 //       [--backward-prefetch UNIT=T1,T2]...
@@ -94,7 +97,8 @@ Options parse(int argc, char** argv) {
   if (o.out.empty() || o.scenario.empty() || o.mode.empty()) {
     throw std::invalid_argument("--out, --scenario and --mode are required");
   }
-  if (o.mode != "raf_on" && o.mode != "raf_off" && o.mode != "hsdp" && o.mode != "prefetch") {
+  if (o.mode != "raf_on" && o.mode != "raf_off" && o.mode != "hsdp" && o.mode != "prefetch" && o.mode != "mp_bf16" &&
+      o.mode != "mp_bf16_bf16") {
     throw std::invalid_argument("unknown mode " + o.mode);
   }
   return o;
@@ -104,6 +108,15 @@ fsdp::ShardingStrategy strategy_of(const Options& o) {
   if (o.mode == "raf_off") return fsdp::ShardingStrategy::ShardGradOp;
   if (o.mode == "hsdp") return fsdp::ShardingStrategy::HybridShard;
   return fsdp::ShardingStrategy::FullShard;
+}
+
+fsdp::MixedPrecisionPolicy mp_policy_of(const Options& o) {
+  fsdp::MixedPrecisionPolicy mp;
+  if (o.mode == "mp_bf16" || o.mode == "mp_bf16_bf16") {
+    mp.param_dtype = at::kBFloat16;
+    mp.reduce_dtype = o.mode == "mp_bf16" ? at::kFloat : at::kBFloat16;
+  }
+  return mp;
 }
 
 void write_file(const std::string& path, const std::vector<char>& bytes) {
@@ -187,6 +200,7 @@ void run_rank(const Options& o, sim::RankContext& ctx) {
   auto events = std::make_shared<RecordingEngineHooks>(timeline);
   fsdpsim::ProcessGroupPtr world = std::make_shared<fsdpsim::HookedProcessGroup>(ctx.world_group(), comm);
   auto setup = scenarios::make_sharding_setup(world, strategy_of(o), o.replicate);
+  setup.mp_policy = mp_policy_of(o);
   std::map<std::string, std::vector<int>> group_ranks;
   for (const auto& group : {setup.world, setup.shard_group, setup.replicate_group, setup.self_group}) {
     if (group) group_ranks[group->name()] = group->global_ranks();

@@ -511,6 +511,11 @@ def _train(rank, case, case_dir):
 
     modules = dict(model.named_modules())
     raf_children = case.mode != "raf_off"
+    mp = {}
+    if case.mode in case_lib.MP_DTYPES:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        param_dtype, reduce_dtype = (getattr(torch, name) for name in case_lib.MP_DTYPES[case.mode])
+        mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)}
     for unit in twin.units:
         module = modules[unit]
         unit_mesh = self_mesh if unit in twin.rank_local else mesh
@@ -518,9 +523,9 @@ def _train(rank, case, case_dir):
             # The root: reshard_after_forward left to FSDP2's default (None: the
             # root keeps its params after forward, as our engine's root does)
             # unless resharding is off everywhere.
-            fully_shard(module, mesh=unit_mesh, reshard_after_forward=None if raf_children else False)
+            fully_shard(module, mesh=unit_mesh, reshard_after_forward=None if raf_children else False, **mp)
         else:
-            fully_shard(module, mesh=unit_mesh, reshard_after_forward=raf_children)
+            fully_shard(module, mesh=unit_mesh, reshard_after_forward=raf_children, **mp)
 
     if case.mode == "prefetch":
         fwd, bwd = case_lib.prefetch_lists(case.scenario)

@@ -51,9 +51,11 @@ def main():
     parser.add_argument("--root", required=True)
     parser.add_argument("--world", type=int, action="append", default=[])
     parser.add_argument("--case", action="append", default=[])
+    parser.add_argument("--family", choices=["base", "mp"], default="base",
+                        help="with --world: the base matrix or the mixed-precision cases (own ctest fixture)")
     args = parser.parse_args()
     selected = [case_lib.parse_case(n) for n in args.case]
-    selected += [c for c in case_lib.all_cases() if c.world in args.world]
+    selected += [c for c in case_lib.all_cases() if c.world in args.world and c.family == args.family]
     if not selected:
         parser.error("no cases selected")
     os.makedirs(args.root, exist_ok=True)

@@ -7,6 +7,7 @@
 #include <torch/nn/modules/container/sequential.h>
 
 #include <algorithm>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <optional>
@@ -233,6 +234,7 @@ struct Engine::Impl {
   int prefetches_in_flight = 0;
   int64_t unsharded_bytes = 0;
   int64_t peak_unsharded_bytes = 0;
+  bool summoned = false;  // a FullParams scope is open
 
   template <typename Method>
   void emit(Method method, const Unit::Impl& unit) {
@@ -266,6 +268,7 @@ struct Engine::Impl {
   Unit::Impl* unit_of(const std::shared_ptr<torch::nn::Module>& module, const char* what);
   std::vector<Unit::Impl*> units_under(const std::shared_ptr<torch::nn::Module>& module, bool recurse,
                                        const char* what);
+  void check_can_summon() const;
 };
 
 // ---------------------------------------------------------------------------
@@ -445,6 +448,10 @@ void Engine::Impl::reshard(Unit::Impl& unit) {
 }
 
 void Engine::Impl::pre_forward(Unit::Impl& unit) {
+  if (summoned) {
+    throw std::runtime_error("forward of unit '" + unit.fqn +
+                             "' inside summon_full_params: close the FullParams (leave its scope) first");
+  }
   if (forward_depth == 0) {
     if (final_callback_queued) abandon_backward();
     lazy_init_root(unit);
@@ -533,16 +540,19 @@ void Engine::Impl::pre_backward(Unit::Impl& unit) {
   }
 }
 
-// This backward's full-size grads of `unit`, taken off the params. When any
-// param has one, every param that requires grad takes part (an undefined
-// grad: unused on this rank, reduced as zeros), so that ranks whose forward
-// used different params still issue the same reduce-scatter.
+// This backward's full-size grads of `unit`, taken off the params: those of
+// the params with a grad here (FSDP2), or, with reduce_scatter_unused_params,
+// of every param that requires grad once any has one (an undefined grad:
+// unused on this rank, reduced as zeros), so that ranks whose forward used
+// different params still issue the same reduce-scatter.
 std::vector<std::pair<size_t, at::Tensor>> Engine::Impl::take_full_grads(Unit::Impl& unit) {
   std::vector<std::pair<size_t, at::Tensor>> grads;
   bool any = false;
+  const bool with_unused = unit.options.reduce_scatter_unused_params;
   for (size_t i = 0; i < unit.params.size(); ++i) {
     auto& p = unit.params[i];
     if (!p.param.requires_grad()) continue;
+    if (!with_unused && !p.param.grad().defined()) continue;
     at::Tensor grad = p.param.grad();
     if (grad.defined() && grad.sizes() != at::IntArrayRef(p.full_shape)) {
       throw std::runtime_error("grad of param '" + p.fqn + "' of unit '" + unit.fqn + "' has shape " +
@@ -1251,6 +1261,257 @@ void Engine::set_reshard_after_backward(const std::shared_ptr<torch::nn::Module>
   }
 }
 
+// ---------------------------------------------------------------------------
+// summon_full_params: a scope in which the summoned units' params are full.
+
+void Engine::Impl::check_can_summon() const {
+  if (forward_depth > 0) {
+    throw std::runtime_error(
+        "summon_full_params inside a forward: call it between steps (before forward or after "
+        "backward)");
+  }
+  if (final_callback_queued) {
+    throw std::runtime_error(
+        "summon_full_params inside a backward (or after a backward that threw, until the next "
+        "forward): call it between steps");
+  }
+  if (summoned) throw std::runtime_error("summon_full_params while another FullParams of this engine is open");
+}
+
+struct FullParams::State {
+  // What a param had before the scope, to restore (or write back into).
+  struct Saved {
+    at::Tensor data;  // units over one rank without writeback: a copy of the params
+    at::Tensor grad;  // with_grads: the sharded grad (a copy for units over one rank)
+  };
+  Engine::Impl* engine = nullptr;
+  FullParamsOptions options;
+  std::vector<Unit::Impl*> units;
+  std::vector<std::vector<Saved>> saved;  // per unit, per param
+  int uncaught = 0;                       // std::uncaught_exceptions() at entry
+  bool open = false;
+};
+
+namespace {
+
+using Saved = FullParams::State::Saved;
+
+// First row of this rank's shard in the full param (dim0 for an empty shard).
+int64_t first_row(const Unit::Impl& unit, const ShardedParam& p) {
+  return std::min(unit.shard_rank * p.rows_per_rank, p.dim0);
+}
+
+bool is_rank0(const Unit::Impl& unit) {
+  return unit.shard_rank == 0 && (!unit.options.replicate_group || unit.options.replicate_group->rank() == 0);
+}
+
+// Each param's full grad over the unit's shard group; undefined where no rank
+// has one (a has-grad mask all-reduced with max), zeros from ranks without one.
+std::vector<at::Tensor> gather_grads(Unit::Impl& unit) {
+  const auto count = static_cast<int64_t>(unit.params.size());
+  at::Tensor has_grad = at::zeros({count}, at::kLong);
+  for (int64_t i = 0; i < count; ++i) {
+    if (unit.params[i].param.grad().defined()) has_grad[i] = 1;
+  }
+  {
+    AllReduceOptions max;
+    max.reduce_op = ReduceOp::Max;
+    ScopedCollectiveLabel label(collective_label("summon_full_params grad mask", unit));
+    unit.options.shard_group->all_reduce(has_grad, max)->wait();
+  }
+  std::vector<at::Tensor> full(unit.params.size());
+  if (has_grad.sum().item<int64_t>() == 0) return full;
+  const int world = unit.shard_world;
+  at::Tensor buffer = at::empty({world * unit.chunk_total}, unit.tensor_options);
+  at::Tensor mine = buffer.narrow(0, unit.shard_rank * unit.chunk_total, unit.chunk_total).zero_();
+  for (const auto& p : unit.params) {
+    const at::Tensor& grad = p.param.grad();
+    if (grad.defined() && p.my_rows > 0) mine.narrow(0, p.offset, p.my_rows * p.row_numel).copy_(grad.reshape(-1));
+  }
+  {
+    ScopedCollectiveLabel label(collective_label("summon_full_params grad all-gather", unit));
+    unit.options.shard_group->all_gather_into_tensor(buffer, mine)->wait();
+  }
+  at::Tensor by_rank = buffer.view({world, unit.chunk_total});
+  for (int64_t i = 0; i < count; ++i) {
+    if (has_grad[i].item<int64_t>() == 0) continue;
+    const auto& p = unit.params[i];
+    full[i] = by_rank.narrow(1, p.offset, p.chunk_numel())
+                  .reshape(p.rows_shape(world * p.rows_per_rank))
+                  .contiguous()
+                  .narrow(0, 0, p.dim0);
+  }
+  return full;
+}
+
+// After the unit's gather: sets its params' full grads (with_grads) and keeps
+// what closing restores.
+std::vector<Saved> save_unit(Unit::Impl& unit, const FullParamsOptions& options) {
+  std::vector<Saved> saved(unit.params.size());
+  const bool local = unit.shard_world == 1;  // the params are full already
+  std::vector<at::Tensor> full_grads;
+  if (options.with_grads && !local) full_grads = gather_grads(unit);
+  for (size_t i = 0; i < unit.params.size(); ++i) {
+    auto& p = unit.params[i];
+    const at::Tensor& grad = p.param.grad();
+    if (local) {
+      if (options.writeback) continue;
+      saved[i].data = p.param.data().clone();
+      if (options.with_grads && grad.defined()) saved[i].grad = grad.clone();
+    } else if (options.with_grads) {
+      saved[i].grad = grad;
+      p.param.mutable_grad() = full_grads[i];
+    }
+  }
+  return saved;
+}
+
+// The sharded grad to leave on `p` when the scope closes.
+at::Tensor grad_to_restore(const Unit::Impl& unit, const ShardedParam& p, Saved& saved, bool with_grads, bool writeback,
+                           std::string& errors) {
+  at::Tensor grad = p.param.grad();
+  if (!with_grads) return grad;
+  if (!writeback) return saved.grad;
+  if (!grad.defined()) return grad;  // set to None inside: None
+  if (grad.sizes() != at::IntArrayRef(p.full_shape)) {
+    errors += "\n  grad of param '" + p.fqn + "' of unit '" + unit.fqn + "' now has shape " + shape_of(grad.sizes()) +
+              ", the param's full shape is " + shape_of(p.full_shape) + " (grad edits dropped)";
+    return saved.grad;
+  }
+  if (unit.shard_world == 1) return grad;
+  at::Tensor rows = grad.narrow(0, first_row(unit, p), p.my_rows);
+  if (saved.grad.defined() && saved.grad.sizes() == rows.sizes()) return saved.grad.copy_(rows);
+  return rows.clone();
+}
+
+// Writes the unit's full params (and grads) back into its shards, or drops
+// them, and reshards it. Returns the errors (changed shapes), "" if none.
+std::string restore_unit(Engine::Impl& engine, Unit::Impl& unit, std::vector<Saved>& saved,
+                         const FullParamsOptions& options, bool writeback) {
+  if (!unit.unsharded) return "";
+  torch::NoGradGuard no_grad;
+  std::string errors;
+  std::vector<at::Tensor> grads(unit.params.size());
+  for (size_t i = 0; i < unit.params.size(); ++i) {
+    auto& p = unit.params[i];
+    const at::Tensor data = p.param.data();
+    const bool same_shape = data.sizes() == at::IntArrayRef(p.full_shape);
+    if (!same_shape) {
+      errors += "\n  param '" + p.fqn + "' of unit '" + unit.fqn + "' now has shape " + shape_of(data.sizes()) +
+                ", its full shape is " + shape_of(p.full_shape) + " (set_data with another shape; its edits dropped)";
+    }
+    const bool is_shard = data.data_ptr() == p.shard_view.data_ptr() && data.sizes() == p.shard_view.sizes();
+    if (writeback && same_shape && !is_shard) {
+      p.shard_view.copy_(unit.shard_world == 1 ? data : data.narrow(0, first_row(unit, p), p.my_rows));
+    }
+    if (!writeback && saved[i].data.defined()) p.shard_view.copy_(saved[i].data);
+    grads[i] = grad_to_restore(unit, p, saved[i], options.with_grads, writeback, errors);
+    p.param.mutable_grad() = at::Tensor();
+  }
+  engine.reshard(unit);
+  for (size_t i = 0; i < unit.params.size(); ++i) {
+    auto& p = unit.params[i];
+    p.param.set_data(p.shard_view);  // units over one rank: reshard leaves the data alone
+    p.param.mutable_grad() = grads[i];
+  }
+  return errors;
+}
+
+FullParams summon_units(Engine::Impl& engine, std::vector<Unit::Impl*> units, const FullParamsOptions& options) {
+  if (options.rank0_only && options.writeback) {
+    throw std::invalid_argument(
+        "summon_full_params: rank0_only with writeback: ranks other than 0 keep their shards and have nothing to "
+        "write back (FSDP1 refuses the pair too); pass writeback = false");
+  }
+  engine.check_can_summon();
+  for (const Unit::Impl* unit : units) {
+    // Its gather runs in param_dtype: writing that back would round the
+    // fp32 shards (FSDP1 gathers full precision here). Not supported yet.
+    if (unit->compute_dtype) {
+      throw std::invalid_argument("summon_full_params: unit '" + unit->fqn + "' has mixed precision (param_dtype " +
+                                  c10::toString(*unit->compute_dtype) + "), which summon_full_params does not support");
+    }
+  }
+  // Gathered by a forward whose backward has not run: that backward gathers
+  // them again, so summon from the shards like every other unit.
+  for (Unit::Impl* unit : units) {
+    if (unit->unsharded) engine.check_gathered(*unit, "after forward");
+    engine.reshard(*unit);
+  }
+  auto state = std::make_unique<FullParams::State>();
+  state->engine = &engine;
+  state->options = options;
+  state->units = std::move(units);
+  state->uncaught = std::uncaught_exceptions();
+  for (Unit::Impl* unit : state->units) engine.unshard(*unit);
+  for (Unit::Impl* unit : state->units) engine.wait_unshard(*unit);
+  for (Unit::Impl* unit : state->units) state->saved.push_back(save_unit(*unit, options));
+  state->open = true;
+  engine.summoned = true;
+  if (options.rank0_only) {
+    for (size_t k = 0; k < state->units.size(); ++k) {
+      if (!is_rank0(*state->units[k])) restore_unit(engine, *state->units[k], state->saved[k], options, false);
+    }
+  }
+  return FullParams(std::move(state));
+}
+
+}  // namespace
+
+FullParams::FullParams(std::unique_ptr<State> state) : state_(std::move(state)) {}
+FullParams::FullParams(FullParams&& other) noexcept = default;
+
+FullParams::~FullParams() noexcept(false) {
+  if (!state_ || !state_->open) return;
+  if (std::uncaught_exceptions() > state_->uncaught) {
+    try {
+      close();
+    } catch (...) {  // already unwinding: the params are resharded, the error goes
+    }
+    return;
+  }
+  close();
+}
+
+void FullParams::close() {
+  if (!state_ || !state_->open) return;
+  state_->open = false;
+  state_->engine->summoned = false;
+  std::string errors;
+  for (size_t k = 0; k < state_->units.size(); ++k) {
+    errors +=
+        restore_unit(*state_->engine, *state_->units[k], state_->saved[k], state_->options, state_->options.writeback);
+  }
+  if (!errors.empty()) {
+    throw std::runtime_error(
+        "summon_full_params: cannot write back (keep each param's and grad's full shape inside; "
+        "edit values in place or set_data with the same shape):" +
+        errors);
+  }
+}
+
+FullParams Engine::summon_full_params(const FullParamsOptions& options) {
+  std::vector<Unit::Impl*> units;
+  for (auto& unit : impl_->units) units.push_back(&unit->impl());
+  return summon_units(*impl_, std::move(units), options);
+}
+
+FullParams Engine::summon_full_params(const std::shared_ptr<torch::nn::Module>& module,
+                                      const FullParamsOptions& options) {
+  if (!module) throw std::invalid_argument("summon_full_params: module is null");
+  std::unordered_set<const torch::nn::Module*> subtree;
+  for (const auto& m : module->modules(/*include_self=*/true)) subtree.insert(m.get());
+  std::vector<Unit::Impl*> units;
+  for (auto& unit : impl_->units) {
+    if (subtree.count(unit->impl().module.get())) units.push_back(&unit->impl());
+  }
+  if (units.empty()) {
+    throw std::invalid_argument("summon_full_params: module " + module->name() +
+                                " holds no unit of this engine (call fully_shard on it or a child first)");
+  }
+  return summon_units(*impl_, std::move(units), options);
+}
+
 void Engine::unshard_all() {
   for (auto& unit : impl_->units) impl_->unshard(unit->impl());
   for (auto& unit : impl_->units) impl_->wait_unshard(unit->impl());
@@ -1282,6 +1543,11 @@ bool Unit::requires_gradient_sync() const { return impl_->reduce_grads; }
 bool Unit::requires_all_reduce() const { return impl_->all_reduce_grads; }
 bool Unit::reshard_after_backward() const { return impl_->reshard_after_backward; }
 const FullyShardOptions& Unit::options() const { return impl_->options; }
+std::vector<at::Tensor> Unit::params() const {
+  std::vector<at::Tensor> params;
+  for (const auto& p : impl_->params) params.push_back(p.param);
+  return params;
+}
 std::vector<int64_t> Unit::shard_rows() const {
   std::vector<int64_t> rows;
   for (const auto& p : impl_->params) rows.push_back(p.rows_per_rank);

@@ -159,9 +159,62 @@ struct FullyShardOptions {
   /// Throws std::invalid_argument (at fully_shard) for a dtype that is not
   /// floating point.
   MixedPrecisionPolicy mp_policy;
+  /// FSDP2's set_reduce_scatter_unused_params. false (FSDP2's default): only
+  /// params with a grad on this rank take part in the unit's reduce-scatter,
+  /// so a param no rank used keeps grad None (optimisers skip it, as
+  /// unsharded); ranks that use different params of the unit then issue
+  /// different reduce-scatters, which fail with a collective mismatch naming
+  /// the unit. true: every param that requires grad takes part, zeros where a
+  /// rank did not use it (the DDP mean for rank-divergent control flow); a
+  /// param no rank used then gets a zero grad, not None.
+  bool reduce_scatter_unused_params = false;
+};
+
+/// Engine::summon_full_params: what it gathers and what it keeps on exit.
+struct FullParamsOptions {
+  /// On exit, write each rank's full params (edited or not) back into its
+  /// shard, each rank from its own copy: edits must be the same on every
+  /// rank (as FSDP1 documents). false: edits are dropped.
+  bool writeback = true;
+  /// Also gather the sharded grads: each param's grad is its full grad inside
+  /// (None where no rank of its shard group has one), and on exit with
+  /// writeback its rows go back into the sharded grad (None stays None).
+  /// FSDP1 restores the saved grad shard instead (its edits are dropped).
+  bool with_grads = false;
+  /// Only the rank that is rank 0 of a unit's shard group (and of its
+  /// replicate group) sees the full params; every rank still joins the
+  /// gathers, the others reshard at once. Needs writeback = false (FSDP1
+  /// refuses the pair too: the other ranks have nothing to write back).
+  bool rank0_only = false;
 };
 
 class Engine;
+
+/// RAII: while alive, the params of the summoned units are their full
+/// tensors (identity kept, shapes full); close() or the destructor reshards
+/// them, writing back per FullParamsOptions. Thread-safety: as its Engine
+/// (one rank's thread or fiber).
+class FullParams {
+ public:
+  FullParams(FullParams&& other) noexcept;
+  FullParams& operator=(FullParams&&) = delete;
+  FullParams(const FullParams&) = delete;
+  FullParams& operator=(const FullParams&) = delete;
+  /// Calls close(); its error propagates unless an exception is already
+  /// unwinding the stack (then the params are resharded and it is dropped).
+  ~FullParams() noexcept(false);
+  /// Reshards now (at most once). Throws std::runtime_error naming each param
+  /// whose shape (or grad's shape) changed inside: those edits are dropped,
+  /// the other params are written back and every unit is resharded.
+  void close();
+
+  struct State;
+  explicit FullParams(std::unique_ptr<State> state);
+
+ private:
+  std::unique_ptr<State> state_;
+};
+
 class Unit;
 
 /// Runs `module->forward(args...)` as a unit's forward when `module` is
@@ -225,7 +278,21 @@ class Engine {
   void set_reshard_after_backward(bool reshard);
   void set_reshard_after_backward(const std::shared_ptr<torch::nn::Module>& module, bool reshard, bool recurse = true);
 
-  /// Gathers (or frees) every unit's params outside forward/backward.
+  /// FSDP1's summon_full_params / FSDP2's unshard, as a scope: gathers the
+  /// params of every unit (of the units in `module`'s subtree) until the
+  /// returned FullParams closes. Every rank of the units' groups must call it
+  /// alike (it issues their all-gathers; with_grads also one all-reduce and
+  /// one all-gather per unit). Throws std::runtime_error inside a forward or
+  /// backward or when already inside one; std::invalid_argument for
+  /// rank0_only with writeback. Units gathered by a forward whose backward has
+  /// not run are resharded first (their backward gathers them again);
+  /// fsdp::call of a unit while it is open throws.
+  [[nodiscard]] FullParams summon_full_params(const FullParamsOptions& options = {});
+  [[nodiscard]] FullParams summon_full_params(const std::shared_ptr<torch::nn::Module>& module,
+                                              const FullParamsOptions& options = {});
+
+  /// Gathers (or frees) every unit's params outside forward/backward; edits
+  /// made in between are dropped (summon_full_params writes them back).
   void unshard_all();
   void reshard_all();
 
@@ -263,6 +330,8 @@ class Unit {
   bool requires_all_reduce() const;
   bool reshard_after_backward() const;
   const FullyShardOptions& options() const;
+  /// The params this unit manages (the module's Tensors), in param_fqns() order.
+  std::vector<at::Tensor> params() const;
   /// Rows of each param's padded shard (ceil(dim0 / shard world)).
   std::vector<int64_t> shard_rows() const;
 

@@ -405,7 +405,9 @@ class ScenarioBase : public Scenario {
   std::shared_ptr<torch::nn::Module> module() override { return root_; }
   void shard(fsdp::Engine& engine, const ShardingSetup& setup) override {
     for (const auto& unit : units_) {
-      engine.fully_shard(unit.module, unit.rank_local ? setup.rank_local_options() : setup.options());
+      fsdp::FullyShardOptions options = unit.rank_local ? setup.rank_local_options() : setup.options();
+      options.reduce_scatter_unused_params = unit.reduce_scatter_unused_params;
+      engine.fully_shard(unit.module, options);
     }
   }
   std::set<std::string> rank_local_params() const override { return rank_local_; }
@@ -415,10 +417,12 @@ class ScenarioBase : public Scenario {
   struct UnitSpec {
     std::shared_ptr<torch::nn::Module> module;
     bool rank_local = false;
+    bool reduce_scatter_unused_params = false;  ///< ranks use different params of it
   };
   /// Units in fully_shard order: children first, the root last.
-  void add_unit(std::shared_ptr<torch::nn::Module> module, bool rank_local = false) {
-    units_.push_back({std::move(module), rank_local});
+  void add_unit(std::shared_ptr<torch::nn::Module> module, bool rank_local = false,
+                bool reduce_scatter_unused_params = false) {
+    units_.push_back({std::move(module), rank_local, reduce_scatter_unused_params});
   }
   at::Generator input_generator(int rank, int step) const {
     return generator(derive_seed(config_.seed, kInputStream, static_cast<uint64_t>(rank), static_cast<uint64_t>(step)));
@@ -651,7 +655,9 @@ class RankDivergentScenario : public ScenarioBase {
     root_ = model_.ptr();
     init_parameters(*root_, init_generator());
     add_unit(model_->trunk.ptr());
-    add_unit(model_->block.ptr());
+    // The branch runs on even ranks only: zeros from the others (FSDP2's
+    // set_reduce_scatter_unused_params), or the reduce-scatters would differ.
+    add_unit(model_->block.ptr(), /*rank_local=*/false, /*reduce_scatter_unused_params=*/true);
     add_unit(root_);
   }
   /// {x, labels}.

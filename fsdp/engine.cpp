@@ -108,6 +108,14 @@ struct ShardedParam {
   }
 };
 
+// A copy on the CPU (FSDP2's offload device), a real one even when `t` is
+// there already; pinned when it will be copied to an accelerator.
+at::Tensor offload_copy(const at::Tensor& t, const OffloadPolicy& policy, const at::Device& compute) {
+  at::Tensor out = t.to(t.options().device(at::kCPU), /*non_blocking=*/false, /*copy=*/true);
+  if (policy.pin_memory && !compute.is_cpu()) out = out.pin_memory();
+  return out;
+}
+
 void stash_grad(ShardedParam& p) {
   const at::Tensor& grad = p.param.grad();
   if (!grad.defined()) return;
@@ -139,11 +147,18 @@ struct Unit::Impl {
   int64_t chunk_total = 0;  // per-rank flat elements
   int shard_world = 1;
   int shard_rank = 0;
-  at::TensorOptions tensor_options;  // the params' own (sharded) dtype and device
+  // The params' own (sharded) dtype, on the compute device: gather buffers,
+  // gathered params.
+  at::TensorOptions tensor_options;
+  bool offload = false;  // shards and sharded grads live on the CPU
   // Mixed precision, resolved against the params' dtype: the dtype params are
   // gathered and computed in (unset: no cast) and the dtype grads reduce in.
   std::optional<at::ScalarType> compute_dtype;
   at::ScalarType reduce_dtype = at::kFloat;
+
+  // Whether the params computed with are copies of the shards (gathered, cast
+  // or copied from the offloaded shard), not the shards themselves.
+  bool copies_full() const { return shard_world > 1 || offload || compute_dtype.has_value(); }
 
   bool unsharded = false;
   TrainingState state = TrainingState::Idle;
@@ -174,8 +189,6 @@ std::string collective_label(const char* what, const Unit::Impl& unit) {
 
 // Whether the unit computes with tensors other than its shards while
 // unsharded: gathered ones, or a world of one's shards cast to param_dtype.
-bool has_full_copy(const Unit::Impl& unit) { return unit.shard_world > 1 || unit.compute_dtype.has_value(); }
-
 at::TensorOptions compute_options(const Unit::Impl& unit) {
   return unit.tensor_options.dtype(unit.compute_dtype.value_or(unit.tensor_options.dtype().toScalarType()));
 }
@@ -243,6 +256,7 @@ struct Engine::Impl {
 
   void lazy_init_root(Unit::Impl& unit);
   void check_shards(Unit::Impl& unit);
+  void check_materialized(const Unit::Impl& unit) const;
   void check_gathered(Unit::Impl& unit, const char* when);
   void unshard(Unit::Impl& unit);
   void set_full(ShardedParam& p, at::Tensor full);
@@ -343,6 +357,32 @@ void Engine::Impl::lazy_init_root(Unit::Impl& unit) {
   }
 }
 
+namespace {
+const char* const kMaterializeFix =
+    ": materialise the model first (engine.materialize(root, {device, init_param, init_buffer}) after fully_shard; "
+    "FSDP2: model.to_empty(device=...) then reset_parameters())";
+}  // namespace
+
+// A meta-built model computes nothing until materialised: refuse it before
+// the unit's state changes. Buffers are checked at the root's first forward.
+void Engine::Impl::check_materialized(const Unit::Impl& unit) const {
+  // Before the first forward FQNs are relative to the unit: name its module.
+  const std::string where = unit.fqn.empty() ? unit.module->name() : "'" + unit.fqn + "'";
+  for (const auto& p : unit.params) {
+    if (p.param.is_meta()) {
+      throw std::runtime_error("fsdp: param '" + p.fqn + "' of unit " + where + " (shape " + shape_of(p.full_shape) +
+                               ") is still on the meta device" + kMaterializeFix);
+    }
+  }
+  if (forward_depth > 0) return;  // buffers: checked by the outermost unit
+  for (const auto& item : unit.module->named_buffers()) {
+    if (item.value().is_meta()) {
+      throw std::runtime_error("fsdp: buffer '" + item.key() + "' of unit " + where + " is still on the meta device" +
+                               kMaterializeFix);
+    }
+  }
+}
+
 void Engine::Impl::check_shards(Unit::Impl& unit) {
   // Writes between steps must land in the shard: in-place ones do; a
   // set_data/assignment replaced the data, so copy it back (or refuse).
@@ -366,7 +406,7 @@ void Engine::Impl::check_shards(Unit::Impl& unit) {
 }
 
 void Engine::Impl::check_gathered(Unit::Impl& unit, const char* when) {
-  if (!unit.unsharded || !has_full_copy(unit)) return;
+  if (!unit.unsharded || !unit.copies_full()) return;
   for (auto& p : unit.params) {
     if (p.param.data_ptr() != p.full.data_ptr() || p.param.sizes() != p.full.sizes()) {
       throw std::runtime_error("param '" + p.fqn + "' of unit '" + unit.fqn + "' was replaced " + when +
@@ -376,14 +416,16 @@ void Engine::Impl::check_gathered(Unit::Impl& unit, const char* when) {
 }
 
 void Engine::Impl::unshard(Unit::Impl& unit) {
-  if (unit.unsharded || unit.gather_work) return;  // a no-op unshard is not an event
-  if (unit.params.empty() || !has_full_copy(unit)) {
-    unit.unsharded = true;  // nothing to gather or cast
+  if (unit.unsharded || unit.gather_work) return;    // a no-op unshard is not an event
+  if (!unit.copies_full() || unit.params.empty()) {  // nothing to gather, cast or copy
+    unit.unsharded = true;
     return;
   }
   check_shards(unit);
-  if (unit.shard_world == 1) {  // nothing to gather, but compute in param_dtype
-    for (auto& p : unit.params) set_full(p, p.shard_view.to(*unit.compute_dtype));
+  if (unit.shard_world == 1) {  // nothing to gather: copy (cast) the shards to the compute device and dtype
+    for (auto& p : unit.params) {
+      set_full(p, p.shard_view.to(compute_options(unit), /*non_blocking=*/false, /*copy=*/true));
+    }
     peak_unsharded_bytes = std::max(peak_unsharded_bytes, unsharded_bytes);
     unit.unsharded = true;
     return;
@@ -434,7 +476,7 @@ void Engine::Impl::reshard(Unit::Impl& unit) {
   if (unit.shard_world > 1 && !unit.params.empty()) emit(&EngineHooks::on_reshard, unit);
   unit.unsharded = false;
   for (auto& p : unit.params) {
-    if (has_full_copy(unit)) {
+    if (unit.copies_full()) {
       unsharded_bytes -= p.full.nbytes();
       p.param.set_data(p.shard_view);
       p.full = at::Tensor();
@@ -452,6 +494,7 @@ void Engine::Impl::pre_forward(Unit::Impl& unit) {
     throw std::runtime_error("forward of unit '" + unit.fqn +
                              "' inside summon_full_params: close the FullParams (leave its scope) first");
   }
+  check_materialized(unit);
   if (forward_depth == 0) {
     if (final_callback_queued) abandon_backward();
     lazy_init_root(unit);
@@ -601,7 +644,8 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
 void Engine::Impl::accumulate_local_grads(Unit::Impl& unit, std::vector<std::pair<size_t, at::Tensor>>& grads) {
   for (auto& [index, grad] : grads) {
     if (!grad.defined()) continue;  // unused here, and no other rank to hear from
-    const at::Tensor reduced = to_param_dtype(unit, grad.to(unit.reduce_dtype));
+    at::Tensor reduced = to_param_dtype(unit, grad.to(unit.reduce_dtype));
+    if (unit.offload) reduced = offload_copy(reduced, unit.options.offload_policy, unit.tensor_options.device());
     auto& p = unit.params[index];
     at::Tensor& current = unit.grads_stashed ? p.stashed_grad : p.param.mutable_grad();
     if (current.defined()) {
@@ -776,12 +820,14 @@ void Engine::Impl::land_reduction(Unit::Impl& unit, PendingReduction& reduction)
   for (size_t k = 0; k < reduction.params.size(); ++k) {
     auto& p = unit.params[reduction.params[k]];
     at::Tensor reduced = reduced_chunk(output, k).view(p.rows_shape(p.rows_per_rank)).narrow(0, 0, p.my_rows);
+    // Offloaded: the reduced grad goes back to the CPU, beside its shard.
+    if (unit.offload) reduced = offload_copy(reduced, unit.options.offload_policy, unit.tensor_options.device());
     // The sharded grad: aside while the unit stays gathered after backward.
     at::Tensor& grad = unit.grads_stashed ? p.stashed_grad : p.param.mutable_grad();
     if (grad.defined()) {
       grad.add_(reduced);
     } else {
-      grad = reduced.clone();
+      grad = unit.offload ? reduced : reduced.clone();
     }
   }
 }
@@ -1097,6 +1143,16 @@ class UnitParamChecker {
   std::optional<at::ScalarType> dtype_;
 };
 
+// FSDP2 shards params where they are: fully_shard with a device expects them
+// there already (meta excepted: materialize allocates them).
+void check_on_compute_device(const std::string& unit_name, const std::string& fqn, const at::Tensor& param,
+                             const FullyShardOptions& options) {
+  if (!options.device || param.is_meta() || param.device() == *options.device) return;
+  throw std::invalid_argument("fully_shard(" + unit_name + "): Expects the parameter to already be moved to device " +
+                              options.device->str() + " but got " + param.device().str() + " (param '" + fqn +
+                              "'): move the module there first (module->to(device)), or build it on the meta device");
+}
+
 // Swaps `param` to this rank's rows of dim 0 (padded to an equal chunk per
 // rank) with its identity kept; a grad it already has is sharded alike.
 ShardedParam shard_param(std::string fqn, const at::Tensor& param, Unit::Impl& unit) {
@@ -1115,11 +1171,20 @@ ShardedParam shard_param(std::string fqn, const at::Tensor& param, Unit::Impl& u
 
   torch::NoGradGuard no_grad;
   p.padded_shard = at::zeros(p.rows_shape(p.rows_per_rank), param.options().requires_grad(false));
+  // A meta param (deferred init) has no values: Engine::materialize fills the shard.
+  if (p.my_rows > 0 && !param.is_meta()) {
+    p.padded_shard.narrow(0, 0, p.my_rows).copy_(param.detach().narrow(0, begin, p.my_rows));
+  }
+  const OffloadPolicy& offload = unit.options.offload_policy;
+  const bool to_cpu = offload.cpu_offload && !param.is_meta();
+  if (to_cpu) p.padded_shard = offload_copy(p.padded_shard, offload, param.device());
   p.shard_view = p.padded_shard.narrow(0, 0, p.my_rows);
-  if (p.my_rows > 0) p.shard_view.copy_(param.detach().narrow(0, begin, p.my_rows));
   const at::Tensor& grad = param.grad();
   at::Tensor sharded_grad;
-  if (grad.defined()) sharded_grad = grad.narrow(0, begin, p.my_rows).clone();
+  if (grad.defined()) {
+    sharded_grad = grad.narrow(0, begin, p.my_rows);
+    sharded_grad = to_cpu ? offload_copy(sharded_grad, offload, param.device()) : sharded_grad.clone();
+  }
   p.param.mutable_grad() = at::Tensor();
   p.param.set_data(p.shard_view);
   if (sharded_grad.defined()) p.param.mutable_grad() = sharded_grad;
@@ -1143,19 +1208,31 @@ void Engine::fully_shard(const std::shared_ptr<torch::nn::Module>& module, const
   unit.options = options;
   unit.shard_world = options.shard_group->size();
   unit.shard_rank = options.shard_group->rank();
+  unit.offload = options.offload_policy.cpu_offload;
   unit.reshard_after_forward =
       options.strategy == ShardingStrategy::FullShard || options.strategy == ShardingStrategy::HybridShard;
-  if (options.sync_module_states) sync_module_states(*module, options, impl_->managed);
+  if (options.sync_module_states) {
+    for (const auto& tensor : module->parameters()) {
+      if (tensor.is_meta()) {
+        throw std::invalid_argument("fully_shard(" + name +
+                                    "): sync_module_states with params on the meta device (nothing to broadcast); "
+                                    "materialize initialises every rank alike instead");
+      }
+    }
+    sync_module_states(*module, options, impl_->managed);
+  }
 
   std::unordered_set<const c10::TensorImpl*> seen;
   UnitParamChecker checker(name);
   for (const auto& item : module->named_parameters()) {
     const c10::TensorImpl* key = item.value().unsafeGetTensorImpl();
     if (impl_->managed.count(key) || !seen.insert(key).second) continue;  // a nested unit's, or tied
+    check_on_compute_device(name, item.key(), item.value(), options);
     checker.check(item.key(), item.value());
     unit.params.push_back(shard_param(item.key(), item.value(), unit));
   }
   unit.tensor_options = checker.tensor_options();
+  if (options.device) unit.tensor_options = unit.tensor_options.device(*options.device);
   resolve_mixed_precision(unit);
 
   for (const auto& p : unit.params) impl_->managed.insert(p.param.unsafeGetTensorImpl());
@@ -1191,6 +1268,89 @@ std::vector<const Unit*> Engine::units() const {
   std::vector<const Unit*> result;
   for (const auto& unit : impl_->units) result.push_back(unit.get());
   return result;
+}
+
+namespace {
+
+// Re-points `param`'s TensorImpl at `data` (identity kept). For a meta param
+// LibTorch's set_data refuses (meta and CPU are different dispatch key sets:
+// Module::to(kMeta) fails the same way), so this does what set_data does
+// after that check: TensorImpl::shallow_copy_from. Safe for a meta param: it
+// has no storage, no grad and no autograd history to keep consistent.
+void repoint(const at::Tensor& param, const at::Tensor& data) {
+  if (!param.is_meta()) {
+    param.set_data(data);
+    return;
+  }
+  param.unsafeGetTensorImpl()->shallow_copy_from(data.getIntrusivePtr());
+}
+
+// The first FQN under `root` of every param (tied params: the first name).
+std::unordered_map<const c10::TensorImpl*, std::string> param_names(const torch::nn::Module& root) {
+  std::unordered_map<const c10::TensorImpl*, std::string> names;
+  for (const auto& item : root.named_parameters()) names.emplace(item.value().unsafeGetTensorImpl(), item.key());
+  return names;
+}
+
+void materialize_param(ShardedParam& p, const Unit::Impl& unit, const std::string& fqn,
+                       const MaterializeOptions& options) {
+  if (!options.init_param) {
+    throw std::invalid_argument("materialize: param '" + fqn + "' (shape " + shape_of(p.full_shape) +
+                                ") is on the meta device and MaterializeOptions::init_param is empty");
+  }
+  p.padded_shard =
+      at::zeros(p.rows_shape(p.rows_per_rank), at::TensorOptions().dtype(p.param.scalar_type()).device(options.device));
+  p.shard_view = p.padded_shard.narrow(0, 0, p.my_rows);
+  const int64_t row_begin = std::min(unit.shard_rank * p.rows_per_rank, p.dim0);
+  options.init_param(ShardInit{fqn, p.full_shape, row_begin, p.shard_view});
+  repoint(p.param, p.shard_view);
+}
+
+}  // namespace
+
+void Engine::materialize(const std::shared_ptr<torch::nn::Module>& root, const MaterializeOptions& options) {
+  if (!root) throw std::invalid_argument("materialize: root module is null");
+  if (options.device.is_meta()) throw std::invalid_argument("materialize: device is meta; give the device to fill");
+  for (const auto& item : root->named_parameters()) {
+    if (item.value().is_meta() && !manages(item.value())) {
+      throw std::invalid_argument("materialize: param '" + item.key() +
+                                  "' is on the meta device and no unit of this engine holds it: fully_shard its "
+                                  "module (or the root) first");
+    }
+  }
+  torch::NoGradGuard no_grad;
+  const auto names = param_names(*root);
+  for (auto& unit : impl_->units) {
+    Unit::Impl& u = unit->impl();
+    for (auto& p : u.params) {
+      auto name = names.find(p.param.unsafeGetTensorImpl());
+      if (!p.param.is_meta() || name == names.end()) continue;  // materialised, or outside `root`
+      if (u.offload && !options.device.is_cpu()) {
+        // FSDP2's message (its lazy init checks the same).
+        throw std::invalid_argument(
+            "materialize: FSDP parameters should be materialized on CPU when enabling CPU offloading. For example, "
+            "load a CPU state dict or call module.to_empty(device=\"cpu\"). Found param '" +
+            name->second + "' to materialize on " + options.device.str());
+      }
+      materialize_param(p, u, name->second, options);
+      if (u.tensor_options.device().is_meta()) u.tensor_options = u.tensor_options.device(options.device);
+    }
+  }
+  for (const auto& item : root->named_buffers()) {
+    const at::Tensor& buffer = item.value();
+    if (!buffer.is_meta()) continue;
+    if (!options.init_buffer) {
+      throw std::invalid_argument("materialize: buffer '" + item.key() +
+                                  "' is on the meta device and MaterializeOptions::init_buffer is empty");
+    }
+    at::Tensor data = at::zeros(buffer.sizes(), buffer.options().device(options.device));
+    options.init_buffer(item.key(), data);
+    repoint(buffer, data);
+  }
+}
+
+bool Engine::manages(const at::Tensor& param) const {
+  return param.defined() && impl_->managed.count(param.unsafeGetTensorImpl()) > 0;
 }
 
 Unit::Impl* Engine::Impl::unit_of(const std::shared_ptr<torch::nn::Module>& module, const char* what) {

@@ -141,6 +141,19 @@ struct MixedPrecisionPolicy {
   bool cast_forward_inputs = true;
 };
 
+/// FSDP2's offload_policy: OffloadPolicy() (no offload, the default) or
+/// CPUOffloadPolicy(pin_memory).
+struct OffloadPolicy {
+  /// Sharded params and their grads (so the optimiser's state) live on the
+  /// CPU; each all-gather first copies the shard to the compute device, each
+  /// reduced grad is copied back to the CPU. Copies are real copies even when
+  /// the compute device is the CPU too.
+  bool cpu_offload = false;
+  /// Pin the CPU shards (faster, overlappable host-device copies); applies
+  /// only when the compute device is an accelerator (pinning needs one).
+  bool pin_memory = true;
+};
+
 struct FullyShardOptions {
   /// Params are sharded over this group (HybridShard: the shard axis).
   ProcessGroupPtr shard_group;
@@ -168,6 +181,11 @@ struct FullyShardOptions {
   /// rank did not use it (the DDP mean for rank-divergent control flow); a
   /// param no rank used then gets a zero grad, not None.
   bool reduce_scatter_unused_params = false;
+  /// The compute device (FSDP2: the mesh's device): gathered params and
+  /// collectives live here. Unset: the params' device. Set: every param not
+  /// on the meta device must already be there (FSDP2 checks the same).
+  std::optional<at::Device> device;
+  OffloadPolicy offload_policy;
 };
 
 /// Engine::summon_full_params: what it gathers and what it keeps on exit.
@@ -186,6 +204,26 @@ struct FullParamsOptions {
   /// gathers, the others reshard at once. Needs writeback = false (FSDP1
   /// refuses the pair too: the other ranks have nothing to write back).
   bool rank0_only = false;
+};
+
+/// One param's shard to fill when a meta-built model is materialised
+/// (Engine::materialize).
+struct ShardInit {
+  std::string fqn;                  ///< from the root given to materialize
+  std::vector<int64_t> full_shape;  ///< the whole param's shape
+  int64_t row_begin = 0;            ///< the full param's row at the shard's row 0
+  at::Tensor shard;                 ///< this rank's rows (none past the end), on the device: fill in place
+};
+using ShardInitFn = std::function<void(const ShardInit&)>;
+
+struct MaterializeOptions {
+  /// Where the shards (and buffers) are allocated.
+  at::Device device = at::kCPU;
+  /// Fills each meta param's shard; required when a param is on meta.
+  ShardInitFn init_param;
+  /// Fills each meta buffer (buffers are not sharded: each rank holds it
+  /// whole); required when a buffer is on meta.
+  std::function<void(const std::string& fqn, const at::Tensor& buffer)> init_buffer;
 };
 
 class Engine;
@@ -248,6 +286,8 @@ class Engine {
   const Unit* root() const;
   /// Every unit, in the order fully_shard made them.
   std::vector<const Unit*> units() const;
+  /// Whether a unit of this engine holds `param` (the same TensorImpl).
+  bool manages(const at::Tensor& param) const;
   /// Explicit prefetch lists (override the implicit choice for `module`):
   /// when its forward (backward) begins, gather `targets` in order.
   void set_forward_prefetch(const std::shared_ptr<torch::nn::Module>& module,
@@ -290,6 +330,16 @@ class Engine {
   [[nodiscard]] FullParams summon_full_params(const FullParamsOptions& options = {});
   [[nodiscard]] FullParams summon_full_params(const std::shared_ptr<torch::nn::Module>& module,
                                               const FullParamsOptions& options = {});
+
+  /// Deferred init: allocates on options.device, for every param of `root`
+  /// still on the meta device, only this rank's padded shard and fills its
+  /// rows through options.init_param; meta buffers are allocated whole and
+  /// filled through options.init_buffer. Params keep their Tensor identity.
+  /// Call after fully_shard (on meta params it records shapes only) and
+  /// before the first forward (which refuses meta params). Throws
+  /// std::invalid_argument for a missing init function or a meta param no
+  /// unit holds.
+  void materialize(const std::shared_ptr<torch::nn::Module>& root, const MaterializeOptions& options);
 
   /// Gathers (or frees) every unit's params outside forward/backward; edits
   /// made in between are dropped (summon_full_params writes them back).

@@ -21,6 +21,7 @@ fsdp::FullyShardOptions ShardingSetup::options() const {
   options.shard_group = shard_group;
   options.replicate_group = replicate_group;
   options.mp_policy = mp_policy;
+  options.offload_policy = offload_policy;
   return options;
 }
 
@@ -30,6 +31,7 @@ fsdp::FullyShardOptions ShardingSetup::rank_local_options() const {
                                                                      : fsdp::ShardingStrategy::FullShard;
   options.shard_group = self_group;
   options.mp_policy = mp_policy;
+  options.offload_policy = offload_policy;
   return options;
 }
 
@@ -411,6 +413,7 @@ class ScenarioBase : public Scenario {
     }
   }
   std::set<std::string> rank_local_params() const override { return rank_local_; }
+  fsdp::WrapPolicyPtr wrap_policy() const override { return wrap_policy_; }
   int sharded_blocks() const override { return static_cast<int>(units_.size()) - 1; }
 
  protected:
@@ -449,7 +452,14 @@ class ScenarioBase : public Scenario {
   std::shared_ptr<torch::nn::Module> root_;
   std::vector<UnitSpec> units_;
   std::set<std::string> rank_local_;
+  fsdp::WrapPolicyPtr wrap_policy_;
 };
+
+// Picks the modules at the given paths from the root.
+fsdp::WrapPolicyPtr wrap_paths(std::set<std::string> fqns) {
+  return fsdp::wrap_modules_where(
+      [fqns = std::move(fqns)](const torch::nn::Module&, const std::string& fqn) { return fqns.count(fqn) > 0; });
+}
 
 /// Models rooted at NestedRoot: input rand(4, 8), loss out.sum().
 class NestedScenario : public ScenarioBase {
@@ -480,6 +490,9 @@ class NestedWrappedScenario : public NestedScenario {
     auto last = chain->add("3", torch::nn::Linear(4, 8));
     root_ = model_.ptr();
     init_parameters(*root_, init_generator());
+    wrap_policy_ = always_wrap
+                       ? fsdp::wrap_modules_where([](const torch::nn::Module&, const std::string&) { return true; })
+                       : wrap_paths({"module.1.0", "module.1", "module.2"});
     if (always_wrap) {
       add_unit(first.ptr());
       add_unit(inner_first.ptr());
@@ -518,6 +531,7 @@ class NonUniformReqGradScenario : public NestedScenario {
     add_unit(inner_first.ptr());
     add_unit(inner.ptr());
     add_unit(tail.ptr());
+    wrap_policy_ = wrap_paths({"module.1.0", "module.1", "module.2"});
     add_unit(root_);
   }
 };
@@ -558,6 +572,9 @@ class TransformerScenario : public ScenarioBase {
     for (auto& layer : model_->transformer->encoder->layers) add_unit(layer.ptr());
     for (auto& layer : model_->transformer->decoder->layers) add_unit(layer.ptr());
     add_unit(root_);
+    // By type name: the string form (the layers are LibTorch's classes).
+    wrap_policy_ =
+        fsdp::wrap_module_types({"torch::nn::TransformerEncoderLayerImpl", "torch::nn::TransformerDecoderLayerImpl"});
   }
   /// src (6, 2) and tgt (4, 2) token ids: arange shifted per (rank, step).
   std::vector<at::Tensor> input(int rank, int step) override {
@@ -589,6 +606,7 @@ class DoubleLinearScenario : public ScenarioBase {
     add_unit(model_->lin1.ptr());
     add_unit(model_->lin2.ptr());
     add_unit(root_);
+    wrap_policy_ = fsdp::wrap_module_types<torch::nn::LinearImpl>();
   }
   std::vector<at::Tensor> input(int rank, int step) override { return dense_input(rank, step); }
   at::Tensor forward_loss(const std::vector<at::Tensor>& input) override {
@@ -630,6 +648,7 @@ class MlpStackScenario : public ScenarioBase {
     add_unit(second.ptr());
     add_unit(third.ptr());
     add_unit(root_);
+    wrap_policy_ = fsdp::wrap_module_types<MlpImpl>();
   }
   /// {x, target}: the rank's fixed batch and the teacher's outputs for it.
   std::vector<at::Tensor> input(int rank, int /*step*/) override {
@@ -659,6 +678,7 @@ class RankDivergentScenario : public ScenarioBase {
     // set_reduce_scatter_unused_params), or the reduce-scatters would differ.
     add_unit(model_->block.ptr(), /*rank_local=*/false, /*reduce_scatter_unused_params=*/true);
     add_unit(root_);
+    wrap_policy_ = wrap_paths({"trunk", "block"});
   }
   /// {x, labels}.
   std::vector<at::Tensor> input(int rank, int /*step*/) override {
@@ -681,6 +701,7 @@ class UnevenShapesScenario : public ScenarioBase {
     add_unit(model_->block0.ptr());
     add_unit(model_->block1.ptr());
     add_unit(root_);
+    wrap_policy_ = fsdp::wrap_module_types<ParamBlockImpl>();
   }
   std::vector<at::Tensor> input(int rank, int step) override {
     auto gen = input_generator(rank, step);

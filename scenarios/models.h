@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "backends/process_group.h"
+#include "fsdp/auto_wrap.h"
 #include "fsdp/fully_shard.h"
 
 namespace fsdpsim::scenarios {
@@ -49,6 +50,8 @@ struct ShardingSetup {
   ProcessGroupPtr self_group;
   /// Every unit's mixed precision (rank-local units too).
   fsdp::MixedPrecisionPolicy mp_policy;
+  /// Every unit's offload policy (FSDP2's CPUOffloadPolicy when cpu_offload).
+  fsdp::OffloadPolicy offload_policy;
 
   /// Options for a unit sharded with the strategy.
   fsdp::FullyShardOptions options() const;
@@ -93,6 +96,10 @@ class Scenario {
   /// first and the root last, with setup.options() (rank-local units with
   /// setup.rank_local_options()).
   virtual void shard(fsdp::Engine& engine, const ShardingSetup& setup) = 0;
+  /// A policy under which fsdp::apply_fully_shard makes the units shard()
+  /// lists, in the same order; nullptr where one options value cannot do it
+  /// (mixture_of_experts: its rank-local expert takes other options).
+  virtual fsdp::WrapPolicyPtr wrap_policy() const = 0;
   /// The batch of `rank` at `step`, from (seed, rank, step).
   virtual std::vector<at::Tensor> input(int rank, int step) = 0;
   /// Runs the root through fsdp::call (so sharded units gather) and returns

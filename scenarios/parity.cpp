@@ -46,6 +46,8 @@ std::string ParityConfig::describe() const {
     out << " zero-grad-in-place";
   }
   if (zero_grad_at != ZeroGradAt::BeforeForward) out << " zero-grad-" << to_string(zero_grad_at);
+  if (auto_wrap) out << " auto-wrap";
+  if (cpu_offload) out << " cpu-offload";
   if (!tolerance.exact()) out << " atol " << tolerance.atol << " rtol " << tolerance.rtol;
   return out.str();
 }

@@ -46,13 +46,23 @@ Trainer::Trainer(const TrainConfig& config, int rank, const ProcessGroupPtr& wor
   if (world) {
     ShardingSetup setup = make_sharding_setup(world, config.strategy, config.replicate_size);
     setup.mp_policy = config.mp_policy;
+    setup.offload_policy.cpu_offload = config.cpu_offload;
     fsdp::EngineOptions options;
     options.queue_backward_callback = sim::queue_backward_callback;  // fiber ranks too
     options.backward_prefetch = config.backward_prefetch;
     options.forward_prefetch = config.forward_prefetch;
     options.hooks = std::move(engine_hooks);
     engine_ = std::make_unique<fsdp::Engine>(options);
-    scenario_->shard(*engine_, setup);
+    if (config.auto_wrap) {
+      fsdp::WrapPolicyPtr policy = scenario_->wrap_policy();
+      if (!policy) {
+        throw std::invalid_argument("TrainConfig::auto_wrap: scenario " + scenario_->name() +
+                                    " has no wrap policy (its units take different options); set auto_wrap = false");
+      }
+      fsdp::apply_fully_shard(*engine_, scenario_->module(), setup.options(), policy);
+    } else {
+      scenario_->shard(*engine_, setup);
+    }
   }
   named_ = unique_named_parameters(*scenario_->module());
   for (const auto& item : named_) params_.push_back(item.second);

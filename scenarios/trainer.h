@@ -60,6 +60,11 @@ struct TrainConfig {
   bool zero_grad_set_to_none = true;
   /// Where step() zeroes the grads.
   ZeroGradAt zero_grad_at = ZeroGradAt::BeforeForward;
+  /// Shard through fsdp::apply_fully_shard with the scenario's
+  /// wrap_policy() instead of its hand-listed units (Scenario::shard).
+  bool auto_wrap = false;
+  /// Shard with FSDP2's CPUOffloadPolicy (sharded params and grads on the CPU).
+  bool cpu_offload = false;
 
   bool set_to_none_at(int step) const {
     return zero_grad_set_to_none_alternate ? step % 2 == 0 : zero_grad_set_to_none;

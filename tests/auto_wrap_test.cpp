@@ -37,10 +37,12 @@ using scenarios::TrainConfig;
 using scenarios::Trainer;
 using sim::RankKind;
 
-// The scenarios whose units one options value describes (not mixture_of_experts).
+// The scenarios whose units one options value describes (not
+// mixture_of_experts, whose expert unit has a group of its own, nor
+// rank_divergent, whose block unit reduces unused params).
 const std::vector<std::string> kWrappableScenarios = {"nested_wrapped",       "always_wrap_nested", "transformer",
                                                       "non_uniform_req_grad", "double_linear",      "mlp_stack",
-                                                      "uneven_shapes",        "rank_divergent"};
+                                                      "uneven_shapes"};
 
 // Unit FQNs (once a forward found the root) and each unit's param FQNs.
 std::vector<std::pair<std::string, std::vector<std::string>>> units_of(const Engine& engine) {

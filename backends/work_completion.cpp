@@ -12,10 +12,10 @@ void WorkCompletion::set_issued(int64_t issue_ns, int64_t start_ns) {
   times_.start_ns = start_ns;
 }
 
-void WorkCompletion::complete(int64_t end_ns, std::exception_ptr error, const std::string& what) {
+void WorkCompletion::complete(int64_t end_ns, std::exception_ptr error, const std::function<std::string()>& describe) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (done_) throw std::logic_error("WorkCompletion::complete called twice for " + what);
+    if (done_) throw std::logic_error("WorkCompletion::complete called twice for " + describe());
     done_ = true;
     error_ = std::move(error);
     times_.end_ns = end_ns;
@@ -37,9 +37,9 @@ void WorkCompletion::complete(int64_t end_ns, std::exception_ptr error, const st
       try {
         callback();
       } catch (const std::exception& e) {
-        std::cerr << "fsdpsim: on_completion callback of " << what << " threw: " << e.what() << std::endl;
+        std::cerr << "fsdpsim: on_completion callback of " << describe() << " threw: " << e.what() << std::endl;
       } catch (...) {
-        std::cerr << "fsdpsim: on_completion callback of " << what << " threw a non-std exception" << std::endl;
+        std::cerr << "fsdpsim: on_completion callback of " << describe() << " threw a non-std exception" << std::endl;
       }
     }
   }
@@ -81,8 +81,7 @@ void WorkCompletion::on_completion(std::function<void()> callback) {
 WorkPtr completed_work(CollectiveDesc desc, int64_t now_ns, std::exception_ptr error) {
   auto completion = std::make_shared<WorkCompletion>();
   completion->set_issued(now_ns, now_ns);
-  const std::string what = desc.to_string();
-  completion->complete(now_ns, std::move(error), what);
+  completion->complete(now_ns, std::move(error), [&desc] { return desc.to_string(); });
   return std::make_shared<CompletionWork>(std::move(desc), std::move(completion));
 }
 

@@ -28,8 +28,10 @@ class WorkCompletion {
  public:
   /// The collective's result is final: records `end_ns` and `error`, runs the
   /// registered callbacks (a throwing one is reported on stderr and skipped,
-  /// naming `what`), then releases waiters. Throws std::logic_error if called twice.
-  void complete(int64_t end_ns, std::exception_ptr error, const std::string& what);
+  /// naming the collective `describe()` returns), then releases waiters.
+  /// Throws std::logic_error if called twice. `describe` runs only on those
+  /// error paths, so completing formats nothing.
+  void complete(int64_t end_ns, std::exception_ptr error, const std::function<std::string()>& describe);
   /// Issue and start times, set by the backend before completion.
   void set_issued(int64_t issue_ns, int64_t start_ns);
 

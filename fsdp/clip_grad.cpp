@@ -49,15 +49,19 @@ double combine(double total, double value, bool inf) {
   return std::isnan(value) || value > total ? value : total;
 }
 
-// sum |g|^p (max |g| for the inf norm) over the group's local grads, in double.
+// sum |g|^p (max |g| for the inf norm) over the group's local grads: one
+// vector norm per grad, accumulated in double, and one read of the result.
 double local_power_sum(const std::vector<at::Tensor>& grads, double norm_type, bool inf) {
-  double total = 0.0;
+  std::vector<at::Tensor> norms;
+  norms.reserve(grads.size());
   for (const at::Tensor& grad : grads) {
     if (grad.numel() == 0) continue;
-    const at::Tensor g = grad.detach().to(at::kDouble).abs();
-    total = combine(total, inf ? g.max().item<double>() : g.pow(norm_type).sum().item<double>(), inf);
+    norms.push_back(at::linalg_vector_norm(grad.detach(), norm_type, std::nullopt, false, at::kDouble));
   }
-  return total;
+  if (norms.empty()) return 0.0;
+  const at::Tensor stacked = at::stack(norms);
+  // at::max propagates NaN, as combine() does.
+  return inf ? stacked.max().item<double>() : stacked.pow(norm_type).sum().item<double>();
 }
 
 double clip(Engine& engine, const std::unordered_set<const c10::TensorImpl*>& wanted, double max_norm, double norm_type,
@@ -88,12 +92,20 @@ double clip(Engine& engine, const std::unordered_set<const c10::TensorImpl*>& wa
                              ", so it cannot be clipped (error_if_nonfinite = false scales "
                              "the grads anyway)");
   }
-  // LibTorch's arithmetic, in each grad's dtype: max_norm / (total + 1e-6), at most 1.
+  // LibTorch's arithmetic, in the grads' dtype: max_norm / (total + 1e-6), at
+  // most 1; one coefficient per dtype and device.
+  std::vector<at::Tensor> coefs;
   for (const GroupGrads& entry : groups) {
     for (const at::Tensor& grad : entry.grads) {
-      const at::Tensor norm = at::scalar_tensor(total, grad.options().requires_grad(false));
-      const at::Tensor coef = at::clamp(max_norm / (norm + 1e-6), std::nullopt, 1.0);
-      grad.detach().mul_(coef);
+      const at::Tensor* coef = nullptr;
+      for (const at::Tensor& c : coefs) {
+        if (c.scalar_type() == grad.scalar_type() && c.device() == grad.device()) coef = &c;
+      }
+      if (coef == nullptr) {
+        const at::Tensor norm = at::scalar_tensor(total, grad.options().requires_grad(false));
+        coef = &coefs.emplace_back(at::clamp(max_norm / (norm + 1e-6), std::nullopt, 1.0));
+      }
+      grad.detach().mul_(*coef);
     }
   }
   return total;

@@ -208,10 +208,15 @@ TEST(UnusedParams, ReduceScatterUnusedParamsGivesZerosInsteadOfNone) {
 }
 
 // Without it, ranks that use different params of a unit issue different
-// reduce-scatters (FSDP2 would hang): refused with a report naming the unit.
-TEST(UnusedParams, RankDivergentUseWithoutTheOptionFailsNamingTheUnit) {
+// reduce-scatters (FSDP2 would hang): refused with a report naming the unit,
+// on the fake backend (which always checks) and on real Gloo thread ranks
+// (through the checked group's cross-rank comparison).
+class RankDivergentUse : public ::testing::TestWithParam<sim::CommBackend> {};
+
+TEST_P(RankDivergentUse, WithoutTheOptionFailsNamingTheUnit) {
   sim::WorldOptions options;
   options.world_size = 2;
+  options.backend = GetParam();
   options.collective_timeout = std::chrono::seconds(20);
   sim::World world(options);
   auto result = world.run([&](sim::RankContext& ctx) {
@@ -225,6 +230,12 @@ TEST(UnusedParams, RankDivergentUseWithoutTheOptionFailsNamingTheUnit) {
   EXPECT_THAT(result.error_report(), ::testing::HasSubstr("mismatch"));
   EXPECT_THAT(result.error_report(), ::testing::HasSubstr("reduce-scatter of unit ''"));
 }
+
+INSTANTIATE_TEST_SUITE_P(UnusedParams, RankDivergentUse,
+                         ::testing::Values(sim::CommBackend::Fake, sim::CommBackend::Gloo),
+                         [](const ::testing::TestParamInfo<sim::CommBackend>& info) {
+                           return std::string(sim::to_string(info.param));
+                         });
 
 }  // namespace
 }  // namespace fsdpsim::fsdp

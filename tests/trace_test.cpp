@@ -58,7 +58,7 @@ struct StubState {
   int64_t issue_ns = 0;
   void finish(int64_t start_ns, int64_t end_ns, std::exception_ptr failure = nullptr) {
     completion.set_issued(issue_ns, start_ns);
-    completion.complete(end_ns, std::move(failure), "stub collective");
+    completion.complete(end_ns, std::move(failure), [] { return std::string("stub collective"); });
   }
 };
 

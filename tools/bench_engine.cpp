@@ -9,6 +9,11 @@
 //      against the theoretical peak of the engine's schedule;
 //   4. mixed precision (mp_policy bf16) against fp32 at world 2: step time and
 //      bytes gathered and reduced per rank, as ratios.
+//   5. gradient accumulation (3 micro-batches per step, the first two without
+//      gradient sync, params resharded or kept after backward): peak
+//      gathered-param bytes vs theory and step time vs syncing every
+//      micro-batch; clip_grad_norm_ over shards against LibTorch's
+//      clip_grad_norm_ of the plain model (time, and the norms agree).
 //
 // A step is zero_grad (grads set to none) + forward + backward + SGD step.
 // The plain model is the same scenario module (same init, same data) with no
@@ -32,6 +37,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
@@ -53,6 +59,7 @@
 
 #include "backends/comm_hooks.h"
 #include "backends/process_group.h"
+#include "fsdp/clip_grad.h"
 #include "fsdp/fully_shard.h"
 #include "scenarios/models.h"
 #include "scenarios/trainer.h"
@@ -246,8 +253,16 @@ class Trainer {
     return trainer_.step(index, inputs_[static_cast<size_t>(index % kDistinctInputs)]).item<double>();
   }
 
+  /// The parts of a step, for loops of several micro-batches per step.
+  void zero_grad(int index) { trainer_.zero_grad(index); }
+  void forward_backward(int index) {
+    trainer_.backward(trainer_.forward_loss(inputs_[static_cast<size_t>(index % kDistinctInputs)]));
+  }
+  void optimizer_step() { trainer_.optimizer_step(); }
+
   fsdp::Engine* engine() { return trainer_.engine(); }
   scenarios::Scenario& scenario() { return trainer_.scenario(); }
+  const std::vector<at::Tensor>& params() const { return trainer_.params(); }
 
  private:
   static scenarios::TrainConfig with_strategy(scenarios::TrainConfig train, fsdp::ShardingStrategy strategy) {
@@ -262,6 +277,21 @@ class Trainer {
   std::vector<std::vector<at::Tensor>> inputs_;
   scenarios::Trainer trainer_;
 };
+
+/// Per timed step: the last rank's end minus the first rank's start, in ms.
+std::vector<double> step_durations_ms(const std::vector<std::vector<int64_t>>& starts,
+                                      const std::vector<std::vector<int64_t>>& ends, int warmup) {
+  std::vector<double> durations;
+  for (auto i = static_cast<size_t>(warmup); i < starts.front().size(); ++i) {
+    int64_t first_start = INT64_MAX, last_end = INT64_MIN;
+    for (size_t r = 0; r < starts.size(); ++r) {
+      first_start = std::min(first_start, starts[r][i]);
+      last_end = std::max(last_end, ends[r][i]);
+    }
+    durations.push_back(ns_to_ms(last_end - first_start));
+  }
+  return durations;
+}
 
 // ---------------------------------------------------------------------------
 // 1. World size 1: engine vs plain
@@ -486,7 +516,7 @@ std::string model_details(const ModelSpec& spec) {
 }
 
 void section_single(const Config& config, Report& report) {
-  progress("[1/4] world size 1: engine (FullShard, one thread rank) vs the plain model ...");
+  progress("[1/5] world size 1: engine (FullShard, one thread rank) vs the plain model ...");
   const int64_t started = steady_now_ns();
   std::vector<SingleResult> results;
   for (const auto& spec : config.models) {
@@ -542,7 +572,7 @@ using MultiKey = std::tuple<size_t, int, sim::RankKind, fsdp::ShardingStrategy>;
 void section_multi(const Config& config, Report& report, std::map<MultiKey, MultiResult>& results) {
   std::string worlds;
   for (int n : config.worlds) worlds += (worlds.empty() ? "" : ", ") + std::to_string(n);
-  progress("[2/4] world sizes " + worlds + ": thread and fiber ranks, FullShard and ShardGradOp ...");
+  progress("[2/5] world sizes " + worlds + ": thread and fiber ranks, FullShard and ShardGradOp ...");
   const int64_t started = steady_now_ns();
   std::vector<double> plain(config.models.size());
   for (size_t m = 0; m < config.models.size(); ++m) {
@@ -605,7 +635,7 @@ void section_multi(const Config& config, Report& report, std::map<MultiKey, Mult
 }
 
 void section_memory(const Config& config, const std::map<MultiKey, MultiResult>& results) {
-  progress("[3/4] peak gathered-param bytes per rank vs theory (from the section 2 runs) ...");
+  progress("[3/5] peak gathered-param bytes per rank vs theory (from the section 2 runs) ...");
   std::cout << "\n== 3. peak unsharded (gathered) param bytes per rank over a step vs theory ==\n"
             << "  peak = Engine::peak_unsharded_bytes() over one step (reset before it), max over ranks and\n"
             << "  timed steps: the full params of the units gathered at once (a unit counts from the wait of\n"
@@ -667,11 +697,20 @@ class ByteCounter final : public DefaultCommHooks {
  public:
   void before(const CollectiveDesc& desc) override {
     const auto element = static_cast<int64_t>(c10::elementSize(desc.dtype));
-    if (desc.op == CollectiveOp::AllGather) gathered += desc.output_numel() * element;
-    if (desc.op == CollectiveOp::ReduceScatter) reduced += desc.input_numel() * element;
+    if (desc.op == CollectiveOp::AllGather) {
+      gathered += desc.output_numel() * element;
+      ++gathers;
+    }
+    if (desc.op == CollectiveOp::ReduceScatter) {
+      reduced += desc.input_numel() * element;
+      ++reductions;
+    }
   }
+  void reset() { gathered = reduced = gathers = reductions = 0; }
   int64_t gathered = 0;
   int64_t reduced = 0;
+  int64_t gathers = 0;
+  int64_t reductions = 0;
 };
 
 struct MixedResult {
@@ -698,7 +737,7 @@ MixedResult run_mixed(ModelSpec spec, const fsdp::MixedPrecisionPolicy& mp, int 
     Trainer trainer(spec, rank, group, fsdp::ShardingStrategy::FullShard);
     for (size_t i = 0; i < steps; ++i) {
       ctx.world_group()->barrier()->wait();
-      if (i == static_cast<size_t>(iterations.warmup)) counter->gathered = counter->reduced = 0;
+      if (i == static_cast<size_t>(iterations.warmup)) counter->reset();
       starts[rank][i] = steady_now_ns();
       trainer.step(static_cast<int>(i));
       ends[rank][i] = steady_now_ns();
@@ -706,16 +745,7 @@ MixedResult run_mixed(ModelSpec spec, const fsdp::MixedPrecisionPolicy& mp, int 
     if (rank == 0) bytes = {counter->gathered, counter->reduced};
   });
   if (!result.error.empty()) return result;
-  std::vector<double> durations;
-  for (auto i = static_cast<size_t>(iterations.warmup); i < steps; ++i) {
-    int64_t first_start = INT64_MAX, last_end = INT64_MIN;
-    for (int r = 0; r < world_size; ++r) {
-      first_start = std::min(first_start, starts[r][i]);
-      last_end = std::max(last_end, ends[r][i]);
-    }
-    durations.push_back(ns_to_ms(last_end - first_start));
-  }
-  result.step_ms = median(durations);
+  result.step_ms = median(step_durations_ms(starts, ends, iterations.warmup));
   result.gathered_per_step = static_cast<double>(bytes.first) / iterations.timed;
   result.reduced_per_step = static_cast<double>(bytes.second) / iterations.timed;
   return result;
@@ -737,7 +767,7 @@ std::vector<NamedPolicy> mixed_policies() {
 
 void section_mixed(const Config& config, Report& report) {
   const int world = config.worlds.front();
-  progress("[4/4] mixed precision vs fp32 at world " + std::to_string(world) + " ...");
+  progress("[4/5] mixed precision vs fp32 at world " + std::to_string(world) + " ...");
   const int64_t started = steady_now_ns();
   const std::vector<NamedPolicy> policies = mixed_policies();
   std::cout << "\n== 4. mixed precision (mp_policy) vs fp32: world " << world << ", FullShard, thread ranks ==\n"
@@ -787,6 +817,238 @@ void section_mixed(const Config& config, Report& report) {
   std::cout << fmt::format("(section 4 took {:.2f} s)\n", seconds_since(started)) << std::endl;
 }
 
+// ---------------------------------------------------------------------------
+// 5. Gradient accumulation and clip_grad_norm_
+
+constexpr int kMicroBatches = 3;
+
+/// How a step's first kMicroBatches - 1 micro-batches run (the last one
+/// always syncs and reshards after backward).
+struct AccumulationMode {
+  const char* name;
+  bool sync;                    ///< set_requires_gradient_sync on the early micro-batches
+  bool reshard_after_backward;  ///< set_reshard_after_backward on the early micro-batches
+};
+
+struct AccumulationResult {
+  double step_ms = 0;
+  int64_t peak_bytes = 0;  ///< Engine::peak_unsharded_bytes(), max over ranks and timed steps
+  double gathers_per_step = 0;
+  double reductions_per_step = 0;
+  MemoryTheory theory;
+  std::string error;
+};
+
+AccumulationResult run_accumulation(const ModelSpec& spec, const AccumulationMode& mode, int world_size,
+                                    Iterations iterations, sim::WorldOptions options) {
+  options.world_size = world_size;
+  options.rank_kind = sim::RankKind::Threads;
+  const auto steps = static_cast<size_t>(iterations.total());
+  std::vector<std::vector<int64_t>> starts(world_size, std::vector<int64_t>(steps));
+  std::vector<std::vector<int64_t>> ends(world_size, std::vector<int64_t>(steps));
+  std::vector<int64_t> peaks(world_size, 0);
+  AccumulationResult result;
+  std::pair<int64_t, int64_t> counts;
+  result.error = run_world(options, [&](sim::RankContext& ctx) {
+    const int rank = ctx.rank();
+    auto counter = std::make_shared<ByteCounter>();
+    auto group = std::make_shared<HookedProcessGroup>(ctx.world_group(), counter);
+    Trainer trainer(spec, rank, group, fsdp::ShardingStrategy::FullShard);
+    fsdp::Engine& engine = *trainer.engine();
+    for (size_t i = 0; i < steps; ++i) {
+      ctx.world_group()->barrier()->wait();
+      const bool timed = i >= static_cast<size_t>(iterations.warmup);
+      if (i == static_cast<size_t>(iterations.warmup)) counter->reset();
+      engine.reset_peak_unsharded_bytes();
+      starts[rank][i] = steady_now_ns();
+      trainer.zero_grad(static_cast<int>(i));
+      for (int k = 0; k < kMicroBatches; ++k) {
+        const bool last = k == kMicroBatches - 1;
+        engine.set_requires_gradient_sync(last || mode.sync);
+        engine.set_reshard_after_backward(last || mode.reshard_after_backward);
+        trainer.forward_backward(static_cast<int>(i) * kMicroBatches + k);
+      }
+      trainer.optimizer_step();
+      ends[rank][i] = steady_now_ns();
+      if (timed) peaks[rank] = std::max(peaks[rank], engine.peak_unsharded_bytes());
+    }
+    if (rank == 0) {
+      result.theory = memory_theory(engine, spec);
+      counts = {counter->gathers, counter->reductions};
+    }
+  });
+  if (!result.error.empty()) return result;
+  result.step_ms = median(step_durations_ms(starts, ends, iterations.warmup));
+  result.peak_bytes = *std::max_element(peaks.begin(), peaks.end());
+  result.gathers_per_step = static_cast<double>(counts.first) / iterations.timed;
+  result.reductions_per_step = static_cast<double>(counts.second) / iterations.timed;
+  return result;
+}
+
+void section_accumulation(const Config& config, Report& report) {
+  const int world = config.worlds.front();
+  progress("[5/5] gradient accumulation and clip_grad_norm_ at world " + std::to_string(world) + " ...");
+  const int64_t started = steady_now_ns();
+  const std::vector<AccumulationMode> modes = {{"sync every micro-batch", true, true},
+                                               {"no sync, reshard", false, true},
+                                               {"no sync, keep gathered", false, false}};
+  std::cout << "\n== 5a. gradient accumulation: world " << world << ", FullShard, thread ranks ==\n"
+            << "  A step = zero_grad + " << kMicroBatches
+            << " micro-batches (forward + backward) + SGD step. The first " << kMicroBatches - 1
+            << " micro-batches run with\n"
+            << "  set_requires_gradient_sync / set_reshard_after_backward as the mode says; the last syncs\n"
+            << "  and reshards. peak = Engine::peak_unsharded_bytes() (gathered params) over a step, max over\n"
+            << "  ranks and timed steps; theory: resharding after backward: full(root) + max_u full(u) as in\n"
+            << "  section 3; keeping params gathered: every unit's full(u) (all stay gathered from the first\n"
+            << "  micro-batch's backward to the last). gathers / reductions = rank 0's all-gathers and\n"
+            << "  reduce-scatters per step. step: median of " << config.multi.timed
+            << " timed steps; x sync = ratio to the first row.\n";
+  for (const auto& spec : config.models) {
+    if (!spec.multi || spec.train.scenario.name != "mlp_stack") continue;
+    std::cout << "\n  " << spec.label << "\n"
+              << fmt::format("  {:<24} {:>9} {:>7} {:>9} {:>9} {:>6} {:>8} {:>8}\n", "mode", "step(ms)", "x sync",
+                             "peak KiB", "theory", "ratio", "gathers", "reduces");
+    double sync_ms = 0;
+    for (const AccumulationMode& mode : modes) {
+      const AccumulationResult r = run_accumulation(spec, mode, world, config.multi, config.world);
+      if (!r.error.empty()) {
+        report.failed = true;
+        std::cout << fmt::format("  {:<24} FAILED: {}\n", mode.name, r.error);
+        continue;
+      }
+      if (mode.sync) sync_ms = r.step_ms;
+      const int64_t theory =
+          mode.reshard_after_backward ? r.theory.peak_unsharded(fsdp::ShardingStrategy::FullShard) : r.theory.all_full;
+      std::cout << fmt::format("  {:<24} {:9.3f} {:7.2f} {:9.1f} {:9.1f} {:6.3f} {:8.1f} {:8.1f}\n", mode.name,
+                               r.step_ms, sync_ms > 0 ? r.step_ms / sync_ms : 0.0, kib(r.peak_bytes), kib(theory),
+                               theory > 0 ? static_cast<double>(r.peak_bytes) / static_cast<double>(theory) : 0.0,
+                               r.gathers_per_step, r.reductions_per_step);
+    }
+  }
+  std::cout << fmt::format("(section 5a took {:.2f} s)\n", seconds_since(started)) << std::endl;
+}
+
+constexpr double kClipMaxNorm = 1e-3;  // below these models' grad norms: every step scales its grads
+
+struct ClipResult {
+  double plain_clip_ms = 0;   ///< torch::nn::utils::clip_grad_norm_ on the plain model (world 1)
+  double engine_clip_ms = 0;  ///< fsdp::clip_grad_norm_ at world 1
+  double world_clip_ms = 0;   ///< fsdp::clip_grad_norm_ at world N, slowest rank
+  double world_step_ms = 0;   ///< the whole step at world N (clip included)
+  double worst_relative = 0;  ///< world 1: max over steps of |engine - plain| / plain norm
+  std::string error;
+};
+
+/// World 1: the plain model and the engine train the same data on one thread;
+/// each step times both clips (order flipped every step) and compares norms.
+void measure_clip_world1(const ModelSpec& spec, Iterations iterations, const sim::WorldOptions& base, ClipResult& out) {
+  sim::WorldOptions options = base;
+  options.world_size = 1;
+  options.rank_kind = sim::RankKind::Threads;
+  std::vector<double> plain_ms, engine_ms;
+  out.error = run_world(options, [&](sim::RankContext& ctx) {
+    Trainer plain(spec, 0);
+    Trainer sharded(spec, 0, ctx.world_group(), fsdp::ShardingStrategy::FullShard);
+    for (int i = 0; i < iterations.total(); ++i) {
+      double norm[2] = {0, 0};
+      int64_t ns[2] = {0, 0};
+      for (Trainer* t : {&plain, &sharded}) {
+        t->zero_grad(i);
+        t->forward_backward(i);
+      }
+      for (int k = 0; k < 2; ++k) {
+        const int which = (i + k) % 2;  // 0 plain, 1 engine
+        const int64_t start = steady_now_ns();
+        norm[which] = which == 0 ? torch::nn::utils::clip_grad_norm_(plain.params(), kClipMaxNorm)
+                                 : fsdp::clip_grad_norm_(*sharded.engine(), kClipMaxNorm);
+        ns[which] = steady_now_ns() - start;
+      }
+      plain.optimizer_step();
+      sharded.optimizer_step();
+      if (norm[0] > 0) out.worst_relative = std::max(out.worst_relative, std::abs(norm[1] - norm[0]) / norm[0]);
+      if (i >= iterations.warmup) {
+        plain_ms.push_back(ns_to_ms(ns[0]));
+        engine_ms.push_back(ns_to_ms(ns[1]));
+      }
+    }
+  });
+  if (!out.error.empty()) return;
+  out.plain_clip_ms = median(plain_ms);
+  out.engine_clip_ms = median(engine_ms);
+}
+
+/// World N: every rank clips its shards after backward; the clip's time is
+/// the slowest rank's (it ends with an all-reduce).
+void measure_clip_world(const ModelSpec& spec, int world_size, Iterations iterations, sim::WorldOptions options,
+                        ClipResult& out) {
+  options.world_size = world_size;
+  options.rank_kind = sim::RankKind::Threads;
+  const auto steps = static_cast<size_t>(iterations.total());
+  std::vector<std::vector<int64_t>> starts(world_size, std::vector<int64_t>(steps));
+  std::vector<std::vector<int64_t>> ends(world_size, std::vector<int64_t>(steps));
+  std::vector<std::vector<int64_t>> clip_ns(world_size, std::vector<int64_t>(steps));
+  out.error = run_world(options, [&](sim::RankContext& ctx) {
+    const int rank = ctx.rank();
+    Trainer trainer(spec, rank, ctx.world_group(), fsdp::ShardingStrategy::FullShard);
+    for (size_t i = 0; i < steps; ++i) {
+      ctx.world_group()->barrier()->wait();
+      starts[rank][i] = steady_now_ns();
+      trainer.zero_grad(static_cast<int>(i));
+      trainer.forward_backward(static_cast<int>(i));
+      const int64_t clip_start = steady_now_ns();
+      fsdp::clip_grad_norm_(*trainer.engine(), kClipMaxNorm);
+      clip_ns[rank][i] = steady_now_ns() - clip_start;
+      trainer.optimizer_step();
+      ends[rank][i] = steady_now_ns();
+    }
+  });
+  if (!out.error.empty()) return;
+  std::vector<double> clips;
+  for (auto i = static_cast<size_t>(iterations.warmup); i < steps; ++i) {
+    int64_t slowest = 0;
+    for (int r = 0; r < world_size; ++r) slowest = std::max(slowest, clip_ns[r][i]);
+    clips.push_back(ns_to_ms(slowest));
+  }
+  out.world_clip_ms = median(clips);
+  out.world_step_ms = median(step_durations_ms(starts, ends, iterations.warmup));
+}
+
+void section_clip(const Config& config, Report& report) {
+  const int world = config.worlds.front();
+  const int64_t started = steady_now_ns();
+  std::cout << "\n== 5b. clip_grad_norm_ (max_norm " << kClipMaxNorm << ", L2) over shards vs the plain model ==\n"
+            << "  world 1: torch::nn::utils::clip_grad_norm_ on the plain model and fsdp::clip_grad_norm_ on\n"
+            << "  the engine, same grads, alternating on one thread: medians of their times; x plain = ratio;\n"
+            << "  rel diff = the largest |norm(engine) - norm(plain)| / norm(plain) over the steps (the sum\n"
+            << "  order differs: shards in double vs LibTorch's per-param norms). world " << world
+            << ": fsdp::clip_grad_norm_\n"
+            << "  on thread ranks (slowest rank, one all-reduce included) and its share of the step.\n";
+  for (const auto& spec : config.models) {
+    if (!spec.multi) continue;
+    ClipResult r;
+    measure_clip_world1(spec, config.multi, config.world, r);
+    if (r.error.empty()) measure_clip_world(spec, world, config.multi, config.world, r);
+    std::cout << "\n  " << spec.label << "\n";
+    if (!r.error.empty()) {
+      report.failed = true;
+      std::cout << "  FAILED: " << r.error << "\n";
+      continue;
+    }
+    std::cout << fmt::format("  {:<34} {:9.3f} ms\n", "plain clip_grad_norm_ (world 1)", r.plain_clip_ms)
+              << fmt::format("  {:<34} {:9.3f} ms  x plain {:.2f}  rel diff {:.1e}\n",
+                             "fsdp::clip_grad_norm_ (world 1)", r.engine_clip_ms,
+                             r.plain_clip_ms > 0 ? r.engine_clip_ms / r.plain_clip_ms : 0.0, r.worst_relative)
+              << fmt::format("  {:<34} {:9.3f} ms  {:.1f}% of the {:.3f} ms step\n",
+                             fmt::format("fsdp::clip_grad_norm_ (world {})", world), r.world_clip_ms,
+                             r.world_step_ms > 0 ? 100 * r.world_clip_ms / r.world_step_ms : 0.0, r.world_step_ms);
+    if (r.worst_relative > 1e-5) {
+      report.failed = true;
+      std::cout << "  NORMS DISAGREE beyond 1e-5 relative\n";
+    }
+  }
+  std::cout << fmt::format("(section 5b took {:.2f} s)\n", seconds_since(started)) << std::endl;
+}
+
 int bench_engine_main(Config config) {
   complete(config);
   return run_benchmark(kProgram, config.quick,
@@ -798,6 +1060,8 @@ int bench_engine_main(Config config) {
                          section_multi(config, report, multi);
                          section_memory(config, multi);
                          section_mixed(config, report);
+                         section_accumulation(config, report);
+                         section_clip(config, report);
                          return !report.failed;
                        });
 }
@@ -812,7 +1076,8 @@ void add_bench_engine_command(CLI::App& bench, Command& command) {
       "measure, in one run: the step time (forward + backward + SGD step) of the FSDP engine at world size 1 against "
       "the plain unsharded model; the step time at 2, 4, 8 fake ranks (thread and fiber ranks, FullShard and "
       "ShardGradOp); the peak gathered-param bytes per rank against the theoretical peak; bf16 mixed precision against "
-      "fp32 (step time, bytes gathered and reduced). Models: mlp_stack (dim 256 "
+      "fp32 (step time, bytes gathered and reduced); gradient accumulation (peak gathered bytes, step time) and "
+      "clip_grad_norm_ against the plain model's. Models: mlp_stack (dim 256 "
       "and 512, batch 64; dim 512 at world size 1 only) and transformer (the scenario's model, longer sequences).");
   auto config = std::make_shared<Config>();
   engine->add_flag("--quick", config->quick,

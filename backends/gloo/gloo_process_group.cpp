@@ -190,7 +190,7 @@ void finish(const std::shared_ptr<WorkState>& state, std::exception_ptr gloo_err
     buffers.swap(state->buffers);
     c10d_work.swap(state->c10d_work);
   }
-  state->completion.complete(state->clock.now_ns(), error, state->desc.to_string());
+  state->completion.complete(state->clock.now_ns(), error, [&state] { return state->desc.to_string(); });
 }
 
 WorkPtr work_of(const std::shared_ptr<WorkState>& state) {

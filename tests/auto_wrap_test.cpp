@@ -27,6 +27,7 @@
 #include "scenarios/parity.h"
 #include "scenarios/trainer.h"
 #include "sim/world.h"
+#include "tests/parity_case.h"
 
 namespace fsdpsim::fsdp {
 namespace {
@@ -91,30 +92,16 @@ TEST(AutoWrap, ScenarioWithoutAPolicyIsRefused) {
       << result.ranks[0].error;
 }
 
-struct AutoWrapParityCase {
-  std::string scenario;
-  RankKind rank_kind;
-  int world_size;
-  ShardingStrategy strategy;
-};
+using parity_cases::ScenarioCase;
 
-class AutoWrapParity : public ::testing::TestWithParam<AutoWrapParityCase> {};
+class AutoWrapParity : public ::testing::TestWithParam<ScenarioCase> {};
 
 TEST_P(AutoWrapParity, MatchesTheDdpReferenceBitwise) {
-  ParityConfig config;
-  config.scenario.name = GetParam().scenario;
-  config.strategy = GetParam().strategy;
-  config.auto_wrap = true;
-  config.steps = 3;
-  config.world.world_size = GetParam().world_size;
-  config.world.rank_kind = GetParam().rank_kind;
-  const scenarios::ParityReport report = scenarios::run_parity(config);
-  EXPECT_TRUE(report.ok()) << report.summary();
-  ASSERT_EQ(report.losses.size(), static_cast<size_t>(GetParam().world_size));
+  parity_cases::expect_parity(GetParam(), [](ParityConfig& config) { config.auto_wrap = true; });
 }
 
-std::vector<AutoWrapParityCase> auto_wrap_parity_cases() {
-  std::vector<AutoWrapParityCase> cases;
+std::vector<ScenarioCase> auto_wrap_parity_cases() {
+  std::vector<ScenarioCase> cases;
   for (const std::string& name : kWrappableScenarios) {
     cases.push_back({name, RankKind::Threads, 3, ShardingStrategy::FullShard});
     cases.push_back({name, RankKind::Fibers, 5, ShardingStrategy::FullShard});
@@ -125,9 +112,8 @@ std::vector<AutoWrapParityCase> auto_wrap_parity_cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Scenarios, AutoWrapParity, ::testing::ValuesIn(auto_wrap_parity_cases()),
-                         [](const ::testing::TestParamInfo<AutoWrapParityCase>& info) {
-                           return info.param.scenario + "_" + sim::to_string(info.param.rank_kind) + "_" +
-                                  std::to_string(info.param.world_size) + "_" + to_string(info.param.strategy);
+                         [](const ::testing::TestParamInfo<ScenarioCase>& info) {
+                           return parity_cases::case_name(info.param);
                          });
 
 // ---------------------------------------------------------------------------

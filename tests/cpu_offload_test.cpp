@@ -19,51 +19,32 @@
 #include "scenarios/parity.h"
 #include "sim/fiber_autograd.h"
 #include "sim/world.h"
+#include "tests/parity_case.h"
 
 namespace fsdpsim::fsdp {
 namespace {
 
 using sim::RankKind;
 
-struct OffloadCase {
-  std::string scenario;
-  RankKind rank_kind;
-  int world_size;
-  ShardingStrategy strategy;
-  scenarios::OptimizerKind optimizer = scenarios::OptimizerKind::SGD;
-};
+using parity_cases::ScenarioCase;
 
-class CpuOffloadParity : public ::testing::TestWithParam<OffloadCase> {};
+class CpuOffloadParity : public ::testing::TestWithParam<ScenarioCase> {};
 
 TEST_P(CpuOffloadParity, MatchesTheDdpReferenceBitwise) {
-  scenarios::ParityConfig config;
-  config.scenario.name = GetParam().scenario;
-  config.strategy = GetParam().strategy;
-  config.optimizer = GetParam().optimizer;
-  config.cpu_offload = true;
-  config.steps = 3;
-  config.world.world_size = GetParam().world_size;
-  config.world.rank_kind = GetParam().rank_kind;
-  const scenarios::ParityReport report = scenarios::run_parity(config);
-  EXPECT_TRUE(report.ok()) << report.summary();
-  ASSERT_EQ(report.losses.size(), static_cast<size_t>(GetParam().world_size));
+  parity_cases::expect_parity(GetParam(), [](scenarios::ParityConfig& config) { config.cpu_offload = true; });
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Scenarios, CpuOffloadParity,
-    ::testing::Values(OffloadCase{"mlp_stack", RankKind::Threads, 3, ShardingStrategy::FullShard},
-                      OffloadCase{"mlp_stack", RankKind::Threads, 1, ShardingStrategy::FullShard},
-                      OffloadCase{"transformer", RankKind::Fibers, 5, ShardingStrategy::FullShard},
-                      OffloadCase{"nested_wrapped", RankKind::Fibers, 3, ShardingStrategy::ShardGradOp},
-                      OffloadCase{"mixture_of_experts", RankKind::Threads, 3, ShardingStrategy::FullShard},
-                      OffloadCase{"mlp_stack", RankKind::Threads, 3, ShardingStrategy::NoShard},
-                      OffloadCase{"mlp_stack", RankKind::Fibers, 5, ShardingStrategy::FullShard,
-                                  scenarios::OptimizerKind::Adam}),
-    [](const ::testing::TestParamInfo<OffloadCase>& info) {
-      return info.param.scenario + "_" + sim::to_string(info.param.rank_kind) + "_" +
-             std::to_string(info.param.world_size) + "_" + to_string(info.param.strategy) + "_" +
-             scenarios::to_string(info.param.optimizer);
-    });
+    ::testing::Values(ScenarioCase{"mlp_stack", RankKind::Threads, 3, ShardingStrategy::FullShard},
+                      ScenarioCase{"mlp_stack", RankKind::Threads, 1, ShardingStrategy::FullShard},
+                      ScenarioCase{"transformer", RankKind::Fibers, 5, ShardingStrategy::FullShard},
+                      ScenarioCase{"nested_wrapped", RankKind::Fibers, 3, ShardingStrategy::ShardGradOp},
+                      ScenarioCase{"mixture_of_experts", RankKind::Threads, 3, ShardingStrategy::FullShard},
+                      ScenarioCase{"mlp_stack", RankKind::Threads, 3, ShardingStrategy::NoShard},
+                      ScenarioCase{"mlp_stack", RankKind::Fibers, 5, ShardingStrategy::FullShard,
+                                   scenarios::OptimizerKind::Adam}),
+    [](const ::testing::TestParamInfo<ScenarioCase>& info) { return parity_cases::case_name(info.param); });
 
 // A root with one Linear (its own params): it stays gathered from forward
 // to backward, so the params computed with can be looked at.

@@ -19,6 +19,8 @@
 
 #include "backends/observe/jsonl.h"
 #include "backends/observe/trace_recorder.h"
+#include "scenarios/models.h"
+#include "tools/format_util.h"
 #include "tools/runner.h"
 
 namespace fsdpsim::tools {
@@ -168,6 +170,17 @@ TEST(Runner, ThreadRunPrintsProgressSummaryAndWritesReadableTraces) {
   EXPECT_THAT(out.str(), HasSubstr("peak unsharded params"));
   // mlp_stack, B = 3 units + root: (B+1) + B all-gathers and B+1 reduce-scatters per step.
   EXPECT_THAT(out.str(), HasSubstr("all_gather x21 reduce_scatter x12"));
+  // A rank's model state: its padded shard (ceil(dim0 / 2) rows) of every
+  // param, and a grad of the same size, from the unsharded model's shapes.
+  auto plain = scenarios::make_scenario(options.scenario, 0);
+  int64_t model_bytes = 0;
+  for (const auto& param : plain->module()->parameters()) {
+    const int64_t rows = (param.size(0) + 1) / 2;
+    model_bytes += 2 * rows * (param.numel() / param.size(0)) * static_cast<int64_t>(param.element_size());
+  }
+  EXPECT_THAT(out.str(), HasSubstr("memory: peak RSS "));
+  EXPECT_THAT(out.str(), HasSubstr("sharded params + grads " + human_bytes(static_cast<double>(model_bytes)) + ","));
+  EXPECT_THAT(out.str(), HasSubstr("thread stack reserved 4.0 MiB"));
   std::ifstream jsonl(options.trace_path + ".jsonl");
   auto events = observe::read_jsonl(jsonl);
   EXPECT_FALSE(events.empty());
@@ -217,6 +230,28 @@ TEST(Runner, AllocationFailureIsOneErrorLineNotATerminate) {
   EXPECT_THAT(run.output, ::testing::Not(HasSubstr("terminate called")));
   EXPECT_THAT(last_line(run.output), ::testing::StartsWith("fsdpsim: error: the run failed on ranks {0-3}; rank 0: "));
   EXPECT_THAT(last_line(run.output), HasSubstr("can't allocate memory"));
+}
+
+// A failure at many ranks is a screenful: ranks grouped by what went wrong,
+// the head of the flight recorder; each rank's error in <trace>.failure.txt.
+TEST(Runner, FailureAtManyRanksIsAScreenfulWithTheFullDumpInAFile) {
+  const std::string trace = temp_trace("many_fail");
+  // Rank 3 sleeps 2 s before its first collective; the others time out after 1 s.
+  const CliRun run =
+      run_cli("run --ranks fibers --world-size 64 --steps 1 --timeout 1 --straggler 3:2000 --trace " + trace);
+  ASSERT_TRUE(WIFEXITED(run.status)) << run.output;
+  EXPECT_EQ(WEXITSTATUS(run.status), 1) << run.output;
+  const auto lines = std::count(run.output.begin(), run.output.end(), '\n');
+  EXPECT_LT(lines, 60) << run.output;
+  EXPECT_THAT(run.output,
+              HasSubstr("ranks {0-2,4-63} (63 ranks), e.g. rank 0: group world seq 1 all_gather: timed out"));
+  EXPECT_THAT(run.output, HasSubstr("more lines"));
+  EXPECT_THAT(run.output, HasSubstr(trace + ".failure.txt"));
+  const std::string dump = read_file(trace + ".failure.txt");
+  for (int rank : {0, 3, 63}) {
+    EXPECT_THAT(dump, HasSubstr("\nrank " + std::to_string(rank) + " (1 recorded):")) << rank;
+    EXPECT_THAT(dump, HasSubstr("rank " + std::to_string(rank) + ": group world seq 1")) << rank;
+  }
 }
 
 TEST(Runner, UnwritableTraceIsAUsageErrorBeforeTheRun) {

@@ -5,9 +5,11 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <unistd.h>
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -62,6 +64,7 @@ struct RankStats {
   std::vector<int64_t> wall_step_ns;  // real time
   std::vector<int64_t> exposed_ns;    // simulated worlds
   int64_t peak_unsharded_bytes = 0;
+  int64_t model_bytes = 0;  // the rank's sharded params and their grads after the last step
 };
 
 nlohmann::json to_json(const RankStats& stats) {
@@ -69,7 +72,8 @@ nlohmann::json to_json(const RankStats& stats) {
           {"step_ns", stats.step_ns},
           {"wall_step_ns", stats.wall_step_ns},
           {"exposed_ns", stats.exposed_ns},
-          {"peak_unsharded_bytes", stats.peak_unsharded_bytes}};
+          {"peak_unsharded_bytes", stats.peak_unsharded_bytes},
+          {"model_bytes", stats.model_bytes}};
 }
 
 RankStats stats_from_json(const nlohmann::json& j) {
@@ -79,6 +83,7 @@ RankStats stats_from_json(const nlohmann::json& j) {
   stats.wall_step_ns = j.at("wall_step_ns").get<std::vector<int64_t>>();
   stats.exposed_ns = j.at("exposed_ns").get<std::vector<int64_t>>();
   stats.peak_unsharded_bytes = j.at("peak_unsharded_bytes").get<int64_t>();
+  stats.model_bytes = j.at("model_bytes").get<int64_t>();
   return stats;
 }
 
@@ -130,6 +135,10 @@ RankStats train_rank(const RunOptions& options, int rank, ProcessGroupPtr world_
     if (on_step) on_step(step, stats);
   };
   for (int step = 0; step < options.steps; ++step) trainer.step(step, callbacks);
+  for (const at::Tensor& param : trainer.params()) {
+    stats.model_bytes += static_cast<int64_t>(param.nbytes());
+    if (param.grad().defined()) stats.model_bytes += static_cast<int64_t>(param.grad().nbytes());
+  }
   return stats;
 }
 
@@ -200,6 +209,111 @@ std::string world_failure_summary(const sim::WorldResult& result) {
          first_line(first->error);
 }
 
+// Peak resident memory of this process (getrusage), in bytes.
+int64_t peak_rss_bytes() {
+  rusage usage{};
+  if (getrusage(RUSAGE_SELF, &usage) != 0) return 0;
+  return static_cast<int64_t>(usage.ru_maxrss) * 1024;  // Linux reports KiB
+}
+
+// The process's peak RSS over the ranks it ran and what one rank holds: its
+// model state (sharded params and grads), its peak of gathered params, its
+// stack reservation; and the trace records kept in memory for the run.
+void print_memory(std::ostream& out, const RunOptions& options, const std::vector<RankStats>& ranks,
+                  size_t trace_records) {
+  const auto n = static_cast<int64_t>(ranks.size());
+  int64_t model = 0, peak = 0;
+  for (const auto& r : ranks) {
+    model = std::max(model, r.model_bytes);
+    peak = std::max(peak, r.peak_unsharded_bytes);
+  }
+  if (options.processes) {
+    out << "\n  memory: one process per rank (each its own RSS); per rank: sharded params + grads "
+        << human_bytes(static_cast<double>(model)) << ", peak gathered params "
+        << human_bytes(static_cast<double>(peak));
+    return;
+  }
+  const bool fibers = options.world.rank_kind == sim::RankKind::Fibers;
+  const auto stack = static_cast<double>(fibers ? options.world.fiber_stack_bytes : options.world.thread_stack_bytes);
+  const auto rss = static_cast<double>(peak_rss_bytes());
+  out << "\n  memory: peak RSS " << human_bytes(rss) << " = " << human_bytes(rss / static_cast<double>(n))
+      << " per rank; per rank (max): sharded params + grads " << human_bytes(static_cast<double>(model))
+      << ", peak gathered params " << human_bytes(static_cast<double>(peak)) << ", " << (fibers ? "fiber" : "thread")
+      << " stack reserved " << human_bytes(stack) << "; trace records in memory: " << trace_records;
+}
+
+// Most lines of a failure report on the terminal; the rest go to a file.
+constexpr size_t kFailureGroups = 12;
+constexpr size_t kFlightRecorderLines = 40;
+
+// The failed ranks grouped by their error's first line with the numbers
+// masked (ranks' messages differ only in them), largest group first, each
+// with its ranks, count and the first rank's message.
+std::vector<std::string> grouped_failures(const sim::WorldResult& result) {
+  struct Group {
+    std::vector<int> ranks;
+    std::string example;
+  };
+  std::map<std::string, Group> groups;
+  for (const auto& rank : result.ranks) {
+    if (rank.ok) continue;
+    const std::string line = first_line(rank.error);  // no c10 backtraces
+    std::string key;
+    for (char c : line) {
+      const bool digit = std::isdigit(static_cast<unsigned char>(c)) != 0;
+      if (!digit || key.empty() || key.back() != '#') key += digit ? '#' : c;
+    }
+    Group& group = groups[key];
+    if (group.ranks.empty()) group.example = "rank " + std::to_string(rank.rank) + ": " + line;
+    group.ranks.push_back(rank.rank);
+  }
+  std::vector<const Group*> order;
+  for (const auto& [key, group] : groups) order.push_back(&group);
+  std::stable_sort(order.begin(), order.end(),
+                   [](const Group* a, const Group* b) { return a->ranks.size() > b->ranks.size(); });
+  std::vector<std::string> lines;
+  for (const Group* group : order) {
+    lines.push_back(group->ranks.size() == 1
+                        ? group->example
+                        : sim::ranks_text(group->ranks) + " (" + std::to_string(group->ranks.size()) +
+                              " ranks), e.g. " + group->example);
+  }
+  return lines;
+}
+
+// A screenful on `err` at any world size: failures grouped, the head of the
+// flight recorder; everything (each rank's whole error, every rank's last
+// collectives) in <trace>.failure.txt.
+void report_world_failure(const RunOptions& options, const sim::WorldResult& result, std::ostream& err) {
+  const std::string dump_path = options.trace_path + ".failure.txt";
+  {
+    std::ofstream dump(dump_path);
+    for (const auto& rank : result.ranks) {
+      if (!rank.ok) dump << "rank " << rank.rank << ": " << rank.error << "\n";
+    }
+    dump << result.flight_recorder;
+  }
+  err << "fsdpsim: the run failed:\n";
+  const std::vector<std::string> groups = grouped_failures(result);
+  for (size_t i = 0; i < groups.size() && i < kFailureGroups; ++i) err << groups[i] << "\n";
+  if (groups.size() > kFailureGroups) err << "... " << groups.size() - kFailureGroups << " more kinds of failure\n";
+  // Where each rank was: its last collectives.
+  std::istringstream recorder(result.flight_recorder);
+  std::string line;
+  size_t shown = 0, hidden = 0;
+  while (std::getline(recorder, line)) {
+    if (shown < kFlightRecorderLines) {
+      err << line << "\n";
+      ++shown;
+    } else {
+      ++hidden;
+    }
+  }
+  if (hidden > 0) err << "... " << hidden << " more lines\n";
+  err << "fsdpsim: every rank's error and last collectives: " << dump_path << "\n"
+      << "fsdpsim: analyse with 'fsdpsim replay check " << options.trace_path << ".jsonl'" << std::endl;
+}
+
 void print_summary(std::ostream& out, const RunOptions& options, const std::vector<RankStats>& ranks,
                    const observe::TraceRecorder& recorder, bool simulated, double wall_seconds) {
   const int n = static_cast<int>(ranks.size());
@@ -238,6 +352,7 @@ void print_summary(std::ostream& out, const RunOptions& options, const std::vect
       << human_bytes(static_cast<double>(volume.reduced_bytes)) << " over " << options.steps << " steps;";
   for (const auto& [op, count] : volume.op_counts) out << " " << op << " x" << count;
   out << "\n  peak unsharded params (max over ranks): " << human_bytes(static_cast<double>(peak));
+  print_memory(out, options, ranks, recorder.size());
   out << fmt::format("\n  wall time {:.2f} s\n  trace: {} (Perfetto / chrome://tracing), {}.jsonl ({} events)",
                      wall_seconds, options.trace_path, options.trace_path, recorder.size())
       << std::endl;
@@ -460,12 +575,7 @@ int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   write_traces(options, *recorder);
   if (!result.ok()) {
-    err << "fsdpsim: the run failed:\n";
-    for (const auto& rank : result.ranks) {
-      if (!rank.ok) err << "rank " << rank.rank << ": " << first_line(rank.error) << "\n";  // no c10 backtraces
-    }
-    err << result.flight_recorder;  // where each rank was: its last collectives
-    err << "fsdpsim: analyse with 'fsdpsim replay check " << options.trace_path << ".jsonl'" << std::endl;
+    report_world_failure(options, result, err);
     throw RunFailedError(world_failure_summary(result));
   }
   print_summary(out, options, ranks, *recorder, options.world.simulated_time, wall);

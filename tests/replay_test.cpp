@@ -429,6 +429,7 @@ TEST(ReplayCorpus, CheckVerdictsOfTheValidFiles) {
     return check_trace(parse_replay_trace(in));
   };
   EXPECT_TRUE(check_file("valid_clean.jsonl").clean());
+  EXPECT_TRUE(check_file("valid_v2_groups.jsonl").clean());
   EXPECT_TRUE(check_file("valid_subgroups.jsonl").clean());
   EXPECT_TRUE(check_file("valid_late_start.jsonl").clean());  // a ring buffer that starts at seq 7
   EXPECT_NE(find(check_file("valid_op_mismatch.jsonl"), CheckFinding::Kind::OpMismatch), nullptr);
@@ -513,7 +514,9 @@ TEST(ReplayCorpus, MutatedTracesNeverCrash) {
     EXPECT_LE(std::stoul(m[1].str()), lines.size() + 5) << error;  // flips may add a few newlines
   }
   EXPECT_GT(refused, 100u);
-  EXPECT_GT(parsed, 10u);
+  // Version 2's group lines make a swap of two lines refused more often (a
+  // record moved above its group's definition), so fewer mutants parse.
+  EXPECT_GT(parsed, 5u);
 }
 
 // ---------------------------------------------------------------------------

@@ -547,6 +547,39 @@ TEST(TraceChrome, EmptyRecorderStillNamesEveryRank) {
 // ---------------------------------------------------------------------------
 // JSONL
 
+// Version 2 names a group's ranks once, not on each of its records; a name
+// that comes back with other ranks keeps them on that record.
+TEST(TraceJsonl, LargeGroupRanksAreWrittenOnceAndReadBack) {
+  constexpr int kWorld = 1024;
+  TraceRecorder recorder(kWorld);
+  std::vector<int> everyone(kWorld);
+  for (int r = 0; r < kWorld; ++r) everyone[r] = r;
+  std::vector<int> reversed(everyone.rbegin(), everyone.rend());
+  for (int r = 0; r < kWorld; ++r) {
+    CollectiveDesc ag = make_desc("world", 1, CollectiveOp::AllGather);
+    recorder.record_completion(recorder.record_issue(r, ag, everyone, 10), WorkTimes{0, 20, 30}, nullptr);
+  }
+  CollectiveDesc again = make_desc("world", 2, CollectiveOp::Barrier);
+  recorder.record_completion(recorder.record_issue(5, again, reversed, 40), WorkTimes{0, 50, 60}, nullptr);
+  std::stringstream jsonl;
+  recorder.write_jsonl(jsonl);
+  const std::string text = jsonl.str();
+  // 1025 records and one group line; a rank list ("1023]") once for the
+  // group and once for the record whose ranks differ.
+  EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 1 + 1 + kWorld + 1);
+  size_t lists = 0;
+  for (size_t at = text.find("\"group_ranks\""); at != std::string::npos; at = text.find("\"group_ranks\"", at + 1))
+    ++lists;
+  EXPECT_EQ(lists, 2u);
+  EXPECT_LT(text.size(), size_t{kWorld} * 600 + 2 * 6000) << "a rank list per record is back";
+  const JsonlTrace read = observe::read_jsonl_trace(jsonl);
+  ASSERT_EQ(read.events.size(), static_cast<size_t>(kWorld + 1));
+  for (const Record& e : read.events) {
+    EXPECT_EQ(e.group_ranks, e.op == CollectiveOp::Barrier ? reversed : everyone) << "record " << e.id;
+  }
+  EXPECT_EQ(read.events, recorder.events());
+}
+
 TEST(TraceJsonl, RoundTripKeepsEveryField) {
   TraceRecorder recorder(3);
   CollectiveDesc rs = make_desc("world/split1.0", 7, CollectiveOp::ReduceScatter);
@@ -569,11 +602,13 @@ TEST(TraceJsonl, RoundTripKeepsEveryField) {
   std::stringstream jsonl;
   recorder.write_jsonl(jsonl);
   const std::string text = jsonl.str();
-  EXPECT_EQ(text.substr(0, text.find('\n')), R"({"schema":"fsdpsim.trace","version":1,"world_size":3})");
-  EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 6);
+  EXPECT_EQ(text.substr(0, text.find('\n')), R"({"schema":"fsdpsim.trace","version":2,"world_size":3})");
+  // Header, a line per group ("world/split1.0", "world"), five records.
+  EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 8);
+  EXPECT_NE(text.find(R"({"kind":"group","group":"world","group_ranks":[0,1,2]})"), std::string::npos) << text;
 
   JsonlTrace read = observe::read_jsonl_trace(jsonl);
-  EXPECT_EQ(read.version, 1);
+  EXPECT_EQ(read.version, 2);
   EXPECT_EQ(read.world_size, 3);
   const auto original = recorder.events();
   ASSERT_EQ(read.events.size(), original.size());
@@ -695,7 +730,7 @@ TEST(TraceJsonl, HostileInputFailsNamingLineAndField) {
       {"header not json", raw("hello\n"), 1, "not valid JSON"},
       {"header is an array", raw("[1,2]\n"), 1, "expected a JSON object"},
       {"header wrong schema", with_header([](Json& h) { h["schema"] = "kineto"; }), 1, "'schema'"},
-      {"header future version", with_header([](Json& h) { h["version"] = 2; }), 1, "'version'"},
+      {"header future version", with_header([](Json& h) { h["version"] = 3; }), 1, "'version'"},
       {"header version string", with_header([](Json& h) { h["version"] = "1"; }), 1, "'version'"},
       {"header world_size 0", with_header([](Json& h) { h["world_size"] = 0; }), 1, "'world_size'"},
       {"header world_size huge", with_header([](Json& h) { h["world_size"] = 4000000000LL; }), 1, "'world_size'"},

@@ -31,6 +31,7 @@
 #include <utility>
 
 #include "backends/clock.h"
+#include "backends/collective_checks.h"
 
 namespace fsdpsim::observe {
 
@@ -81,7 +82,12 @@ OrderedJson base_json(const char* ph, const std::string& name, const char* cat, 
   return j;
 }
 
+// Kineto's list "[0, 1, 2]"; a group of more than kListedRanks ranks as
+// ranges ("{0-1023}"), so a large world's events do not each repeat N numbers.
+constexpr size_t kListedRanks = 64;
+
 std::string ranks_string(const std::vector<int>& ranks) {
+  if (ranks.size() > kListedRanks) return rank_set_string(ranks);
   std::string out = "[";
   for (size_t i = 0; i < ranks.size(); ++i) {
     if (i) out += ", ";  // appended separately: GCC 12 misreads "" + string (-Wrestrict)

@@ -3,13 +3,18 @@
 // Chrome trace and the replay tool reads): its writer and its validating
 // reader.
 //
-// Format: a header line {"schema":"fsdpsim.trace","version":1,"world_size":N},
+// Format: a header line {"schema":"fsdpsim.trace","version":2,"world_size":N},
 // then one JSON object per record, keyed as Record's fields: id, rank, kind,
 // name, detail, [group, group_ranks, seq, op, dtype, in_numel, out_numel,
 // reduce_op, root: collectives only], issue_ns, start_ns, end_ns,
 // logical_clock_issue, logical_clock_end, status, error. op, reduce_op,
 // dtype and status are spelled as their to_string() / dtype_name() spell
 // them. Adding a field means a new version: the reader rejects unknown fields.
+// Version 2 (written now) defines each group once, on a line
+// {"kind":"group","group":NAME,"group_ranks":[...]} before the group's first
+// record; its records leave group_ranks out (a record keeps it only where
+// its group's name was defined with other ranks). Version 1 (still read)
+// puts group_ranks on every collective record.
 //
 // Thread-safety: pure functions of their arguments.
 
@@ -22,7 +27,9 @@
 namespace fsdpsim::observe {
 
 constexpr const char* kJsonlSchema = "fsdpsim.trace";
-constexpr int kJsonlVersion = 1;
+constexpr int kJsonlVersion = 2;
+/// The kind of a version-2 group definition line.
+constexpr const char* kGroupKind = "group";
 /// Most records read_jsonl accepts, and its longest line (bytes).
 constexpr size_t kMaxJsonlEvents = size_t{1} << 24;
 constexpr size_t kMaxJsonlLineBytes = size_t{1} << 20;

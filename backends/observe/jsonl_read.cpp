@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <streambuf>
 #include <string>
+#include <unordered_map>
 #include <unordered_set>
 
 #include "backends/observe/jsonl.h"
@@ -194,8 +195,8 @@ void check_engine_event(const FieldReader& f, const Record& e) {
   }
 }
 
-// Distinct ranks of the world, the record's own among them.
-std::vector<int> read_group_ranks(const FieldReader& f, int world_size, int rank) {
+// Distinct ranks of the world.
+std::vector<int> read_group_ranks(const FieldReader& f, int world_size) {
   const Json& ranks = f.get("group_ranks");
   if (!ranks.is_array()) f.fail("group_ranks", std::string("expected an array, got ") + type_name(ranks));
   if (ranks.empty() || ranks.size() > static_cast<size_t>(world_size)) {
@@ -210,18 +211,33 @@ std::vector<int> read_group_ranks(const FieldReader& f, int world_size, int rank
     seen[static_cast<size_t>(member)] = true;
     out.push_back(member);
   }
-  if (!seen[static_cast<size_t>(rank)])
-    f.fail("group_ranks", "does not contain the event's rank " + std::to_string(rank));
   return out;
 }
 
-void read_collective_fields(const FieldReader& f, int world_size, Record& e) {
+// Version 2: the groups defined so far by "group" lines, by name.
+using GroupDefinitions = std::unordered_map<std::string, std::vector<int>>;
+
+// A record's group ranks: inline (version 1 always; version 2 for a group
+// whose name another definition holds), else the group's definition.
+std::vector<int> record_group_ranks(const FieldReader& f, bool has_inline, int world_size, const std::string& group,
+                                    const GroupDefinitions* groups) {
+  if (has_inline || groups == nullptr) return read_group_ranks(f, world_size);
+  auto found = groups->find(group);
+  if (found == groups->end()) f.fail("group", "'" + group + "' is not defined by an earlier group line");
+  return found->second;
+}
+
+void read_collective_fields(const FieldReader& f, int world_size, const GroupDefinitions* groups, bool has_inline,
+                            Record& e) {
   if (e.status != RecordStatus::InFlight && e.logical_clock_end <= e.logical_clock_issue) {
     f.fail("logical_clock_end", "must exceed logical_clock_issue once completed");
   }
   e.group = f.string("group");
   if (e.group.empty()) f.fail("group", "is empty");
-  e.group_ranks = read_group_ranks(f, world_size, e.rank);
+  e.group_ranks = record_group_ranks(f, has_inline, world_size, e.group, groups);
+  if (std::find(e.group_ranks.begin(), e.group_ranks.end(), e.rank) == e.group_ranks.end()) {
+    f.fail("group_ranks", "does not contain the event's rank " + std::to_string(e.rank));
+  }
   e.seq = f.unsigned_integer("seq", 1);
   const std::string op = f.string("op");
   try {
@@ -239,7 +255,8 @@ void read_collective_fields(const FieldReader& f, int world_size, Record& e) {
   e.root = static_cast<int>(f.integer("root", 0, static_cast<int64_t>(e.group_ranks.size()) - 1));
 }
 
-Record parse_record(const Json& object, size_t line, int world_size) {
+// groups: version 2's definitions (group_ranks optional), nullptr for version 1.
+Record parse_record(const Json& object, size_t line, int world_size, const GroupDefinitions* groups) {
   FieldReader f(object, line);
   Record e;
   e.kind = f.string("kind");
@@ -267,11 +284,26 @@ Record parse_record(const Json& object, size_t line, int world_size) {
   f.only(allowed);
   read_common_fields(f, world_size, e);
   if (collective) {
-    read_collective_fields(f, world_size, e);
+    read_collective_fields(f, world_size, groups, object.contains("group_ranks"), e);
   } else {
     check_engine_event(f, e);
   }
   return e;
+}
+
+bool is_group_line(const Json& object) {
+  auto kind = object.find("kind");
+  return kind != object.end() && kind->is_string() && kind->get<std::string>() == kGroupKind;
+}
+
+// {"kind":"group","group":NAME,"group_ranks":[...]}: once per name.
+void read_group_definition(const Json& object, size_t line, int world_size, GroupDefinitions& groups) {
+  FieldReader f(object, line);
+  f.only({"kind", "group", "group_ranks"});
+  const std::string name = f.string("group");
+  if (name.empty()) f.fail("group", "is empty");
+  std::vector<int> ranks = read_group_ranks(f, world_size);
+  if (!groups.emplace(name, std::move(ranks)).second) f.fail("group", "'" + name + "' is defined twice");
 }
 
 void read_header(const std::string& line, size_t line_number, JsonlTrace& trace) {
@@ -281,8 +313,8 @@ void read_header(const std::string& line, size_t line_number, JsonlTrace& trace)
   const std::string schema = f.string("schema");
   if (schema != kJsonlSchema) f.fail("schema", "'" + schema + "' is not '" + kJsonlSchema + "'");
   trace.version = static_cast<int>(f.integer("version", 0, std::numeric_limits<int>::max()));
-  if (trace.version != kJsonlVersion) {
-    f.fail("version", "version " + std::to_string(trace.version) + " is not supported (this build reads " +
+  if (trace.version < 1 || trace.version > kJsonlVersion) {
+    f.fail("version", "version " + std::to_string(trace.version) + " is not supported (this build reads 1 to " +
                           std::to_string(kJsonlVersion) + ")");
   }
   trace.world_size = static_cast<int>(f.integer("world_size", 1, kMaxWorldSize));
@@ -299,11 +331,17 @@ JsonlTrace read_jsonl_trace(std::istream& in) {
   if (!read_line(buf, kMaxJsonlLineBytes, line_number, line)) fail_line(1, "missing header (empty input)");
   read_header(line, line_number, trace);
   std::unordered_set<uint64_t> ids;
+  GroupDefinitions groups;
   while (read_line(buf, kMaxJsonlLineBytes, ++line_number, line)) {
     if (trace.events.size() >= kMaxJsonlEvents) {
       fail_line(line_number, "more than " + std::to_string(kMaxJsonlEvents) + " events");
     }
-    Record e = parse_record(parse_object(line, line_number), line_number, trace.world_size);
+    const Json object = parse_object(line, line_number);
+    if (trace.version >= 2 && is_group_line(object)) {
+      read_group_definition(object, line_number, trace.world_size, groups);
+      continue;
+    }
+    Record e = parse_record(object, line_number, trace.world_size, trace.version >= 2 ? &groups : nullptr);
     if (!ids.insert(e.id).second) fail_field(line_number, "id", std::to_string(e.id) + " appears twice");
     trace.events.push_back(std::move(e));
   }

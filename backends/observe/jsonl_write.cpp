@@ -1,5 +1,8 @@
 #include <nlohmann/json.hpp>
 #include <ostream>
+#include <string>
+#include <unordered_map>
+#include <vector>
 
 #include "backends/observe/jsonl.h"
 
@@ -13,7 +16,9 @@ using OrderedJson = nlohmann::ordered_json;
 // vouch for, so replace bad bytes instead.
 std::string dump(const OrderedJson& j) { return j.dump(-1, ' ', false, nlohmann::detail::error_handler_t::replace); }
 
-OrderedJson record_json(const Record& e) {
+// with_ranks: the record names its group's ranks itself (a group line
+// defines them otherwise).
+OrderedJson record_json(const Record& e, bool with_ranks) {
   OrderedJson j;
   j["id"] = e.id;
   j["rank"] = e.rank;
@@ -22,7 +27,7 @@ OrderedJson record_json(const Record& e) {
   j["detail"] = e.detail;
   if (e.is_collective()) {
     j["group"] = e.group;
-    j["group_ranks"] = e.group_ranks;
+    if (with_ranks) j["group_ranks"] = e.group_ranks;
     j["seq"] = e.seq;
     j["op"] = to_string(e.op);
     j["dtype"] = dtype_name(e.dtype);
@@ -49,7 +54,24 @@ void write_jsonl(std::ostream& out, const std::vector<Record>& records, int worl
   header["version"] = kJsonlVersion;
   header["world_size"] = world_size;
   out << dump(header) << "\n";
-  for (const Record& e : records) out << dump(record_json(e)) << "\n";
+  // Each group's ranks once, on a line before its first record: a world of N
+  // ranks would otherwise repeat N numbers on every record.
+  std::unordered_map<std::string, const std::vector<int>*> defined;
+  for (const Record& e : records) {
+    bool with_ranks = false;
+    if (e.is_collective()) {
+      auto [found, added] = defined.emplace(e.group, &e.group_ranks);
+      if (added) {
+        OrderedJson group;
+        group["kind"] = kGroupKind;
+        group["group"] = e.group;
+        group["group_ranks"] = e.group_ranks;
+        out << dump(group) << "\n";
+      }
+      with_ranks = *found->second != e.group_ranks;  // one name, other ranks: say them here
+    }
+    out << dump(record_json(e, with_ranks)) << "\n";
+  }
 }
 
 }  // namespace fsdpsim::observe

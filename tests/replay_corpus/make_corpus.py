@@ -55,6 +55,20 @@ def trace(events, **kw):
     return text([header(**kw)] + [line(e) for e in events])
 
 
+def group_line(name="world", ranks=(0, 1)):
+    return line({"kind": "group", "group": name, "group_ranks": list(ranks)})
+
+
+def v2_events():
+    """base_events() as version 2 writes them: no group_ranks on records."""
+    out = []
+    for e in base_events():
+        e = dict(e)
+        e.pop("group_ranks", None)
+        out.append(e)
+    return out
+
+
 cases = {}
 
 # --- valid -------------------------------------------------------------------
@@ -84,11 +98,18 @@ cases["valid_subgroups.jsonl"] = trace([
 cases["valid_crlf.jsonl"] = trace(base_events()).replace("\n", "\r\n")
 cases["valid_late_start.jsonl"] = trace([coll(0, 0, 7), coll(1, 1, 7), coll(2, 0, 8), coll(3, 1, 8)])
 
+# Version 2: each group's ranks on one line before its first record.
+cases["valid_v2_groups.jsonl"] = text([header(version=2), group_line()] + [line(e) for e in v2_events()])
+
 # --- hostile -----------------------------------------------------------------
+cases["bad_v2_undefined_group.jsonl"] = text([header(version=2)] + [line(e) for e in v2_events()])
+cases["bad_v2_group_twice.jsonl"] = text([header(version=2), group_line(), group_line(ranks=(1, 0))] +
+                                         [line(e) for e in v2_events()])
+cases["bad_v2_group_line_in_v1.jsonl"] = text([header(), group_line()] + [line(e) for e in base_events()])
 cases["bad_empty.jsonl"] = ""
 cases["bad_blank_line.jsonl"] = text([header(), ""])
 cases["bad_schema.jsonl"] = trace(base_events(), schema="torch.fr")
-cases["bad_version.jsonl"] = trace(base_events(), version=2)
+cases["bad_version.jsonl"] = trace(base_events(), version=9)
 cases["bad_world_zero.jsonl"] = trace([], world=0)
 cases["bad_header_array.jsonl"] = "[1,2,3]\n"
 cases["bad_binary.jsonl"] = header() + "\n" + "\x00\x01\x02\xff\xfe garbage \x7f\x80\n"

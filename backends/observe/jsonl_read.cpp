@@ -215,12 +215,12 @@ std::vector<int> read_group_ranks(const FieldReader& f, int world_size) {
 }
 
 // Version 2: the groups defined so far by "group" lines, by name.
-using GroupDefinitions = std::unordered_map<std::string, std::vector<int>>;
+using GroupDefinitions = std::unordered_map<std::string, GroupRanks>;  // records share them
 
 // A record's group ranks: inline (version 1 always; version 2 for a group
 // whose name another definition holds), else the group's definition.
-std::vector<int> record_group_ranks(const FieldReader& f, bool has_inline, int world_size, const std::string& group,
-                                    const GroupDefinitions* groups) {
+GroupRanks record_group_ranks(const FieldReader& f, bool has_inline, int world_size, const std::string& group,
+                              const GroupDefinitions* groups) {
   if (has_inline || groups == nullptr) return read_group_ranks(f, world_size);
   auto found = groups->find(group);
   if (found == groups->end()) f.fail("group", "'" + group + "' is not defined by an earlier group line");
@@ -302,7 +302,7 @@ void read_group_definition(const Json& object, size_t line, int world_size, Grou
   f.only({"kind", "group", "group_ranks"});
   const std::string name = f.string("group");
   if (name.empty()) f.fail("group", "is empty");
-  std::vector<int> ranks = read_group_ranks(f, world_size);
+  GroupRanks ranks(read_group_ranks(f, world_size));
   if (!groups.emplace(name, std::move(ranks)).second) f.fail("group", "'" + name + "' is defined twice");
 }
 

@@ -27,7 +27,7 @@ OrderedJson record_json(const Record& e, bool with_ranks) {
   j["detail"] = e.detail;
   if (e.is_collective()) {
     j["group"] = e.group;
-    if (with_ranks) j["group_ranks"] = e.group_ranks;
+    if (with_ranks) j["group_ranks"] = e.group_ranks.vector();
     j["seq"] = e.seq;
     j["op"] = to_string(e.op);
     j["dtype"] = dtype_name(e.dtype);
@@ -56,7 +56,7 @@ void write_jsonl(std::ostream& out, const std::vector<Record>& records, int worl
   out << dump(header) << "\n";
   // Each group's ranks once, on a line before its first record: a world of N
   // ranks would otherwise repeat N numbers on every record.
-  std::unordered_map<std::string, const std::vector<int>*> defined;
+  std::unordered_map<std::string, const GroupRanks*> defined;
   for (const Record& e : records) {
     bool with_ranks = false;
     if (e.is_collective()) {
@@ -65,7 +65,7 @@ void write_jsonl(std::ostream& out, const std::vector<Record>& records, int worl
         OrderedJson group;
         group["kind"] = kGroupKind;
         group["group"] = e.group;
-        group["group_ranks"] = e.group_ranks;
+        group["group_ranks"] = e.group_ranks.vector();
         out << dump(group) << "\n";
       }
       with_ranks = *found->second != e.group_ranks;  // one name, other ranks: say them here

@@ -12,7 +12,8 @@ ObservedProcessGroup::ObservedProcessGroup(ProcessGroupPtr inner, std::vector<Si
     : ForwardingProcessGroup(std::move(inner), "ObservedProcessGroup"),
       sinks_(std::move(sinks)),
       global_rank_(global_rank),
-      clock_(&clock) {
+      clock_(&clock),
+      group_ranks_(global_ranks()) {
   if (sinks_.empty()) throw CommError("ObservedProcessGroup: no sink to record into");
   const auto& ranks = global_ranks();
   const int r = rank();
@@ -30,7 +31,7 @@ ObservedProcessGroup::ObservedProcessGroup(ProcessGroupPtr inner, std::vector<Si
 }
 
 WorkPtr ObservedProcessGroup::call(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue) {
-  const Record issued = collective_record(global_rank_, desc, global_ranks(), clock_->now_ns());
+  const Record issued = collective_record(global_rank_, desc, group_ranks_, clock_->now_ns());
   std::vector<uint64_t> tokens;
   tokens.reserve(sinks_.size());
   for (const auto& sink : sinks_) tokens.push_back(sink->on_issue(issued));

@@ -43,6 +43,7 @@ class ObservedProcessGroup final : public ForwardingProcessGroup {
   std::vector<SinkPtr> sinks_;
   int global_rank_;
   const Clock* clock_;
+  const GroupRanks group_ranks_;  // shared by every record of this group
 };
 
 }  // namespace fsdpsim::observe

@@ -50,14 +50,14 @@ bool operator==(const Record& a, const Record& b) {
          a.status == b.status && a.error == b.error;
 }
 
-Record collective_record(int rank, const CollectiveDesc& desc, const std::vector<int>& group_ranks, int64_t issue_ns) {
+Record collective_record(int rank, const CollectiveDesc& desc, GroupRanks group_ranks, int64_t issue_ns) {
   Record record;
   record.rank = rank;
   record.kind = Record::kCollectiveKind;
   record.name = to_string(desc.op);
   record.detail = desc.call_string();
   record.group = desc.group;
-  record.group_ranks = group_ranks;
+  record.group_ranks = std::move(group_ranks);
   record.seq = desc.seq;
   record.op = desc.op;
   record.dtype = desc.dtype;

@@ -10,7 +10,9 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -33,6 +35,40 @@ std::optional<RecordStatus> record_status_from_string(const std::string& name);
 std::string dtype_name(at::ScalarType dtype);
 std::optional<at::ScalarType> dtype_from_name(const std::string& name);
 
+/// The global ranks of a collective's group, by group rank: immutable, and
+/// shared by every copy of a record and every record made from one value
+/// (the observe layer makes one per group), so a world of N ranks does not
+/// copy N numbers into each record. Reads like a const std::vector<int>.
+class GroupRanks {
+ public:
+  GroupRanks() : ranks_(empty_ranks()) {}
+  GroupRanks(std::vector<int> ranks)  // NOLINT(google-explicit-constructor): a vector is a group's ranks
+      : ranks_(std::make_shared<const std::vector<int>>(std::move(ranks))) {}
+  GroupRanks(std::initializer_list<int> ranks) : GroupRanks(std::vector<int>(ranks)) {}
+
+  const std::vector<int>& vector() const { return *ranks_; }
+  operator const std::vector<int>&() const { return *ranks_; }  // NOLINT(google-explicit-constructor)
+  size_t size() const { return ranks_->size(); }
+  bool empty() const { return ranks_->empty(); }
+  int operator[](size_t i) const { return (*ranks_)[i]; }
+  std::vector<int>::const_iterator begin() const { return ranks_->begin(); }
+  std::vector<int>::const_iterator end() const { return ranks_->end(); }
+
+  friend bool operator==(const GroupRanks& a, const GroupRanks& b) {
+    return a.ranks_ == b.ranks_ || *a.ranks_ == *b.ranks_;
+  }
+  friend bool operator!=(const GroupRanks& a, const GroupRanks& b) { return !(a == b); }
+  friend bool operator==(const GroupRanks& a, const std::vector<int>& b) { return *a.ranks_ == b; }
+  friend bool operator!=(const GroupRanks& a, const std::vector<int>& b) { return *a.ranks_ != b; }
+
+ private:
+  static const std::shared_ptr<const std::vector<int>>& empty_ranks() {
+    static const auto none = std::make_shared<const std::vector<int>>();
+    return none;
+  }
+  std::shared_ptr<const std::vector<int>> ranks_;  // never null
+};
+
 /// One record. Collectives fill every field; engine events use name = the
 /// unit's FQN, detail = the training state, issue_ns = start_ns, and leave
 /// the collective fields at their defaults.
@@ -44,9 +80,9 @@ struct Record {
   std::string detail;  ///< collectives: CollectiveDesc::call_string(); engine: training state
 
   // Collectives only.
-  std::string group;             ///< process group name
-  std::vector<int> group_ranks;  ///< global ranks of the group, by group rank
-  uint64_t seq = 0;              ///< per-group sequence number (1, 2, ...)
+  std::string group;       ///< process group name
+  GroupRanks group_ranks;  ///< global ranks of the group, by group rank
+  uint64_t seq = 0;        ///< per-group sequence number (1, 2, ...)
   CollectiveOp op = CollectiveOp::Barrier;
   at::ScalarType dtype = at::ScalarType::Undefined;
   int64_t in_numel = 0;
@@ -79,7 +115,7 @@ inline bool operator!=(const Record& a, const Record& b) { return !(a == b); }
 
 /// The in-flight record of a collective `rank` issued at `issue_ns` (id and
 /// logical clocks are the recorder's to set).
-Record collective_record(int rank, const CollectiveDesc& desc, const std::vector<int>& group_ranks, int64_t issue_ns);
+Record collective_record(int rank, const CollectiveDesc& desc, GroupRanks group_ranks, int64_t issue_ns);
 
 /// Whether `kind` may name an engine event: a lowercase identifier (a-z,
 /// 0-9, _) of 1-64 characters other than "collective".

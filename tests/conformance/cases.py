@@ -24,7 +24,8 @@ Modes:
             torch.utils.checkpoint.checkpoint(use_reentrant=False); ours:
             fsdp::checkpoint)
   clip      raf_on; clip_grad_norm_(max_norm CLIP_MAX_NORM) over every param
-            before each optimiser step, the total norms recorded
+            before each optimiser step, the total norms recorded; one param
+            (UNUSED_PARAM) used by no rank
   mp_accum  mp_bf16's policy (bf16 params, fp32 reduction) with accum's
             micro-batch pattern
   hsdp_noar HSDP on the mesh HSDP_MESHES[W]; per step ACCUM_MICRO
@@ -63,6 +64,9 @@ TRAIN_HSDP_WORLDS = [4]  # hsdp_noar: a 2 x 2 mesh, both axes larger than one
 # own computation; module.1 of nested_wrapped holds the unit module.1.0, so
 # its own computation is module.1.1 (a sub-unit is never inside a region).
 CKPT_MODULES = {"mlp_stack": ["0", "1", "2"], "nested_wrapped": ["module.1.0", "module.1.1", "module.2"]}
+# clip: a param `spare` (6 elements) registered on this unit, used by no
+# rank's forward (FSDP2's unused-param rule: its grad stays None).
+UNUSED_PARAM = {"mlp_stack": "1", "nested_wrapped": "module.2"}
 CLIP_MAX_NORM = 0.05  # the driver's kClipMaxNorm: every step's norm is larger
 ACCUM_MODES = ["accum", "mp_accum", "hsdp_noar"]
 HSDP_MODES = ["hsdp", "hsdp_noar"]

@@ -120,6 +120,17 @@ int micro_batches(const Options& o) { return accumulates(o) ? kAccumMicro : 1; }
 // clip: small enough that every step clips (cases.py CLIP_MAX_NORM).
 constexpr double kClipMaxNorm = 0.05;
 
+// clip: a param that no rank's forward uses, in a unit whose other params
+// are used (cases.py UNUSED_PARAM): FSDP2 leaves its grad None and
+// reduce-scatters none of it, clip_grad_norm_ skips it; ours must too.
+void add_unused_param(const Options& o, torch::nn::Module& root) {
+  if (o.mode != "clip") return;
+  const std::string unit = o.scenario == "mlp_stack" ? "1" : "module.2";
+  for (const auto& item : root.named_modules()) {
+    if (item.key() == unit) item.value()->register_parameter("spare", at::linspace(-1.0, 1.0, 6));
+  }
+}
+
 scenarios::ScenarioConfig scenario_config(const Options& o) {
   scenarios::ScenarioConfig config;
   config.name = o.scenario;
@@ -230,6 +241,7 @@ void run_rank(const Options& o, sim::RankContext& ctx) {
   }
 
   auto scenario = scenarios::make_scenario(scenario_config(o), rank);
+  add_unused_param(o, *scenario->module());
   fsdp::EngineOptions engine_options;
   engine_options.queue_backward_callback = sim::queue_backward_callback;
   engine_options.hooks.push_back(events);
@@ -348,6 +360,7 @@ int main(int argc, char** argv) {
     // The numbers both sides start from.
     for (int r = 0; r < o.world; ++r) {
       auto scenario = scenarios::make_scenario(scenario_config(o), r);
+      add_unused_param(o, *scenario->module());
       std::vector<std::pair<std::string, at::Tensor>> init;
       for (const auto& [fqn, param] : scenarios::unique_named_parameters(*scenario->module())) {
         init.emplace_back("param/" + fqn, param);

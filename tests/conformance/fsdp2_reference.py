@@ -558,6 +558,9 @@ def _train(rank, case, case_dir):
     twin = make_twin(case.scenario)
     model = twin.module
     init_params, inputs = _load_init(case_dir, rank)
+    if case.mode == "clip":  # a param no rank uses (the driver's add_unused_param)
+        dict(model.named_modules())[case_lib.UNUSED_PARAM[case.scenario]].register_parameter(
+            "spare", nn.Parameter(torch.empty(6)))
     named = dict(model.named_parameters())  # tied params once, first FQN
     missing = sorted(set(named) - set(init_params))
     extra = sorted(set(init_params) - set(named))

@@ -6,7 +6,8 @@ documented known difference (printed as such), 1 otherwise; a missing side is
 a failure.
 
 Per rank and step it checks:
-  numerics     the loss; every param and grad after the step: our shard
+  numerics     (clip: also the total grad norm each step returned, with
+               the loss's tolerance) the loss; every param and grad after the step: our shard
                against its rows of FSDP2's full tensor, |ours - fsdp2| <=
                ATOL + RTOL * |fsdp2| (see TOLERANCE below); a grad defined on
                one side only is a mismatch;

@@ -97,7 +97,7 @@ struct ShardedParam {
   at::Tensor shard_view;       // padded_shard rows [0, my_rows): the param's data between steps
   at::Tensor full;             // the gathered param, while unsharded
   at::Tensor stashed_grad;     // the sharded grad, set aside while the param is full-size
-  at::Tensor unsynced_grad;    // full-size grads of backwards run without gradient sync, summed
+  at::Tensor unsynced_grad;    // full-size grads of backwards run without gradient sync, summed in reduce_dtype
   at::Tensor partial_reduced;  // HSDP without all-reduce: reduce-scatter outputs summed (padded chunk, flat)
 
   int64_t chunk_numel() const { return rows_per_rank * row_numel; }
@@ -574,20 +574,44 @@ void Engine::Impl::pre_backward(Unit::Impl& unit) {
                                shape_of(p.param.sizes()) + " in backward, " + shape_of(p.full_shape) + " in forward");
     }
   }
-  // Grads of earlier backwards run without sync go back on the full params:
-  // this backward's AccumulateGrad adds into them, as on an unsharded model.
-  for (auto& p : unit.params) {
-    if (!p.unsynced_grad.defined()) continue;
-    p.param.mutable_grad() = p.unsynced_grad;
-    p.unsynced_grad = at::Tensor();
+}
+
+namespace {
+// This backward's full-size grad of `p`, taken off the param (undefined if
+// it has none), checked to be full-size.
+at::Tensor take_full_grad(const Unit::Impl& unit, ShardedParam& p) {
+  at::Tensor grad = std::move(p.param.mutable_grad());
+  p.param.mutable_grad() = at::Tensor();
+  if (grad.defined() && grad.sizes() != at::IntArrayRef(p.full_shape)) {
+    throw std::runtime_error("grad of param '" + p.fqn + "' of unit '" + unit.fqn + "' has shape " +
+                             shape_of(grad.sizes()) + ", expected the full shape " + shape_of(p.full_shape));
+  }
+  return grad;
+}
+
+// Adds this backward's full-size grad of `p` to the sum of earlier backwards
+// run without sync, in reduce_dtype: FSDP2 (2.15) gives the unsharded param
+// grad_dtype = reduce_dtype (unset: the param's own dtype), so autograd casts
+// each backward's grad to it and accumulates in it. With bf16 compute and an
+// fp32 reduction the sum is fp32; with fp32 compute and a bf16 reduction each
+// grad is rounded to bf16 before the bf16 addition.
+void add_to_unsynced(const Unit::Impl& unit, ShardedParam& p, const at::Tensor& grad) {
+  if (!grad.defined()) return;
+  if (p.unsynced_grad.defined()) {
+    p.unsynced_grad.add_(grad.to(unit.reduce_dtype));
+  } else {
+    p.unsynced_grad = grad.to(unit.reduce_dtype);
   }
 }
 
-// This backward's full-size grads of `unit`, taken off the params: those of
-// the params with a grad here (FSDP2), or, with reduce_scatter_unused_params,
-// of every param that requires grad once any has one (an undefined grad:
-// unused on this rank, reduced as zeros), so that ranks whose forward used
-// different params still issue the same reduce-scatter.
+}  // namespace
+
+// This backward's full-size grads of `unit`, taken off the params and added
+// to those kept from backwards without sync: those of the params with a grad
+// (FSDP2), or, with reduce_scatter_unused_params, of every param that
+// requires grad once any has one (an undefined grad: unused on this rank,
+// reduced as zeros), so that ranks whose forward used different params still
+// issue the same reduce-scatter.
 std::vector<std::pair<size_t, at::Tensor>> Engine::Impl::take_full_grads(Unit::Impl& unit) {
   std::vector<std::pair<size_t, at::Tensor>> grads;
   bool any = false;
@@ -595,15 +619,15 @@ std::vector<std::pair<size_t, at::Tensor>> Engine::Impl::take_full_grads(Unit::I
   for (size_t i = 0; i < unit.params.size(); ++i) {
     auto& p = unit.params[i];
     if (!p.param.requires_grad()) continue;
-    if (!with_unused && !p.param.grad().defined()) continue;
-    at::Tensor grad = p.param.grad();
-    if (grad.defined() && grad.sizes() != at::IntArrayRef(p.full_shape)) {
-      throw std::runtime_error("grad of param '" + p.fqn + "' of unit '" + unit.fqn + "' has shape " +
-                               shape_of(grad.sizes()) + ", expected the full shape " + shape_of(p.full_shape));
+    at::Tensor grad = take_full_grad(unit, p);
+    if (p.unsynced_grad.defined()) {
+      add_to_unsynced(unit, p, grad);
+      grad = std::move(p.unsynced_grad);
+      p.unsynced_grad = at::Tensor();
     }
+    if (!with_unused && !grad.defined()) continue;
     any = any || grad.defined();
     grads.emplace_back(i, std::move(grad));
-    p.param.mutable_grad() = at::Tensor();
   }
   if (!any) grads.clear();
   return grads;
@@ -639,37 +663,42 @@ void Engine::Impl::post_backward(Unit::Impl& unit) {
   finish_post_backward(unit);
 }
 
+namespace {
+// Lands this rank's reduced grad of `p` (reduce_dtype, its rows) in the
+// sharded grad: cast to the param's dtype, copied beside an offloaded shard,
+// then added to the sharded grad of earlier backwards or assigned. `shared`:
+// `reduced` views a buffer that must not become the grad (copied if nothing
+// above copied it).
+void land_sharded_grad(Unit::Impl& unit, ShardedParam& p, const at::Tensor& reduced, bool shared) {
+  at::Tensor grad = to_param_dtype(unit, reduced);
+  if (unit.offload) grad = offload_copy(grad, unit.options.offload_policy, unit.tensor_options.device());
+  // The sharded grad: aside while the unit stays gathered after backward.
+  at::Tensor& current = unit.grads_stashed ? p.stashed_grad : p.param.mutable_grad();
+  if (current.defined()) {
+    current.add_(grad);
+  } else {
+    current = shared && grad.is_same(reduced) ? grad.clone() : grad;
+  }
+}
+
+}  // namespace
+
 // A world of one: the grad is already the reduced, sharded grad (in
 // reduce_dtype on its way, as a reduction would round it).
 void Engine::Impl::accumulate_local_grads(Unit::Impl& unit, std::vector<std::pair<size_t, at::Tensor>>& grads) {
   for (auto& [index, grad] : grads) {
     if (!grad.defined()) continue;  // unused here, and no other rank to hear from
-    at::Tensor reduced = to_param_dtype(unit, grad.to(unit.reduce_dtype));
-    if (unit.offload) reduced = offload_copy(reduced, unit.options.offload_policy, unit.tensor_options.device());
-    auto& p = unit.params[index];
-    at::Tensor& current = unit.grads_stashed ? p.stashed_grad : p.param.mutable_grad();
-    if (current.defined()) {
-      current.add_(reduced);
-    } else {
-      current = reduced;
-    }
+    land_sharded_grad(unit, unit.params[index], grad.to(unit.reduce_dtype), /*shared=*/false);
   }
 }
 
-// Without gradient sync the full-size grads stay on this rank, summed over
-// the backwards until one with sync reduces them (FSDP2 keeps them on the
-// unsharded param; ours is one Tensor whose data is swapped, so they wait
-// aside and return at the next pre-backward).
+// Without gradient sync the full-size grads stay on this rank, summed in
+// reduce_dtype over the backwards until one with sync reduces them (FSDP2
+// keeps them on the unsharded param; ours is one Tensor whose data is
+// swapped, so they wait aside).
 void Engine::Impl::keep_unsynced_grads(Unit::Impl& unit) {
   for (auto& p : unit.params) {
-    if (!p.param.requires_grad() || !p.param.grad().defined()) continue;
-    if (p.param.grad().sizes() != at::IntArrayRef(p.full_shape)) {
-      throw std::runtime_error("grad of param '" + p.fqn + "' of unit '" + unit.fqn + "' has shape " +
-                               shape_of(p.param.grad().sizes()) + ", expected the full shape " +
-                               shape_of(p.full_shape));
-    }
-    p.unsynced_grad = p.param.grad();
-    p.param.mutable_grad() = at::Tensor();
+    if (p.param.requires_grad()) add_to_unsynced(unit, p, take_full_grad(unit, p));
   }
   if (unit.reshard_after_backward) reshard(unit);
   if (!unit.params.empty()) emit(&EngineHooks::on_post_backward, unit);
@@ -815,20 +844,11 @@ void Engine::Impl::land_reduction(Unit::Impl& unit, PendingReduction& reduction)
     unit.options.replicate_group->all_reduce(reduction.output, all_reduce)->wait();
     if (sum_then_divide && division.after != 1.0) reduction.output.div_(division.after);
   }
-  // In the param's dtype (a reduce_dtype other than it: a cast, so a copy).
-  const at::Tensor output = to_param_dtype(unit, reduction.output);
   for (size_t k = 0; k < reduction.params.size(); ++k) {
     auto& p = unit.params[reduction.params[k]];
-    at::Tensor reduced = reduced_chunk(output, k).view(p.rows_shape(p.rows_per_rank)).narrow(0, 0, p.my_rows);
-    // Offloaded: the reduced grad goes back to the CPU, beside its shard.
-    if (unit.offload) reduced = offload_copy(reduced, unit.options.offload_policy, unit.tensor_options.device());
-    // The sharded grad: aside while the unit stays gathered after backward.
-    at::Tensor& grad = unit.grads_stashed ? p.stashed_grad : p.param.mutable_grad();
-    if (grad.defined()) {
-      grad.add_(reduced);
-    } else {
-      grad = unit.offload ? reduced : reduced.clone();
-    }
+    const at::Tensor rows =
+        reduced_chunk(reduction.output, k).view(p.rows_shape(p.rows_per_rank)).narrow(0, 0, p.my_rows);
+    land_sharded_grad(unit, p, rows, /*shared=*/true);
   }
 }
 

@@ -9,6 +9,7 @@
 #include <unordered_set>
 
 #include "backends/mesh.h"
+#include "fsdp/checkpoint.h"
 
 namespace fsdpsim::scenarios {
 
@@ -334,20 +335,38 @@ TORCH_MODULE(RankDivergent);
 
 class MlpImpl : public torch::nn::Module {
  public:
-  MlpImpl(int64_t dim, int64_t mult, bool with_buffer)
+  MlpImpl(int64_t dim, int64_t mult, bool with_buffer, bool checkpointed = false)
       : in_proj(register_module("in_proj", torch::nn::Linear(dim, mult * dim))),
-        out_proj(register_module("out_proj", torch::nn::Linear(mult * dim, dim))) {
+        out_proj(register_module("out_proj", torch::nn::Linear(mult * dim, dim))),
+        checkpointed_(checkpointed) {
     if (with_buffer) buffer = register_buffer("buffer", torch::zeros({dim}));
   }
   at::Tensor forward(at::Tensor x) {
-    auto z = torch::relu(out_proj(torch::relu(in_proj(x))));
-    return buffer.defined() ? z + buffer : z;
+    auto body = [this](const at::Tensor& in) {
+      auto z = torch::relu(out_proj(torch::relu(in_proj(in))));
+      return buffer.defined() ? z + buffer : z;
+    };
+    return checkpointed_ ? fsdp::checkpoint(body, x) : body(x);
   }
   torch::nn::Linear in_proj;
   torch::nn::Linear out_proj;
   at::Tensor buffer;
+
+ private:
+  bool checkpointed_;
 };
 TORCH_MODULE(Mlp);
+
+/// A Linear whose forward runs under fsdp::checkpoint: the same params and
+/// names as torch::nn::Linear (fsdp::call resolves forward on this type).
+class CheckpointedLinearImpl : public torch::nn::LinearImpl {
+ public:
+  CheckpointedLinearImpl(int64_t in, int64_t out) : torch::nn::LinearImpl(torch::nn::LinearOptions(in, out)) {}
+  at::Tensor forward(const at::Tensor& x) {
+    return fsdp::checkpoint([this](const at::Tensor& in) { return torch::nn::LinearImpl::forward(in); }, x);
+  }
+};
+TORCH_MODULE(CheckpointedLinear);
 
 /// Parameters of given shapes, each used elementwise against an input of its
 /// shape: loss = sum_i sum(tanh(p_i) * x_i).
@@ -482,29 +501,36 @@ class NestedWrappedScenario : public NestedScenario {
   NestedWrappedScenario(const ScenarioConfig& config, bool always_wrap)
       : NestedScenario(always_wrap ? "always_wrap_nested" : "nested_wrapped", config) {
     auto& chain = model_->module;
-    auto first = chain->add("0", torch::nn::Linear(8, 4));
+    // checkpoint_units: the units' own Linears (module.1's is module.1.1)
+    // run checkpointed; the root's (module.0, module.3) do not.
+    auto linear = [&](Chain& parent, const std::string& name, int64_t in, int64_t out, bool checkpointed) {
+      if (checkpointed) return std::shared_ptr<torch::nn::Module>(parent->add(name, CheckpointedLinear(in, out)).ptr());
+      return std::shared_ptr<torch::nn::Module>(parent->add(name, torch::nn::Linear(in, out)).ptr());
+    };
+    const bool ckpt = config.checkpoint_units;
+    auto first = linear(chain, "0", 8, 4, false);
     auto inner = chain->add("1", Chain());
-    auto inner_first = inner->add("0", torch::nn::Linear(4, 16));
-    auto inner_second = inner->add("1", torch::nn::Linear(16, 16));
-    auto third = chain->add("2", torch::nn::Linear(16, 4));
-    auto last = chain->add("3", torch::nn::Linear(4, 8));
+    auto inner_first = linear(inner, "0", 4, 16, ckpt);
+    auto inner_second = linear(inner, "1", 16, 16, ckpt);
+    auto third = linear(chain, "2", 16, 4, ckpt);
+    auto last = linear(chain, "3", 4, 8, false);
     root_ = model_.ptr();
     init_parameters(*root_, init_generator());
     wrap_policy_ = always_wrap
                        ? fsdp::wrap_modules_where([](const torch::nn::Module&, const std::string&) { return true; })
                        : wrap_paths({"module.1.0", "module.1", "module.2"});
     if (always_wrap) {
-      add_unit(first.ptr());
-      add_unit(inner_first.ptr());
-      add_unit(inner_second.ptr());
+      add_unit(first);
+      add_unit(inner_first);
+      add_unit(inner_second);
       add_unit(inner.ptr());
-      add_unit(third.ptr());
-      add_unit(last.ptr());
+      add_unit(third);
+      add_unit(last);
       add_unit(chain.ptr());
     } else {
-      add_unit(inner_first.ptr());
+      add_unit(inner_first);
       add_unit(inner.ptr());
-      add_unit(third.ptr());
+      add_unit(third);
     }
     add_unit(root_);
   }
@@ -633,9 +659,9 @@ class MlpStackScenario : public ScenarioBase {
  public:
   explicit MlpStackScenario(const ScenarioConfig& config) : ScenarioBase("mlp_stack", config) {
     const int64_t dim = config.mlp_dim;
-    auto first = model_->add("0", Mlp(dim, 3, config.mlp_buffer));
-    auto second = model_->add("1", Mlp(dim, 4, config.mlp_buffer));
-    auto third = model_->add("2", Mlp(dim, 3, config.mlp_buffer));
+    auto first = model_->add("0", Mlp(dim, 3, config.mlp_buffer, config.checkpoint_units));
+    auto second = model_->add("1", Mlp(dim, 4, config.mlp_buffer, config.checkpoint_units));
+    auto third = model_->add("2", Mlp(dim, 3, config.mlp_buffer, config.checkpoint_units));
     model_->add("3", torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim})));
     root_ = model_.ptr();
     auto gen = init_generator();
@@ -726,6 +752,10 @@ std::vector<std::string> scenario_names() {
 
 std::unique_ptr<Scenario> make_scenario(const ScenarioConfig& config, int rank) {
   const std::string& name = config.name;
+  if (config.checkpoint_units && name != "nested_wrapped" && name != "mlp_stack") {
+    throw std::invalid_argument("scenario '" + name +
+                                "': checkpoint_units is supported by mlp_stack and nested_wrapped only");
+  }
   if (name == "nested_wrapped") return std::make_unique<NestedWrappedScenario>(config, /*always_wrap=*/false);
   if (name == "always_wrap_nested") return std::make_unique<NestedWrappedScenario>(config, /*always_wrap=*/true);
   if (name == "transformer") return std::make_unique<TransformerScenario>(config);

@@ -82,6 +82,10 @@ struct ScenarioConfig {
   int64_t mlp_dim = 16;
   /// mlp_stack: each MLP adds a (non-trainable) buffer to its output.
   bool mlp_buffer = false;
+  /// mlp_stack, nested_wrapped: every unit but the root runs its own
+  /// computation (not its sub-units') under fsdp::checkpoint (activation
+  /// checkpointing inside the unit). Other scenarios refuse it.
+  bool checkpoint_units = false;
 };
 
 /// One instance per rank (or per reference replica).

@@ -72,6 +72,45 @@ TEST(ScenarioModels, UnknownNameListsTheKnownOnes) {
   }
 }
 
+// checkpoint_units (the conformance mode ckpt) keeps the FQNs, the init and,
+// unsharded, the loss and every grad bit for bit; other scenarios refuse it.
+TEST(ScenarioModels, CheckpointUnitsKeepsParamsAndGradsAndIsRefusedElsewhere) {
+  for (const std::string name : {"mlp_stack", "nested_wrapped"}) {
+    SCOPED_TRACE(name);
+    std::vector<std::vector<std::pair<std::string, at::Tensor>>> grads;
+    std::vector<at::Tensor> losses;
+    for (bool checkpointed : {false, true}) {
+      ScenarioConfig config;
+      config.name = name;
+      config.checkpoint_units = checkpointed;
+      auto scenario = make_scenario(config, 1);
+      at::Tensor loss = scenario->forward_loss(scenario->input(1, 0));
+      loss.backward();
+      losses.push_back(loss.detach());
+      grads.emplace_back();
+      for (const auto& [fqn, param] : unique_named_parameters(*scenario->module())) {
+        ASSERT_TRUE(param.grad().defined()) << fqn;
+        grads.back().emplace_back(fqn, param.grad());
+      }
+    }
+    EXPECT_TRUE(torch::equal(losses[0], losses[1]));
+    ASSERT_EQ(grads[0].size(), grads[1].size());
+    for (size_t i = 0; i < grads[0].size(); ++i) {
+      EXPECT_EQ(grads[0][i].first, grads[1][i].first);
+      EXPECT_TRUE(torch::equal(grads[0][i].second, grads[1][i].second)) << grads[0][i].first;
+    }
+  }
+  ScenarioConfig config;
+  config.name = "transformer";
+  config.checkpoint_units = true;
+  try {
+    make_scenario(config, 0);
+    FAIL() << "expected std::invalid_argument";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_THAT(e.what(), HasSubstr("'transformer': checkpoint_units is supported by mlp_stack and nested_wrapped"));
+  }
+}
+
 TEST(ScenarioModels, SameInitOnEveryRankExceptExpertsAndInputsDifferAcrossRanks) {
   for (const auto& name : scenario_names()) {
     SCOPED_TRACE(name);

@@ -124,13 +124,13 @@ struct Data {
   std::vector<std::vector<at::Tensor>> x, target;  // [step][rank]
 };
 
-Data make_data(int world) {
+Data make_data(int world, int batches = kSteps) {
   Data data;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(1234);
   const std::vector<std::vector<int64_t>> shapes = {{kHidden, kIn}, {kHidden},       {kHidden, kHidden},
                                                     {kHidden},      {kOut, kHidden}, {kOut}};
   for (const auto& shape : shapes) data.init.push_back(at::randn(shape, gen) * 0.5);
-  for (int s = 0; s < kSteps; ++s) {
+  for (int s = 0; s < batches; ++s) {
     data.x.emplace_back();
     data.target.emplace_back();
     for (int r = 0; r < world; ++r) {
@@ -365,6 +365,152 @@ TEST(MixedPrecision, Bf16ComputeDiffersFromFp32) {
   const Reference bf16 = run_reference(data, same_everywhere("bf16", policy(at::kBFloat16)), 2);
   EXPECT_FALSE(torch::equal(fp32.loss[0][0], bf16.loss[0][0]));
   EXPECT_FALSE(torch::equal(fp32.grads[0][0], bf16.grads[0][0]));
+}
+
+// ---------------------------------------------------------------------------
+// Accumulation without gradient sync under mixed precision. FSDP2 (torch
+// 2.15) keeps the unsharded grads of backwards run without sync in the
+// grad's reduction dtype (FSDPParam.unsharded_grad_dtype: reduce_dtype, unset
+// the params' own dtype, set as the unsharded param's grad_dtype): each
+// backward's grad is cast to it, then added to the sum in it. With bf16
+// compute and fp32 reduction the sum is fp32 (no bf16 rounding per
+// micro-batch); with fp32 compute and bf16 reduction each grad is rounded to
+// bf16 before the bf16 addition. The reference below does exactly these casts
+// and additions, so the comparison is bitwise.
+
+constexpr int kUnsyncedMicro = 2;  // micro-batches without sync, then one with
+
+struct AccumCase {
+  WorldParam world;
+  PolicyCase policy;
+  bool keep_gathered = false;  // set_reshard_after_backward(false) while accumulating
+};
+
+void PrintTo(const AccumCase& c, std::ostream* out) {
+  *out << c.policy.name << " world " << c.world.world_size << (c.keep_gathered ? " kept gathered" : "");
+}
+
+// One optimiser step of kUnsyncedMicro + 1 micro-batches (micro-batch m of
+// rank r: data.x[m][r]): per rank the grads summed as FSDP2 sums them, the
+// mean over ranks as the engine reduces it, then SGD on the fp32 masters.
+// `sum_dtype` replaces the accumulation dtype (FSDP2's: reduce_dtype, unset
+// fp32) to show that it matters.
+Reference accumulated_reference(const Data& data, const PolicyCase& c, int world,
+                                std::optional<at::ScalarType> sum_dtype = std::nullopt) {
+  Reference ref;
+  std::vector<at::Tensor> master;
+  for (const auto& t : data.init) master.push_back(t.clone().requires_grad_(true));
+  std::vector<std::vector<at::Tensor>> rank_sums(master.size());
+  ref.loss.emplace_back();
+  for (int r = 0; r < world; ++r) {
+    std::vector<at::Tensor> sum(master.size());
+    for (int m = 0; m <= kUnsyncedMicro; ++m) {
+      std::vector<at::Tensor> compute;
+      for (size_t i = 0; i < master.size(); ++i) {
+        compute.push_back(cast(master[i].detach(), c.units[kParamUnit[i]].param_dtype).requires_grad_(true));
+      }
+      loss_of(reference_forward(compute, data.x[m][r], c), data.target[m][r]).backward();
+      for (size_t i = 0; i < master.size(); ++i) {
+        const at::ScalarType dtype = sum_dtype.value_or(c.units[kParamUnit[i]].reduce_dtype.value_or(at::kFloat));
+        const at::Tensor grad = compute[i].grad().to(dtype);
+        sum[i] = sum[i].defined() ? sum[i].add(grad) : grad;
+      }
+    }
+    for (size_t i = 0; i < master.size(); ++i) rank_sums[i].push_back(sum[i]);
+  }
+  torch::optim::SGD sgd(master, kLr);
+  ref.grads.emplace_back();
+  for (size_t i = 0; i < master.size(); ++i) {
+    master[i].mutable_grad() = reference_mean(rank_sums[i], c.units[kParamUnit[i]]);
+    ref.grads[0].push_back(master[i].grad().clone());
+  }
+  sgd.step();
+  ref.params.emplace_back();
+  for (const auto& m : master) ref.params[0].push_back(m.detach().clone());
+  return ref;
+}
+
+class MixedPrecisionAccumulation : public ::testing::TestWithParam<AccumCase> {};
+
+TEST_P(MixedPrecisionAccumulation, UnsyncedGradsAccumulateInTheReductionDtype) {
+  const AccumCase& c = GetParam();
+  const int world = c.world.world_size;
+  const Data data = make_data(world, kUnsyncedMicro + 1);
+  const Reference ref = accumulated_reference(data, c.policy, world);
+  std::vector<RankRecord> records(world);
+  sim::World sim_world(world_options(c.world));
+  auto result = sim_world.run([&](sim::RankContext& ctx) {
+    EngineOptions engine_options;
+    engine_options.queue_backward_callback = sim::queue_backward_callback;
+    Engine engine(engine_options);
+    auto net = sharded_net(engine, ctx.world_group(), c.policy, data.init);
+    torch::optim::SGD sgd(net->parameters(), kLr);
+    for (int m = 0; m <= kUnsyncedMicro; ++m) {
+      const bool sync = m == kUnsyncedMicro;
+      engine.set_requires_gradient_sync(sync);
+      engine.set_reshard_after_backward(sync || !c.keep_gathered);
+      sim::backward(loss_of(fsdp::call(net, data.x[m][ctx.rank()]), data.target[m][ctx.rank()]));
+    }
+    RankRecord& record = records[ctx.rank()];
+    record.grads.emplace_back();
+    for (const auto& p : net->parameters()) record.grads.back().push_back(p.grad().clone());
+    sgd.step();
+    record.params.emplace_back();
+    for (const auto& p : net->parameters()) record.params.back().push_back(p.detach().clone());
+  });
+  ASSERT_TRUE(fsdpsim::testing::RanksSucceeded(result));
+  for (int r = 0; r < world; ++r) {
+    for (size_t i = 0; i < kParamNames.size(); ++i) {
+      SCOPED_TRACE("rank " + std::to_string(r) + " " + kParamNames[i]);
+      const at::Tensor& grad = records[r].grads[0][i];
+      const at::Tensor want = rows_of(ref.grads[0][i], r, world);
+      EXPECT_EQ(grad.scalar_type(), at::kFloat);
+      EXPECT_TRUE(torch::equal(grad, want)) << "max |diff| " << (grad - want).abs().max().item<float>();
+      EXPECT_TRUE(torch::equal(records[r].params[0][i], rows_of(ref.params[0][i], r, world)));
+    }
+  }
+}
+
+std::vector<AccumCase> accumulation_params() {
+  const auto bf16 = at::kBFloat16;
+  const std::vector<PolicyCase> policies = {
+      same_everywhere("bf16", policy(bf16)),  // reduce_dtype unset: fp32, the params' own
+      same_everywhere("bf16_reduce_fp32", policy(bf16, at::kFloat)),
+      same_everywhere("bf16_reduce_bf16", policy(bf16, bf16)),          // sums in bf16, as it computes
+      same_everywhere("fp32_reduce_bf16", policy(std::nullopt, bf16)),  // each fp32 grad rounded, then added
+  };
+  std::vector<AccumCase> out;
+  for (const auto& p : policies) {
+    out.push_back({{sim::RankKind::Threads, 2}, p, false});
+    out.push_back({{sim::RankKind::Fibers, 3}, p, false});
+    out.push_back({{sim::RankKind::Threads, 3}, p, true});
+  }
+  return out;
+}
+
+std::string accumulation_name(const ::testing::TestParamInfo<AccumCase>& info) {
+  const AccumCase& c = info.param;
+  return std::string(c.world.rank_kind == sim::RankKind::Threads ? "threads" : "fibers") +
+         std::to_string(c.world.world_size) + "_" + c.policy.name + (c.keep_gathered ? "_kept" : "");
+}
+
+INSTANTIATE_TEST_SUITE_P(All, MixedPrecisionAccumulation, ::testing::ValuesIn(accumulation_params()),
+                         accumulation_name);
+
+// The accumulation dtype matters: summed in the compute dtype (bf16; fp32
+// then rounded once) the grads differ, so the parity above could not pass
+// with the engine accumulating as it computes.
+TEST(MixedPrecisionAccumulationReference, TheAccumulationDtypeChangesTheGrads) {
+  const Data data = make_data(2, kUnsyncedMicro + 1);
+  const PolicyCase wider = same_everywhere("", policy(at::kBFloat16, at::kFloat));
+  const PolicyCase narrower = same_everywhere("", policy(std::nullopt, at::kBFloat16));
+  for (size_t i : {0, 2, 4}) {  // the weights
+    SCOPED_TRACE(kParamNames[i]);
+    EXPECT_FALSE(torch::equal(accumulated_reference(data, wider, 2).grads[0][i],
+                              accumulated_reference(data, wider, 2, at::kBFloat16).grads[0][i]));
+    EXPECT_FALSE(torch::equal(accumulated_reference(data, narrower, 2).grads[0][i],
+                              accumulated_reference(data, narrower, 2, at::kFloat).grads[0][i]));
+  }
 }
 
 // ---------------------------------------------------------------------------

@@ -6,7 +6,8 @@ documented known difference (printed as such), 1 otherwise; a missing side is
 a failure.
 
 Per rank and step it checks:
-  numerics     the loss; every param and grad after the step: our shard
+  numerics     (clip: also the total grad norm each step returned, with
+               the loss's tolerance) the loss; every param and grad after the step: our shard
                against its rows of FSDP2's full tensor, |ours - fsdp2| <=
                ATOL + RTOL * |fsdp2| (see TOLERANCE below); a grad defined on
                one side only is a mismatch;
@@ -28,6 +29,10 @@ strict comparison fails and reported by id when it explains the difference:
   (K3, a parameter-less root issuing a 0-element all-gather and events of
      its own, was a difference until the engine treated such a unit as
      FSDP2 does a state without a param group; it is now checked strictly.)
+  K5 clip_grad_norm_'s all-reduce (mode clip): FSDP2 all-reduces one fp32
+     element per grad (each param's local |g|^2), ours one float64 element
+     (the rank's sum of squares). Checked: same position, group and op (sum);
+     ours 1 float64 element, FSDP2 one fp32 element per grad of the step.
 Vocabulary mapping (not differences in behaviour, so always applied):
   V1 our on_prefetch with an empty target ("nothing to prefetch") has no
      FSDP2 counterpart: dropped.
@@ -84,7 +89,13 @@ MP_TOLERANCE_WHY = "bf16: 2^-6 relative + 2^-7 of the tensor's max, see compare.
 def tolerance(case):
     """(atol, rtol, fraction of the tensor's max|x|) for the case: fp32's, or
     bf16's for the mixed-precision modes."""
-    return (MP_ATOL, MP_RTOL, MP_TENSOR) if case.family == "mp" else (ATOL, RTOL, 0.0)
+    return (MP_ATOL, MP_RTOL, MP_TENSOR) if is_mixed_precision(case) else (ATOL, RTOL, 0.0)
+
+
+def is_mixed_precision(case):
+    """The mp family: bf16 tolerance. mp_accum (train family) reduces in fp32
+    and keeps fp32 sums (measured bitwise at worlds 2 and 3): fp32's."""
+    return case.mode in case_lib.MP_MODES
 
 REDUCTIONS = ("reduce_scatter", "all_reduce")
 
@@ -167,11 +178,39 @@ def compare_events(ours, theirs):
     return False, set(), f"first difference at event #{diff[0]}:\n{diff[1]}"
 
 
-def compare_collectives(ours, theirs):
+def clip_norm_all_reduces(case, ours, theirs, grads):
+    """K5: clip_grad_norm_'s all-reduce. FSDP2 (torch.nn.utils.clip_grad_norm_
+    on DTensor grads) all-reduces every grad's local |g|^2 as one fp32 vector
+    of one element per grad (the _NormPartial of the stacked per-param norms,
+    redistributed to Replicate); ours all-reduces one float64 element per shard
+    group (the rank's sum over all its shards, fsdp/clip_grad.cpp). clip cases
+    have no other all-reduce. Returns (ours, theirs) with each such all-reduce
+    replaced by a common key after checking its exact shape on both sides
+    (group, sum; ours 1 float64 element, FSDP2 `grads` fp32 elements), or None
+    if the case is not clip or a shape is not that."""
+    if case.mode != "clip":
+        return None
+    out = []
+    for side, colls, dtype, numel in (("ours", ours, "float64", 1), ("fsdp2", theirs, "float32", grads)):
+        mapped = []
+        for c in colls:
+            if c["op"] == "all_reduce":
+                if (c["dtype"], c["in_numel"], c["out_numel"], c.get("reduce_op")) != (dtype, numel, numel, "sum"):
+                    return None
+                c = dict(c, dtype="clip_norm", in_numel=None, out_numel=None)
+            mapped.append(c)
+        out.append(mapped)
+    return out
+
+
+def compare_collectives(ours, theirs, case=None, grads=0):
     a = [coll_key(c) for c in ours]
     b = [coll_key(c) for c in theirs]
     if a == b:
         return True, set(), ""
+    mapped = clip_norm_all_reduces(case, ours, theirs, grads)
+    if mapped is not None and [coll_key(c) for c in mapped[0]] == [coll_key(c) for c in mapped[1]]:
+        return True, {"K5"}, ""
     if Counter(a) != Counter(b):
         only_a = Counter(a) - Counter(b)
         only_b = Counter(b) - Counter(a)
@@ -217,6 +256,18 @@ def compare_numerics(case, rank, ours_json, ours_t, theirs_json, theirs_t, repor
         report["ratio"] = max(report["ratio"], d / (atol + rtol * abs(lb)))
         if d > atol + rtol * abs(lb):
             problems.append(f"{where} loss: ours {la!r}, fsdp2 {lb!r}, |diff| {d:.3g}")
+    # clip: the total grad norm each step returned (before clipping).
+    ours_norms, their_norms = ours_json.get("norms", []), theirs_json.get("norms", [])
+    if len(ours_norms) != len(their_norms):
+        problems.append(f"{len(ours_norms)} grad norms in ours, {len(their_norms)} in fsdp2")
+    for step, (na, nb) in enumerate(zip(ours_norms, their_norms)):
+        d = abs(na - nb)
+        report["norm"] = max(report.get("norm", 0.0), d)
+        report["ratio"] = max(report["ratio"], d / (atol + rtol * abs(nb)))
+        if d > atol + rtol * abs(nb):
+            problems.append(f"step {step} grad norm: ours {na!r}, fsdp2 {nb!r}, |diff| {d:.3g}")
+    if ours_norms and rank == 0:
+        report["norms"] = their_norms
     placements = ours_json["placements"]
     fqns = sorted({k.split("/", 3)[3] for k in theirs_t if k.startswith("step/0/param/")})
     ours_fqns = sorted({k.split("/", 3)[3] for k in ours_t if k.startswith("step/0/param/")})
@@ -268,7 +319,7 @@ def compare_case(root, name, verbose):
     case_dir = os.path.join(root, name)
     atol, rtol, _ = tolerance(case)
     print(f"case {name}: {case.world} ranks, {case.steps} steps, tolerance |diff| <= {atol:g} + {rtol:g}|fsdp2|"
-          + (f" ({MP_TOLERANCE_WHY})" if case.family == "mp" else ""))
+          + (f" ({MP_TOLERANCE_WHY})" if is_mixed_precision(case) else ""))
     failures = []
     for side, fname in (("ours", "driver_error.txt"), ("FSDP2", "fsdp2_error.txt")):
         path = os.path.join(case_dir, fname)
@@ -293,7 +344,8 @@ def compare_case(root, name, verbose):
         problems = compare_numerics(case, rank, oj, ot, tj, tt, report)
         for step in range(case.steps):
             oe, te = normalise_ours_events(oj["events"][step]), normalise_fsdp2_events(tj["events"][step])
-            good, known, msg = compare_collectives(oj["collectives"][step], tj["collectives"][step])
+            grads = sum(1 for k in tt if k.startswith(f"step/{step}/grad/"))
+            good, known, msg = compare_collectives(oj["collectives"][step], tj["collectives"][step], case, grads)
             known_all.update(f"{k} (collectives)" for k in known)
             if not good:
                 problems.append(f"step {step} collectives: {msg}")
@@ -313,8 +365,12 @@ def compare_case(root, name, verbose):
                     a = coll_str(oj["collectives"][step][k]) if k < len(oj["collectives"][step]) else "-"
                     b = coll_str(tj["collectives"][step][k]) if k < len(tj["collectives"][step]) else "-"
                     print(f"    {a:<60} | {b}")
+    norms = ""
+    if "norms" in report:
+        norms = (f", grad norms {report['norm']:.3g} (FSDP2's rank-0 norms "
+                 f"{', '.join(f'{n:.4g}' for n in report['norms'])}, max_norm {case_lib.CLIP_MAX_NORM})")
     print(f"  max |diff| over ranks and steps: loss {report['loss']:.3g}, params {report['param']:.3g}, "
-          f"grads {report['grad']:.3g}; worst element at {report['ratio']:.2g} of its tolerance")
+          f"grads {report['grad']:.3g}{norms}; worst element at {report['ratio']:.2g} of its tolerance")
     for k, n in sorted(known_all.items()):
         print(f"  KNOWN DIFFERENCE {k}: explains {n} rank-steps (see compare.py / README)")
     print(f"  {'PASS' if ok else 'FAIL'}")

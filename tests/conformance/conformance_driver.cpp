@@ -14,7 +14,12 @@
 // set to none before every step.
 //
 // Modes mp_bf16 / mp_bf16_bf16: raf_on with mixed precision (param_dtype
-// bf16, reduce_dtype fp32 / bf16) on every unit.
+// bf16, reduce_dtype fp32 / bf16) on every unit. The train family (cases.py
+// TRAIN_MODES): ckpt (every non-root unit's own computation under
+// fsdp::checkpoint), clip (fsdp::clip_grad_norm_ before every step; the
+// norms go to the JSON), mp_accum (mp_bf16's policy with accum's pattern),
+// hsdp_noar (HybridShard, set_requires_all_reduce(false) on all but the last
+// micro-batch).
 //
 //   fsdpsim_conformance_driver --out DIR --scenario S --world W --mode M
 //       [--replicate R] [--steps N] [--forward-prefetch UNIT=T1,T2]...
@@ -28,12 +33,14 @@
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "backends/comm_hooks.h"
+#include "fsdp/clip_grad.h"
 #include "fsdp/fully_shard.h"
 #include "scenarios/models.h"
 #include "sim/fiber_autograd.h"
@@ -51,7 +58,7 @@ namespace sim = fsdpsim::sim;
 struct Options {
   std::string out;
   std::string scenario;
-  std::string mode;  // raf_on, raf_off, hsdp, prefetch, accum
+  std::string mode;  // raf_on, raf_off, hsdp, prefetch, accum, mp_*, ckpt, clip, mp_accum
   int world = 2;
   int replicate = 1;
   int steps = 3;
@@ -97,10 +104,9 @@ Options parse(int argc, char** argv) {
   if (o.out.empty() || o.scenario.empty() || o.mode.empty()) {
     throw std::invalid_argument("--out, --scenario and --mode are required");
   }
-  if (o.mode != "raf_on" && o.mode != "raf_off" && o.mode != "hsdp" && o.mode != "prefetch" && o.mode != "mp_bf16" &&
-      o.mode != "mp_bf16_bf16" && o.mode != "accum") {
-    throw std::invalid_argument("unknown mode " + o.mode);
-  }
+  static const std::set<std::string> kModes = {"raf_on", "raf_off",  "hsdp", "prefetch", "mp_bf16",  "mp_bf16_bf16",
+                                               "accum",  "mp_accum", "ckpt", "clip",     "hsdp_noar"};
+  if (kModes.count(o.mode) == 0) throw std::invalid_argument("unknown mode " + o.mode);
   return o;
 }
 
@@ -109,19 +115,40 @@ Options parse(int argc, char** argv) {
 // both back on (PyTorch's test_gradient_accumulation); inputs are indexed by
 // micro-batch (step * kAccumMicro + m).
 constexpr int kAccumMicro = 3;
-int micro_batches(const Options& o) { return o.mode == "accum" ? kAccumMicro : 1; }
+bool accumulates(const Options& o) { return o.mode == "accum" || o.mode == "mp_accum" || o.mode == "hsdp_noar"; }
+int micro_batches(const Options& o) { return accumulates(o) ? kAccumMicro : 1; }
+// clip: small enough that every step clips (cases.py CLIP_MAX_NORM).
+constexpr double kClipMaxNorm = 0.05;
+
+// clip: a param that no rank's forward uses, in a unit whose other params
+// are used (cases.py UNUSED_PARAM): FSDP2 leaves its grad None and
+// reduce-scatters none of it, clip_grad_norm_ skips it; ours must too.
+void add_unused_param(const Options& o, torch::nn::Module& root) {
+  if (o.mode != "clip") return;
+  const std::string unit = o.scenario == "mlp_stack" ? "1" : "module.2";
+  for (const auto& item : root.named_modules()) {
+    if (item.key() == unit) item.value()->register_parameter("spare", at::linspace(-1.0, 1.0, 6));
+  }
+}
+
+scenarios::ScenarioConfig scenario_config(const Options& o) {
+  scenarios::ScenarioConfig config;
+  config.name = o.scenario;
+  config.checkpoint_units = o.mode == "ckpt";
+  return config;
+}
 
 fsdp::ShardingStrategy strategy_of(const Options& o) {
   if (o.mode == "raf_off") return fsdp::ShardingStrategy::ShardGradOp;
-  if (o.mode == "hsdp") return fsdp::ShardingStrategy::HybridShard;
+  if (o.mode == "hsdp" || o.mode == "hsdp_noar") return fsdp::ShardingStrategy::HybridShard;
   return fsdp::ShardingStrategy::FullShard;
 }
 
 fsdp::MixedPrecisionPolicy mp_policy_of(const Options& o) {
   fsdp::MixedPrecisionPolicy mp;
-  if (o.mode == "mp_bf16" || o.mode == "mp_bf16_bf16") {
+  if (o.mode == "mp_bf16" || o.mode == "mp_bf16_bf16" || o.mode == "mp_accum") {
     mp.param_dtype = at::kBFloat16;
-    mp.reduce_dtype = o.mode == "mp_bf16" ? at::kFloat : at::kBFloat16;
+    mp.reduce_dtype = o.mode == "mp_bf16_bf16" ? at::kBFloat16 : at::kFloat;
   }
   return mp;
 }
@@ -213,9 +240,8 @@ void run_rank(const Options& o, sim::RankContext& ctx) {
     if (group) group_ranks[group->name()] = group->global_ranks();
   }
 
-  scenarios::ScenarioConfig config;
-  config.name = o.scenario;
-  auto scenario = scenarios::make_scenario(config, rank);
+  auto scenario = scenarios::make_scenario(scenario_config(o), rank);
+  add_unused_param(o, *scenario->module());
   fsdp::EngineOptions engine_options;
   engine_options.queue_backward_callback = sim::queue_backward_callback;
   engine_options.hooks.push_back(events);
@@ -247,6 +273,7 @@ void run_rank(const Options& o, sim::RankContext& ctx) {
   torch::optim::SGD optimizer(params, torch::optim::SGDOptions(1e-2).momentum(0.9));
 
   json losses = json::array();
+  json norms = json::array();
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   for (int step = 0; step < o.steps; ++step) {
     comm->steps.emplace_back();
@@ -256,8 +283,10 @@ void run_rank(const Options& o, sim::RankContext& ctx) {
     const int micro = micro_batches(o);
     std::vector<at::Tensor> step_losses;
     for (int m = 0; m < micro; ++m) {
-      if (o.mode == "accum") {
-        const bool last = m == micro - 1;
+      const bool last = m == micro - 1;
+      if (o.mode == "hsdp_noar") {
+        engine.set_requires_all_reduce(last);  // reduce-scatter every micro-batch, all-reduce the last
+      } else if (accumulates(o)) {
         engine.set_requires_gradient_sync(last);
         engine.set_reshard_after_backward(last);
       }
@@ -265,6 +294,7 @@ void run_rank(const Options& o, sim::RankContext& ctx) {
       sim::backward(loss);
       step_losses.push_back(loss);
     }
+    if (o.mode == "clip") norms.push_back(fsdp::clip_grad_norm_(engine, kClipMaxNorm));
     optimizer.step();
     comm->on = events->on = false;
     for (const auto& loss : step_losses) losses.push_back(loss.item<double>());
@@ -313,6 +343,7 @@ void run_rank(const Options& o, sim::RankContext& ctx) {
               {"torch", std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
                             std::to_string(TORCH_VERSION_PATCH)},
               {"losses", losses},
+              {"norms", norms},
               {"collectives", collectives},
               {"events", events->steps},
               {"placements", placements}};
@@ -327,10 +358,9 @@ int main(int argc, char** argv) {
     const Options o = parse(argc, argv);
     at::set_num_threads(1);
     // The numbers both sides start from.
-    scenarios::ScenarioConfig config;
-    config.name = o.scenario;
     for (int r = 0; r < o.world; ++r) {
-      auto scenario = scenarios::make_scenario(config, r);
+      auto scenario = scenarios::make_scenario(scenario_config(o), r);
+      add_unused_param(o, *scenario->module());
       std::vector<std::pair<std::string, at::Tensor>> init;
       for (const auto& [fqn, param] : scenarios::unique_named_parameters(*scenario->module())) {
         init.emplace_back("param/" + fqn, param);

@@ -26,7 +26,8 @@ Usage:
   fsdp2_reference.py --root DIR --case NAME [--case NAME ...]
   fsdp2_reference.py --root DIR --cases-file FILE   (one case name a line)
 Case names: "<scenario>.<mode>.w<W>", modes raf_on, raf_off, hsdp<R>x<S>,
-prefetch, accum (see cases.py). Normally run through generate.py, after the driver.
+prefetch, accum, mp_*, ckpt, clip, mp_accum (see cases.py). Normally run
+through generate.py, after the driver.
 """
 
 import argparse
@@ -316,6 +317,65 @@ def _install_collective_recorders():
             wrap(other, other, args_other)
 
 
+def _funcol_group_ranks(group):
+    from torch.distributed.device_mesh import DeviceMesh
+    if isinstance(group, tuple) and len(group) == 2 and isinstance(group[0], DeviceMesh):
+        return dist.get_process_group_ranks(group[0].get_group(group[1]))
+    if isinstance(group, DeviceMesh):
+        return dist.get_process_group_ranks(group.get_group())
+    if isinstance(group, dist.ProcessGroup):
+        return dist.get_process_group_ranks(group)
+    return str(group)
+
+
+def _install_functional_collective_recorders():
+    """Wraps the functional collectives (torch.distributed._functional_collectives),
+    which DTensor's redistribution calls (clip_grad_norm_ on DTensor grads)
+    instead of dist.*: they bypass the wrappers above. Only the training-loop
+    family installs them (the base matrix records what it always has)."""
+    import torch.distributed._functional_collectives as funcol
+
+    def wrap(name, op, describe):
+        original = getattr(funcol, name)
+
+        def wrapper(*args, **kwargs):
+            if _REC["on"]:
+                entry = {"seq": _next_seq(), "op": op, "api": "funcol." + name}
+                entry.update(describe(*args, **kwargs))
+                _REC["collectives"].append(entry)
+            return original(*args, **kwargs)
+
+        setattr(funcol, name, wrapper)
+
+    def describe(kind):
+        def inner(tensor, *args, **kwargs):
+            names = ["reduceOp", "group", "tag"] if kind == "all_reduce" else (
+                ["reduceOp", "scatter_dim", "group", "tag"] if kind == "reduce_scatter" else ["gather_dim", "group", "tag"])
+            kw = dict(zip(names, args))
+            kw.update(kwargs)
+            group = _funcol_group_ranks(kw.get("group"))
+            size = len(group) if isinstance(group, list) else 1
+            n = tensor.numel()
+            out = {"all_reduce": n, "reduce_scatter": n // max(size, 1), "all_gather": n * size}[kind]
+            return {"group": group, "dtype": _DTYPE.get(tensor.dtype, str(tensor.dtype)), "in_numel": n,
+                    "out_numel": out, "reduce_op": _reduce_op_name(kw.get("reduceOp"))}
+        return inner
+
+    wrap("all_reduce", "all_reduce", describe("all_reduce"))
+    wrap("reduce_scatter_tensor", "reduce_scatter", describe("reduce_scatter"))
+    wrap("all_gather_tensor", "all_gather", describe("all_gather"))
+    for other in ["all_gather_single", "reduce_scatter_single", "all_reduce_coalesced", "all_to_all_single"]:
+        original = getattr(funcol, other)
+
+        def wrapper(*args, _original=original, _name=other, **kwargs):
+            if _REC["on"]:
+                _REC["collectives"].append({"seq": _next_seq(), "op": _name, "api": "funcol." + _name, "group": None,
+                                            "dtype": None, "in_numel": None, "out_numel": None, "reduce_op": None})
+            return _original(*args, **kwargs)
+
+        setattr(funcol, other, wrapper)
+
+
 def _event(kind, unit, **extra):
     if _REC["on"]:
         entry = {"seq": _next_seq(), "kind": kind, "unit": unit}
@@ -433,6 +493,15 @@ def _install_event_recorders():
 # One rank of one case.
 
 
+def _checkpoint_forward(module):
+    """Runs `module`'s own forward under non-reentrant activation
+    checkpointing; FSDP2's hooks (fully_shard) stay outside it, as our
+    fsdp::checkpoint sits inside the unit's forward."""
+    from torch.utils.checkpoint import checkpoint
+    inner = module.forward
+    module.forward = lambda *args: checkpoint(inner, *args, use_reentrant=False)
+
+
 def load_cpp_pickle(path):
     """torch.load of a file from torch::pickle_save. LibTorch tags a typed
     Dict with torch.jit._pickle.restore_type_tag, which weights_only loading
@@ -465,6 +534,8 @@ def _run_rank(rank, case, case_dir, port, result_queue):
         dist.init_process_group("gloo", rank=rank, world_size=case.world,
                                 timeout=datetime.timedelta(seconds=120))
         _install_collective_recorders()
+        if case.family == "train":
+            _install_functional_collective_recorders()
         _install_event_recorders()
         _train(rank, case, case_dir)
         dist.barrier()
@@ -487,6 +558,9 @@ def _train(rank, case, case_dir):
     twin = make_twin(case.scenario)
     model = twin.module
     init_params, inputs = _load_init(case_dir, rank)
+    if case.mode == "clip":  # a param no rank uses (the driver's add_unused_param)
+        dict(model.named_modules())[case_lib.UNUSED_PARAM[case.scenario]].register_parameter(
+            "spare", nn.Parameter(torch.empty(6)))
     named = dict(model.named_parameters())  # tied params once, first FQN
     missing = sorted(set(named) - set(init_params))
     extra = sorted(set(init_params) - set(named))
@@ -501,7 +575,7 @@ def _train(rank, case, case_dir):
             p.copy_(src)
 
     # Meshes, built identically on every rank (new_group is collective).
-    if case.mode == "hsdp":
+    if case.mode in case_lib.HSDP_MODES:
         R = case.replicate
         mesh = init_device_mesh("cpu", (R, W // R), mesh_dim_names=("replicate", "shard"))
     else:
@@ -510,6 +584,9 @@ def _train(rank, case, case_dir):
     self_mesh = DeviceMesh.from_group(self_groups[rank], "cpu")
 
     modules = dict(model.named_modules())
+    if case.mode == "ckpt":
+        for fqn in case_lib.CKPT_MODULES[case.scenario]:
+            _checkpoint_forward(modules[fqn])
     raf_children = case.mode != "raf_off"
     mp = {}
     if case.mode in case_lib.MP_DTYPES:
@@ -537,7 +614,7 @@ def _train(rank, case, case_dir):
     params = list(model.parameters())  # DTensors now; tied once
     optimizer = torch.optim.SGD(params, lr=1e-2, momentum=0.9)
 
-    losses, collectives, events = [], [], []
+    losses, norms, collectives, events = [], [], [], []
     tensors = {}
     for step in range(case.steps):
         _REC["collectives"], _REC["events"] = [], []
@@ -546,15 +623,20 @@ def _train(rank, case, case_dir):
         micro = case.micro_batches
         step_losses = []
         for m in range(micro):
-            if case.mode == "accum":
-                last = m == micro - 1
+            last = m == micro - 1
+            if case.mode == "hsdp_noar":
+                model.set_requires_all_reduce(last)
+            elif case.mode in case_lib.ACCUM_MODES:
                 model.set_requires_gradient_sync(last)
                 model.set_reshard_after_backward(last)
             loss = twin.loss_fn(model, inputs[step * micro + m])
             loss.backward()
             step_losses.append(loss)
+        norm = torch.nn.utils.clip_grad_norm_(params, case_lib.CLIP_MAX_NORM) if case.mode == "clip" else None
         optimizer.step()
         _REC["on"] = False
+        if norm is not None:  # a DTensor: its value gathered outside the recording
+            norms.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item())
         losses.extend(loss.item() for loss in step_losses)
         collectives.append(_REC["collectives"])
         events.append(_REC["events"])
@@ -565,7 +647,7 @@ def _train(rank, case, case_dir):
                 tensors[f"step/{step}/grad/{n}"] = p.grad.full_tensor().detach().clone()
     torch.save(tensors, os.path.join(case_dir, f"fsdp2_rank{rank}.pt"))
     with open(os.path.join(case_dir, f"fsdp2_rank{rank}.json"), "w") as f:
-        json.dump({"case": case.name, "rank": rank, "torch": torch.__version__, "losses": losses,
+        json.dump({"case": case.name, "rank": rank, "torch": torch.__version__, "losses": losses, "norms": norms,
                    "collectives": collectives, "events": events}, f, indent=1)
 
 

@@ -51,8 +51,8 @@ def main():
     parser.add_argument("--root", required=True)
     parser.add_argument("--world", type=int, action="append", default=[])
     parser.add_argument("--case", action="append", default=[])
-    parser.add_argument("--family", choices=["base", "mp"], default="base",
-                        help="with --world: the base matrix or the mixed-precision cases (own ctest fixture)")
+    parser.add_argument("--family", choices=case_lib.FAMILIES, default="base",
+                        help="with --world: the base matrix, or the mixed-precision or training-loop cases (own ctest fixtures)")
     args = parser.parse_args()
     selected = [case_lib.parse_case(n) for n in args.case]
     selected += [c for c in case_lib.all_cases() if c.world in args.world and c.family == args.family]

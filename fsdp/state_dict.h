@@ -8,6 +8,7 @@
 //   fsdp::StateDict gathered = fsdp::get_model_state_dict(engine, *model, full);
 //   fsdp::save_full_state_dict("model.pt", fsdp::to_tensors(gathered));   // torch.load reads it
 //   fsdp::set_model_state_dict(engine, *model, fsdp::from_tensors(fsdp::load_full_state_dict("model.pt")), full);
+//   // model.pt from Python: torch.save(dict(model.state_dict()), "model.pt")
 //
 // Keys are the FQNs of the unwrapped model, in the order Python's
 // Module.state_dict() lists them (each module in pre-order: its params, then
@@ -133,9 +134,11 @@ StateDict from_tensors(const TensorDict& tensors);
 /// plain {str: Tensor} dict (torch.save's zip layout; dicts untagged, so no
 /// safe_globals allowance is needed). Tensors are saved contiguous on the CPU.
 void save_full_state_dict(const std::string& path, const TensorDict& tensors);
-/// Reads a file Python's torch.save(model.state_dict(), path) wrote (or
-/// save_full_state_dict). Throws std::runtime_error naming the path for a
-/// missing file or a value that is not a tensor.
+/// Reads a file Python's torch.save(dict(model.state_dict()), path) wrote (or
+/// save_full_state_dict). Not torch.save(model.state_dict()) itself: LibTorch's
+/// unpickler reads its collections.OrderedDict as None (a std::runtime_error
+/// says so). Throws std::runtime_error naming the path for a missing or
+/// unreadable file or a value that is not a tensor.
 TensorDict load_full_state_dict(const std::string& path);
 
 }  // namespace fsdpsim::fsdp

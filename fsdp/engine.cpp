@@ -1733,6 +1733,11 @@ std::vector<int64_t> Unit::shard_rows() const {
   for (const auto& p : impl_->params) rows.push_back(p.rows_per_rank);
   return rows;
 }
+std::vector<std::vector<int64_t>> Unit::full_shapes() const {
+  std::vector<std::vector<int64_t>> shapes;
+  for (const auto& p : impl_->params) shapes.push_back(p.full_shape);
+  return shapes;
+}
 
 namespace {
 // `forward(x)` as `module`'s forward: through its unit when it is one (the

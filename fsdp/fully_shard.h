@@ -384,6 +384,8 @@ class Unit {
   std::vector<at::Tensor> params() const;
   /// Rows of each param's padded shard (ceil(dim0 / shard world)).
   std::vector<int64_t> shard_rows() const;
+  /// Each param's whole (unsharded) shape, in param_fqns() order.
+  std::vector<std::vector<int64_t>> full_shapes() const;
 
   struct Impl;
   explicit Unit(std::unique_ptr<Impl> impl);

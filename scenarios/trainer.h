@@ -121,6 +121,8 @@ class Trainer {
   /// unique_named_parameters of the root, in registration order.
   const std::vector<std::pair<std::string, at::Tensor>>& named_params() const { return named_; }
   const std::vector<at::Tensor>& params() const { return params_; }
+  /// The optimiser over params() (state dicts, tests).
+  torch::optim::Optimizer& optimizer() { return *optimizer_; }
 
  private:
   TrainConfig config_;

@@ -564,6 +564,10 @@ void rank0_step(const Coordinator& c, const std::function<void()>& step) {
 SaveStats save(const fs::path& dir, const std::vector<Entry>& entries, const Coordinator& coordinator,
                const SaveOptions& options) {
   const std::string where = "dcp::save to " + dir.string() + ": ";
+  if (!coordinator.gather_to_rank0 || !coordinator.broadcast_from_rank0)
+    throw std::invalid_argument(where +
+                                "the coordinator has no gather/broadcast (use single_process() or "
+                                "process_group_coordinator(group))");
   try {
     rank0_step(coordinator, [&] {  // an older checkpoint here stops being one first
       fs::create_directories(dir);
@@ -738,7 +742,8 @@ void load_entry(Entry& e, const SavedTensor& t, ChunkReader& reader, LoadStats& 
   check_target(e, t);
   std::vector<int64_t> covered(e.chunks.size(), 0);
   for (const auto& sc : t.chunks) {
-    at::Tensor data;  // read once, copied into every local chunk it overlaps
+    if (volume(sc.sizes) == 0) continue;  // DCP stores empty shards too
+    at::Tensor data;                      // read once, copied into every local chunk it overlaps
     for (size_t i = 0; i < e.chunks.size(); ++i) {
       if (e.chunks[i].tensor.numel() == 0 || !overlaps(sc, e.chunks[i])) continue;
       if (!data.defined()) data = reader.read(e.fqn, t, sc, stats);

@@ -272,7 +272,7 @@ TEST(Dcp, CorruptChunkFailsTheChecksumNamingFileAndFqn) {
   const fs::path dir = fresh_dir("corrupt");
   save_single(dir);
   const auto c = first_chunk(dir, "embed.weight");
-  flip_byte(dir / c.file, c.offset + c.length - 100);  // inside the zip's data record
+  flip_byte(dir / c.file, c.offset + c.length - 100);  // near the chunk's end
   auto full = full_entries();
   EXPECT_THAT(error_of([&] { load(dir, full); }),
               ::testing::AllOf(::testing::HasSubstr("embed.weight"), ::testing::HasSubstr("__0_0.distcp"),

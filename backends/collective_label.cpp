@@ -15,4 +15,6 @@ ScopedCollectiveLabel::~ScopedCollectiveLabel() { current_label = std::move(prev
 
 const std::string& current_collective_label() { return current_label; }
 
+std::string& collective_label_slot() { return current_label; }
+
 }  // namespace fsdpsim

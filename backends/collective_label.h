@@ -5,9 +5,9 @@
 // one sequence number are caught (the fake backend, CheckedProcessGroup) and
 // mismatch reports say what each rank was doing. Unlabelled calls carry "".
 //
-// Thread-safety: the label is thread-local. A collective call reads it on
-// entry, before it can block, so a fiber that sets it around its own call
-// reads its own label (no fiber switch can happen in between).
+// Thread-safety: the label is thread-local; the fiber scheduler saves and
+// restores it per fiber (collective_label_slot), so fiber ranks each see
+// their own.
 
 #include <string>
 
@@ -26,5 +26,10 @@ class ScopedCollectiveLabel {
 
 /// The innermost label set on this thread, or "".
 const std::string& current_collective_label();
+
+/// The thread-local slot itself, for a fiber scheduler to save and restore
+/// per fiber when it switches (a fiber that blocks inside its label scope
+/// must not lend the label to the fibers that run meanwhile).
+std::string& collective_label_slot();
 
 }  // namespace fsdpsim

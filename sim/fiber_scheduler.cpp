@@ -1,5 +1,7 @@
 #include "sim/fiber_scheduler.h"
 
+#include "backends/collective_label.h"
+
 namespace fsdpsim::sim {
 
 namespace detail {
@@ -52,8 +54,10 @@ void RankScheduler::switch_state(boost::fibers::context* next) noexcept {
     auto& from = state_of(installed_);
     from.torch_state.emplace();  // captures the current thread-locals
     from.rank = detail::current_rank_slot();
+    from.collective_label = std::move(collective_label_slot());
   }
   auto& to = state_of(next);
+  collective_label_slot() = std::move(to.collective_label);
   at::ThreadLocalState::setThreadLocalState(to.torch_state ? *to.torch_state : initial_state_);
   detail::current_rank_slot() = to.rank;
   installed_ = next;

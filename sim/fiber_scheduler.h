@@ -24,6 +24,7 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <string>
 
 #include <ATen/ThreadLocalState.h>
 
@@ -37,6 +38,7 @@ class RankFiberProperties : public boost::fibers::fiber_properties {
   explicit RankFiberProperties(boost::fibers::context* context) : fiber_properties(context) {}
   std::optional<at::ThreadLocalState> torch_state;
   RankContext* rank = nullptr;
+  std::string collective_label;  // backends/collective_label.h's slot while switched out
 };
 
 class RankScheduler final : public boost::fibers::algo::algorithm_with_properties<RankFiberProperties> {

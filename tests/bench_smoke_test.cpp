@@ -82,10 +82,13 @@ TEST(BenchEngineSmoke, QuickRunPrintsTheTables) {
   ASSERT_EQ(run.exit_code, 0) << run.output;
   const std::string& out = run.output;
   EXPECT_THAT(out, HasSubstr("ATen intra-op threads 1"));
-  EXPECT_THAT(out, HasSubstr("[1/4]"));
-  EXPECT_THAT(out, HasSubstr("[2/4]"));
-  EXPECT_THAT(out, HasSubstr("[3/4]"));
-  EXPECT_THAT(out, HasSubstr("[4/4]"));
+  for (const char* progress : {"[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"}) EXPECT_THAT(out, HasSubstr(progress));
+  // Section 5: accumulation rows (peak equal to its theory) and the clip rows.
+  EXPECT_THAT(out, HasSubstr("== 5a. gradient accumulation"));
+  EXPECT_THAT(out, ContainsRegex("\n  no sync, keep gathered +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +1\\.000 "));
+  EXPECT_THAT(out, HasSubstr("== 5b. clip_grad_norm_"));
+  EXPECT_THAT(out, ContainsRegex("fsdp::clip_grad_norm_ \\(world 1\\) +[0-9.]+ ms  x plain [0-9.]+  rel diff"));
+  EXPECT_THAT(out, ::testing::Not(HasSubstr("NORMS DISAGREE")));
   EXPECT_THAT(out, HasSubstr("== 1. world size 1: engine step vs plain step"));
   EXPECT_THAT(out, HasSubstr("model             plain(ms) engine(ms)  overhead same loss   steps"));
   EXPECT_THAT(out, HasSubstr("\ntarget: world-size-1 overhead < 15%: "));

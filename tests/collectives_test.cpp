@@ -13,6 +13,7 @@
 #include <mutex>
 #include <thread>
 
+#include "backends/collective_label.h"
 #include "backends/errors.h"
 #include "backends/mesh.h"
 #include "sim/fake_process_group.h"
@@ -372,6 +373,30 @@ TEST(FiberWorld, GradModeDoesNotLeakBetweenFibers) {
   });
   ASSERT_TRUE(result.ok()) << result.error_report();
   EXPECT_EQ(recorded, (std::vector<int>{0, 1, 0, 1}));
+}
+
+// A rank that blocks inside a ScopedCollectiveLabel (the engine waits on a
+// labelled all-reduce) must not lend its label to the fibers that run
+// meanwhile: their collectives would carry it, and the cross-rank check
+// would report a mismatch between ranks that agree.
+TEST(FiberWorld, CollectiveLabelDoesNotLeakBetweenFibers) {
+  WorldOptions options;
+  options.world_size = 4;
+  options.rank_kind = RankKind::Fibers;
+  World world(options);
+  std::vector<std::string> seen(4, "unset");
+  auto result = world.run([&](RankContext& ctx) {
+    if (ctx.rank() % 2 == 0) {
+      ScopedCollectiveLabel label("rank " + std::to_string(ctx.rank()) + "'s");
+      yield();  // the odd ranks run while this one sits in its label
+      seen[ctx.rank()] = current_collective_label();
+    } else {
+      yield();
+      seen[ctx.rank()] = current_collective_label();
+    }
+  });
+  ASSERT_TRUE(result.ok()) << result.error_report();
+  EXPECT_EQ(seen, (std::vector<std::string>{"rank 0's", "", "rank 2's", ""}));
 }
 
 }  // namespace

@@ -254,6 +254,46 @@ TEST(Runner, FailureAtManyRanksIsAScreenfulWithTheFullDumpInAFile) {
   }
 }
 
+// The mean losses of the summary line, as printed.
+std::vector<std::string> summary_losses(const std::string& out) {
+  const std::string marker = "loss per step (mean over ranks):";
+  const size_t at = out.find(marker);
+  std::istringstream line(out.substr(at + marker.size(), out.find('\n', at) - at - marker.size()));
+  std::vector<std::string> losses;
+  for (std::string loss; line >> loss;) losses.push_back(loss);
+  return losses;
+}
+
+// --save after 3 steps, --resume for 3 more: the losses of steps 4-6 are
+// those of one 6-step run (bitwise parity of the params is
+// tests/state_dict_test.cpp's DcpResume); another world size resumes too.
+TEST(Runner, SaveThenResumeGoesOnWhereTheRunStopped) {
+  const std::string dir = temp_trace("ckpt") + ".d";
+  std::filesystem::remove_all(dir);
+  auto run = [&](std::vector<std::string> args) {
+    args.insert(args.end(), {"--optimizer", "adam", "--trace", temp_trace("ckpt_run")});
+    std::ostringstream out, err;
+    EXPECT_EQ(run_scenario(parse_run_options(args), out, err), 0) << err.str();
+    return out.str();
+  };
+  const std::string straight = run({"--world-size", "3", "--steps", "6"});
+  const std::string first = run({"--world-size", "3", "--steps", "3", "--save", dir});
+  EXPECT_THAT(first, HasSubstr("checkpoint saved to " + dir + " at step 3"));
+  const std::string resumed = run({"--world-size", "3", "--steps", "3", "--resume", dir});
+  EXPECT_THAT(resumed, HasSubstr("resumed from " + dir + " at step 3"));
+  const auto all = summary_losses(straight);
+  ASSERT_EQ(all.size(), 6u) << straight;
+  EXPECT_EQ(summary_losses(resumed), std::vector<std::string>(all.begin() + 3, all.end())) << resumed;
+  const std::string elsewhere = run({"--world-size", "2", "--ranks", "fibers", "--steps", "1", "--resume", dir});
+  EXPECT_THAT(elsewhere, HasSubstr("resumed from " + dir + " at step 3"));
+  std::filesystem::remove_all(dir);
+  EXPECT_THAT(
+      [] {
+        parse_run_options({"--resume", "/x", "--check-parity"}).validate();
+      },
+      ::testing::ThrowsMessage<std::invalid_argument>(HasSubstr("--resume")));
+}
+
 TEST(Runner, UnwritableTraceIsAUsageErrorBeforeTheRun) {
   for (const std::string path : {"/proc/fsdpsim-x.json", "/nonexistent-fsdpsim-dir/x.json"}) {
     const CliRun run = run_cli("run --steps 1 --trace " + path);

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "fsdp/distributed_checkpoint.h"
 #include "fsdp/state_dict.h"
 #include "scenarios/trainer.h"
 #include "small_net.h"
@@ -452,6 +453,121 @@ TEST(StateDictReshard, FullDictLoadsAtAnotherWorldSize) {
   const auto replicated_run = train(replicated, 3, 6, nullptr, &at3);
   for (const auto& item : replicated_run[0]) {
     EXPECT_TRUE(torch::equal(sharded_run[1][item.key()], item.value())) << item.key();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Distributed checkpoints (fsdp/distributed_checkpoint.h): the same resume
+// through torch.distributed.checkpoint's format on disk.
+
+std::filesystem::path checkpoint_dir(const std::string& name) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("fsdpsim_dcp_resume_" + name + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  return dir;
+}
+
+struct DcpRun {
+  std::vector<TensorDict> model;  // per rank, full, after the last step
+  std::vector<TensorDict> optim;  // per rank, full: "<fqn>.<name>"
+  int64_t loaded_step = -1;
+};
+
+// Steps [from, until) of `c`; `load`: first load_checkpoint from it; `save`:
+// afterwards save_checkpoint to it (step = until).
+DcpRun train_dcp(const ResumeCase& c, int from, int until, const std::filesystem::path* load,
+                 const std::filesystem::path* save) {
+  DcpRun run;
+  run.model.resize(c.world);
+  run.optim.resize(c.world);
+  std::mutex mutex;
+  run_world(c.world, c.kind, [&](sim::RankContext& ctx) {
+    at::set_num_threads(1);
+    scenarios::Trainer trainer(resume_config(c), ctx.rank(), ctx.world_group());
+    auto& root = *trainer.scenario().module();
+    if (load != nullptr) {
+      const int64_t step = load_checkpoint(*load, *trainer.engine(), root, &trainer.optimizer());
+      std::lock_guard<std::mutex> lock(mutex);
+      run.loaded_step = step;
+    }
+    for (int step = from; step < until; ++step) trainer.step(step);
+    if (save != nullptr) {
+      save_checkpoint(*save, *trainer.engine(), root, &trainer.optimizer(),
+                      dcp::process_group_coordinator(*ctx.world_group()), until);
+    }
+    run.model[ctx.rank()] = to_tensors(get_model_state_dict(*trainer.engine(), root, full_options()));
+    const OptimizerStateDict optim =
+        get_optimizer_state_dict(*trainer.engine(), root, trainer.optimizer(), full_options());
+    for (const auto& param : optim.state) {
+      for (const auto& state : param.value()) {
+        run.optim[ctx.rank()].insert(param.key() + "." + state.key(), state.value().local);
+      }
+    }
+  });
+  return run;
+}
+
+class DcpResume : public ::testing::TestWithParam<ResumeCase> {};
+
+TEST_P(DcpResume, SixStepsEqualThreeSaveLoadIntoAFreshWorldThree) {
+  const ResumeCase c = GetParam();
+  const auto dir = checkpoint_dir(to_string(c.strategy));
+  const DcpRun straight = train_dcp(c, 0, 6, nullptr, nullptr);
+  train_dcp(c, 0, 3, nullptr, &dir);
+  ASSERT_TRUE(std::filesystem::exists(dir / ".metadata"));
+  const DcpRun resumed = train_dcp(c, 3, 6, &dir, nullptr);
+  std::filesystem::remove_all(dir);
+  EXPECT_EQ(resumed.loaded_step, 3);
+  for (int r = 0; r < c.world; ++r) {
+    ASSERT_FALSE(straight.model[r].is_empty());
+    for (const auto& item : straight.model[r]) {
+      EXPECT_TRUE(torch::equal(resumed.model[r][item.key()], item.value())) << item.key() << " on rank " << r;
+    }
+    ASSERT_FALSE(straight.optim[r].is_empty());
+    for (const auto& item : straight.optim[r]) {
+      EXPECT_TRUE(torch::equal(resumed.optim[r][item.key()], item.value())) << item.key() << " on rank " << r;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(All, DcpResume,
+                         ::testing::Values(ResumeCase{sim::RankKind::Threads, 3, ShardingStrategy::FullShard, 1,
+                                                      scenarios::OptimizerKind::Adam, false},
+                                           ResumeCase{sim::RankKind::Fibers, 3, ShardingStrategy::ShardGradOp, 1,
+                                                      scenarios::OptimizerKind::SGD, false},
+                                           ResumeCase{sim::RankKind::Fibers, 4, ShardingStrategy::HybridShard, 2,
+                                                      scenarios::OptimizerKind::Adam, false}),
+                         [](const ::testing::TestParamInfo<ResumeCase>& info) {
+                           return std::string(sim::to_string(info.param.kind)) + "_w" +
+                                  std::to_string(info.param.world) + "_" + to_string(info.param.strategy) + "_" +
+                                  scenarios::to_string(info.param.optimizer);
+                         });
+
+// Saved at world 2 (FullShard), loaded at world 3 (dcp::load reshards): the
+// model and Adam state equal what was saved, and training on is bitwise the
+// same whether world 3 shards (FullShard) or replicates (NoShard).
+TEST(DcpReshard, ACheckpointOfWorldTwoLoadsAtWorldThree) {
+  const ResumeCase saver{sim::RankKind::Threads,         2,    ShardingStrategy::FullShard, 1,
+                         scenarios::OptimizerKind::Adam, false};
+  const auto dir = checkpoint_dir("reshard");
+  const DcpRun saved = train_dcp(saver, 0, 3, nullptr, &dir);
+  ResumeCase sharded = saver;
+  sharded.world = 3;
+  ResumeCase replicated = sharded;
+  replicated.strategy = ShardingStrategy::NoShard;
+  const DcpRun loaded = train_dcp(sharded, 3, 3, &dir, nullptr);
+  for (const auto& item : saved.model[0]) {
+    EXPECT_TRUE(torch::equal(loaded.model[2][item.key()], item.value())) << item.key();
+  }
+  ASSERT_FALSE(saved.optim[0].is_empty());
+  for (const auto& item : saved.optim[0]) {
+    EXPECT_TRUE(torch::equal(loaded.optim[1][item.key()], item.value())) << item.key();
+  }
+  const DcpRun by_rows = train_dcp(sharded, 3, 6, &dir, nullptr);
+  const DcpRun replicas = train_dcp(replicated, 3, 6, &dir, nullptr);
+  std::filesystem::remove_all(dir);
+  for (const auto& item : replicas.model[0]) {
+    EXPECT_TRUE(torch::equal(by_rows.model[1][item.key()], item.value())) << item.key();
   }
 }
 

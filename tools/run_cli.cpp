@@ -136,6 +136,12 @@ void bind_training_options(CLI::App& app, RunOptions& o) {
   add_value(app, "--trace", "PATH", "Chrome trace (default fsdpsim-trace.json); PATH.jsonl too",
             [&o](const std::string& v) { o.trace_path = v; });
   app.add_flag("--check-parity", o.check_parity, "also run the unsharded reference and compare every step");
+  add_value(app, "--resume", "DIR",
+            "load the checkpoint in DIR (torch.distributed.checkpoint format; any world size or strategy) and "
+            "train --steps more from its step",
+            [&o](const std::string& v) { o.resume_dir = v; });
+  add_value(app, "--save", "DIR", "after training, save a checkpoint (model, optimiser, step) to DIR",
+            [&o](const std::string& v) { o.save_dir = v; });
 }
 
 void bind_delay_options(CLI::App& app, RunOptions& o) {

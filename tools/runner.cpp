@@ -34,6 +34,7 @@
 #include "backends/observe/jsonl.h"
 #include "backends/observe/observed_process_group.h"
 #include "backends/observe/trace_recorder.h"
+#include "fsdp/distributed_checkpoint.h"
 #include "scenarios/engine_trace.h"
 #include "scenarios/models.h"
 #include "sim/cost_model.h"
@@ -65,6 +66,8 @@ struct RankStats {
   std::vector<int64_t> exposed_ns;    // simulated worlds
   int64_t peak_unsharded_bytes = 0;
   int64_t model_bytes = 0;  // the rank's sharded params and their grads after the last step
+  int64_t first_step = 0;   // the step training began at (a resumed checkpoint's)
+  int64_t saved_bytes = 0;  // this rank's checkpoint data written (--save)
 };
 
 nlohmann::json to_json(const RankStats& stats) {
@@ -73,7 +76,9 @@ nlohmann::json to_json(const RankStats& stats) {
           {"wall_step_ns", stats.wall_step_ns},
           {"exposed_ns", stats.exposed_ns},
           {"peak_unsharded_bytes", stats.peak_unsharded_bytes},
-          {"model_bytes", stats.model_bytes}};
+          {"model_bytes", stats.model_bytes},
+          {"first_step", stats.first_step},
+          {"saved_bytes", stats.saved_bytes}};
 }
 
 RankStats stats_from_json(const nlohmann::json& j) {
@@ -84,6 +89,8 @@ RankStats stats_from_json(const nlohmann::json& j) {
   stats.exposed_ns = j.at("exposed_ns").get<std::vector<int64_t>>();
   stats.peak_unsharded_bytes = j.at("peak_unsharded_bytes").get<int64_t>();
   stats.model_bytes = j.at("model_bytes").get<int64_t>();
+  stats.first_step = j.at("first_step").get<int64_t>();
+  stats.saved_bytes = j.at("saved_bytes").get<int64_t>();
   return stats;
 }
 
@@ -109,6 +116,10 @@ RankStats train_rank(const RunOptions& options, int rank, ProcessGroupPtr world_
   scenarios::Trainer trainer(options, rank, world_group, std::move(engine_hooks));
   fsdp::Engine& engine = *trainer.engine();
   RankStats stats;
+  if (!options.resume_dir.empty()) {
+    stats.first_step =
+        fsdp::load_checkpoint(options.resume_dir, engine, *trainer.scenario().module(), &trainer.optimizer());
+  }
   int64_t start = 0;
   int64_t exposed_before = 0;
   std::chrono::steady_clock::time_point wall_start;
@@ -132,9 +143,16 @@ RankStats train_rank(const RunOptions& options, int rank, ProcessGroupPtr world_
         std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - wall_start).count());
     stats.exposed_ns.push_back(sim_clock ? sim_clock->exposed_comm_ns(rank) - exposed_before : 0);
     stats.peak_unsharded_bytes = std::max(stats.peak_unsharded_bytes, engine.peak_unsharded_bytes());
-    if (on_step) on_step(step, stats);
+    if (on_step) on_step(static_cast<int>(step - stats.first_step), stats);
   };
-  for (int step = 0; step < options.steps; ++step) trainer.step(step, callbacks);
+  // The data of step k is the scenario's batch k: a resumed run goes on with
+  // the batches the uninterrupted run would have seen.
+  for (int i = 0; i < options.steps; ++i) trainer.step(static_cast<int>(stats.first_step) + i, callbacks);
+  if (!options.save_dir.empty()) {
+    stats.saved_bytes =
+        fsdp::save_checkpoint(options.save_dir, engine, *trainer.scenario().module(), &trainer.optimizer(),
+                              fsdp::dcp::process_group_coordinator(*world_group), stats.first_step + options.steps);
+  }
   for (const at::Tensor& param : trainer.params()) {
     stats.model_bytes += static_cast<int64_t>(param.nbytes());
     if (param.grad().defined()) stats.model_bytes += static_cast<int64_t>(param.grad().nbytes());
@@ -352,6 +370,15 @@ void print_summary(std::ostream& out, const RunOptions& options, const std::vect
       << human_bytes(static_cast<double>(volume.reduced_bytes)) << " over " << options.steps << " steps;";
   for (const auto& [op, count] : volume.op_counts) out << " " << op << " x" << count;
   out << "\n  peak unsharded params (max over ranks): " << human_bytes(static_cast<double>(peak));
+  if (!options.resume_dir.empty()) {
+    out << "\n  resumed from " << options.resume_dir << " at step " << ranks.front().first_step;
+  }
+  if (!options.save_dir.empty()) {
+    int64_t saved = 0;
+    for (const auto& r : ranks) saved += r.saved_bytes;
+    out << "\n  checkpoint saved to " << options.save_dir << " at step " << ranks.front().first_step + options.steps
+        << " (" << human_bytes(static_cast<double>(saved)) << " over " << n << " ranks)";
+  }
   print_memory(out, options, ranks, recorder.size());
   out << fmt::format("\n  wall time {:.2f} s\n  trace: {} (Perfetto / chrome://tracing), {}.jsonl ({} events)",
                      wall_seconds, options.trace_path, options.trace_path, recorder.size())
@@ -405,6 +432,9 @@ void RunOptions::validate() const {
   const int world_size = world.world_size;
   if (world_size < 1) throw std::invalid_argument("--world-size must be >= 1");
   if (world.collective_timeout.count() <= 0) throw std::invalid_argument("--timeout must be positive");
+  if (check_parity && !resume_dir.empty()) {
+    throw std::invalid_argument("--check-parity compares with a reference trained from step 0: not with --resume");
+  }
   if (processes && world.backend != sim::CommBackend::Gloo) {
     throw std::invalid_argument("--ranks processes needs --backend gloo");
   }

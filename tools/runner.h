@@ -49,6 +49,11 @@ struct RunOptions : scenarios::TrainConfig {
   std::string trace_path = "fsdpsim-trace.json";
   /// Also run the unsharded reference and compare every step.
   bool check_parity = false;
+  /// Before training: load this checkpoint (fsdp/distributed_checkpoint.h;
+  /// any world size or strategy) and go on from its step. After training:
+  /// save one here. Empty: neither.
+  std::string resume_dir;
+  std::string save_dir;
   /// The arguments these options were parsed from (process ranks get them).
   std::vector<std::string> args;
 

@@ -21,24 +21,8 @@ namespace {
 using ::testing::HasSubstr;
 using testnet::SmallNet;
 
-struct Case {
-  sim::RankKind kind;
-  int world;
-  ShardingStrategy strategy = ShardingStrategy::FullShard;
-  int replicate = 1;
-};
-
-std::string case_name(const ::testing::TestParamInfo<Case>& info) {
-  return std::string(sim::to_string(info.param.kind)) + "_w" + std::to_string(info.param.world) + "_" +
-         to_string(info.param.strategy);
-}
-
-sim::WorldOptions world_of(const Case& c) {
-  sim::WorldOptions options;
-  options.world_size = c.world;
-  options.rank_kind = c.kind;
-  return options;
-}
+using Case = testnet::WorldCase;
+using testnet::world_of;
 
 std::map<std::string, torch::Tensor> clones(const std::map<std::string, torch::Tensor>& tensors, bool grads) {
   std::map<std::string, torch::Tensor> out;
@@ -210,7 +194,7 @@ INSTANTIATE_TEST_SUITE_P(All, SummonFullParams,
                                            Case{sim::RankKind::Threads, 3, ShardingStrategy::ShardGradOp},
                                            Case{sim::RankKind::Fibers, 2, ShardingStrategy::NoShard},
                                            Case{sim::RankKind::Threads, 4, ShardingStrategy::HybridShard, 2}),
-                         case_name);
+                         testnet::world_case_name);
 
 class SummonFullParamsErrors : public ::testing::TestWithParam<Case> {};
 
@@ -321,7 +305,7 @@ TEST_P(SummonFullParamsErrors, BetweenForwardAndBackwardTheBackwardStillMatches)
 INSTANTIATE_TEST_SUITE_P(All, SummonFullParamsErrors,
                          ::testing::Values(Case{sim::RankKind::Threads, 2}, Case{sim::RankKind::Fibers, 3},
                                            Case{sim::RankKind::Threads, 3, ShardingStrategy::ShardGradOp}),
-                         case_name);
+                         testnet::world_case_name);
 
 // One module's units only.
 TEST(SummonFullParamsOfModule, GathersOnlyTheUnitsInsideIt) {

@@ -8,6 +8,7 @@
 // Thread-safety: make_small_net() serialises the process-global seed; each
 // model belongs to one rank.
 
+#include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include <functional>
@@ -23,6 +24,28 @@
 #include "sim/world.h"
 
 namespace fsdpsim::testnet {
+
+/// Where a value-parameterised small-net test runs: rank kind, world size,
+/// strategy (HybridShard: `replicate` replicas).
+struct WorldCase {
+  sim::RankKind kind;
+  int world;
+  fsdp::ShardingStrategy strategy = fsdp::ShardingStrategy::FullShard;
+  int replicate = 1;
+};
+
+/// Test name: kind_wN_strategy.
+inline std::string world_case_name(const ::testing::TestParamInfo<WorldCase>& info) {
+  return std::string(sim::to_string(info.param.kind)) + "_w" + std::to_string(info.param.world) + "_" +
+         fsdp::to_string(info.param.strategy);
+}
+
+inline sim::WorldOptions world_of(const WorldCase& c) {
+  sim::WorldOptions options;
+  options.world_size = c.world;
+  options.rank_kind = c.kind;
+  return options;
+}
 
 struct SmallNet : torch::nn::Module {
   SmallNet()

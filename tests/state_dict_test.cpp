@@ -31,24 +31,8 @@ using ::testing::AllOf;
 using ::testing::HasSubstr;
 using testnet::SmallNet;
 
-struct Case {
-  sim::RankKind kind;
-  int world;
-  ShardingStrategy strategy = ShardingStrategy::FullShard;
-  int replicate = 1;
-};
-
-std::string case_name(const ::testing::TestParamInfo<Case>& info) {
-  return std::string(sim::to_string(info.param.kind)) + "_w" + std::to_string(info.param.world) + "_" +
-         to_string(info.param.strategy);
-}
-
-sim::WorldOptions world_of(const Case& c) {
-  sim::WorldOptions options;
-  options.world_size = c.world;
-  options.rank_kind = c.kind;
-  return options;
-}
+using Case = testnet::WorldCase;
+using testnet::world_of;
 
 StateDictOptions full_options() {
   StateDictOptions options;
@@ -189,7 +173,7 @@ INSTANTIATE_TEST_SUITE_P(All, StateDictLayout,
                                            Case{sim::RankKind::Fibers, 3, ShardingStrategy::NoShard},
                                            Case{sim::RankKind::Threads, 4, ShardingStrategy::HybridShard, 2},
                                            Case{sim::RankKind::Fibers, 4, ShardingStrategy::HybridShard, 2}),
-                         case_name);
+                         testnet::world_case_name);
 
 void run_world(int world_size, sim::RankKind kind, const std::function<void(sim::RankContext&)>& body) {
   sim::WorldOptions options;

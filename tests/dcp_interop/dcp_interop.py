@@ -87,6 +87,9 @@ def worker(rank, world, port, mode, path):
                     bad.append(fqn)
             if bad:
                 raise SystemExit(f"rank {rank}: Python dcp.load of our checkpoint differs in {bad}")
+        # No rank tears Gloo down while a peer still has traffic in flight
+        # (a rank that did aborted with "terminate called" under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

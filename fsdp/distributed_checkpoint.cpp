@@ -96,7 +96,7 @@ int64_t load_checkpoint(const std::filesystem::path& dir, Engine& engine, const 
     optim.state.clear();
     for (size_t i = 0; i < optim_keys.size(); ++i) {
       const auto& [fqn, name] = optim_keys[i];
-      if (optim.state.find(fqn) == nullptr) optim.state.insert(fqn, {});
+      if (optim.state.find(fqn) == nullptr) optim.state.insert(fqn, torch::OrderedDict<std::string, ShardedTensor>());
       optim.state[fqn].insert(name, optim_slots[i]);
     }
     set_optimizer_state_dict(engine, root, *optimizer, optim);

@@ -12,7 +12,6 @@ import argparse
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -70,10 +69,12 @@ def build_state_dict(world, with_pattern):
     return sd
 
 
-def worker(rank, world, port, mode, path):
+def worker(rank, world, store, mode, path):
     patch_object_collectives()
     import torch.distributed.checkpoint as dcp
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file store, not a TCP port: under ctest -j2 another test's store can
+    # take a port picked as free, and a rank that reached it aborted.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         if mode == "save":
             dcp.save(build_state_dict(world, True), checkpoint_id=path)
@@ -94,14 +95,11 @@ def worker(rank, world, port, mode, path):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def python_side(mode, path, world):
-    mp.spawn(worker, args=(world, free_port(), mode, path), nprocs=world)
+    store = f"{path}.{mode}.store"
+    if os.path.exists(store):
+        os.remove(store)
+    mp.spawn(worker, args=(world, store, mode, path), nprocs=world)
     print(f"python {mode} {path} at world {world}: ok")
 
 

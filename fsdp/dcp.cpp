@@ -2,6 +2,7 @@
 
 #include "backends/process_group.h"
 #include "fsdp/pickle_io.h"
+#include "fsdp/torch_save.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -654,14 +655,9 @@ class ChunkReader {
       if (crc32(bytes.data(), bytes.size()) != it->second.second)
         throw std::runtime_error(where + ": checksum mismatch (the file is corrupt)");
     }
-    at::Tensor tensor;
-    try {
-      auto value = torch::jit::pickle_load(bytes);
-      if (!value.isTensor()) throw std::runtime_error("it holds a " + value.tagKind() + ", not a tensor");
-      tensor = value.toTensor();
-    } catch (const std::exception& e) {
-      throw std::runtime_error(where + ": not a readable torch.save tensor: " + e.what());
-    }
+    const c10::IValue value = torch_save::load_bytes(bytes.data(), bytes.size(), where);
+    if (!value.isTensor()) throw std::runtime_error(where + ": holds a " + value.tagKind() + ", not a tensor");
+    const at::Tensor tensor = value.toTensor();
     if (tensor.sizes().vec() != c.sizes || tensor.scalar_type() != t.dtype)
       throw std::runtime_error(where + ": holds " + c10::toString(tensor.scalar_type()) + " " +
                                shape_str(tensor.sizes().vec()) + ", .metadata says " + c10::toString(t.dtype) + " " +

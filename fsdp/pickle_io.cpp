@@ -42,7 +42,7 @@ class Reader {
         char hex[8];
         std::snprintf(hex, sizeof hex, "0x%02x", op);
         fail_at(at, std::string("unsupported pickle opcode ") + hex +
-                        " (this reader knows the opcodes of DCP's .metadata: plain data and objects)");
+                        " (this reader knows the opcodes of plain data, objects and torch.save's persistent ids)");
       }
     }
     if (stack_.size() != 1 || !marks_.empty())
@@ -248,14 +248,22 @@ bool Reader::step_container(unsigned char op) {
       auto args = pop();
       auto cls = pop();
       if (args->kind != Value::Kind::Tuple) fail("REDUCE/NEWOBJ with arguments " + args->describe());
-      push(object(cls, args));
+      // An empty OrderedDict whose items SETITEMS adds (Module.state_dict()).
+      const bool ordered_dict = cls->qualified_name() == "collections.OrderedDict" && args->items.empty();
+      push(ordered_dict ? make(Value::Kind::Dict) : object(cls, args));
       return true;
     }
     case 'b': {  // BUILD
       auto state = pop();
       auto& obj = top();
-      if (obj->kind != Value::Kind::Object) fail("BUILD on " + obj->describe());
+      if (obj->kind != Value::Kind::Object && obj->kind != Value::Kind::Dict) fail("BUILD on " + obj->describe());
       obj->state = std::move(state);
+      return true;
+    }
+    case 'Q': {  // BINPERSID: torch.save's reference to a storage record
+      auto id = make(Value::Kind::PersistentId);
+      id->args = pop();
+      push(id);
       return true;
     }
     default: return false;
@@ -318,6 +326,7 @@ std::string Value::describe() const {
     case Kind::Dict: return "dict of " + std::to_string(entries.size());
     case Kind::Global: return "global " + qualified_name();
     case Kind::Object: return qualified_name() + "(...)";
+    case Kind::PersistentId: return "persistent id";
   }
   return "?";
 }

@@ -1,9 +1,12 @@
 #pragma once
 // A minimal Python pickle reader and writer, for the `.metadata` file of
-// torch.distributed.checkpoint (fsdp/dcp.h). Not a general pickle library:
+// torch.distributed.checkpoint (fsdp/dcp.h) and torch.save's data.pkl
+// (fsdp/torch_save.h). Not a general pickle library:
 // the reader knows the opcodes that Python's pickle (protocols 2-5) emits for
 // plain data and for objects (GLOBAL/STACK_GLOBAL + NEWOBJ/REDUCE + BUILD) and
-// builds a tree of `Value`s without running anything (a class stays a name);
+// torch.save's persistent ids (BINPERSID), and builds a tree of `Value`s
+// without running anything (a class stays a name; collections.OrderedDict, a
+// dict filled by SETITEMS, becomes a Dict);
 // any other opcode is an error naming it and its byte offset. The writer
 // emits protocol 2 opcodes, unframed and without memo, which every Python 3
 // pickle.load accepts.
@@ -26,7 +29,7 @@ using ValuePtr = std::shared_ptr<Value>;
 /// One node of an unpickled object tree. Lists and dicts are shared (the
 /// memo refers to them) and filled in place as the pickle runs.
 struct Value {
-  enum class Kind { None, Bool, Int, Float, String, Bytes, Tuple, List, Dict, Global, Object };
+  enum class Kind { None, Bool, Int, Float, String, Bytes, Tuple, List, Dict, Global, Object, PersistentId };
   Kind kind = Kind::None;
   bool boolean = false;
   int64_t integer = 0;
@@ -36,8 +39,8 @@ struct Value {
   std::vector<ValuePtr> items;                         // Tuple, List
   std::vector<std::pair<ValuePtr, ValuePtr>> entries;  // Dict, in insertion order
   ValuePtr cls;                                        // Object: the Global called
-  ValuePtr args;                                       // Object: its argument tuple
-  ValuePtr state;                                      // Object: BUILD's state (null if none)
+  ValuePtr args;                                       // Object: its argument tuple; PersistentId: the id
+  ValuePtr state;  // Object, Dict (an OrderedDict's attributes): BUILD's state (null if none)
 
   /// "module.name" of a Global, or of an Object's class; "" otherwise.
   std::string qualified_name() const;

@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "backends/collective_label.h"
+#include "fsdp/torch_save.h"
 
 namespace fsdpsim::fsdp {
 
@@ -715,20 +716,9 @@ void save_full_state_dict(const std::string& path, const TensorDict& tensors) {
 }
 
 TensorDict load_full_state_dict(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("load_full_state_dict: cannot open " + path);
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  c10::IValue value;
-  try {
-    value = torch::jit::pickle_load(bytes);
-  } catch (const c10::Error& e) {
-    // LibTorch's unpickler reads collections.OrderedDict (what
-    // Module.state_dict() returns) as None and fails on its items.
-    throw std::runtime_error("load_full_state_dict: cannot read " + path +
-                             " (a torch.save of an OrderedDict, such as model.state_dict(), is not readable by "
-                             "LibTorch's unpickler: save dict(model.state_dict()) instead): " +
-                             e.what_without_backtrace());
-  }
+  // Our reader, not LibTorch's: that one reads the OrderedDict of
+  // torch.save(model.state_dict()) as None.
+  const c10::IValue value = torch_save::load_file(path);
   if (!value.isGenericDict()) {
     throw std::runtime_error("load_full_state_dict: " + path + " holds a " + value.tagKind() +
                              ", not a dict of tensors (save it with torch.save(model.state_dict(), path))");

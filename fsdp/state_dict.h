@@ -134,11 +134,10 @@ StateDict from_tensors(const TensorDict& tensors);
 /// plain {str: Tensor} dict (torch.save's zip layout; dicts untagged, so no
 /// safe_globals allowance is needed). Tensors are saved contiguous on the CPU.
 void save_full_state_dict(const std::string& path, const TensorDict& tensors);
-/// Reads a file Python's torch.save(dict(model.state_dict()), path) wrote (or
-/// save_full_state_dict). Not torch.save(model.state_dict()) itself: LibTorch's
-/// unpickler reads its collections.OrderedDict as None (a std::runtime_error
-/// says so). Throws std::runtime_error naming the path for a missing or
-/// unreadable file or a value that is not a tensor.
+/// Reads a file Python's torch.save(model.state_dict(), path) wrote (an
+/// OrderedDict, or a plain dict; fsdp/torch_save.h reads it), or
+/// save_full_state_dict. Throws std::runtime_error naming the path for a
+/// missing, truncated or foreign file or a value that is not a tensor.
 TensorDict load_full_state_dict(const std::string& path);
 
 }  // namespace fsdpsim::fsdp

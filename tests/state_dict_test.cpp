@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -300,6 +301,31 @@ TEST(StateDictFile, SaveAndLoadRoundTripKeysInOrderAndValues) {
   }
   EXPECT_THAT([] { load_full_state_dict("/nonexistent/fsdpsim.pt"); },
               ::testing::ThrowsMessage<std::runtime_error>(HasSubstr("/nonexistent/fsdpsim.pt")));
+}
+
+TEST(StateDictFile, TruncatedOrForeignFilesFailNamingThePath) {
+  const auto dir = std::filesystem::temp_directory_path();
+  const std::string good = (dir / ("fsdpsim_sd_good_" + std::to_string(::getpid()) + ".pt")).string();
+  const std::string bad = (dir / ("fsdpsim_sd_bad_" + std::to_string(::getpid()) + ".pt")).string();
+  TensorDict tensors;
+  tensors.insert("w", at::randn({64, 64}).to(at::kBFloat16));
+  save_full_state_dict(good, tensors);
+  EXPECT_TRUE(torch::equal(load_full_state_dict(good)["w"], tensors["w"]));
+  const auto size = std::filesystem::file_size(good);
+  for (const size_t keep : {size / 2, size_t{100}, size_t{0}}) {
+    std::filesystem::copy_file(good, bad, std::filesystem::copy_options::overwrite_existing);
+    std::filesystem::resize_file(bad, keep);
+    EXPECT_THAT([&] { load_full_state_dict(bad); }, ::testing::ThrowsMessage<std::runtime_error>(HasSubstr(bad)))
+        << "kept " << keep << " of " << size << " bytes";
+  }
+  {
+    std::ofstream out(bad, std::ios::binary | std::ios::trunc);
+    out << "not a zip archive";
+  }
+  EXPECT_THAT([&] { load_full_state_dict(bad); },
+              ::testing::ThrowsMessage<std::runtime_error>(HasSubstr("not a torch.save zip archive")));
+  std::filesystem::remove(good);
+  std::filesystem::remove(bad);
 }
 
 // ---------------------------------------------------------------------------

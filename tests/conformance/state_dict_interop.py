@@ -46,9 +46,8 @@ def check(name, driver, root):
     os.makedirs(out, exist_ok=True)
     paths = {k: os.path.join(out, k + ".pt") for k in ("python", "init", "roundtrip")}
     expected = python_state(name)
-    # dict(): LibTorch's unpickler cannot read the OrderedDict state_dict()
-    # returns (it reads collections.OrderedDict as None).
-    torch.save(dict(expected), paths["python"])
+    # The OrderedDict state_dict() returns, with its _metadata, as users save it.
+    torch.save(expected, paths["python"])
     subprocess.run([driver, name, "3", paths["python"], paths["init"], paths["roundtrip"]], check=True)
 
     problems = []

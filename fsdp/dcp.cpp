@@ -655,9 +655,9 @@ class ChunkReader {
       if (crc32(bytes.data(), bytes.size()) != it->second.second)
         throw std::runtime_error(where + ": checksum mismatch (the file is corrupt)");
     }
-    const c10::IValue value = torch_save::load_bytes(bytes.data(), bytes.size(), where);
+    c10::IValue value = torch_save::load_bytes(bytes.data(), bytes.size(), where);
     if (!value.isTensor()) throw std::runtime_error(where + ": holds a " + value.tagKind() + ", not a tensor");
-    const at::Tensor tensor = value.toTensor();
+    at::Tensor tensor = std::move(value).toTensor();
     if (tensor.sizes().vec() != c.sizes || tensor.scalar_type() != t.dtype)
       throw std::runtime_error(where + ": holds " + c10::toString(tensor.scalar_type()) + " " +
                                shape_str(tensor.sizes().vec()) + ", .metadata says " + c10::toString(t.dtype) + " " +

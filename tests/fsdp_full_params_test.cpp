@@ -65,13 +65,10 @@ TEST_P(SummonFullParams, WritebackReachesEveryShardAndTheNextForwardWithoutItEdi
   const auto edited = clones(testnet::named_params(*reference), false);
   const torch::Tensor edited_out = reference->forward(x).detach();
 
-  sim::World world(world_of(c));
-  auto result = world.run([&](sim::RankContext& ctx) {
+  testnet::run_world_case(c, [&](sim::RankContext& ctx) {
     at::set_num_threads(1);
-    auto model = testnet::make_small_net();
-    Engine engine(testnet::fiber_safe_engine_options());
-    testnet::shard_small_net(engine, *model, ctx.world_group(), c.strategy, c.replicate);
-    const auto place = testnet::shard_place(ctx.rank(), c.world, c.strategy, c.replicate);
+    testnet::ShardedSmallNet net(ctx, c);
+    auto& [model, engine, place] = net;
     const auto identities = testnet::named_params(*model);
     {
       auto full = engine.summon_full_params({.writeback = false});
@@ -98,7 +95,6 @@ TEST_P(SummonFullParams, WritebackReachesEveryShardAndTheNextForwardWithoutItEdi
       EXPECT_TRUE(torch::equal(fsdp::call(model, x), edited_out));
     }
   });
-  ASSERT_TRUE(result.ok()) << result.error_report();
 }
 
 TEST_P(SummonFullParams, WithGradsGathersGradsAndWritesThemBack) {
@@ -165,12 +161,9 @@ TEST_P(SummonFullParams, Rank0OnlyShowsFullParamsOnRankZeroAlone) {
   const Case c = GetParam();
   auto reference = testnet::make_small_net();
   const auto original = clones(testnet::named_params(*reference), false);
-  sim::World world(world_of(c));
-  auto result = world.run([&](sim::RankContext& ctx) {
-    auto model = testnet::make_small_net();
-    Engine engine(testnet::fiber_safe_engine_options());
-    testnet::shard_small_net(engine, *model, ctx.world_group(), c.strategy, c.replicate);
-    const auto place = testnet::shard_place(ctx.rank(), c.world, c.strategy, c.replicate);
+  testnet::run_world_case(c, [&](sim::RankContext& ctx) {
+    testnet::ShardedSmallNet net(ctx, c);
+    auto& [model, engine, place] = net;
     EXPECT_THROW((void)engine.summon_full_params({.writeback = true, .rank0_only = true}), std::invalid_argument);
     {
       auto full = engine.summon_full_params({.writeback = false, .rank0_only = true});
@@ -185,7 +178,6 @@ TEST_P(SummonFullParams, Rank0OnlyShowsFullParamsOnRankZeroAlone) {
     }
     expect_shards(*model, original, place, false, "after rank0_only");
   });
-  ASSERT_TRUE(result.ok()) << result.error_report();
 }
 
 INSTANTIATE_TEST_SUITE_P(All, SummonFullParams,

@@ -146,4 +146,24 @@ inline ShardPlace shard_place(int global_rank, int world, fsdp::ShardingStrategy
   }
 }
 
+/// One rank's small net sharded as a WorldCase says, with a fiber-safe engine,
+/// and the rows of the unsharded params this rank owns.
+struct ShardedSmallNet {
+  ShardedSmallNet(sim::RankContext& ctx, const WorldCase& c)
+      : place(shard_place(ctx.rank(), c.world, c.strategy, c.replicate)) {
+    shard_small_net(engine, *model, ctx.world_group(), c.strategy, c.replicate);
+  }
+  std::shared_ptr<SmallNet> model = make_small_net();
+  fsdp::Engine engine{fiber_safe_engine_options()};
+  ShardPlace place;
+};
+
+/// Runs `body` on every rank of c's world; a failing rank fails the test with
+/// the world's report.
+inline void run_world_case(const WorldCase& c, const std::function<void(sim::RankContext&)>& body) {
+  sim::World world(world_of(c));
+  const auto result = world.run(body);
+  ASSERT_TRUE(result.ok()) << result.error_report();
+}
+
 }  // namespace fsdpsim::testnet

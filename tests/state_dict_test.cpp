@@ -63,12 +63,9 @@ class StateDictLayout : public ::testing::TestWithParam<Case> {};
 TEST_P(StateDictLayout, ShardedDictIsTheRanksRowsInTheParamsStorage) {
   const Case c = GetParam();
   auto reference = testnet::make_small_net();
-  sim::World world(world_of(c));
-  auto result = world.run([&](sim::RankContext& ctx) {
-    auto model = testnet::make_small_net();
-    Engine engine(testnet::fiber_safe_engine_options());
-    testnet::shard_small_net(engine, *model, ctx.world_group(), c.strategy, c.replicate);
-    const auto place = testnet::shard_place(ctx.rank(), c.world, c.strategy, c.replicate);
+  testnet::run_world_case(c, [&](sim::RankContext& ctx) {
+    testnet::ShardedSmallNet net(ctx, c);
+    auto& [model, engine, place] = net;
     const StateDict state = get_model_state_dict(engine, *model);
     std::vector<std::string> expected_keys, keys = state.keys();
     for (const auto& item : reference->named_parameters()) expected_keys.push_back(item.key());
@@ -88,25 +85,21 @@ TEST_P(StateDictLayout, ShardedDictIsTheRanksRowsInTheParamsStorage) {
       EXPECT_EQ(rows_total, item.value().size(0)) << item.key() << ": the chunks cover dim 0 once";
     }
   });
-  ASSERT_TRUE(result.ok()) << result.error_report();
 }
 
 // Full: every rank gathers the unsharded model's tensors bitwise.
 TEST_P(StateDictLayout, FullDictEqualsTheUnshardedModel) {
   const Case c = GetParam();
   auto reference = testnet::make_small_net();
-  sim::World world(world_of(c));
-  auto result = world.run([&](sim::RankContext& ctx) {
-    auto model = testnet::make_small_net();
-    Engine engine(testnet::fiber_safe_engine_options());
-    testnet::shard_small_net(engine, *model, ctx.world_group(), c.strategy, c.replicate);
+  testnet::run_world_case(c, [&](sim::RankContext& ctx) {
+    testnet::ShardedSmallNet net(ctx, c);
+    auto& [model, engine, place] = net;
     const TensorDict full = to_tensors(get_model_state_dict(engine, *model, full_options()));
     ASSERT_EQ(full.size(), reference->named_parameters().size());
     for (const auto& item : reference->named_parameters()) {
       EXPECT_TRUE(torch::equal(full[item.key()], item.value())) << item.key() << " on rank " << ctx.rank();
     }
   });
-  ASSERT_TRUE(result.ok()) << result.error_report();
 }
 
 // Loads write into the params in place (same TensorImpl): a full dict of
@@ -114,12 +107,9 @@ TEST_P(StateDictLayout, FullDictEqualsTheUnshardedModel) {
 TEST_P(StateDictLayout, LoadsWriteInPlace) {
   const Case c = GetParam();
   auto other = other_net();
-  sim::World world(world_of(c));
-  auto result = world.run([&](sim::RankContext& ctx) {
-    auto model = testnet::make_small_net();
-    Engine engine(testnet::fiber_safe_engine_options());
-    testnet::shard_small_net(engine, *model, ctx.world_group(), c.strategy, c.replicate);
-    const auto place = testnet::shard_place(ctx.rank(), c.world, c.strategy, c.replicate);
+  testnet::run_world_case(c, [&](sim::RankContext& ctx) {
+    testnet::ShardedSmallNet net(ctx, c);
+    auto& [model, engine, place] = net;
     std::map<std::string, const c10::TensorImpl*> identity;
     for (const auto& [name, p] : testnet::named_params(*model)) identity[name] = p.unsafeGetTensorImpl();
     set_model_state_dict(engine, *model, from_tensors(named_tensors(*other)), full_options());
@@ -140,7 +130,6 @@ TEST_P(StateDictLayout, LoadsWriteInPlace) {
     sim::backward(fsdp::call(model, testnet::small_input(ctx.rank(), 0)).sum());
     EXPECT_TRUE(model->a->weight.grad().defined());
   });
-  ASSERT_TRUE(result.ok()) << result.error_report();
 }
 
 // broadcast_from_rank0: only rank 0 holds the dict; every rank ends with its
@@ -148,12 +137,9 @@ TEST_P(StateDictLayout, LoadsWriteInPlace) {
 TEST_P(StateDictLayout, BroadcastFromRank0LoadsEveryRank) {
   const Case c = GetParam();
   auto other = other_net();
-  sim::World world(world_of(c));
-  auto result = world.run([&](sim::RankContext& ctx) {
-    auto model = testnet::make_small_net();
-    Engine engine(testnet::fiber_safe_engine_options());
-    testnet::shard_small_net(engine, *model, ctx.world_group(), c.strategy, c.replicate);
-    const auto place = testnet::shard_place(ctx.rank(), c.world, c.strategy, c.replicate);
+  testnet::run_world_case(c, [&](sim::RankContext& ctx) {
+    testnet::ShardedSmallNet net(ctx, c);
+    auto& [model, engine, place] = net;
     StateDictOptions options = full_options();
     options.broadcast_from_rank0 = true;
     const StateDict mine = ctx.rank() == 0 ? from_tensors(named_tensors(*other)) : StateDict();
@@ -164,7 +150,6 @@ TEST_P(StateDictLayout, BroadcastFromRank0LoadsEveryRank) {
           << item.key() << " on rank " << ctx.rank();
     }
   });
-  ASSERT_TRUE(result.ok()) << result.error_report();
 }
 
 INSTANTIATE_TEST_SUITE_P(All, StateDictLayout,

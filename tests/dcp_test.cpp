@@ -17,6 +17,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -96,26 +97,25 @@ fs::path fresh_dir(const std::string& name) {
   return dir;
 }
 
-void save_world(const fs::path& dir, int world, sim::RankKind kind) {
+void run_ranks(int world, sim::RankKind kind, const std::function<void(sim::RankContext&)>& body) {
   sim::WorldOptions options;
   options.world_size = world;
   options.rank_kind = kind;
-  sim::World w(options);
-  w.run([&](sim::RankContext& ctx) {
-     save(dir, entries_for(ctx.rank(), world, true), process_group_coordinator(*ctx.world_group()));
-   }).throw_if_failed();
+  sim::World(options).run(body).throw_if_failed();
+}
+
+void save_world(const fs::path& dir, int world, sim::RankKind kind) {
+  run_ranks(world, kind, [&](sim::RankContext& ctx) {
+    save(dir, entries_for(ctx.rank(), world, true), process_group_coordinator(*ctx.world_group()));
+  });
 }
 
 void load_world_and_check(const fs::path& dir, int world, sim::RankKind kind) {
-  sim::WorldOptions options;
-  options.world_size = world;
-  options.rank_kind = kind;
-  sim::World w(options);
-  w.run([&](sim::RankContext& ctx) {
-     auto entries = entries_for(ctx.rank(), world, false);
-     load(dir, entries);
-     expect_matches_reference(entries);
-   }).throw_if_failed();
+  run_ranks(world, kind, [&](sim::RankContext& ctx) {
+    auto entries = entries_for(ctx.rank(), world, false);
+    load(dir, entries);
+    expect_matches_reference(entries);
+  });
 }
 
 struct ReshardCase {
@@ -160,17 +160,14 @@ INSTANTIATE_TEST_SUITE_P(Worlds, DcpReshard,
 // replicated chunk (two ranks, same offsets) is stored once.
 TEST(Dcp, MetadataDescribesEveryChunkOnceEvenWhenReplicated) {
   const fs::path dir = fresh_dir("meta");
-  sim::WorldOptions options;
-  options.world_size = 2;
-  sim::World w(options);
-  w.run([&](sim::RankContext& ctx) {
-     std::vector<Entry> e = {{"rep", at::kFloat, {4}, {{{0}, at::arange(4, at::kFloat)}}},
-                             {"shard",
-                              at::kBFloat16,
-                              {3, 2},
-                              {{{ctx.rank() == 0 ? 0 : 2, 0}, at::ones({ctx.rank() == 0 ? 2 : 1, 2}, at::kBFloat16)}}}};
-     save(dir, e, process_group_coordinator(*ctx.world_group()));
-   }).throw_if_failed();
+  run_ranks(2, sim::RankKind::Threads, [&](sim::RankContext& ctx) {
+    std::vector<Entry> e = {{"rep", at::kFloat, {4}, {{{0}, at::arange(4, at::kFloat)}}},
+                            {"shard",
+                             at::kBFloat16,
+                             {3, 2},
+                             {{{ctx.rank() == 0 ? 0 : 2, 0}, at::ones({ctx.rank() == 0 ? 2 : 1, 2}, at::kBFloat16)}}}};
+    save(dir, e, process_group_coordinator(*ctx.world_group()));
+  });
   const auto meta = read_metadata(dir);
   ASSERT_EQ(meta.tensors.size(), 2u);
   EXPECT_EQ(meta.version, "1.0.0");

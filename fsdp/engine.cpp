@@ -1439,7 +1439,9 @@ ShardedParam shard_param(std::string fqn, const at::Tensor& param, Unit::Impl& u
 // a key that names no param of this unit is refused (a typo, or a nested
 // unit's param, which that unit's options must name).
 void assign_extensions(Unit::Impl& unit, const std::string& name) {
-  for (const auto& [fqn, extension] : unit.options.all_gather_extensions) {
+  for (const auto& entry : unit.options.all_gather_extensions) {
+    const std::string& fqn = entry.first;  // a plain reference: lambdas cannot capture bindings (clang)
+    const std::shared_ptr<AllGatherExtension>& extension = entry.second;
     if (!extension) {
       throw std::invalid_argument("fully_shard(" + name + "): all_gather_extensions['" + fqn + "'] is null");
     }

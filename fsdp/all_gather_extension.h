@@ -81,8 +81,8 @@ class AllGatherExtension {
   /// `out`: unset at the param's first gather; afterwards the tensor that
   /// first call returned, storage re-allocated (the engine frees it at each
   /// reshard, as FSDP2 does): fill it in place and return it (the engine
-  /// checks that the storage is out's). Its autograd version counter is kept
-  /// across the write, so graphs saved by an earlier forward stay valid.
+  /// checks that the storage is out's). Its autograd version counter is
+  /// restored after the write (FSDP2's; the param Variable has its own).
   virtual at::Tensor post_all_gather(const std::vector<at::Tensor>& gathered, const std::any& metadata,
                                      at::ScalarType param_dtype, const std::optional<at::Tensor>& out) = 0;
 };

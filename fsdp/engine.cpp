@@ -7,6 +7,7 @@
 #include <torch/nn/modules/container/sequential.h>
 
 #include <algorithm>
+#include <any>
 #include <exception>
 #include <functional>
 #include <mutex>
@@ -100,6 +101,21 @@ struct ShardedParam {
   at::Tensor unsynced_grad;    // full-size grads of backwards run without gradient sync, summed in reduce_dtype
   at::Tensor partial_reduced;  // HSDP without all-reduce: reduce-scatter outputs summed (padded chunk, flat)
 
+  // All-gather extension (units with any): what this param put on the wire
+  // in the gather in flight, and post_all_gather's first result, kept for
+  // in-place reuse (its storage freed between gathers).
+  struct GatherInput {
+    std::vector<int64_t> shape;
+    at::ScalarType dtype = at::kFloat;
+    int64_t wire_offset = 0;  // in the unit's per-rank chunk, in wire elements
+    int64_t wire_numel = 0;
+  };
+  std::shared_ptr<AllGatherExtension> extension;
+  std::vector<GatherInput> gather_inputs;
+  std::any gather_metadata;
+  at::Tensor extension_out;
+  size_t extension_out_nbytes = 0;
+
   int64_t chunk_numel() const { return rows_per_rank * row_numel; }
   std::vector<int64_t> rows_shape(int64_t rows) const {
     std::vector<int64_t> shape = full_shape;
@@ -158,7 +174,12 @@ struct Unit::Impl {
 
   // Whether the params computed with are copies of the shards (gathered, cast
   // or copied from the offloaded shard), not the shards themselves.
-  bool copies_full() const { return shard_world > 1 || offload || compute_dtype.has_value(); }
+  bool copies_full() const { return shard_world > 1 || offload || compute_dtype.has_value() || has_extensions; }
+  // Some param has an all-gather extension: the unit gathers per-param input
+  // lists (unshard_extended), in gather_dtype (kByte when dtypes differ).
+  bool has_extensions = false;
+  at::ScalarType gather_dtype = at::kFloat;
+  int64_t gather_total = 0;  // per-rank wire elements of the gather in flight
 
   bool unsharded = false;
   TrainingState state = TrainingState::Idle;
@@ -229,6 +250,124 @@ GradDivision grad_division(const Unit::Impl& unit) {
   division.after = static_cast<double>(ranks) / static_cast<double>(before);
   return division;
 }
+
+// ---------------------------------------------------------------------------
+// All-gather extensions: per-param gather inputs, byte-packed when dtypes
+// differ (one collective per unit, as FSDP2's foreach_all_gather).
+
+std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& sizes) {
+  std::vector<int64_t> strides(sizes.size(), 1);
+  for (size_t d = sizes.size(); d-- > 1;) strides[d - 1] = strides[d] * std::max<int64_t>(sizes[d], 1);
+  return strides;
+}
+
+std::string shapes_of(const std::vector<at::Tensor>& tensors) {
+  std::string out;
+  for (const auto& t : tensors) out += (out.empty() ? "" : ", ") + (t.defined() ? shape_of(t.sizes()) : "undefined");
+  return "[" + out + "]";
+}
+
+// pre_all_gather's tensors: at least one, each defined and on the unit's
+// device; a param whose rows the shard world does not divide gathers padded
+// rows (a rank whose own shard is short throws; one whose shard is whole
+// cannot tell, as in FSDP2, and its all-gather then fails or is aborted).
+void check_gather_inputs(const Unit::Impl& unit, const ShardedParam& p, const std::vector<at::Tensor>& tensors) {
+  auto fail = [&](const std::string& what) {
+    throw std::runtime_error("all-gather extension of param '" + p.fqn + "' of unit '" + unit.fqn +
+                             "': pre_all_gather returned " + shapes_of(tensors) + ": " + what);
+  };
+  if (tensors.empty()) fail("no tensors (return at least one)");
+  const bool uneven = p.dim0 % unit.shard_world != 0;
+  for (const auto& t : tensors) {
+    if (!t.defined()) fail("an undefined tensor");
+    if (t.device() != unit.tensor_options.device()) {
+      fail("a tensor on " + t.device().str() + ", the unit gathers on " + unit.tensor_options.device().str());
+    }
+    if (uneven && (t.dim() == 0 || t.size(0) != p.rows_per_rank)) {
+      fail("dim 0 " + shape_of(p.full_shape) + " is sharded unevenly over " + std::to_string(unit.shard_world) +
+           " ranks, so each tensor needs the padded shard's " + std::to_string(p.rows_per_rank) +
+           " rows (start from context.padded_shard)");
+    }
+  }
+}
+
+// This param's all-gather inputs: its extension's, else its padded shard in
+// the compute dtype (what the unit without extensions gathers).
+std::vector<at::Tensor> gather_inputs_of(const Unit::Impl& unit, ShardedParam& p) {
+  at::Tensor padded = p.padded_shard.to(unit.tensor_options.device());  // offload: the copy to the device
+  if (!p.extension) return {padded.to(compute_options(unit).dtype().toScalarType())};
+  AllGatherContext context;
+  context.fqn = p.fqn;
+  context.module = unit.module.get();
+  context.outer_size = p.full_shape;
+  context.outer_stride = contiguous_strides(p.full_shape);
+  context.padded_shard_size = p.rows_shape(p.rows_per_rank);
+  context.padded_shard = padded;
+  context.shard_rank = unit.shard_rank;
+  context.shard_world = unit.shard_world;
+  context.mp_policy = &unit.options.mp_policy;
+  AllGatherInputs inputs = p.extension->pre_all_gather(padded.narrow(0, 0, p.my_rows), context);
+  check_gather_inputs(unit, p, inputs.tensors);
+  p.gather_metadata = std::move(inputs.metadata);
+  return std::move(inputs.tensors);
+}
+
+// FSDP2 frees the unsharded param's storage at reshard and re-allocates it
+// before the next post_all_gather writes into it: the tensor (and views of
+// it that autograd saved) stays, the memory does not.
+void free_extension_out(ShardedParam& p) {
+  c10::StorageImpl* storage = p.extension_out.storage().unsafeGetStorageImpl();
+  if (storage->allocator() == nullptr || storage->nbytes() == 0) return;  // from_blob: not ours to free
+  p.extension_out_nbytes = storage->nbytes();
+  storage->reset();
+}
+
+void restore_extension_out(ShardedParam& p) {
+  c10::StorageImpl* storage = p.extension_out.storage().unsafeGetStorageImpl();
+  if (storage->nbytes() != 0 || p.extension_out_nbytes == 0) return;
+  storage->set_data_ptr_noswap(storage->allocator()->allocate(p.extension_out_nbytes));
+  storage->set_nbytes(p.extension_out_nbytes);
+}
+
+// post_all_gather's result as the param: its outer size, padding rows dropped.
+at::Tensor outer_view(const Unit::Impl& unit, const ShardedParam& p, const at::Tensor& result) {
+  const at::IntArrayRef want(p.full_shape);
+  if (result.sizes() == want) return result;
+  if (result.dim() == static_cast<int64_t>(want.size()) && result.size(0) >= p.dim0 &&
+      result.sizes().slice(1) == want.slice(1)) {
+    return result.narrow(0, 0, p.dim0);
+  }
+  throw std::runtime_error("all-gather extension of param '" + p.fqn + "' of unit '" + unit.fqn +
+                           "': post_all_gather returned shape " + shape_of(result.sizes()) +
+                           ", expected the outer size " + shape_of(want) + " (or more dim-0 rows: padding)");
+}
+
+// The unsharded param from its gathered tensors: post_all_gather, in place
+// into its first result from the second gather on.
+at::Tensor rebuild_param(const Unit::Impl& unit, ShardedParam& p, const std::vector<at::Tensor>& gathered) {
+  const at::ScalarType dtype = compute_options(unit).dtype().toScalarType();
+  const std::string where = "all-gather extension of param '" + p.fqn + "' of unit '" + unit.fqn + "': ";
+  at::Tensor result;
+  if (p.extension_out.defined()) {
+    restore_extension_out(p);
+    // Writing into it bumps its version; autograd's saved views of it would
+    // then refuse the backward (FSDP2 preserves the counter too).
+    c10::VariableVersion version = torch::autograd::impl::version_counter(p.extension_out);
+    const uint32_t before = version.current_version();
+    result = p.extension->post_all_gather(gathered, p.gather_metadata, dtype, p.extension_out);
+    version.set_version(before);
+    if (!result.defined() || !result.storage().is_alias_of(p.extension_out.storage())) {
+      throw std::runtime_error(where + "post_all_gather was given `out` and returned a tensor not in its storage " +
+                               "(fill `out` in place and return it)");
+    }
+  } else {
+    result = p.extension->post_all_gather(gathered, p.gather_metadata, dtype, std::nullopt);
+    if (!result.defined()) throw std::runtime_error(where + "post_all_gather returned an undefined tensor");
+    p.extension_out = result;
+  }
+  p.gather_metadata.reset();
+  return outer_view(unit, p, result);
+}
 }  // namespace
 
 struct Engine::Impl {
@@ -261,6 +400,8 @@ struct Engine::Impl {
   void unshard(Unit::Impl& unit);
   void set_full(ShardedParam& p, at::Tensor full);
   void wait_unshard(Unit::Impl& unit);
+  void unshard_extended(Unit::Impl& unit);
+  void finish_extended(Unit::Impl& unit);
   void reshard(Unit::Impl& unit);
   void pre_forward(Unit::Impl& unit);
   void post_forward(Unit::Impl& unit, const std::vector<at::Tensor>& outputs, bool grad_enabled);
@@ -422,6 +563,10 @@ void Engine::Impl::unshard(Unit::Impl& unit) {
     return;
   }
   check_shards(unit);
+  if (unit.has_extensions) {
+    unshard_extended(unit);
+    return;
+  }
   if (unit.shard_world == 1) {  // nothing to gather: copy (cast) the shards to the compute device and dtype
     for (auto& p : unit.params) {
       set_full(p, p.shard_view.to(compute_options(unit), /*non_blocking=*/false, /*copy=*/true));
@@ -456,6 +601,10 @@ void Engine::Impl::wait_unshard(Unit::Impl& unit) {
   if (unit.unsharded) return;
   unit.gather_work->wait();
   unit.gather_work.reset();
+  if (unit.has_extensions) {
+    finish_extended(unit);
+    return;
+  }
   const int world = unit.shard_world;
   at::Tensor by_rank = unit.gather_buffer.view({world, unit.chunk_total});
   for (auto& p : unit.params) {
@@ -463,6 +612,80 @@ void Engine::Impl::wait_unshard(Unit::Impl& unit) {
     // One contiguous copy of the strided column block (reshape alone may
     // return a strided view, which changes kernels' paths and results).
     set_full(p, by_rank.narrow(1, p.offset, p.chunk_numel()).reshape(padded_shape).contiguous().narrow(0, 0, p.dim0));
+  }
+  peak_unsharded_bytes = std::max(peak_unsharded_bytes, unsharded_bytes);
+  unit.gather_buffer = at::Tensor();
+  unit.unsharded = true;
+}
+
+// A unit with all-gather extensions: every param's inputs (its extension's,
+// else its padded shard) in one buffer; one dtype when all share it, else
+// bytes (a uint8 buffer, as FSDP2), so the unit still issues one collective.
+void Engine::Impl::unshard_extended(Unit::Impl& unit) {
+  torch::NoGradGuard no_grad;
+  std::vector<std::vector<at::Tensor>> inputs;
+  std::optional<at::ScalarType> common;
+  bool mixed = false;
+  for (auto& p : unit.params) {
+    inputs.push_back(gather_inputs_of(unit, p));
+    for (const auto& t : inputs.back()) {
+      mixed = mixed || (common && *common != t.scalar_type());
+      common = t.scalar_type();
+    }
+  }
+  unit.gather_dtype = mixed ? at::kByte : *common;
+  const int64_t wire_size = static_cast<int64_t>(c10::elementSize(unit.gather_dtype));
+  int64_t total = 0;
+  for (size_t i = 0; i < unit.params.size(); ++i) {
+    auto& p = unit.params[i];
+    p.gather_inputs.clear();
+    for (const auto& t : inputs[i]) {
+      const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+      p.gather_inputs.push_back({t.sizes().vec(), t.scalar_type(), total, bytes / wire_size});
+      total += bytes / wire_size;
+    }
+  }
+  unit.gather_total = total;
+  unit.gather_buffer = at::empty({unit.shard_world * total}, unit.tensor_options.dtype(unit.gather_dtype));
+  at::Tensor mine = unit.gather_buffer.narrow(0, unit.shard_rank * total, total);
+  for (size_t i = 0; i < unit.params.size(); ++i) {
+    for (size_t k = 0; k < inputs[i].size(); ++k) {
+      const auto& in = unit.params[i].gather_inputs[k];
+      at::Tensor flat = inputs[i][k].contiguous().view(-1);
+      mine.narrow(0, in.wire_offset, in.wire_numel).copy_(mixed ? flat.view(at::kByte) : flat);
+    }
+  }
+  if (unit.shard_world == 1) {  // nothing to gather: the buffer is every rank's
+    finish_extended(unit);
+    return;
+  }
+  ScopedCollectiveLabel label(collective_label("all-gather", unit));
+  unit.gather_work = unit.options.shard_group->all_gather_into_tensor(unit.gather_buffer, mine);
+  emit(&EngineHooks::on_unshard, unit);
+}
+
+// Copy-out: each input's column block into a tensor of its own dtype (every
+// rank's rows in rank order), then each param rebuilt from its tensors.
+void Engine::Impl::finish_extended(Unit::Impl& unit) {
+  torch::NoGradGuard no_grad;
+  const int world = unit.shard_world;
+  const bool bytes = unit.gather_dtype == at::kByte;
+  at::Tensor by_rank = unit.gather_buffer.view({world, unit.gather_total});
+  for (auto& p : unit.params) {
+    std::vector<at::Tensor> gathered;
+    for (const auto& in : p.gather_inputs) {
+      std::vector<int64_t> shape = in.shape;
+      if (shape.empty()) shape.push_back(1);
+      shape[0] *= world;
+      at::Tensor out = at::empty(shape, unit.tensor_options.dtype(in.dtype));
+      at::Tensor flat = out.view(-1);
+      (bytes ? flat.view(at::kByte) : flat)
+          .view({world, in.wire_numel})
+          .copy_(by_rank.narrow(1, in.wire_offset, in.wire_numel));
+      gathered.push_back(std::move(out));
+    }
+    p.gather_inputs.clear();
+    set_full(p, p.extension ? rebuild_param(unit, p, gathered) : gathered[0].narrow(0, 0, p.dim0));
   }
   peak_unsharded_bytes = std::max(peak_unsharded_bytes, unsharded_bytes);
   unit.gather_buffer = at::Tensor();
@@ -480,6 +703,7 @@ void Engine::Impl::reshard(Unit::Impl& unit) {
       unsharded_bytes -= p.full.nbytes();
       p.param.set_data(p.shard_view);
       p.full = at::Tensor();
+      if (p.extension_out.defined()) free_extension_out(p);
     }
     if (p.stashed_grad.defined()) {
       p.param.mutable_grad() = p.stashed_grad;
@@ -1211,6 +1435,30 @@ ShardedParam shard_param(std::string fqn, const at::Tensor& param, Unit::Impl& u
   return p;
 }
 
+// Hands each param named in options.all_gather_extensions its extension;
+// a key that names no param of this unit is refused (a typo, or a nested
+// unit's param, which that unit's options must name).
+void assign_extensions(Unit::Impl& unit, const std::string& name) {
+  for (const auto& entry : unit.options.all_gather_extensions) {
+    const std::string& fqn = entry.first;  // a plain reference: lambdas cannot capture bindings (clang)
+    const std::shared_ptr<AllGatherExtension>& extension = entry.second;
+    if (!extension) {
+      throw std::invalid_argument("fully_shard(" + name + "): all_gather_extensions['" + fqn + "'] is null");
+    }
+    auto it = std::find_if(unit.params.begin(), unit.params.end(), [&](const ShardedParam& p) { return p.fqn == fqn; });
+    if (it == unit.params.end()) {
+      std::string names;
+      for (const auto& p : unit.params) names += (names.empty() ? "'" : ", '") + p.fqn + "'";
+      throw std::invalid_argument("fully_shard(" + name + "): all_gather_extensions names '" + fqn +
+                                  "', which is not a param this unit manages (its params: " + names +
+                                  "); key by the FQN relative to the module given to fully_shard, and name a "
+                                  "nested unit's params in that unit's options");
+    }
+    it->extension = extension;
+    unit.has_extensions = true;
+  }
+}
+
 }  // namespace
 
 void Engine::fully_shard(const std::shared_ptr<torch::nn::Module>& module, const FullyShardOptions& options) {
@@ -1254,6 +1502,7 @@ void Engine::fully_shard(const std::shared_ptr<torch::nn::Module>& module, const
   unit.tensor_options = checker.tensor_options();
   if (options.device) unit.tensor_options = unit.tensor_options.device(*options.device);
   resolve_mixed_precision(unit);
+  assign_extensions(unit, name);
 
   for (const auto& p : unit.params) impl_->managed.insert(p.param.unsafeGetTensorImpl());
   impl_->by_module[module.get()] = &unit;
@@ -1610,6 +1859,11 @@ FullParams summon_units(Engine::Impl& engine, std::vector<Unit::Impl*> units, co
     if (unit->compute_dtype) {
       throw std::invalid_argument("summon_full_params: unit '" + unit->fqn + "' has mixed precision (param_dtype " +
                                   c10::toString(*unit->compute_dtype) + "), which summon_full_params does not support");
+    }
+    // The extension's gather may be lossy (bf16, quantised): the same.
+    if (unit->has_extensions) {
+      throw std::invalid_argument("summon_full_params: unit '" + unit->fqn +
+                                  "' has all-gather extensions, which summon_full_params does not support");
     }
   }
   // Gathered by a forward whose backward has not run: that backward gathers

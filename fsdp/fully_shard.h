@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "backends/process_group.h"
+#include "fsdp/all_gather_extension.h"
 
 namespace fsdpsim::fsdp {
 
@@ -186,6 +187,12 @@ struct FullyShardOptions {
   /// on the meta device must already be there (FSDP2 checks the same).
   std::optional<at::Device> device;
   OffloadPolicy offload_policy;
+  /// Params whose all-gather an extension shapes (fsdp/all_gather_extension.h),
+  /// by FQN relative to the module given to fully_shard. Every key must name
+  /// a param this unit manages (not a nested unit's): fully_shard throws
+  /// std::invalid_argument otherwise. A unit with any extension packs all its
+  /// params' gather inputs into one all-gather (bytes, when dtypes differ).
+  std::map<std::string, std::shared_ptr<AllGatherExtension>> all_gather_extensions;
 };
 
 /// Engine::summon_full_params: what it gathers and what it keeps on exit.

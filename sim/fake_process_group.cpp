@@ -314,7 +314,12 @@ struct FakeWorldState::Impl {
     for (auto& arrival : pending.arrivals) {
       for (auto& cb : arrival->callbacks) callbacks.push_back(std::move(cb));
       arrival->callbacks.clear();
+      // The data moved: the buffers are their ranks' again (a collective
+      // lives until every rank dropped its Work; its ranks' buffers need not).
+      arrival->input = at::Tensor();
+      arrival->output = at::Tensor();
     }
+    pending.scratch = at::Tensor();
     pending.cv.notify_all();
     return callbacks;
   }
@@ -351,6 +356,7 @@ struct FakeWorldState::Impl {
     Arrival& a = *p.arrivals[t];
     if (p.staging.nbytes() > 0) std::memcpy(mutable_byte_ptr(a.output), byte_ptr(p.staging), p.staging.nbytes());
     p.written[t] = 1;
+    a.output = at::Tensor();               // the rank's to free now, not when the last rank is done
     if (p.end_ns == 0) p.end_ns = now_ns;  // real time: data landed first now
     callbacks = std::move(a.callbacks);
     a.callbacks.clear();

@@ -773,6 +773,7 @@ class FakeProcessGroup final : public ProcessGroup {
   }
   WorkPtr issue(CollectiveDesc desc, const at::Tensor& input, const at::Tensor& output);
   void setup_tasks_locked(PendingCollective& pending);
+  Callbacks start_locked(const std::shared_ptr<PendingCollective>& pending);
 
   std::shared_ptr<FakeWorldState> world_;
   std::shared_ptr<FakeGroupState> group_;
@@ -815,6 +816,32 @@ static CollectiveMismatchError mismatch_error(const PendingCollective& p, const 
   if (!missing.empty()) msg << " ranks " << rank_set_string(missing) << " have not called it yet;";
   msg << " where each rank is: " << where;
   return CollectiveMismatchError(msg.str());
+}
+
+// The last rank arrived: plans the collective's (simulated) times and starts
+// its data movement.
+Callbacks FakeProcessGroup::start_locked(const std::shared_ptr<PendingCollective>& pending) {
+  auto& impl = *world_->impl_;
+  PendingCollective& p = *pending;
+  p.state = CollectiveState::Ready;
+  p.start_ns = world_->clock().now_ns();
+  if (world_->sim_clock_ != nullptr) {
+    // Starts when the last rank arrived (in simulated time), lasts the modelled time.
+    p.start_ns = 0;
+    for (const auto& a : p.arrivals) p.start_ns = std::max(p.start_ns, a->issue_ns);
+    const CollectiveDesc& d = p.first_desc();
+    const int64_t bytes = total_bytes(d.op, d.input_numel(), d.output_numel(), c10::elementSize(d.dtype));
+    p.end_ns = p.start_ns + predict_ns(d.op, bytes, size(), world_->cost_model_);
+  }
+  if (p.staged) return impl.start_staged_locked(p, world_->clock().now_ns());
+  setup_tasks_locked(p);
+  if (p.phase_ends.empty()) return impl.complete_locked(p, p.start_ns);
+  p.cv.notify_all();
+  if (impl.progress.joinable()) {
+    impl.ready.push_back(pending);
+    impl.progress_cv.notify_one();
+  }
+  return {};
 }
 
 WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, const at::Tensor& output) {
@@ -867,27 +894,7 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
         if (p.first_desc().op == CollectiveOp::AllGather) impl.unwritten[global_rank].emplace_back(pending, rank_);
       }
       if (p.arrived == size()) {
-        p.state = CollectiveState::Ready;
-        p.start_ns = world_->clock().now_ns();
-        if (world_->sim_clock_ != nullptr) {
-          // Starts when the last rank arrived (in simulated time), lasts the modelled time.
-          p.start_ns = 0;
-          for (const auto& a : p.arrivals) p.start_ns = std::max(p.start_ns, a->issue_ns);
-          const CollectiveDesc& d = p.first_desc();
-          const int64_t bytes = total_bytes(d.op, d.input_numel(), d.output_numel(), c10::elementSize(d.dtype));
-          p.end_ns = p.start_ns + predict_ns(d.op, bytes, size(), world_->cost_model_);
-        }
-        if (p.staged) {
-          more = impl.start_staged_locked(p, world_->clock().now_ns());
-        } else if (setup_tasks_locked(p); p.phase_ends.empty()) {
-          more = impl.complete_locked(p, p.start_ns);
-        } else {
-          p.cv.notify_all();
-          if (impl.progress.joinable()) {
-            impl.ready.push_back(pending);
-            impl.progress_cv.notify_one();
-          }
-        }
+        more = start_locked(pending);
       } else if (auto why = impl.exited_member_locked(p)) {
         more = impl.fail_locked(p, std::make_exception_ptr(CommError(p.header() + " " + to_string(desc.op) +
                                                                      ": can never complete: " + *why +

@@ -8,7 +8,7 @@
 # Usage: tools/bench_scale.sh [FSDPSIM] [N...]   (default: build/tools/fsdpsim 64 256 1024 4096 16384)
 # FSDPSIM_SCALE_STEPS (default 2), FSDPSIM_SCALE_RSS_GIB (default 10: a run whose
 # resident memory passes it is stopped and reported), FSDPSIM_SCALE_ROUND_RANKS
-# (default 4096; 0 skips the round).
+# (default 4096; 0 skips the round). Exit status 1 when a run failed or was stopped.
 set -euo pipefail
 bin=${1:-build/tools/fsdpsim}
 shift || true
@@ -41,10 +41,12 @@ guarded() {
 
 echo "== fsdpsim run --ranks fibers --simulated-time --steps $steps (mlp_stack d64, real data) =="
 printf '%8s | %12s | %12s | %16s | %s\n' ranks "s/step" "peak RSS" "us/rank-step" "note"
+status=0
 for n in "${sizes[@]}"; do
   verdict=$(guarded "$bin" run --ranks fibers --world-size "$n" --simulated-time --steps "$steps" \
     --timeout 600 --trace "$work/trace.json")
   if [ "$verdict" != ok ]; then
+    status=1
     printf '%8s | %12s | %12s | %16s | %s\n' "$n" - - - "$verdict: $(tail -1 "$work/err" | cut -c1-80)"
     continue
   fi
@@ -60,3 +62,4 @@ if [ "$round_ranks" -gt 0 ]; then
   echo
   "$bin" bench comm --quick --scale-ranks "$round_ranks" 2>/dev/null | sed -n '/== 3\./,/section 3 took/p'
 fi
+exit $status

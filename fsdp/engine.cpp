@@ -124,6 +124,44 @@ struct ShardedParam {
   }
 };
 
+// The first dim0 rows of `p` out of a gathered buffer viewed as (world,
+// chunk_total), copied once into a contiguous tensor of their own. Only the
+// real rows are copied and kept: at world > dim0 most rows are padding, and a
+// tensor narrowed out of the padded block would keep all of them alive.
+at::Tensor gathered_rows(const at::Tensor& by_rank, const ShardedParam& p) {
+  at::Tensor full = at::empty(p.full_shape, by_rank.options());
+  if (p.dim0 == 0 || p.row_numel == 0) return full;
+  const int64_t world = by_rank.size(0);
+  const at::Tensor blocks = by_rank.narrow(1, p.offset, p.chunk_numel()).view({world, p.rows_per_rank, p.row_numel});
+  at::Tensor rows = full.view({p.dim0, p.row_numel});
+  const int64_t whole = p.dim0 / p.rows_per_rank;  // ranks whose rows are all real
+  if (whole > 0) {
+    rows.narrow(0, 0, whole * p.rows_per_rank)
+        .view({whole, p.rows_per_rank, p.row_numel})
+        .copy_(blocks.narrow(0, 0, whole));
+  }
+  const int64_t rest = p.dim0 - whole * p.rows_per_rank;
+  if (rest > 0) rows.narrow(0, whole * p.rows_per_rank, rest).copy_(blocks[whole].narrow(0, 0, rest));
+  return full;
+}
+
+// The inverse for a reduce-scatter input viewed as (world, total): rank r's
+// rows of `flat_rows` (dim0, row_numel) to its chunk at `offset`, cast to
+// the buffer's dtype; the padding rows stay as they are. Two copies whatever
+// the world size.
+void scatter_rows(const at::Tensor& by_rank, int64_t offset, const ShardedParam& p, const at::Tensor& flat_rows) {
+  if (p.dim0 == 0 || p.row_numel == 0) return;
+  const int64_t world = by_rank.size(0);
+  at::Tensor blocks = by_rank.narrow(1, offset, p.chunk_numel()).view({world, p.rows_per_rank, p.row_numel});
+  const int64_t whole = p.dim0 / p.rows_per_rank;
+  if (whole > 0) {
+    blocks.narrow(0, 0, whole)
+        .copy_(flat_rows.narrow(0, 0, whole * p.rows_per_rank).view({whole, p.rows_per_rank, p.row_numel}));
+  }
+  const int64_t rest = p.dim0 - whole * p.rows_per_rank;
+  if (rest > 0) blocks[whole].narrow(0, 0, rest).copy_(flat_rows.narrow(0, whole * p.rows_per_rank, rest));
+}
+
 // A copy on the CPU (FSDP2's offload device), a real one even when `t` is
 // there already; pinned when it will be copied to an accelerator.
 at::Tensor offload_copy(const at::Tensor& t, const OffloadPolicy& policy, const at::Device& compute) {
@@ -607,12 +645,7 @@ void Engine::Impl::wait_unshard(Unit::Impl& unit) {
   }
   const int world = unit.shard_world;
   at::Tensor by_rank = unit.gather_buffer.view({world, unit.chunk_total});
-  for (auto& p : unit.params) {
-    std::vector<int64_t> padded_shape = p.rows_shape(world * p.rows_per_rank);
-    // One contiguous copy of the strided column block (reshape alone may
-    // return a strided view, which changes kernels' paths and results).
-    set_full(p, by_rank.narrow(1, p.offset, p.chunk_numel()).reshape(padded_shape).contiguous().narrow(0, 0, p.dim0));
-  }
+  for (auto& p : unit.params) set_full(p, gathered_rows(by_rank, p));
   peak_unsharded_bytes = std::max(peak_unsharded_bytes, unsharded_bytes);
   unit.gather_buffer = at::Tensor();
   unit.unsharded = true;
@@ -947,15 +980,7 @@ PendingReduction Engine::Impl::issue_reduction(Unit::Impl& unit,
   for (size_t k = 0; k < grads.size(); ++k) {
     const auto& p = unit.params[grads[k].first];
     if (!grads[k].second.defined()) continue;  // unused on this rank: contributes zeros
-    const at::Tensor flat_rows = grads[k].second.reshape({p.dim0, p.row_numel});
-    for (int r = 0; r < world; ++r) {
-      const int64_t begin = r * p.rows_per_rank;
-      const int64_t rows = std::max<int64_t>(0, std::min(p.rows_per_rank, p.dim0 - begin));
-      if (rows == 0) continue;
-      by_rank[r]
-          .narrow(0, reduction.offsets[k], rows * p.row_numel)
-          .copy_(flat_rows.narrow(0, begin, rows).reshape(-1));  // casts to reduce_dtype
-    }
+    scatter_rows(by_rank, reduction.offsets[k], p, grads[k].second.reshape({p.dim0, p.row_numel}));
   }
   const GradDivision division = grad_division(unit);
   const bool replicated = unit.options.replicate_group && unit.options.replicate_group->size() > 1;
@@ -979,6 +1004,13 @@ PendingReduction Engine::Impl::issue_reduction(Unit::Impl& unit,
   ScopedCollectiveLabel label(collective_label("reduce-scatter", unit));
   reduction.reduce_scatter =
       unit.options.shard_group->reduce_scatter_tensor(reduction.output, reduction.input, scatter);
+  // Each backend's Work holds the input while it still reads it (the fake's
+  // arrival, Gloo's c10d work); the input is never modified after this.
+  // Not keeping it here lets a backend that has read it (the fake on fiber
+  // ranks folds it in as the rank arrives) free it at once, rather than
+  // every rank of a world holding world x shard bytes until the last rank
+  // issues.
+  reduction.input = at::Tensor();
   return reduction;
 }
 
@@ -1764,11 +1796,7 @@ std::vector<at::Tensor> gather_grads(Unit::Impl& unit) {
   at::Tensor by_rank = buffer.view({world, unit.chunk_total});
   for (int64_t i = 0; i < count; ++i) {
     if (has_grad[i].item<int64_t>() == 0) continue;
-    const auto& p = unit.params[i];
-    full[i] = by_rank.narrow(1, p.offset, p.chunk_numel())
-                  .reshape(p.rows_shape(world * p.rows_per_rank))
-                  .contiguous()
-                  .narrow(0, 0, p.dim0);
+    full[i] = gathered_rows(by_rank, unit.params[i]);
   }
   return full;
 }

@@ -129,6 +129,34 @@ void reduce_into(void* dst, const std::vector<const char*>& sources, int64_t cou
   });
 }
 
+// acc[i] = (first ? src[i] : acc[i] op src[i]), src pre-divided as in
+// reduce_blocks: folding the inputs in rank order one by one gives the same
+// bits as reduce_blocks over all of them (each step rounded to T).
+template <typename T, ReduceOp Op>
+void fold_elements(T* acc, const T* src, int64_t count, double predivide, bool first) {
+  using Math = at::opmath_type<T>;
+  const Math divisor = static_cast<Math>(predivide);
+  const bool divide = predivide != 1.0;
+  for (int64_t i = 0; i < count; ++i) {
+    const T value = divide ? static_cast<T>(static_cast<Math>(src[i]) / divisor) : src[i];
+    acc[i] = first ? value : combine<T, Op>(acc[i], value);
+  }
+}
+
+void fold_into(void* acc, const void* src, int64_t count, at::ScalarType dtype, ReduceOp op, double predivide,
+               bool first) {
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fake_fold", [&] {
+    auto* out = static_cast<scalar_t*>(acc);
+    const auto* in = static_cast<const scalar_t*>(src);
+    switch (op) {
+      case ReduceOp::Sum:
+      case ReduceOp::Avg: fold_elements<scalar_t, ReduceOp::Sum>(out, in, count, predivide, first); break;
+      case ReduceOp::Min: fold_elements<scalar_t, ReduceOp::Min>(out, in, count, predivide, first); break;
+      case ReduceOp::Max: fold_elements<scalar_t, ReduceOp::Max>(out, in, count, predivide, first); break;
+    }
+  });
+}
+
 const char* byte_ptr(const at::Tensor& t) { return static_cast<const char*>(t.data_ptr()); }
 char* mutable_byte_ptr(const at::Tensor& t) { return static_cast<char*>(t.data_ptr()); }
 
@@ -172,6 +200,19 @@ struct PendingCollective {
   at::Tensor scratch;
   int64_t start_ns = 0;
   int64_t end_ns = 0;
+  // The staged path (fiber worlds' all-gathers and reduce-scatters): each
+  // input is folded into `staging` as its rank arrives, in rank order
+  // (all-gather: copied to its place; reduce-scatter: reduced into the
+  // running result), and released; a reduce-scatter's outputs are written
+  // when the last rank arrives, an all-gather's output when its own rank
+  // waits (or polls, issues again, exits). So a collective holds one rank's
+  // worth of bytes beside the ranks' own buffers, and a world of N ranks
+  // never has every rank's all-gather output written at once.
+  bool staged = false;
+  at::Tensor staging;
+  int folded = 0;             // arrivals [0, folded) are in `staging`
+  std::vector<char> written;  // all-gather, by group rank: output written, the rank's part done
+  int written_count = 0;
   explicit PendingCollective(bool fibers) : cv(fibers) {}
   Signal cv;
 
@@ -228,6 +269,10 @@ struct FakeWorldState::Impl {
   std::string abort_reason;
   std::vector<RankWhere> where;
   std::vector<bool> exited;
+  int exited_count = 0;  // lets an arrival skip the O(group size) scan below while every rank runs
+  // Per global rank: its staged all-gathers (with its group rank) whose
+  // output it may not have waited for yet.
+  std::vector<std::vector<std::pair<std::shared_ptr<PendingCollective>, int>>> unwritten;
 
   std::shared_ptr<FakeGroupState> group_locked(const std::string& name, const std::vector<int>& ranks) {
     auto& slot = groups[name];
@@ -269,13 +314,114 @@ struct FakeWorldState::Impl {
     for (auto& arrival : pending.arrivals) {
       for (auto& cb : arrival->callbacks) callbacks.push_back(std::move(cb));
       arrival->callbacks.clear();
+      // The data moved: the buffers are their ranks' again (a collective
+      // lives until every rank dropped its Work; its ranks' buffers need not).
+      arrival->input = at::Tensor();
+      arrival->output = at::Tensor();
     }
+    pending.scratch = at::Tensor();
     pending.cv.notify_all();
+    return callbacks;
+  }
+
+  // Staged path (see PendingCollective). Folds the arrivals that are next in
+  // rank order into `staging` and drops the backend's reference to their inputs.
+  void fold_arrivals_locked(PendingCollective& p) {
+    const int n = static_cast<int>(p.arrivals.size());
+    while (p.folded < n && p.arrivals[p.folded]) {
+      Arrival& a = *p.arrivals[p.folded];
+      const int64_t count = a.input.numel();
+      if (p.folded == 0) {
+        p.staging = a.desc.op == CollectiveOp::AllGather ? at::empty({n * count}, a.input.options())
+                                                         : at::empty({count}, a.input.options());
+      }
+      if (count > 0) {
+        if (a.desc.op == CollectiveOp::AllGather) {
+          std::memcpy(mutable_byte_ptr(p.staging) + p.folded * a.input.nbytes(), byte_ptr(a.input), a.input.nbytes());
+        } else {
+          fold_into(p.staging.data_ptr(), a.input.data_ptr(), count, a.desc.dtype, a.desc.reduce_op,
+                    a.desc.predivide_factor, p.folded == 0);
+        }
+      }
+      a.input = at::Tensor();
+      ++p.folded;
+    }
+  }
+
+  // Writes group rank t's all-gather output from `staging`; its part is then
+  // done (its callbacks are returned), and the collective once every part is.
+  Callbacks write_output_locked(PendingCollective& p, int t, int64_t now_ns) {
+    Callbacks callbacks;
+    if (p.state != CollectiveState::Ready || p.written[t]) return callbacks;
+    Arrival& a = *p.arrivals[t];
+    if (p.staging.nbytes() > 0) std::memcpy(mutable_byte_ptr(a.output), byte_ptr(p.staging), p.staging.nbytes());
+    p.written[t] = 1;
+    a.output = at::Tensor();               // the rank's to free now, not when the last rank is done
+    if (p.end_ns == 0) p.end_ns = now_ns;  // real time: data landed first now
+    callbacks = std::move(a.callbacks);
+    a.callbacks.clear();
+    if (++p.written_count == static_cast<int>(p.arrivals.size())) {
+      p.state = CollectiveState::Done;
+      p.staging = at::Tensor();
+      p.cv.notify_all();
+    }
+    return callbacks;
+  }
+
+  // The staged collective `p` just became ready: a reduce-scatter writes
+  // every (small) output and completes; an all-gather waits for its ranks,
+  // except those that exited (nobody else would write theirs).
+  Callbacks start_staged_locked(PendingCollective& p, int64_t now_ns) {
+    const int n = static_cast<int>(p.arrivals.size());
+    fold_arrivals_locked(p);
+    p.state = CollectiveState::Ready;
+    if (p.first_desc().op == CollectiveOp::AllGather) {
+      p.written.assign(n, 0);
+      p.cv.notify_all();  // waiting ranks write their outputs
+      Callbacks callbacks;
+      for (int t = 0; t < n; ++t) {
+        if (!exited[p.global_ranks[t]]) continue;
+        auto more = write_output_locked(p, t, now_ns);
+        callbacks.insert(callbacks.end(), more.begin(), more.end());
+      }
+      return callbacks;
+    }
+    const CollectiveDesc& desc = p.first_desc();
+    try {
+      for (int t = 0; t < n; ++t) {
+        const at::Tensor& out = p.arrivals[t]->output;
+        if (out.numel() == 0) continue;
+        std::memcpy(out.data_ptr(), byte_ptr(p.staging) + t * out.nbytes(), out.nbytes());
+        if (desc.reduce_op == ReduceOp::Avg) out.div_(n);
+        if (desc.postdivide_factor != 1.0) out.div_(desc.postdivide_factor);
+      }
+    } catch (const std::exception& e) {
+      return fail_locked(p, std::make_exception_ptr(CommError(p.header() + " " + to_string(desc.op) +
+                                                              ": data movement failed: " + e.what())));
+    }
+    p.staging = at::Tensor();
+    return complete_locked(p, now_ns);
+  }
+
+  // Writes the outputs of `global`'s ready staged all-gathers that it has
+  // not waited on; forgets those that ended.
+  Callbacks flush_rank_locked(int global, int64_t now_ns) {
+    Callbacks callbacks;
+    auto& list = unwritten[global];
+    for (auto it = list.begin(); it != list.end();) {
+      PendingCollective& p = *it->first;
+      if (p.state == CollectiveState::Ready) {
+        auto more = write_output_locked(p, it->second, now_ns);
+        callbacks.insert(callbacks.end(), more.begin(), more.end());
+      }
+      it = p.state == CollectiveState::Gathering ? std::next(it) : list.erase(it);
+    }
     return callbacks;
   }
 
   // The collective can never complete: a member rank ended without calling it.
   std::optional<std::string> exited_member_locked(const PendingCollective& pending) const {
+    if (exited_count == 0) return std::nullopt;
     for (size_t r = 0; r < pending.arrivals.size(); ++r) {
       int global = pending.global_ranks[r];
       if (!pending.arrivals[r] && exited[global]) {
@@ -290,6 +436,7 @@ FakeWorldState::FakeWorldState(int world_size, bool fibers, std::chrono::millise
     : world_size_(world_size), fibers_(fibers), timeout_(timeout), clock_(clock), impl_(std::make_shared<Impl>()) {
   impl_->where.resize(world_size);
   impl_->exited.assign(world_size, false);
+  impl_->unwritten.resize(world_size);
   if (!fibers_) impl_->progress = std::thread([this, impl = impl_] { progress_loop(*impl); });
 }
 
@@ -350,7 +497,9 @@ void FakeWorldState::rank_exited(int global_rank, bool failed, const std::string
   Callbacks callbacks;
   {
     Lock lock(impl_->mutex);
+    if (!impl_->exited[global_rank]) ++impl_->exited_count;
     impl_->exited[global_rank] = true;
+    if (!impl_->unwritten[global_rank].empty()) callbacks = impl_->flush_rank_locked(global_rank, clock_.now_ns());
     auto& where = impl_->where[global_rank];
     where.kind = failed ? RankWhere::Kind::Failed : RankWhere::Kind::Exited;
     where.error = error;
@@ -381,8 +530,20 @@ class FakeWork final : public Work {
 
   void wait() override;
   bool is_completed() const override {
-    Lock lock(world_->impl_->mutex);
-    return pending_->state == CollectiveState::Done || pending_->state == CollectiveState::Failed;
+    Callbacks callbacks;
+    bool done = false;
+    {
+      Lock lock(world_->impl_->mutex);
+      PendingCollective& p = *pending_;
+      // A staged all-gather's output is written when its rank looks for it.
+      if (p.staged && p.state == CollectiveState::Ready) {
+        callbacks = world_->impl_->write_output_locked(p, group_rank_, world_->clock().now_ns());
+      }
+      done = p.state == CollectiveState::Done || p.state == CollectiveState::Failed ||
+             (!p.written.empty() && p.written[group_rank_]);
+    }
+    run_callbacks(callbacks);
+    return done;
   }
   std::exception_ptr exception() const override {
     Lock lock(world_->impl_->mutex);
@@ -479,7 +640,7 @@ void run_task(PendingCollective& p, size_t task) {
 // Returns false when no task is open.
 bool help_locked(FakeWorldState& world, FakeWorldState::Impl& impl, PendingCollective& p, Lock& lock,
                  Callbacks& callbacks) {
-  if (p.state != CollectiveState::Ready || p.next_task >= p.phase_ends[p.phase]) return false;
+  if (p.staged || p.state != CollectiveState::Ready || p.next_task >= p.phase_ends[p.phase]) return false;
   const size_t task = p.next_task++;
   lock.unlock();
   std::exception_ptr task_error;
@@ -542,6 +703,11 @@ void FakeWork::wait() {
     if (p.state == CollectiveState::Failed) {
       error = p.error;
       break;
+    }
+    if (p.staged && p.state == CollectiveState::Ready) {
+      auto more = impl.write_output_locked(p, group_rank_, world_->clock().now_ns());
+      callbacks.insert(callbacks.end(), more.begin(), more.end());
+      if (p.written[group_rank_]) break;  // this rank's part is done
     }
     if (help_locked(*world_, impl, p, lock, callbacks)) continue;
     if (p.state != CollectiveState::Gathering) {
@@ -607,6 +773,7 @@ class FakeProcessGroup final : public ProcessGroup {
   }
   WorkPtr issue(CollectiveDesc desc, const at::Tensor& input, const at::Tensor& output);
   void setup_tasks_locked(PendingCollective& pending);
+  Callbacks start_locked(const std::shared_ptr<PendingCollective>& pending);
 
   std::shared_ptr<FakeWorldState> world_;
   std::shared_ptr<FakeGroupState> group_;
@@ -651,6 +818,32 @@ static CollectiveMismatchError mismatch_error(const PendingCollective& p, const 
   return CollectiveMismatchError(msg.str());
 }
 
+// The last rank arrived: plans the collective's (simulated) times and starts
+// its data movement.
+Callbacks FakeProcessGroup::start_locked(const std::shared_ptr<PendingCollective>& pending) {
+  auto& impl = *world_->impl_;
+  PendingCollective& p = *pending;
+  p.state = CollectiveState::Ready;
+  p.start_ns = world_->clock().now_ns();
+  if (world_->sim_clock_ != nullptr) {
+    // Starts when the last rank arrived (in simulated time), lasts the modelled time.
+    p.start_ns = 0;
+    for (const auto& a : p.arrivals) p.start_ns = std::max(p.start_ns, a->issue_ns);
+    const CollectiveDesc& d = p.first_desc();
+    const int64_t bytes = total_bytes(d.op, d.input_numel(), d.output_numel(), c10::elementSize(d.dtype));
+    p.end_ns = p.start_ns + predict_ns(d.op, bytes, size(), world_->cost_model_);
+  }
+  if (p.staged) return impl.start_staged_locked(p, world_->clock().now_ns());
+  setup_tasks_locked(p);
+  if (p.phase_ends.empty()) return impl.complete_locked(p, p.start_ns);
+  p.cv.notify_all();
+  if (impl.progress.joinable()) {
+    impl.ready.push_back(pending);
+    impl.progress_cv.notify_one();
+  }
+  return {};
+}
+
 WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, const at::Tensor& output) {
   for (const at::Tensor* t : {&input, &output}) {
     if (t->defined() && !t->device().is_cpu()) fail_local(desc, "the fake backend moves CPU tensors only");
@@ -667,6 +860,7 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
       throw WorldAbortedError(desc.to_string() + ": world aborted: " + impl.abort_reason);
     }
     seq_ = desc.seq;
+    if (!impl.unwritten[global_rank].empty()) callbacks = impl.flush_rank_locked(global_rank, world_->clock().now_ns());
     const std::string label =
         std::string(to_string(desc.op)) + " group " + desc.group + " seq " + std::to_string(desc.seq);
     impl.where[global_rank] = RankWhere{RankWhere::Kind::Running, label, ""};
@@ -678,6 +872,7 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
       slot->seq = desc.seq;
       slot->global_ranks = group_->global_ranks;
       slot->arrivals.resize(size());
+      slot->staged = world_->fibers() && (desc.op == CollectiveOp::AllGather || desc.op == CollectiveOp::ReduceScatter);
     }
     pending = slot;
     PendingCollective& p = *pending;
@@ -690,36 +885,23 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
     if (p.first < 0) p.first = rank_;
     if (p.arrived == size()) group_->gathering.erase(desc.seq);
 
+    Callbacks more;
     if (mismatch) {
-      callbacks = impl.fail_locked(p, std::make_exception_ptr(mismatch_error(p, impl.where_locked())));
+      more = impl.fail_locked(p, std::make_exception_ptr(mismatch_error(p, impl.where_locked())));
     } else if (!was_failed) {
+      if (p.staged) {
+        impl.fold_arrivals_locked(p);
+        if (p.first_desc().op == CollectiveOp::AllGather) impl.unwritten[global_rank].emplace_back(pending, rank_);
+      }
       if (p.arrived == size()) {
-        p.state = CollectiveState::Ready;
-        p.start_ns = world_->clock().now_ns();
-        if (world_->sim_clock_ != nullptr) {
-          // Starts when the last rank arrived (in simulated time), lasts the modelled time.
-          p.start_ns = 0;
-          for (const auto& a : p.arrivals) p.start_ns = std::max(p.start_ns, a->issue_ns);
-          const CollectiveDesc& d = p.first_desc();
-          const int64_t bytes = total_bytes(d.op, d.input_numel(), d.output_numel(), c10::elementSize(d.dtype));
-          p.end_ns = p.start_ns + predict_ns(d.op, bytes, size(), world_->cost_model_);
-        }
-        setup_tasks_locked(p);
-        if (p.phase_ends.empty()) {
-          callbacks = impl.complete_locked(p, p.start_ns);
-        } else {
-          p.cv.notify_all();
-          if (impl.progress.joinable()) {
-            impl.ready.push_back(pending);
-            impl.progress_cv.notify_one();
-          }
-        }
+        more = start_locked(pending);
       } else if (auto why = impl.exited_member_locked(p)) {
-        callbacks = impl.fail_locked(
-            p, std::make_exception_ptr(CommError(p.header() + " " + to_string(desc.op) + ": can never complete: " +
-                                                 *why + "; where each rank is: " + impl.where_locked())));
+        more = impl.fail_locked(p, std::make_exception_ptr(CommError(p.header() + " " + to_string(desc.op) +
+                                                                     ": can never complete: " + *why +
+                                                                     "; where each rank is: " + impl.where_locked())));
       }
     }
+    callbacks.insert(callbacks.end(), std::make_move_iterator(more.begin()), std::make_move_iterator(more.end()));
     if (p.state == CollectiveState::Failed) failed_now = p.error;
   }
   run_callbacks(callbacks);

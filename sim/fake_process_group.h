@@ -12,8 +12,17 @@
 // copies run in parallel on thread ranks and nothing depends on one rank
 // doing everybody's work. Thread worlds also run a progress thread that
 // starts on ready collectives at once, so a collective moves data while its
-// ranks compute (fiber worlds progress when a fiber waits: one OS thread). A rank's Work completes once all tasks
-// finished, i.e. once no rank reads its input any more.
+// ranks compute. A rank's Work completes once all tasks finished, i.e. once
+// no rank reads its input any more.
+//
+// Fiber worlds (one OS thread, nothing to run in parallel) stage all-gathers
+// and reduce-scatters instead, so that N ranks cost O(N x bytes per rank):
+// each input is folded in as its rank arrives (copied to its place, or
+// reduced into the running result in rank order) and let go of; a
+// reduce-scatter's outputs are written when the last rank arrives, an
+// all-gather's output when its own rank waits (or polls is_completed, issues
+// another collective, or exits), and that rank's Work completes then. A
+// completed collective keeps none of its ranks' tensors.
 //
 // Arithmetic: reductions run in rank order (in_0 op in_1 op ... op in_{n-1})
 // element by element in the tensor's dtype (half/bf16 through float, rounded

@@ -53,6 +53,7 @@ TEST(BenchCommSmoke, QuickRunPrintsEveryTableAndRatio) {
   EXPECT_THAT(out, HasSubstr("\ntarget: fake all_gather copy >= 0.5 x memcpy at 8 ranks, 16 MiB: "));
   EXPECT_THAT(out, HasSubstr("(world 2, 1 MiB: ratio "));
   EXPECT_THAT(out, HasSubstr("\nratio threads/fibers"));
+  EXPECT_THAT(out, HasSubstr("\nfiber round vs memcpy at 256 ranks: round "));
   // The one-row tables of the quick run: world 2, 1 MiB, numbers in every
   // Gloo column (thread ranks and the two worker processes).
   EXPECT_THAT(out, HasSubstr("\n      2    1 MiB      1 "));

@@ -323,6 +323,72 @@ TEST(FiberWorld, FourThousandNinetySixRanksCompleteARound) {
   EXPECT_EQ(correct.load(), 4096);
 }
 
+// Fiber worlds stage all-gathers: each output is written when its own rank
+// waits, so N ranks never hold N written outputs (N x N x shard bytes) at
+// once. Counted: when the first wait returns, no other rank's output holds
+// data yet. Odd and even worlds, both schedules.
+TEST(FiberWorld, AllGatherOutputIsWrittenWhenItsRankWaits) {
+  for (int n : {4, 5}) {
+    for (SchedulePolicy policy : {SchedulePolicy::RoundRobin, SchedulePolicy::SeededRandom}) {
+      SCOPED_TRACE("world " + std::to_string(n) + " " + to_string(policy));
+      WorldOptions options;
+      options.world_size = n;
+      options.rank_kind = RankKind::Fibers;
+      options.schedule = policy;
+      options.seed = 3;
+      std::vector<at::Tensor> outputs(n);  // one OS thread: no lock needed
+      int first_returned = -1;
+      int others_written_then = -1;
+      World world(options);
+      auto result = world.run([&](RankContext& ctx) {
+        const int r = ctx.rank();
+        outputs[r] = at::full({n}, -1.0F);
+        auto mine = at::full({1}, static_cast<float>(r));
+        auto work = ctx.world_group()->all_gather_into_tensor(outputs[r], mine);
+        work->wait();
+        EXPECT_TRUE(at::equal(outputs[r], at::arange(n, at::kFloat))) << "rank " << r;
+        if (first_returned >= 0) return;
+        first_returned = r;
+        others_written_then = 0;
+        for (int q = 0; q < n; ++q) {
+          if (q != r && outputs[q].defined() && outputs[q].min().item<float>() >= 0.0F) ++others_written_then;
+        }
+      });
+      ASSERT_TRUE(result.ok()) << result.error_report();
+      EXPECT_GE(first_returned, 0);
+      EXPECT_EQ(others_written_then, 0) << "rank " << first_returned << " returned first";
+    }
+  }
+}
+
+// ... and reduce-scatter inputs are folded in (rank order) as their ranks
+// arrive: the backend keeps no reference to an input once it is folded, so
+// a caller that drops its own frees it before the last rank arrives.
+// Counted with the input's reference count; the result against a rank-order
+// sum computed here.
+TEST(FiberWorld, ReduceScatterLetsGoOfEachInputAsItsRankArrives) {
+  const int n = 5;
+  WorldOptions options;
+  options.world_size = n;
+  options.rank_kind = RankKind::Fibers;
+  std::vector<long> refs_after_issue(n, -1);
+  World world(options);
+  auto result = world.run([&](RankContext& ctx) {
+    const int r = ctx.rank();
+    auto input = at::arange(2 * n, at::kFloat).mul(0.1F * static_cast<float>(r + 1));
+    auto output = at::empty({2}, at::kFloat);
+    auto work = ctx.world_group()->reduce_scatter_tensor(output, input, ReduceScatterOptions{});
+    refs_after_issue[r] = input.use_count();
+    work->wait();
+    at::Tensor expected = at::arange(2 * n, at::kFloat).mul(0.1F);
+    for (int q = 1; q < n; ++q)
+      expected = expected + at::arange(2 * n, at::kFloat).mul(0.1F * static_cast<float>(q + 1));
+    EXPECT_TRUE(at::equal(output, expected.narrow(0, 2 * r, 2))) << "rank " << r;
+  });
+  ASSERT_TRUE(result.ok()) << result.error_report();
+  for (int r = 0; r < n; ++r) EXPECT_EQ(refs_after_issue[r], 1) << "rank " << r;
+}
+
 std::vector<int> interleaving(SchedulePolicy policy, uint64_t seed) {
   WorldOptions options;
   options.world_size = 6;

@@ -249,6 +249,42 @@ TEST(FsdpEngine, NoGradAndEvalForwardsLeaveNothingGatheredAndAgree) {
   EXPECT_TRUE(result.ok()) << result.error_report();
 }
 
+// At a world larger than dim 0 most gathered rows are padding (FSDP2 pads
+// dim 0 to world x ceil(dim0 / world)). A gathered param must keep only its
+// own rows: one narrowed out of the padded block would keep every padding row
+// of every param alive per rank (world / dim0 times the model at scale).
+// Values against the unsharded model built from the same seed.
+TEST(FsdpEngineMemory, GatheredParamsHoldOnlyTheirOwnRows) {
+  for (auto [kind, world_size] : {std::pair{sim::RankKind::Threads, 8}, std::pair{sim::RankKind::Fibers, 5}}) {
+    SCOPED_TRACE(std::string(sim::to_string(kind)) + " world " + std::to_string(world_size));
+    sim::WorldOptions options = threads(world_size);
+    options.rank_kind = kind;
+    sim::World world(options);
+    auto result = world.run([](sim::RankContext& ctx) {
+      torch::manual_seed(0);
+      auto model = std::make_shared<Stack>();
+      std::vector<torch::Tensor> reference;
+      for (const auto& param : model->parameters()) reference.push_back(param.detach().clone());
+      Engine engine;
+      FullyShardOptions options = full_shard(ctx.world_group());
+      for (auto& block : model->blocks) engine.fully_shard(block, options);
+      engine.fully_shard(model, options);
+      FullParamsOptions summon;
+      summon.writeback = false;
+      auto full = engine.summon_full_params(summon);
+      const auto params = model->parameters();
+      ASSERT_EQ(params.size(), reference.size());
+      for (size_t i = 0; i < params.size(); ++i) {
+        EXPECT_TRUE(torch::equal(params[i], reference[i])) << i;
+        EXPECT_TRUE(params[i].is_contiguous()) << i;
+        // dim 0 is 6 or 5 here: padded to 8 rows (world 8) or 10 (world 5).
+        EXPECT_EQ(params[i].storage().nbytes(), params[i].nbytes()) << "param " << i << " " << params[i].sizes();
+      }
+    });
+    EXPECT_TRUE(result.ok()) << result.error_report();
+  }
+}
+
 }  // namespace
 }  // namespace fsdpsim::fsdp
 

@@ -404,7 +404,7 @@ TEST(Runner, BadOptionsAreOneLineErrors) {
       {{"--schedule", "seeded-random"}, "--schedule needs --ranks fibers"},
       {{"--delay-rank", "1"}, "--delay-rank needs a delay it restricts"},
       {{"--timeout", "0"}, "--timeout needs seconds in [0.001, 86400], got '0'"},
-      {{"--world-size", "0"}, "--world-size must be in [1, 8192], got 0"},
+      {{"--world-size", "0"}, "--world-size must be in [1, 65536], got 0"},
       {{"--scenario", "nope"}, "unknown scenario 'nope'"},
       {{"--ranks", "processes"}, "--ranks processes needs --backend gloo"},
       {{"--strategy", "hybrid_shard"}, "hybrid_shard needs --mesh RxS"},

@@ -283,8 +283,27 @@ struct ScaleResult {
   std::string error;           // empty when it ran
   double run_s = 0;            // World::run: start ranks, warm-up barrier, rounds, join
   double round_median_ns = 0;  // barrier + all_gather + reduce_scatter
+  double memcpy_ns = 0;        // the round's bytes at memcpy speed, measured in the same process
   int rounds = 0;
 };
+
+// What a round's data costs at memory speed: the all-gather writes n x n
+// floats (every rank's output) and the reduce-scatter reads as many (every
+// rank's input), i.e. two copies of n x n floats; median of 3.
+double round_memcpy_ns(int ranks) {
+  const size_t count = static_cast<size_t>(ranks) * static_cast<size_t>(ranks);
+  std::vector<float> from(count, 1.0F);
+  std::vector<float> to(count, 0.0F);
+  std::memcpy(to.data(), from.data(), count * sizeof(float));  // fault the pages in first
+  std::vector<double> times;
+  for (int i = 0; i < 3; ++i) {
+    const int64_t start = steady_now_ns();
+    std::memcpy(to.data(), from.data(), count * sizeof(float));
+    std::memcpy(from.data(), to.data(), count * sizeof(float));
+    times.push_back(static_cast<double>(steady_now_ns() - start));
+  }
+  return median(times);
+}
 
 ScaleResult run_scale(sim::RankKind kind, int ranks, int rounds) {
   sim::WorldOptions options;
@@ -331,6 +350,7 @@ ScaleResult run_scale(sim::RankKind kind, int ranks, int rounds) {
     durations.push_back(static_cast<double>(last - first));
   }
   result.round_median_ns = median(durations);
+  result.memcpy_ns = round_memcpy_ns(ranks);
   return result;
 }
 
@@ -548,6 +568,7 @@ ScaleResult run_scale_child(sim::RankKind kind, int ranks, int rounds, std::chro
     result.error = run.results[0]->at("error").get<std::string>();
     result.round_median_ns = run.results[0]->at("round_median_ns").get<double>();
     result.run_s = run.results[0]->at("run_s").get<double>();
+    result.memcpy_ns = run.results[0]->at("memcpy_ns").get<double>();
   }
   return result;
 }
@@ -627,6 +648,16 @@ void section_scale(const Config& config) {
     }
   }
   std::cout << (ratio_line.empty() ? "ratio threads/fibers: n/a (no size ran on both kinds)" : ratio_line) << "\n";
+  // The round against the memory traffic of its data (2 x n^2 floats), both
+  // measured in the fiber run's process.
+  for (size_t i = 0; i < ladder.size(); ++i) {
+    const ScaleResult& fibers = rows[i].first;
+    if (!fibers.error.empty() || fibers.memcpy_ns <= 0) continue;
+    std::cout << fmt::format(
+        "fiber round vs memcpy at {} ranks: round {:.3f} ms, memcpy of its {} {:.3f} ms, ratio {:.1f}\n", ladder[i],
+        ns_to_ms(fibers.round_median_ns), tools::human_bytes(2.0 * ladder[i] * ladder[i] * sizeof(float)),
+        ns_to_ms(fibers.memcpy_ns), fibers.round_median_ns / fibers.memcpy_ns);
+  }
   std::cout << fmt::format("(section 3 took {:.2f} s)\n", seconds_since(started)) << std::endl;
 }
 
@@ -693,7 +724,10 @@ int bench_scale_worker(const WorkerContext& context) {
                                  ? sim::RankKind::Fibers
                                  : sim::RankKind::Threads;
   const ScaleResult result = run_scale(kind, job.at("ranks").get<int>(), job.at("rounds").get<int>());
-  context.write_result({{"error", result.error}, {"round_median_ns", result.round_median_ns}, {"run_s", result.run_s}});
+  context.write_result({{"error", result.error},
+                        {"round_median_ns", result.round_median_ns},
+                        {"run_s", result.run_s},
+                        {"memcpy_ns", result.memcpy_ns}});
   return 0;
 }
 

@@ -70,9 +70,9 @@ void bind_world_options(CLI::App& app, RunParse& p) {
                     "--ranks", v, {{"threads", sim::RankKind::Threads}, {"fibers", sim::RankKind::Fibers}});
               }
             });
-  add_value(app, "--world-size", "N", "ranks (default 4)", [&o](const std::string& v) {
-    o.world.world_size = static_cast<int>(parse_int("--world-size", v, 1, 8192));
-  });
+  add_value(
+      app, "--world-size", "N", "ranks (default 4; thread ranks up to 8192, fibers up to 65536)",
+      [&o](const std::string& v) { o.world.world_size = static_cast<int>(parse_int("--world-size", v, 1, 65536)); });
   add_value(app, "--mesh", "RxS", "hybrid_shard: R replicas of S shards (R*S = world size)",
             [&p](const std::string& v) {
               const size_t x = v.find('x');

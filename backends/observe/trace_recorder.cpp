@@ -36,7 +36,8 @@ size_t TraceRecorder::record_issue(Record issued) {
   const size_t id = events_.size();
   issued.id = id;
   issued.logical_clock_issue = tick_locked(issued.rank);
-  by_collective_[{issued.group, issued.seq}].push_back(id);
+  uint64_t& latest = latest_issue_[{issued.group, issued.seq}];
+  latest = std::max(latest, issued.logical_clock_issue);
   events_.push_back(std::move(issued));
   return id;
 }
@@ -48,7 +49,10 @@ void TraceRecorder::import_events(const std::vector<Record>& events) {
     event.id = events_.size();
     uint64_t& clock = clocks_[static_cast<size_t>(event.rank)];
     clock = std::max({clock, event.logical_clock_issue, event.logical_clock_end});
-    if (event.is_collective()) by_collective_[{event.group, event.seq}].push_back(event.id);
+    if (event.is_collective()) {
+      uint64_t& latest = latest_issue_[{event.group, event.seq}];
+      latest = std::max(latest, event.logical_clock_issue);
+    }
     events_.push_back(std::move(event));
   }
 }
@@ -63,10 +67,8 @@ void TraceRecorder::record_completion(size_t id, const WorkTimes& times, std::ex
   if (event.status != RecordStatus::InFlight) return;
   uint64_t& clock = clocks_[static_cast<size_t>(event.rank)];
   uint64_t latest = clock;
-  auto peers = by_collective_.find({event.group, event.seq});
-  if (peers != by_collective_.end()) {
-    for (size_t peer : peers->second) latest = std::max(latest, events_[peer].logical_clock_issue);
-  }
+  auto peers = latest_issue_.find({event.group, event.seq});
+  if (peers != latest_issue_.end()) latest = std::max(latest, peers->second);
   clock = latest + 1;
   event.logical_clock_end = clock;
   event.start_ns = times.start_ns;

@@ -25,12 +25,13 @@
 //
 // Round trip (ParityConfig::round_trip, as PyTorch's _train_for_several_steps
 // with save_model): after one step the sharded side takes its model and
-// optimiser state dicts (fsdp/state_dict.h, sharded), keeps a copy, zeroes
-// every param, buffer and optimiser state (and the learning rate), loads the
-// copy back -- in memory, or through a DCP checkpoint on disk
-// (fsdp::save_checkpoint / load_checkpoint) -- checks the state dicts equal
-// the copy bitwise, and trains on: a load that restored nothing breaks the
-// comparisons above.
+// optimiser state dicts (fsdp/state_dict.h, sharded) and keeps a copy; zeroes
+// every param and buffer; then either zeroes the optimiser state in place
+// (and the learning rate) and loads the copy back in memory, or drops the
+// optimiser state and loads a DCP checkpoint written to a temporary
+// directory (fsdp::save_checkpoint / load_checkpoint: the load rebuilds it);
+// checks the state dicts equal the copy bitwise, and trains on: a load that
+// restored nothing breaks the comparisons above.
 //
 // Thread-safety: run_parity may be called from any thread; it blocks until
 // the world ends. Concurrent calls share nothing but LibTorch's globals.

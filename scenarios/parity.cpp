@@ -1,10 +1,15 @@
 #include "scenarios/parity.h"
 
+#include <torch/optim/adam.h>
+#include <torch/optim/sgd.h>
 #include <torch/torch.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <iomanip>
 #include <optional>
 #include <sstream>
@@ -14,6 +19,9 @@
 
 #include "backends/comm_hooks.h"
 #include "backends/observe/trace_recorder.h"
+#include "fsdp/dcp.h"
+#include "fsdp/distributed_checkpoint.h"
+#include "fsdp/state_dict.h"
 #include "sim/fiber_autograd.h"
 
 namespace fsdpsim::scenarios {
@@ -22,6 +30,14 @@ int64_t CollectiveCounts::total() const {
   int64_t sum = 0;
   for (int64_t count : by_op) sum += count;
   return sum;
+}
+
+const char* to_string(RoundTripVia via) {
+  switch (via) {
+    case RoundTripVia::StateDict: return "state-dict";
+    case RoundTripVia::Checkpoint: return "checkpoint";
+  }
+  return "?";
 }
 
 std::string ParityConfig::describe() const {
@@ -48,6 +64,10 @@ std::string ParityConfig::describe() const {
   if (zero_grad_at != ZeroGradAt::BeforeForward) out << " zero-grad-" << to_string(zero_grad_at);
   if (auto_wrap) out << " auto-wrap";
   if (cpu_offload) out << " cpu-offload";
+  if (round_trip.after_step >= 0) {
+    out << " round-trip-after-step " << round_trip.after_step << " via " << to_string(round_trip.via);
+    if (!round_trip.load_back) out << " (no load)";
+  }
   if (!tolerance.exact()) out << " atol " << tolerance.atol << " rtol " << tolerance.rtol;
   return out.str();
 }
@@ -74,7 +94,7 @@ std::string ParityReport::summary() const {
   for (size_t s = 0; s < steps.size(); ++s) {
     out << "  step " << s << " max |diff|: loss " << steps[s].loss << ", param after backward "
         << steps[s].param_after_backward << ", grad " << steps[s].grad << ", param after step "
-        << steps[s].param_after_step << "\n";
+        << steps[s].param_after_step << ", optimizer state " << steps[s].optimizer_state << "\n";
   }
   for (const auto& mismatch : mismatches) out << "  " << mismatch.to_string() << "\n";
   return out.str();
@@ -82,13 +102,15 @@ std::string ParityReport::summary() const {
 
 namespace {
 
-enum Phase { kLoss = 0, kParamAfterBackward = 1, kGrad = 2, kParamAfterStep = 3 };
+enum Phase { kLoss = 0, kParamAfterBackward = 1, kGrad = 2, kParamAfterStep = 3, kOptimizerState = 4, kRoundTrip = 5 };
 const char* phase_name(int phase) {
   switch (phase) {
     case kLoss: return "loss";
     case kParamAfterBackward: return "param after backward";
     case kGrad: return "grad";
     case kParamAfterStep: return "param after step";
+    case kOptimizerState: return "optimizer state";
+    case kRoundTrip: return "round trip";
   }
   return "?";
 }
@@ -103,11 +125,50 @@ struct Snapshot {
   }
 };
 
+at::Tensor copy_of(const at::Tensor& t) { return t.defined() ? t.detach().clone() : at::Tensor(); }
+
+/// One param's optimiser state (copies) by PyTorch's names: SGD's
+/// momentum_buffer; Adam's step (a 0-dim int64), exp_avg, exp_avg_sq and
+/// max_exp_avg_sq. Empty: the optimiser holds no state for the param.
+using ParamOptimState = std::vector<std::pair<std::string, at::Tensor>>;
+
+ParamOptimState optimizer_state_of(const torch::optim::Optimizer& optimizer, const at::Tensor& param) {
+  ParamOptimState out;
+  auto found = optimizer.state().find(param.unsafeGetTensorImpl());
+  if (found == optimizer.state().end()) return out;
+  auto add = [&out](const char* name, const at::Tensor& t) {
+    if (t.defined()) out.emplace_back(name, copy_of(t));
+  };
+  const torch::optim::OptimizerParamState* state = found->second.get();
+  if (const auto* sgd = dynamic_cast<const torch::optim::SGDParamState*>(state)) {
+    add("momentum_buffer", sgd->momentum_buffer());
+  } else if (const auto* adam = dynamic_cast<const torch::optim::AdamParamState*>(state)) {
+    out.emplace_back("step", at::scalar_tensor(adam->step(), at::kLong));
+    add("exp_avg", adam->exp_avg());
+    add("exp_avg_sq", adam->exp_avg_sq());
+    add("max_exp_avg_sq", adam->max_exp_avg_sq());
+  } else {
+    throw std::logic_error("parity: unknown optimiser state (the trainer builds SGD or Adam)");
+  }
+  return out;
+}
+
+/// Optimiser state by param index: one shared by every replica, or one per
+/// replica (rank-local params).
+struct OptimSnapshot {
+  std::vector<std::vector<ParamOptimState>> values;
+  const ParamOptimState& get(size_t param, int replica) const {
+    const auto& per_replica = values[param];
+    return per_replica.size() == 1 ? per_replica[0] : per_replica[static_cast<size_t>(replica)];
+  }
+};
+
 struct ReferenceStep {
   std::vector<at::Tensor> loss;  // per replica
   Snapshot param_after_backward;
   Snapshot grad;
   Snapshot param_after_step;
+  OptimSnapshot optimizer_state;  // after the step
 };
 
 struct Reference {
@@ -115,8 +176,6 @@ struct Reference {
   std::unordered_map<std::string, size_t> index;
   std::vector<ReferenceStep> steps;
 };
-
-at::Tensor copy_of(const at::Tensor& t) { return t.defined() ? t.detach().clone() : at::Tensor(); }
 
 using Replicas = std::vector<std::unique_ptr<Trainer>>;
 
@@ -193,6 +252,13 @@ Reference run_reference(const ParityConfig& config) {
     record.grad = snapshot([](const at::Tensor& p) { return p.grad(); });
     for (auto& replica : replicas) replica->optimizer_step();
     record.param_after_step = snapshot([](const at::Tensor& p) { return p; });
+    record.optimizer_state.values.resize(reference.fqns.size());
+    for (size_t i = 0; i < reference.fqns.size(); ++i) {
+      for (const auto& replica : replicas) {
+        record.optimizer_state.values[i].push_back(optimizer_state_of(replica->optimizer(), replica->params()[i]));
+        if (!is_local[i]) break;
+      }
+    }
     reference.steps.push_back(std::move(record));
   }
   return reference;
@@ -328,10 +394,13 @@ struct RankResult {
 
   void record(int step, int rank, int phase, size_t order, const std::string& fqn, const Outcome& outcome) {
     auto& diff = diffs[static_cast<size_t>(step)];
+    double ignored = 0.0;  // round-trip checks have no column
     double* slot = phase == kLoss                 ? &diff.loss
                    : phase == kParamAfterBackward ? &diff.param_after_backward
                    : phase == kGrad               ? &diff.grad
-                                                  : &diff.param_after_step;
+                   : phase == kParamAfterStep     ? &diff.param_after_step
+                   : phase == kOptimizerState     ? &diff.optimizer_state
+                                                  : &ignored;
     if (std::isnan(outcome.max_abs_diff) || outcome.max_abs_diff > *slot) *slot = outcome.max_abs_diff;
     if (outcome.ok) return;
     ++mismatch_count;
@@ -406,9 +475,44 @@ class RankChecker {
   }
   void after_step(int step) {
     compare_params(step, kParamAfterStep, reference_.steps[static_cast<size_t>(step)].param_after_step);
+    compare_optimizer_state(step);
   }
 
  private:
+  // Each state tensor against the same rows of the replica's (the step
+  // counter exactly: an integer).
+  void compare_optimizer_state(int step) {
+    const OptimSnapshot& snapshot = reference_.steps[static_cast<size_t>(step)].optimizer_state;
+    const auto& named = trainer_.named_params();
+    const int rank = trainer_.rank();
+    for (size_t i = 0; i < named.size(); ++i) {
+      const auto& [fqn, param] = named[i];
+      auto index = reference_.index.find(fqn);
+      if (index == reference_.index.end()) continue;  // reported by compare_params
+      const ParamOptimState& expected = snapshot.get(index->second, rank);
+      const ParamOptimState actual = optimizer_state_of(trainer_.optimizer(), param);
+      auto find = [](const ParamOptimState& state, const std::string& name) -> const at::Tensor* {
+        for (const auto& item : state) {
+          if (item.first == name) return &item.second;
+        }
+        return nullptr;
+      };
+      for (const auto& [name, want] : expected) {
+        const at::Tensor* got = find(actual, name);
+        const Outcome outcome = got == nullptr ? Outcome{false, 0.0, "missing, the reference has it"}
+                                               : compare_shard(*got, want, placements_.of(param),
+                                                               name == "step" ? Tolerance{} : tolerance_);
+        result_.record(step, rank, kOptimizerState, i, fqn + "." + name, outcome);
+      }
+      for (const auto& [name, value] : actual) {
+        if (find(expected, name) == nullptr) {
+          result_.record(step, rank, kOptimizerState, i, fqn + "." + name,
+                         Outcome{false, 0.0, "present, the reference has none"});
+        }
+      }
+    }
+  }
+
   void compare_params(int step, int phase, const Snapshot& snapshot) {
     const auto& named = trainer_.named_params();
     const int rank = trainer_.rank();
@@ -432,7 +536,122 @@ class RankChecker {
   RankResult& result_;
 };
 
-void run_rank(const ParityConfig& config, const Reference* reference, sim::RankContext& ctx, RankResult& result) {
+// ---- the state round trip ---------------------------------------------------
+
+/// Model and optimiser state as (key, tensor): "model.<fqn>", "optim.<fqn>.<name>".
+using FlatState = std::vector<std::pair<std::string, at::Tensor>>;
+
+FlatState flatten(const fsdp::StateDict& model, const fsdp::OptimizerStateDict& optimizer) {
+  FlatState out;
+  for (const auto& item : model) out.emplace_back("model." + item.key(), item.value().local);
+  for (const auto& param : optimizer.state) {
+    for (const auto& value : param.value()) {
+      out.emplace_back("optim." + param.key() + "." + value.key(), value.value().local);
+    }
+  }
+  return out;
+}
+
+// Copies: a sharded dict shares storage with the params and the state.
+fsdp::StateDict cloned(fsdp::StateDict dict) {
+  for (auto& item : dict) item.value().local = copy_of(item.value().local);
+  return dict;
+}
+fsdp::OptimizerStateDict cloned(fsdp::OptimizerStateDict dict) {
+  for (auto& param : dict.state) {
+    for (auto& value : param.value()) value.value().local = copy_of(value.value().local);
+  }
+  return dict;
+}
+
+void zero_if_defined(const at::Tensor& t) {
+  if (t.defined()) t.zero_();
+}
+
+// Overwrites what a load must restore, so that a load restoring nothing
+// breaks parity: every param and buffer zeroed; the optimiser's state zeroed
+// in place (Adam's step too) and its learning rate 0 -- or, `drop_optimizer_state`,
+// its per-param state dropped (the load must create it).
+void scramble(Trainer& trainer, bool drop_optimizer_state) {
+  torch::NoGradGuard no_grad;
+  torch::nn::Module& root = *trainer.scenario().module();
+  for (const auto& param : root.parameters()) param.zero_();
+  for (const auto& buffer : root.buffers()) buffer.zero_();
+  torch::optim::Optimizer& optimizer = trainer.optimizer();
+  if (drop_optimizer_state) {
+    optimizer.state().clear();
+    return;
+  }
+  for (auto& group : optimizer.param_groups()) group.options().set_lr(0.0);
+  for (auto& item : optimizer.state()) {
+    if (auto* sgd = dynamic_cast<torch::optim::SGDParamState*>(item.second.get())) {
+      zero_if_defined(sgd->momentum_buffer());
+    } else if (auto* adam = dynamic_cast<torch::optim::AdamParamState*>(item.second.get())) {
+      adam->step(0);
+      zero_if_defined(adam->exp_avg());
+      zero_if_defined(adam->exp_avg_sq());
+      zero_if_defined(adam->max_exp_avg_sq());
+    }
+  }
+}
+
+// Every saved key restored bitwise, and no other key.
+void check_restored(int step, int rank, const FlatState& saved, const FlatState& restored, RankResult& result) {
+  std::map<std::string, at::Tensor> by_key(restored.begin(), restored.end());
+  size_t order = 0;
+  for (const auto& [key, want] : saved) {
+    auto found = by_key.find(key);
+    Outcome outcome;
+    if (found == by_key.end()) {
+      outcome = Outcome{false, 0.0, "missing after the load"};
+    } else if (found->second.sizes() != want.sizes()) {
+      outcome = Outcome{false, 0.0, "shape " + shape_string(found->second) + ", saved " + shape_string(want)};
+    } else {
+      outcome = compare_values(found->second, want, Tolerance{});
+    }
+    result.record(step, rank, kRoundTrip, order++, key, outcome);
+    if (found != by_key.end()) by_key.erase(found);
+  }
+  for (const auto& [key, value] : by_key) {
+    result.record(step, rank, kRoundTrip, order++, key, Outcome{false, 0.0, "after the load, not saved"});
+  }
+}
+
+// After `step`: the sharded state out (in memory or to `dir`), the live state
+// scrambled, the state back in, checked against what went out.
+void round_trip(const ParityConfig& config, const std::filesystem::path& dir, int step, Trainer& trainer,
+                ProcessGroup& world, RankResult& result) {
+  fsdp::Engine& engine = *trainer.engine();
+  const torch::nn::Module& root = *trainer.scenario().module();
+  torch::optim::Optimizer& optimizer = trainer.optimizer();
+  const fsdp::StateDict model = cloned(fsdp::get_model_state_dict(engine, root));
+  const fsdp::OptimizerStateDict optim = cloned(fsdp::get_optimizer_state_dict(engine, root, optimizer));
+  if (config.round_trip.via == RoundTripVia::Checkpoint) {
+    const int64_t saved_step = step + 1;
+    fsdp::save_checkpoint(dir, engine, root, &optimizer, fsdp::dcp::process_group_coordinator(world), saved_step);
+    scramble(trainer, /*drop_optimizer_state=*/true);
+    const int64_t loaded_step =
+        config.round_trip.load_back ? fsdp::load_checkpoint(dir, engine, root, &optimizer) : saved_step;
+    if (loaded_step != saved_step) {
+      result.record(
+          step, trainer.rank(), kRoundTrip, 0, "fsdpsim.step",
+          Outcome{false, 0.0, "loaded step " + std::to_string(loaded_step) + ", saved " + std::to_string(saved_step)});
+    }
+  } else {
+    scramble(trainer, /*drop_optimizer_state=*/false);
+    if (config.round_trip.load_back) {
+      fsdp::set_model_state_dict(engine, root, model);
+      fsdp::set_optimizer_state_dict(engine, root, optimizer, optim);
+    }
+  }
+  check_restored(
+      step, trainer.rank(), flatten(model, optim),
+      flatten(fsdp::get_model_state_dict(engine, root), fsdp::get_optimizer_state_dict(engine, root, optimizer)),
+      result);
+}
+
+void run_rank(const ParityConfig& config, const Reference* reference, const std::filesystem::path& checkpoint_dir,
+              sim::RankContext& ctx, RankResult& result) {
   const int rank = ctx.rank();
   result.diffs.assign(static_cast<size_t>(config.steps), StepDiff{});
   auto counter = std::make_shared<CountingCommHooks>(config.steps);
@@ -464,6 +683,7 @@ void run_rank(const ParityConfig& config, const Reference* reference, sim::RankC
   callbacks.after_step = [&](int step, const at::Tensor&) {
     if (checker) checker->after_step(step);
     counter->stop();
+    if (step == config.round_trip.after_step) round_trip(config, checkpoint_dir, step, trainer, *world, result);
   };
   for (int step = 0; step < config.steps; ++step) trainer.step(step, callbacks);
   for (const auto& [fqn, param] : trainer.named_params()) result.final_shards[fqn] = param.detach().clone();
@@ -486,6 +706,7 @@ void merge_results(ParityReport& report, std::vector<RankResult>& results) {
       merge(report.steps[s].param_after_backward, result.diffs[s].param_after_backward);
       merge(report.steps[s].grad, result.diffs[s].grad);
       merge(report.steps[s].param_after_step, result.diffs[s].param_after_step);
+      merge(report.steps[s].optimizer_state, result.diffs[s].optimizer_state);
     }
     report.mismatch_count += result.mismatch_count;
     for (auto& m : result.mismatches) {
@@ -508,16 +729,52 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+void validate_round_trip(const ParityConfig& config, const char* what) {
+  if (config.round_trip.after_step < -1 || config.round_trip.after_step >= config.steps) {
+    throw std::invalid_argument(std::string(what) + ": round_trip.after_step " +
+                                std::to_string(config.round_trip.after_step) + " is not a step of " +
+                                std::to_string(config.steps) + ": use 0.." + std::to_string(config.steps - 1) +
+                                ", or -1 for none");
+  }
+}
+
+void validate(const ParityConfig& config, const char* what) {
+  config.world.validate();
+  if (config.steps < 0) throw std::invalid_argument(std::string(what) + ": steps must be >= 0");
+  if (config.strategy == fsdp::ShardingStrategy::HybridShard &&
+      (config.replicate_size < 1 || config.world.world_size % config.replicate_size != 0)) {
+    throw std::invalid_argument(std::string(what) + ": replicate_size " + std::to_string(config.replicate_size) +
+                                " does not divide world size " + std::to_string(config.world.world_size));
+  }
+  validate_round_trip(config, what);
+}
+
+/// A fresh directory for a Checkpoint round trip; removed when it goes.
+class ScratchDir {
+ public:
+  explicit ScratchDir(bool wanted) {
+    if (!wanted) return;
+    static std::atomic<int64_t> counter{0};
+    path_ = std::filesystem::temp_directory_path() /
+            ("fsdpsim_parity_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    std::filesystem::remove_all(path_);
+  }
+  ~ScratchDir() {
+    std::error_code ignored;
+    if (!path_.empty()) std::filesystem::remove_all(path_, ignored);
+  }
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
 }  // namespace
 
 ParityReport run_parity(const ParityConfig& config) {
-  config.world.validate();
-  if (config.steps < 0) throw std::invalid_argument("run_parity: steps must be >= 0");
-  if (config.strategy == fsdp::ShardingStrategy::HybridShard &&
-      (config.replicate_size < 1 || config.world.world_size % config.replicate_size != 0)) {
-    throw std::invalid_argument("run_parity: replicate_size " + std::to_string(config.replicate_size) +
-                                " does not divide world size " + std::to_string(config.world.world_size));
-  }
+  validate(config, "run_parity");
   make_scenario(config.scenario, 0);  // an unknown name throws here
 
   ParityReport report;
@@ -538,7 +795,9 @@ ParityReport run_parity(const ParityConfig& config) {
   const auto start = std::chrono::steady_clock::now();
   sim::World world(config.world);
   const Reference* ref = config.run_reference ? &reference : nullptr;
-  auto outcome = world.run([&](sim::RankContext& ctx) { run_rank(config, ref, ctx, results[ctx.rank()]); });
+  const ScratchDir scratch(config.round_trip.after_step >= 0 && config.round_trip.via == RoundTripVia::Checkpoint);
+  auto outcome =
+      world.run([&](sim::RankContext& ctx) { run_rank(config, ref, scratch.path(), ctx, results[ctx.rank()]); });
   report.seconds_sharded = seconds_since(start);
   if (!outcome.ok()) report.error = outcome.error_report();
 
@@ -547,6 +806,12 @@ ParityReport run_parity(const ParityConfig& config) {
 }
 
 ParityReport run_parity_rank(const ParityConfig& config, int rank, const ProcessGroupPtr& world_group) {
+  validate_round_trip(config, "run_parity_rank");
+  if (config.round_trip.after_step >= 0 && config.round_trip.via == RoundTripVia::Checkpoint) {
+    throw std::invalid_argument(
+        "run_parity_rank: a Checkpoint round trip needs a directory every process shares; use "
+        "RoundTripVia::StateDict");
+  }
   ParityReport report;
   report.config = config;
   const int world_size = config.world.world_size;
@@ -568,7 +833,7 @@ ParityReport run_parity_rank(const ParityConfig& config, int rank, const Process
   start = std::chrono::steady_clock::now();
   sim::RankContext ctx(rank, world_size, sim::RankKind::Threads, world_group, &SteadyClock::instance(), nullptr);
   try {
-    run_rank(config, &reference, ctx, results[0]);
+    run_rank(config, &reference, {}, ctx, results[0]);
   } catch (const std::exception& e) {
     report.error = "rank " + std::to_string(rank) + ": " + e.what();
   }

@@ -20,6 +20,18 @@
 // NoShard and MoE experts: a size-1 group, i.e. the whole param) -- and so
 // does its grad (reference grad undefined <=> sharded grad undefined). A shard
 // of c rows past the end of the param (padded) is compared on its valid rows.
+// After the step, each param's optimiser state (SGD: momentum_buffer; Adam:
+// step, exp_avg, exp_avg_sq) equals the same rows of the replica's state.
+//
+// Round trip (ParityConfig::round_trip, as PyTorch's _train_for_several_steps
+// with save_model): after one step the sharded side takes its model and
+// optimiser state dicts (fsdp/state_dict.h, sharded) and keeps a copy; zeroes
+// every param and buffer; then either zeroes the optimiser state in place
+// (and the learning rate) and loads the copy back in memory, or drops the
+// optimiser state and loads a DCP checkpoint written to a temporary
+// directory (fsdp::save_checkpoint / load_checkpoint: the load rebuilds it);
+// checks the state dicts equal the copy bitwise, and trains on: a load that
+// restored nothing breaks the comparisons above.
 //
 // Thread-safety: run_parity may be called from any thread; it blocks until
 // the world ends. Concurrent calls share nothing but LibTorch's globals.
@@ -55,6 +67,24 @@ struct Tolerance {
   bool exact() const { return atol == 0.0 && rtol == 0.0; }
 };
 
+/// How ParityConfig::round_trip carries the state out and back.
+enum class RoundTripVia {
+  StateDict,   ///< get/set_model_state_dict and get/set_optimizer_state_dict in memory
+  Checkpoint,  ///< fsdp::save_checkpoint to a fresh temporary directory, then load_checkpoint
+};
+const char* to_string(RoundTripVia via);
+
+struct RoundTrip {
+  /// The step (0-based) after whose optimiser step the state goes out and
+  /// back; -1: never.
+  int after_step = -1;
+  RoundTripVia via = RoundTripVia::StateDict;
+  /// false: take the state out and scramble the live state but load nothing
+  /// back -- the harness's own test that its checks catch a load that
+  /// restores nothing (parity must then break).
+  bool load_back = true;
+};
+
 /// What to train (TrainConfig: the scenario, strategy, optimiser, zero_grad
 /// placement; where the sharded run zeroes its grads is its zero_grad_at, the
 /// reference zeroes before its forward: the same step there), on which world,
@@ -79,6 +109,8 @@ struct ParityConfig : TrainConfig {
   /// computed, before backward) and "before_step" (after the checks, just
   /// before the optimiser step), e.g. to sleep there.
   std::function<void(int rank, const char* point)> delay;
+  /// A save/load round trip of the sharded side's state mid-training.
+  RoundTrip round_trip;
 
   /// "transformer FullShard world 4 threads fake sgd".
   std::string describe() const;
@@ -110,13 +142,17 @@ struct StepDiff {
   double param_after_backward = 0.0;
   double grad = 0.0;
   double param_after_step = 0.0;
+  double optimizer_state = 0.0;
 };
 
 struct Mismatch {
   int step = 0;
   int rank = 0;
-  std::string what;  ///< "loss", "param after backward", "grad", "param after step"
-  std::string fqn;   ///< empty for the loss
+  /// "loss", "param after backward", "grad", "param after step", "optimizer
+  /// state" (fqn: "<param>.<state name>"), "round trip" (a state dict key not
+  /// restored, or the load failed).
+  std::string what;
+  std::string fqn;  ///< empty for the loss
   double max_abs_diff = 0.0;
   std::string detail;  ///< shapes, definedness, first differing element
   std::string to_string() const;
@@ -148,13 +184,17 @@ struct ParityReport {
 
 /// Runs the reference (unless !config.run_reference) and the sharded world,
 /// and reports. Never throws for a parity failure or a failed rank (see
-/// ParityReport::error); throws std::invalid_argument for a bad config.
+/// ParityReport::error); throws std::invalid_argument for a bad config
+/// (round_trip.after_step outside [-1, steps)). A Checkpoint round trip
+/// writes under std::filesystem::temp_directory_path() and removes it.
 ParityReport run_parity(const ParityConfig& config);
 
 /// One rank of a parity run whose ranks live elsewhere (Gloo processes):
 /// this process computes the whole reference (the same arithmetic on every
 /// process) and compares its own shards. `world_group` spans config.world.world_size
-/// ranks; the rest of config.world (rank kind, backend) is ignored.
+/// ranks; the rest of config.world (rank kind, backend) is ignored. A
+/// Checkpoint round trip is refused (std::invalid_argument): the processes
+/// share no directory here; StateDict works.
 ParityReport run_parity_rank(const ParityConfig& config, int rank, const ProcessGroupPtr& world_group);
 
 }  // namespace fsdpsim::scenarios

@@ -78,12 +78,42 @@ TEST(BenchCommSmoke, HelpExitsZero) {
 
 const std::string kBenchEngine = std::string(FSDPSIM_TOOLS_DIR) + "/fsdpsim bench engine";
 
+double number_after(const std::string& out, const std::string& prefix) {
+  const size_t at = out.find(prefix);
+  if (at == std::string::npos) return -1;
+  return std::stod(out.substr(at + prefix.size()));
+}
+
+// Section 6 of the quick run: an 8 MiB checkpoint at world 2, every row a
+// throughput and a time, the ratios positive and finite, and every load
+// bitwise the saved values. No timing is expected (the machine may be busy).
+void expect_checkpoint_section(const std::string& out) {
+  EXPECT_THAT(out, HasSubstr("== 6. distributed checkpoint (fsdp::dcp) vs the file system: 8.0 MiB of fp32 =="));
+  for (const char* row : {"dcp::save \\(world 2\\)", "one fwrite \\+ fsync \\(one file\\)",
+                          "dcp::load \\(world 2, saved layout\\)", "resharding dcp::load \\(world 3\\)"}) {
+    EXPECT_THAT(out, ContainsRegex(std::string("\n  ") + row + " +[0-9]+\\.[0-9] MiB/s +[0-9]+\\.[0-9]{3} s"));
+  }
+  // The checkpoint holds at least the payload (each chunk a torch.save zip, plus .metadata).
+  EXPECT_THAT(out, ContainsRegex("\\(on disk [89]\\.[0-9] MiB: data, .metadata, checksums\\)"));
+  const double save_ratio = number_after(out, "\nratio dcp save/fwrite+fsync throughput: ");
+  const double load_ratio = number_after(out, "\nratio resharding/plain load time: ");
+  EXPECT_GT(save_ratio, 0.0);
+  EXPECT_LT(save_ratio, 1e3);
+  EXPECT_GT(load_ratio, 0.0);
+  EXPECT_LT(load_ratio, 1e3);
+  EXPECT_THAT(out, HasSubstr("(world 2, 8.0 MiB)\n"));
+  EXPECT_THAT(out, HasSubstr("(world 2 -> 3)\n"));
+  EXPECT_THAT(out, HasSubstr("\n  every load gave back the saved values bitwise\n"));
+}
+
 TEST(BenchEngineSmoke, QuickRunPrintsTheTables) {
   CommandResult run = run_command(kBenchEngine + " --quick");
   ASSERT_EQ(run.exit_code, 0) << run.output;
   const std::string& out = run.output;
   EXPECT_THAT(out, HasSubstr("ATen intra-op threads 1"));
-  for (const char* progress : {"[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"}) EXPECT_THAT(out, HasSubstr(progress));
+  for (const char* progress : {"[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"}) {
+    EXPECT_THAT(out, HasSubstr(progress));
+  }
   // Section 5: accumulation rows (peak equal to its theory) and the clip rows.
   EXPECT_THAT(out, HasSubstr("== 5a. gradient accumulation"));
   EXPECT_THAT(out, ContainsRegex("\n  no sync, keep gathered +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +1\\.000 "));
@@ -109,6 +139,7 @@ TEST(BenchEngineSmoke, QuickRunPrintsTheTables) {
   EXPECT_THAT(out, Not(HasSubstr("FAILED")));
   EXPECT_THAT(out, Not(HasSubstr("not measured")));
   EXPECT_THAT(out, HasSubstr("\ntotal "));
+  expect_checkpoint_section(out);
 }
 
 TEST(BenchEngineSmoke, BadFlagIsOneErrorLineAndExitCode2) {

@@ -14,6 +14,9 @@
 //      gathered-param bytes vs theory and step time vs syncing every
 //      micro-batch; clip_grad_norm_ over shards against LibTorch's
 //      clip_grad_norm_ of the plain model (time, and the norms agree).
+//   6. distributed checkpoints (tools/bench_checkpoint.h): dcp save MiB/s vs
+//      one fwrite + fsync of the same bytes, load MiB/s, resharding load
+//      (world 2 -> 3) vs plain load time.
 //
 // A step is zero_grad (grads set to none) + forward + backward + SGD step.
 // The plain model is the same scenario module (same init, same data) with no
@@ -64,6 +67,7 @@
 #include "scenarios/models.h"
 #include "scenarios/trainer.h"
 #include "sim/world.h"
+#include "tools/bench_checkpoint.h"
 #include "tools/cli.h"
 #include "tools/format_util.h"
 
@@ -516,7 +520,7 @@ std::string model_details(const ModelSpec& spec) {
 }
 
 void section_single(const Config& config, Report& report) {
-  progress("[1/5] world size 1: engine (FullShard, one thread rank) vs the plain model ...");
+  progress("[1/6] world size 1: engine (FullShard, one thread rank) vs the plain model ...");
   const int64_t started = steady_now_ns();
   std::vector<SingleResult> results;
   for (const auto& spec : config.models) {
@@ -572,7 +576,7 @@ using MultiKey = std::tuple<size_t, int, sim::RankKind, fsdp::ShardingStrategy>;
 void section_multi(const Config& config, Report& report, std::map<MultiKey, MultiResult>& results) {
   std::string worlds;
   for (int n : config.worlds) worlds += (worlds.empty() ? "" : ", ") + std::to_string(n);
-  progress("[2/5] world sizes " + worlds + ": thread and fiber ranks, FullShard and ShardGradOp ...");
+  progress("[2/6] world sizes " + worlds + ": thread and fiber ranks, FullShard and ShardGradOp ...");
   const int64_t started = steady_now_ns();
   std::vector<double> plain(config.models.size());
   for (size_t m = 0; m < config.models.size(); ++m) {
@@ -635,7 +639,7 @@ void section_multi(const Config& config, Report& report, std::map<MultiKey, Mult
 }
 
 void section_memory(const Config& config, const std::map<MultiKey, MultiResult>& results) {
-  progress("[3/5] peak gathered-param bytes per rank vs theory (from the section 2 runs) ...");
+  progress("[3/6] peak gathered-param bytes per rank vs theory (from the section 2 runs) ...");
   std::cout << "\n== 3. peak unsharded (gathered) param bytes per rank over a step vs theory ==\n"
             << "  peak = Engine::peak_unsharded_bytes() over one step (reset before it), max over ranks and\n"
             << "  timed steps: the full params of the units gathered at once (a unit counts from the wait of\n"
@@ -767,7 +771,7 @@ std::vector<NamedPolicy> mixed_policies() {
 
 void section_mixed(const Config& config, Report& report) {
   const int world = config.worlds.front();
-  progress("[4/5] mixed precision vs fp32 at world " + std::to_string(world) + " ...");
+  progress("[4/6] mixed precision vs fp32 at world " + std::to_string(world) + " ...");
   const int64_t started = steady_now_ns();
   const std::vector<NamedPolicy> policies = mixed_policies();
   std::cout << "\n== 4. mixed precision (mp_policy) vs fp32: world " << world << ", FullShard, thread ranks ==\n"
@@ -887,7 +891,7 @@ AccumulationResult run_accumulation(const ModelSpec& spec, const AccumulationMod
 
 void section_accumulation(const Config& config, Report& report) {
   const int world = config.worlds.front();
-  progress("[5/5] gradient accumulation and clip_grad_norm_ at world " + std::to_string(world) + " ...");
+  progress("[5/6] gradient accumulation and clip_grad_norm_ at world " + std::to_string(world) + " ...");
   const int64_t started = steady_now_ns();
   const std::vector<AccumulationMode> modes = {{"sync every micro-batch", true, true},
                                                {"no sync, reshard", false, true},
@@ -1062,6 +1066,13 @@ int bench_engine_main(Config config) {
                          section_mixed(config, report);
                          section_accumulation(config, report);
                          section_clip(config, report);
+                         progress("[6/6] distributed checkpoint save and load vs fwrite ...");
+                         tools::CheckpointBenchOptions checkpoint;
+                         if (config.quick) {
+                           checkpoint.rows = 512;
+                           checkpoint.repeats = 1;
+                         }
+                         if (!tools::section_checkpoint(checkpoint)) report.failed = true;
                          return !report.failed;
                        });
 }
@@ -1077,11 +1088,13 @@ void add_bench_engine_command(CLI::App& bench, Command& command) {
       "the plain unsharded model; the step time at 2, 4, 8 fake ranks (thread and fiber ranks, FullShard and "
       "ShardGradOp); the peak gathered-param bytes per rank against the theoretical peak; bf16 mixed precision against "
       "fp32 (step time, bytes gathered and reduced); gradient accumulation (peak gathered bytes, step time) and "
-      "clip_grad_norm_ against the plain model's. Models: mlp_stack (dim 256 "
+      "clip_grad_norm_ against the plain model's; distributed checkpoint save and load throughput (64 MiB of fp32 at "
+      "world 2) against one fwrite + fsync of the same bytes, and a resharding load at world 3. Models: mlp_stack (dim "
+      "256 "
       "and 512, batch 64; dim 512 at world size 1 only) and transformer (the scenario's model, longer sequences).");
   auto config = std::make_shared<Config>();
   engine->add_flag("--quick", config->quick,
-                   "tiny run: mlp_stack dim 32 and a short transformer, 2 steps, world 2 only");
+                   "tiny run: mlp_stack dim 32 and a short transformer, 2 steps, world 2 only; an 8 MiB checkpoint");
   engine->callback([config, &command] { command.action = [config] { return bench_engine_main(*config); }; });
 }
 

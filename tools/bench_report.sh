@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every benchmark once and prints one table of the ratios each measured
 # side by side in its own run: fake collectives vs memcpy, Gloo vs fake, fiber
-# vs thread ranks at scale, engine step vs plain step, cost model vs a
-# measured replay. Full logs stay in $FSDPSIM_BENCH_LOGS (default a temp dir).
+# vs thread ranks at scale, engine step vs plain step, checkpoint save vs
+# fwrite, cost model vs a measured replay. Full logs stay in $FSDPSIM_BENCH_LOGS (default a temp dir).
 #   bash tools/bench_report.sh [BUILD_DIR]      (default ./build; about 5-8 minutes on 2 cores)
 set -uo pipefail
 build=${1:-build}
@@ -20,7 +20,7 @@ step() { echo "bench_report: [$1/4] $2 (log: $logs/$3)"; }
 
 step 1 "collectives: fake vs memcpy, Gloo vs fake, fibers vs threads" comm.log
 "$tools/fsdpsim" bench comm >"$logs/comm.log" 2>&1 || status=1
-step 2 "engine step vs plain step, peak memory" engine.log
+step 2 "engine step vs plain step, peak memory, checkpoints" engine.log
 "$tools/fsdpsim" bench engine >"$logs/engine.log" 2>&1 || status=1
 step 3 "record a trace to replay (mlp_stack, 4 fake thread ranks)" trace.log
 "$tools/fsdpsim" run --scenario mlp_stack --world-size 4 --steps 3 --mlp-dim 256 \
@@ -42,6 +42,8 @@ row "Gloo/fake time, all_gather" "$(pick comm.log '^ratio gloo/fake all_gather')
 row "Gloo/fake time, reduce_scatter" "$(pick comm.log '^ratio gloo/fake reduce_scatter')" comm.log
 row "threads/fibers time at scale" "$(pick comm.log '^ratio threads/fibers')" comm.log
 row "engine vs plain step at world size 1" "$(pick engine.log '^target: world-size-1')" engine.log
+row "dcp save vs one fwrite+fsync (throughput)" "$(pick engine.log '^ratio dcp save/fwrite')" engine.log
+row "resharding vs plain dcp load (time)" "$(pick engine.log '^ratio resharding/plain load')" engine.log
 row "cost model vs measured replay" "$(pick predict.log 'prediction error')" predict.log
 echo "  total $(( $(date +%s) - started )) s; logs in $logs"
 exit $status

@@ -133,7 +133,7 @@ const char* byte_ptr(const at::Tensor& t) { return static_cast<const char*>(t.da
 char* mutable_byte_ptr(const at::Tensor& t) { return static_cast<char*>(t.data_ptr()); }
 
 bool overlaps(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0) return false;
+  if (a.numel() == 0 || b.numel() == 0 || a.is_meta() || b.is_meta()) return false;  // meta: no bytes to overlap
   const char* a0 = byte_ptr(a);
   const char* b0 = byte_ptr(b);
   return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
@@ -172,6 +172,8 @@ struct PendingCollective {
   at::Tensor scratch;
   int64_t start_ns = 0;
   int64_t end_ns = 0;
+  // Data-free (every rank passed meta tensors): validated and timed, no data moves.
+  bool data_free = false;
   explicit PendingCollective(bool fibers) : cv(fibers) {}
   Signal cv;
 
@@ -618,6 +620,10 @@ class FakeProcessGroup final : public ProcessGroup {
 void FakeProcessGroup::setup_tasks_locked(PendingCollective& p) {
   const int n = size();
   const CollectiveDesc& desc = p.first_desc();
+  if (p.data_free) {
+    p.phase_ends.clear();  // meta tensors: shapes were checked, there is nothing to move
+    return;
+  }
   switch (desc.op) {
     case CollectiveOp::AllGather:
     case CollectiveOp::ReduceScatter:
@@ -652,8 +658,15 @@ static CollectiveMismatchError mismatch_error(const PendingCollective& p, const 
 }
 
 WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, const at::Tensor& output) {
+  const bool meta = input.defined() ? input.is_meta() : output.defined() && output.is_meta();
   for (const at::Tensor* t : {&input, &output}) {
-    if (t->defined() && !t->device().is_cpu()) fail_local(desc, "the fake backend moves CPU tensors only");
+    if (t->defined() && !t->device().is_cpu() && !t->is_meta()) {
+      fail_local(desc, "the fake backend moves CPU tensors only (meta tensors: data-free, nothing moves), got " +
+                           t->device().str());
+    }
+    if (t->defined() && t->is_meta() != meta) {
+      fail_local(desc, "input and output must both be meta (data-free) or both CPU tensors");
+    }
   }
   auto& impl = *world_->impl_;
   const int global_rank = group_->global_ranks[rank_];
@@ -682,15 +695,26 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
     pending = slot;
     PendingCollective& p = *pending;
     const bool was_failed = p.state == CollectiveState::Failed;
-    const bool mismatch = !was_failed && p.first >= 0 && !desc.matches(p.first_desc());
+    const bool data_free_mismatch = !was_failed && p.first >= 0 && meta != p.data_free;
+    const bool mismatch = !was_failed && p.first >= 0 && (!desc.matches(p.first_desc()) || data_free_mismatch);
 
     p.arrivals[rank_] =
         Arrival{desc, input, output, world_->clock().now_ns(), std::chrono::steady_clock::now() + world_->timeout()};
     ++p.arrived;
-    if (p.first < 0) p.first = rank_;
+    if (p.first < 0) {
+      p.first = rank_;
+      p.data_free = meta;
+    }
     if (p.arrived == size()) group_->gathering.erase(desc.seq);
 
-    if (mismatch) {
+    if (data_free_mismatch) {
+      // Same call, but some ranks hold data and others meta tensors: nothing could be moved consistently.
+      callbacks = impl.fail_locked(
+          p, std::make_exception_ptr(CollectiveMismatchError(
+                 "collective mismatch in " + p.header() + ": rank " + std::to_string(global_rank) + " passed " +
+                 (meta ? "meta" : "CPU") + " tensors, rank " + std::to_string(p.global_ranks[p.first]) + " " +
+                 (p.data_free ? "meta" : "CPU") + " ones (data-free and data ranks cannot share a collective)")));
+    } else if (mismatch) {
       callbacks = impl.fail_locked(p, std::make_exception_ptr(mismatch_error(p, impl.where_locked())));
     } else if (!was_failed) {
       if (p.arrived == size()) {

@@ -657,17 +657,32 @@ static CollectiveMismatchError mismatch_error(const PendingCollective& p, const 
   return CollectiveMismatchError(msg.str());
 }
 
-WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, const at::Tensor& output) {
+// Whether a call is data-free (meta tensors); CPU or meta only, not mixed.
+static bool is_data_free_call(const CollectiveDesc& desc, const at::Tensor& input, const at::Tensor& output) {
   const bool meta = input.defined() ? input.is_meta() : output.defined() && output.is_meta();
   for (const at::Tensor* t : {&input, &output}) {
     if (t->defined() && !t->device().is_cpu() && !t->is_meta()) {
-      fail_local(desc, "the fake backend moves CPU tensors only (meta tensors: data-free, nothing moves), got " +
-                           t->device().str());
+      throw CommError(desc.to_string() +
+                      ": the fake backend moves CPU tensors only (meta tensors: data-free, nothing moves), got " +
+                      t->device().str());
     }
     if (t->defined() && t->is_meta() != meta) {
-      fail_local(desc, "input and output must both be meta (data-free) or both CPU tensors");
+      throw CommError(desc.to_string() + ": input and output must both be meta (data-free) or both CPU tensors");
     }
   }
+  return meta;
+}
+
+// Same call, but some ranks hold data and others meta tensors: nothing could be moved consistently.
+static CollectiveMismatchError data_free_mismatch_error(const PendingCollective& p, int global_rank, bool meta) {
+  return CollectiveMismatchError("collective mismatch in " + p.header() + ": rank " + std::to_string(global_rank) +
+                                 " passed " + (meta ? "meta" : "CPU") + " tensors, rank " +
+                                 std::to_string(p.global_ranks[p.first]) + " " + (p.data_free ? "meta" : "CPU") +
+                                 " ones (data-free and data ranks cannot share a collective)");
+}
+
+WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, const at::Tensor& output) {
+  const bool meta = is_data_free_call(desc, input, output);
   auto& impl = *world_->impl_;
   const int global_rank = group_->global_ranks[rank_];
   BackendScope not_compute(world_->sim_clock_, global_rank);
@@ -701,19 +716,12 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
     p.arrivals[rank_] =
         Arrival{desc, input, output, world_->clock().now_ns(), std::chrono::steady_clock::now() + world_->timeout()};
     ++p.arrived;
-    if (p.first < 0) {
-      p.first = rank_;
-      p.data_free = meta;
-    }
+    if (p.first < 0) p.data_free = meta;
+    if (p.first < 0) p.first = rank_;
     if (p.arrived == size()) group_->gathering.erase(desc.seq);
 
     if (data_free_mismatch) {
-      // Same call, but some ranks hold data and others meta tensors: nothing could be moved consistently.
-      callbacks = impl.fail_locked(
-          p, std::make_exception_ptr(CollectiveMismatchError(
-                 "collective mismatch in " + p.header() + ": rank " + std::to_string(global_rank) + " passed " +
-                 (meta ? "meta" : "CPU") + " tensors, rank " + std::to_string(p.global_ranks[p.first]) + " " +
-                 (p.data_free ? "meta" : "CPU") + " ones (data-free and data ranks cannot share a collective)")));
+      callbacks = impl.fail_locked(p, std::make_exception_ptr(data_free_mismatch_error(p, global_rank, meta)));
     } else if (mismatch) {
       callbacks = impl.fail_locked(p, std::make_exception_ptr(mismatch_error(p, impl.where_locked())));
     } else if (!was_failed) {

@@ -210,6 +210,56 @@ std::function<ProcessGroupPtr(int)> observed(std::function<ProcessGroupPtr(int)>
   };
 }
 
+// All fibers on one fresh OS thread: the caller's thread keeps its own
+// scheduler, and one thread makes the interleaving deterministic.
+void run_on_fibers(const std::vector<std::unique_ptr<RankRunner>>& runners, const WorldOptions& options,
+                   SimClock* sim_clock, FakeWorldState* fake_state, WorldResult& result) {
+  const int n = options.world_size;
+  // Nothing may escape the host thread (std::terminate): a fiber that
+  // cannot get its stack fails its rank and the ranks after it.
+  std::thread host([&] {
+    at::set_num_threads(1);
+    std::unique_ptr<FiberStackPool> pool;  // outlives the fibers
+    std::vector<boost::fibers::fiber> fibers;
+    // Before the scheduler: it hands every fiber the thread-local state of now, callback included.
+    std::optional<detail::OpCostHook> op_costs;
+    if (sim_clock != nullptr && (options.record_op_costs || options.compute_time == ComputeTime::OpCosts)) {
+      op_costs.emplace(*sim_clock, n, options.record_op_costs.get(),
+                       options.compute_time == ComputeTime::OpCosts ? options.op_costs.get() : nullptr);
+    }
+    try {
+      boost::fibers::use_scheduling_algorithm<RankScheduler>(options.schedule, options.seed, sim_clock);
+      fibers.reserve(n);
+      if (options.fiber_stacks == FiberStacks::Pooled) {
+        pool = std::make_unique<FiberStackPool>(n, options.fiber_stack_bytes);
+      }
+      for (int r = 0; r < n; ++r) {
+        auto body = [runner = runners[r].get(), stacks = pool.get(), r] {
+          (*runner)();
+          if (stacks != nullptr && !stacks->canary_intact(r)) runner->stack_overflowed(stacks->stack_bytes());
+          if (auto* scheduler = RankScheduler::current()) scheduler->fiber_finishing();
+        };
+        if (pool) {
+          fibers.emplace_back(std::allocator_arg, FiberStackPool::Allocator(*pool, r), body);
+        } else {
+          fibers.emplace_back(std::allocator_arg, boost::fibers::protected_fixedsize_stack(options.fiber_stack_bytes),
+                              body);
+        }
+      }
+    } catch (const std::exception& e) {
+      const int started = static_cast<int>(fibers.size());
+      fail_unstarted(result, started, "could not start rank fiber " + std::to_string(started) + ": " + e.what(),
+                     fake_state);
+    }
+    for (auto& fiber : fibers) fiber.join();
+    if (pool) {
+      result.fiber_stack_deepest_bytes = static_cast<int64_t>(pool->deepest_stack_bytes());
+      result.fiber_stack_resident_bytes = static_cast<int64_t>(pool->resident_bytes());
+    }
+  });
+  host.join();
+}
+
 }  // namespace
 
 WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
@@ -262,51 +312,7 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
   if (options_.rank_kind == RankKind::Threads) {
     run_on_threads(runners, options_.thread_stack_bytes, result, fake_state_.get());
   } else {
-    // All fibers on one fresh OS thread: the caller's thread keeps its own
-    // scheduler, and one thread makes the interleaving deterministic.
-    // Nothing may escape the host thread (std::terminate): a fiber that
-    // cannot get its stack fails its rank and the ranks after it.
-    std::thread host([&] {
-      at::set_num_threads(1);
-      std::unique_ptr<FiberStackPool> pool;  // outlives the fibers
-      std::vector<boost::fibers::fiber> fibers;
-      // Before the scheduler: it hands every fiber the thread-local state of now, callback included.
-      std::optional<detail::OpCostHook> op_costs;
-      if (sim_clock_ && (options_.record_op_costs || options_.compute_time == ComputeTime::OpCosts)) {
-        op_costs.emplace(*sim_clock_, n, options_.record_op_costs.get(),
-                         options_.compute_time == ComputeTime::OpCosts ? options_.op_costs.get() : nullptr);
-      }
-      try {
-        boost::fibers::use_scheduling_algorithm<RankScheduler>(options_.schedule, options_.seed, sim_clock_.get());
-        fibers.reserve(n);
-        if (options_.fiber_stacks == FiberStacks::Pooled) {
-          pool = std::make_unique<FiberStackPool>(n, options_.fiber_stack_bytes);
-        }
-        for (int r = 0; r < n; ++r) {
-          auto body = [runner = runners[r].get(), stacks = pool.get(), r] {
-            (*runner)();
-            if (stacks != nullptr && !stacks->canary_intact(r)) runner->stack_overflowed(stacks->stack_bytes());
-            if (auto* scheduler = RankScheduler::current()) scheduler->fiber_finishing();
-          };
-          if (pool) {
-            fibers.emplace_back(std::allocator_arg, FiberStackPool::Allocator(*pool, r), body);
-          } else {
-            fibers.emplace_back(std::allocator_arg,
-                                boost::fibers::protected_fixedsize_stack(options_.fiber_stack_bytes), body);
-          }
-        }
-      } catch (const std::exception& e) {
-        const int started = static_cast<int>(fibers.size());
-        fail_unstarted(result, started, "could not start rank fiber " + std::to_string(started) + ": " + e.what(),
-                       fake_state_.get());
-      }
-      for (auto& fiber : fibers) fiber.join();
-      if (pool) {
-        result.fiber_stack_deepest_bytes = static_cast<int64_t>(pool->deepest_stack_bytes());
-        result.fiber_stack_resident_bytes = static_cast<int64_t>(pool->resident_bytes());
-      }
-    });
-    host.join();
+    run_on_fibers(runners, options_, sim_clock_.get(), fake_state_.get(), result);
   }
   if (flight && !result.ok()) result.flight_recorder = flight->dump();
   return result;

@@ -198,6 +198,43 @@ TEST(Runner, SimulatedFiberRunPredictsStepTimeAndExposedCommunication) {
   EXPECT_THAT(out.str(), HasSubstr("% of the simulated step time"));
 }
 
+// The predicted step-time lines of a run's output (one per step).
+std::vector<std::string> predicted_steps(const std::string& output) {
+  std::vector<std::string> lines;
+  const std::regex step(R"(predicted [0-9.]+ ms, exposed comm [0-9.]+%)");
+  for (auto it = std::sregex_iterator(output.begin(), output.end(), step); it != std::sregex_iterator(); ++it) {
+    lines.push_back(it->str());
+  }
+  return lines;
+}
+
+// fsdpsim run --record-op-costs on a data run, then --op-costs on a data run
+// and on a --data-free run: the same predicted step times, to the printed
+// digit; the data-free run reads no loss and leaves no trace with --no-trace.
+TEST(Runner, DataFreeRunPredictsTheDataRunsStepTimesFromRecordedOpCosts) {
+  const std::string costs = temp_trace("op-costs");
+  const std::vector<std::string> common = {
+      "--ranks", "fibers", "--simulated-time", "--world-size", "3", "--steps", "2", "--mlp-dim", "24"};
+  auto run = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = common;
+    args.insert(args.end(), extra.begin(), extra.end());
+    std::ostringstream out, err;
+    EXPECT_EQ(run_scenario(parse_run_options(args), out, err), 0) << err.str();
+    return out.str();
+  };
+  const std::string recorded = run({"--record-op-costs", costs, "--trace", temp_trace("record")});
+  EXPECT_THAT(recorded, HasSubstr("ops (name and input shapes) recorded to " + costs));
+  const std::string data = run({"--op-costs", costs, "--trace", temp_trace("data")});
+  const std::string data_free = run({"--op-costs", costs, "--data-free", "--no-trace"});
+  EXPECT_EQ(predicted_steps(data).size(), 2u) << data;
+  EXPECT_EQ(predicted_steps(data_free), predicted_steps(data)) << data_free;
+  EXPECT_THAT(data_free, HasSubstr("loss(rank 0) n/a (data-free)"));
+  EXPECT_THAT(data_free, HasSubstr(" 0 by name only"));
+  EXPECT_THAT(data_free, HasSubstr(" 0 unknown"));
+  EXPECT_THAT(data_free, ::testing::Not(HasSubstr("trace:")));
+  std::filesystem::remove(costs);
+}
+
 TEST(Runner, CheckParityComparesWithTheReference) {
   RunOptions options = parse_run_options({"--scenario", "nested_wrapped", "--world-size", "3", "--steps", "2",
                                           "--check-parity", "--trace", temp_trace("parity")});

@@ -468,7 +468,10 @@ TEST(Runner, BadOptionsAreOneLineErrors) {
       {{"--ranks", "fibers", "--simulated-time", "--op-costs", "x.json", "--compute-time", "zero"},
        "--op-costs sets what compute costs: not with --compute-time"},
       {{"--world-size", "9000"}, "thread ranks are limited to 8192"},
-      {{"--ranks", "fibers", "--world-size", "70000"}, "over the trace's 65536 ranks: add --no-trace"},
+      {{"--ranks", "fibers", "--world-size", "70000", "--fiber-stacks", "pooled"},
+       "over the trace's 65536 ranks: add --no-trace"},
+      {{"--ranks", "fibers", "--world-size", "40000"}, "add --fiber-stacks pooled"},
+      {{"--fiber-stacks", "pooled"}, "--fiber-stacks needs --ranks fibers"},
   };
   for (const auto& [args, expected] : cases) {
     try {

@@ -138,11 +138,12 @@ RankStats train_rank(const RunOptions& options, int rank, ProcessGroupPtr world_
     if (options.delay_before_step_ms > 0) sim::sleep_for(ms_to_ns(options.delay_before_step_ms));
   };
   callbacks.after_step = [&](int step, const at::Tensor& loss) {
-    if (!options.data_free) stats.losses.push_back(loss.item<double>());  // a meta loss has no value
+    // The step's times first: reading the loss is the runner's, not the step's (a data-free run has none).
     stats.step_ns.push_back(clock.now_ns() - start);
     stats.wall_step_ns.push_back(
         std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - wall_start).count());
     stats.exposed_ns.push_back(sim_clock ? sim_clock->exposed_comm_ns(rank) - exposed_before : 0);
+    if (!options.data_free) stats.losses.push_back(loss.item<double>());  // a meta loss has no value
     stats.peak_unsharded_bytes = std::max(stats.peak_unsharded_bytes, engine.peak_unsharded_bytes());
     if (on_step) on_step(static_cast<int>(step - stats.first_step), stats);
   };

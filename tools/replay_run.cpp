@@ -534,6 +534,9 @@ ReplayResult run_data_free(const ReplayPlan& plan, const ReplayOptions& options)
   world_options.simulated_time = true;
   world_options.compute_time = sim::ComputeTime::Zero;  // the recorded gaps are the compute
   world_options.cost_model = options.cost_model;
+  // Any world size (guarded stacks stop at ~32000 fibers); a replayed rank runs no autograd: 128 KiB is ample.
+  world_options.fiber_stacks = sim::FiberStacks::Pooled;
+  world_options.fiber_stack_bytes = 128 * 1024;
   try {
     world_options.validate();
   } catch (const std::invalid_argument& e) {

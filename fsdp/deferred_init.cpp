@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/EmptyTensor.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
 #include <cmath>
@@ -53,6 +54,19 @@ void init_full(torch::nn::Module& module, const ShardInitFn& init) {
     if (!seen.insert(param.unsafeGetTensorImpl()).second) continue;
     init(ShardInit{item.key(), param.sizes().vec(), 0, param.detach()});
   }
+}
+
+void move_to_meta(torch::nn::Module& module) {
+  // LibTorch's set_data refuses a CPU -> meta move (different dispatch key
+  // sets); shallow_copy_from is what set_data does after that check.
+  auto to_meta = [](const at::Tensor& tensor) {
+    if (!tensor.defined() || tensor.is_meta()) return;
+    if (tensor.grad().defined()) tensor.mutable_grad().reset();
+    const at::Tensor meta(at::detail::empty_meta(tensor.sizes(), tensor.options().device(at::kMeta)));
+    tensor.unsafeGetTensorImpl()->shallow_copy_from(meta.getIntrusivePtr());
+  };
+  for (const auto& param : module.parameters()) to_meta(param);
+  for (const auto& buffer : module.buffers()) to_meta(buffer);
 }
 
 }  // namespace fsdpsim::fsdp

@@ -36,6 +36,13 @@ namespace fsdpsim::fsdp {
 /// Linear bound for a weight of fan_in row length).
 ShardInitFn seeded_uniform_rows(uint64_t seed, double bound = 0.0);
 
+/// Moves every param and buffer of `module` to the meta device in place:
+/// each keeps its TensorImpl (identity, requires_grad, names) and its shape
+/// and dtype, and drops its storage. What a data-free run (EngineOptions::
+/// data_free) does to a model built on the CPU by stock modules, which
+/// cannot be built on meta.
+void move_to_meta(torch::nn::Module& module);
+
 /// Runs `init` over every param of `module` whole (row_begin 0, FQNs from
 /// `module`, each TensorImpl once): the eager twin of Engine::materialize.
 void init_full(torch::nn::Module& module, const ShardInitFn& init);

@@ -545,6 +545,7 @@ const char* const kMaterializeFix =
 // A meta-built model computes nothing until materialised: refuse it before
 // the unit's state changes. Buffers are checked at the root's first forward.
 void Engine::Impl::check_materialized(const Unit::Impl& unit) const {
+  if (options.data_free) return;  // meta params are the point
   // Before the first forward FQNs are relative to the unit: name its module.
   const std::string where = unit.fqn.empty() ? unit.module->name() : "'" + unit.fqn + "'";
   for (const auto& p : unit.params) {

@@ -113,6 +113,10 @@ struct EngineOptions {
   /// Prefetched gathers issued but not yet used by their unit; further
   /// prefetches wait (are skipped) so memory cannot run away.
   int max_prefetches_in_flight = 2;
+  /// Data-free mode (sim's prediction at scale): params stay on the meta
+  /// device (shapes and dtypes, no storage) and forward, backward and every
+  /// collective run on meta tensors without materialize(); nothing has values.
+  bool data_free = false;
 };
 
 /// Mixed precision for one unit (FSDP2's MixedPrecisionPolicy). The sharded

@@ -1,11 +1,15 @@
 #include "scenarios/trainer.h"
 
+#include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <torch/optim/adam.h>
 #include <torch/optim/sgd.h>
 
 #include <stdexcept>
 
+#include "fsdp/deferred_init.h"
 #include "sim/fiber_autograd.h"
+#include "sim/meta_kernels.h"
 
 namespace fsdpsim::scenarios {
 
@@ -43,6 +47,11 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const TrainConfig& confi
 Trainer::Trainer(const TrainConfig& config, int rank, const ProcessGroupPtr& world,
                  std::vector<std::shared_ptr<fsdp::EngineHooks>> engine_hooks)
     : config_(config), rank_(rank), scenario_(make_scenario(config.scenario, rank)) {
+  if (config.data_free) {
+    if (config.cpu_offload) throw std::invalid_argument("TrainConfig: data_free with cpu_offload (nothing to offload)");
+    sim::register_meta_kernels();  // relu and others LibTorch registers only from Python
+    fsdp::move_to_meta(*scenario_->module());
+  }
   if (world) {
     ShardingSetup setup = make_sharding_setup(world, config.strategy, config.replicate_size);
     setup.mp_policy = config.mp_policy;
@@ -52,6 +61,7 @@ Trainer::Trainer(const TrainConfig& config, int rank, const ProcessGroupPtr& wor
     options.backward_prefetch = config.backward_prefetch;
     options.forward_prefetch = config.forward_prefetch;
     options.hooks = std::move(engine_hooks);
+    options.data_free = config.data_free;
     engine_ = std::make_unique<fsdp::Engine>(options);
     if (config.auto_wrap) {
       fsdp::WrapPolicyPtr policy = scenario_->wrap_policy();
@@ -97,7 +107,20 @@ at::Tensor Trainer::step(int step, const StepCallbacks& callbacks) {
   return this->step(step, scenario_->input(rank_, step), callbacks);
 }
 
-at::Tensor Trainer::step(int step, const std::vector<at::Tensor>& input, const StepCallbacks& callbacks) {
+namespace {
+std::vector<at::Tensor> to_meta(const std::vector<at::Tensor>& input) {
+  std::vector<at::Tensor> meta;
+  meta.reserve(input.size());
+  // at::detail::empty_meta runs no dispatcher op: a data-free step charges exactly the data step's ops.
+  for (const auto& t : input) {
+    meta.push_back(t.defined() ? at::Tensor(at::detail::empty_meta(t.sizes(), t.options().device(at::kMeta))) : t);
+  }
+  return meta;
+}
+}  // namespace
+
+at::Tensor Trainer::step(int step, const std::vector<at::Tensor>& data_input, const StepCallbacks& callbacks) {
+  const std::vector<at::Tensor> input = config_.data_free ? to_meta(data_input) : data_input;
   if (callbacks.before_forward) callbacks.before_forward(step);
   if (config_.zero_grad_at == ZeroGradAt::BeforeForward) zero_grad(step);
   at::Tensor loss = forward_loss(input);
@@ -111,6 +134,10 @@ at::Tensor Trainer::step(int step, const std::vector<at::Tensor>& input, const S
 }
 
 std::vector<double> Trainer::train(const StepCallbacks& callbacks) {
+  if (config_.data_free) {
+    throw std::logic_error(
+        "Trainer::train: a data-free run (TrainConfig::data_free) has no loss values; call step() and read no values");
+  }
   std::vector<double> losses;
   for (int s = 0; s < config_.steps; ++s) losses.push_back(step(s, callbacks).item<double>());
   return losses;

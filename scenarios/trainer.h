@@ -65,6 +65,12 @@ struct TrainConfig {
   bool auto_wrap = false;
   /// Shard with FSDP2's CPUOffloadPolicy (sharded params and grads on the CPU).
   bool cpu_offload = false;
+  /// Data-free (prediction at scale): the model's params and buffers and
+  /// every batch are moved to the meta device, the engine runs with
+  /// EngineOptions::data_free, so forward, backward, collectives and the
+  /// optimiser step run on shapes only. Losses have no value: step() returns
+  /// a meta tensor and train() refuses to run (it returns values).
+  bool data_free = false;
 
   bool set_to_none_at(int step) const {
     return zero_grad_set_to_none_alternate ? step % 2 == 0 : zero_grad_set_to_none;
@@ -101,7 +107,8 @@ class Trainer {
   at::Tensor step(int step, const StepCallbacks& callbacks = {});
   /// One step on `input` (a caller's own batch).
   at::Tensor step(int step, const std::vector<at::Tensor>& input, const StepCallbacks& callbacks = {});
-  /// config.steps steps; returns each step's loss.
+  /// config.steps steps; returns each step's loss (not data-free: throws
+  /// std::logic_error, a meta loss has no value).
   std::vector<double> train(const StepCallbacks& callbacks = {});
 
   /// The parts of a step, for callers that interleave several trainers

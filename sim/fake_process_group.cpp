@@ -161,7 +161,7 @@ const char* byte_ptr(const at::Tensor& t) { return static_cast<const char*>(t.da
 char* mutable_byte_ptr(const at::Tensor& t) { return static_cast<char*>(t.data_ptr()); }
 
 bool overlaps(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0) return false;
+  if (a.numel() == 0 || b.numel() == 0 || a.is_meta() || b.is_meta()) return false;  // meta: no bytes to overlap
   const char* a0 = byte_ptr(a);
   const char* b0 = byte_ptr(b);
   return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
@@ -213,6 +213,8 @@ struct PendingCollective {
   int folded = 0;             // arrivals [0, folded) are in `staging`
   std::vector<char> written;  // all-gather, by group rank: output written, the rank's part done
   int written_count = 0;
+  // Data-free (every rank passed meta tensors): validated and timed, no data moves.
+  bool data_free = false;
   explicit PendingCollective(bool fibers) : cv(fibers) {}
   Signal cv;
 
@@ -785,6 +787,10 @@ class FakeProcessGroup final : public ProcessGroup {
 void FakeProcessGroup::setup_tasks_locked(PendingCollective& p) {
   const int n = size();
   const CollectiveDesc& desc = p.first_desc();
+  if (p.data_free) {
+    p.phase_ends.clear();  // meta tensors: shapes were checked, there is nothing to move
+    return;
+  }
   switch (desc.op) {
     case CollectiveOp::AllGather:
     case CollectiveOp::ReduceScatter:
@@ -844,10 +850,32 @@ Callbacks FakeProcessGroup::start_locked(const std::shared_ptr<PendingCollective
   return {};
 }
 
-WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, const at::Tensor& output) {
+// Whether a call is data-free (meta tensors); CPU or meta only, not mixed.
+static bool is_data_free_call(const CollectiveDesc& desc, const at::Tensor& input, const at::Tensor& output) {
+  const bool meta = input.defined() ? input.is_meta() : output.defined() && output.is_meta();
   for (const at::Tensor* t : {&input, &output}) {
-    if (t->defined() && !t->device().is_cpu()) fail_local(desc, "the fake backend moves CPU tensors only");
+    if (t->defined() && !t->device().is_cpu() && !t->is_meta()) {
+      throw CommError(desc.to_string() +
+                      ": the fake backend moves CPU tensors only (meta tensors: data-free, nothing moves), got " +
+                      t->device().str());
+    }
+    if (t->defined() && t->is_meta() != meta) {
+      throw CommError(desc.to_string() + ": input and output must both be meta (data-free) or both CPU tensors");
+    }
   }
+  return meta;
+}
+
+// Same call, but some ranks hold data and others meta tensors: nothing could be moved consistently.
+static CollectiveMismatchError data_free_mismatch_error(const PendingCollective& p, int global_rank, bool meta) {
+  return CollectiveMismatchError("collective mismatch in " + p.header() + ": rank " + std::to_string(global_rank) +
+                                 " passed " + (meta ? "meta" : "CPU") + " tensors, rank " +
+                                 std::to_string(p.global_ranks[p.first]) + " " + (p.data_free ? "meta" : "CPU") +
+                                 " ones (data-free and data ranks cannot share a collective)");
+}
+
+WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, const at::Tensor& output) {
+  const bool meta = is_data_free_call(desc, input, output);
   auto& impl = *world_->impl_;
   const int global_rank = group_->global_ranks[rank_];
   BackendScope not_compute(world_->sim_clock_, global_rank);
@@ -872,21 +900,27 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
       slot->seq = desc.seq;
       slot->global_ranks = group_->global_ranks;
       slot->arrivals.resize(size());
-      slot->staged = world_->fibers() && (desc.op == CollectiveOp::AllGather || desc.op == CollectiveOp::ReduceScatter);
+      // Data-free collectives move nothing: never staged.
+      slot->staged =
+          world_->fibers() && !meta && (desc.op == CollectiveOp::AllGather || desc.op == CollectiveOp::ReduceScatter);
     }
     pending = slot;
     PendingCollective& p = *pending;
     const bool was_failed = p.state == CollectiveState::Failed;
-    const bool mismatch = !was_failed && p.first >= 0 && !desc.matches(p.first_desc());
+    const bool data_free_mismatch = !was_failed && p.first >= 0 && meta != p.data_free;
+    const bool mismatch = !was_failed && p.first >= 0 && (!desc.matches(p.first_desc()) || data_free_mismatch);
 
     p.arrivals[rank_] =
         Arrival{desc, input, output, world_->clock().now_ns(), std::chrono::steady_clock::now() + world_->timeout()};
     ++p.arrived;
+    if (p.first < 0) p.data_free = meta;
     if (p.first < 0) p.first = rank_;
     if (p.arrived == size()) group_->gathering.erase(desc.seq);
 
     Callbacks more;
-    if (mismatch) {
+    if (data_free_mismatch) {
+      more = impl.fail_locked(p, std::make_exception_ptr(data_free_mismatch_error(p, global_rank, meta)));
+    } else if (mismatch) {
       more = impl.fail_locked(p, std::make_exception_ptr(mismatch_error(p, impl.where_locked())));
     } else if (!was_failed) {
       if (p.staged) {

@@ -15,7 +15,8 @@ SimClock::SimClock(int world_size, ComputeTime compute, double compute_scale, in
       exposed_(world_size, 0),
       compute_(world_size, 0),
       slice_start_(world_size, std::chrono::steady_clock::now()),
-      in_backend_(world_size, 0) {
+      in_backend_(world_size, 0),
+      op_cost_usage_(world_size) {
   if (world_size < 1) throw std::invalid_argument("SimClock: world_size must be >= 1");
   if (!(compute_scale >= 0.0)) throw std::invalid_argument("SimClock: compute_scale must be >= 0");
   if (fixed_compute_ns < 0) throw std::invalid_argument("SimClock: fixed_compute_ns must be >= 0");
@@ -49,9 +50,25 @@ int64_t SimClock::slice_cost(std::chrono::steady_clock::duration real) const {
       return static_cast<int64_t>(
           static_cast<double>(std::chrono::duration_cast<std::chrono::nanoseconds>(real).count()) * compute_scale_);
     case ComputeTime::Fixed: return fixed_compute_ns_;
-    case ComputeTime::Zero: return 0;
+    case ComputeTime::Zero:
+    case ComputeTime::OpCosts: return 0;  // OpCosts: charged per op (charge_compute)
   }
   return 0;
+}
+
+OpCostUsage SimClock::op_cost_usage() const {
+  OpCostUsage total;
+  for (const auto& used : op_cost_usage_) {
+    total.exact += used.exact;
+    total.by_name += used.by_name;
+    total.unknown += used.unknown;
+  }
+  return total;
+}
+
+int64_t SimClock::compute_so_far_ns(int rank) const {
+  if (in_backend_[rank] > 0) return compute_[rank];
+  return compute_[rank] + slice_cost(std::chrono::steady_clock::now() - slice_start_[rank]);
 }
 
 void SimClock::on_switch_in(int rank) { slice_start_[rank] = std::chrono::steady_clock::now(); }

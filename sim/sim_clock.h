@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "backends/clock.h"
+#include "sim/op_costs.h"
 
 namespace fsdpsim::sim {
 
@@ -25,6 +26,8 @@ enum class ComputeTime {
   Measured,  ///< compute costs its real run time x compute_scale
   Zero,      ///< compute is free: only sleeps and collectives take time (fully deterministic)
   Fixed,     ///< each slice of rank code (between comm calls and switches) costs a fixed time (deterministic)
+  OpCosts,   ///< each outermost ATen op / autograd node costs its entry in an OpCostTable (sim/op_costs.h);
+             ///< code between ops is free (deterministic; what a data-free run charges)
 };
 
 class SimClock final : public Clock {
@@ -41,6 +44,19 @@ class SimClock final : public Clock {
   int world_size() const { return static_cast<int>(time_.size()); }
 
   void advance(int rank, int64_t ns) { time_[rank] += ns; }
+  /// Compute of `ns` charged to `rank` (ComputeTime::OpCosts: an op's cost).
+  void charge_compute(int rank, int64_t ns) {
+    time_[rank] += ns;
+    compute_[rank] += ns;
+  }
+  /// The rank's compute so far, its running slice included (what an op
+  /// recorder reads before and after the op).
+  int64_t compute_so_far_ns(int rank) const;
+  bool in_backend(int rank) const { return in_backend_[rank] > 0; }
+  /// ComputeTime::OpCosts: how the ops' costs of `rank` were found, and of every rank.
+  OpCostUsage& op_cost_usage(int rank) { return op_cost_usage_[rank]; }
+  const OpCostUsage& op_cost_usage(int rank) const { return op_cost_usage_[rank]; }
+  OpCostUsage op_cost_usage() const;
   /// The rank waited for communication that ends at end_ns.
   void wait_until(int rank, int64_t end_ns);
 
@@ -63,6 +79,7 @@ class SimClock final : public Clock {
   std::vector<int64_t> compute_;
   std::vector<std::chrono::steady_clock::time_point> slice_start_;
   std::vector<int> in_backend_;  // nesting depth of BackendScope
+  std::vector<OpCostUsage> op_cost_usage_;
 };
 
 /// Charges the compute so far and stops charging until the scope ends (a

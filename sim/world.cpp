@@ -5,6 +5,7 @@
 #include <boost/fiber/all.hpp>
 
 #include <cstring>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <thread>
@@ -15,6 +16,7 @@
 #include "backends/observe/trace_recorder.h"
 #include "sim/fake_process_group.h"
 #include "sim/fiber_scheduler.h"
+#include "sim/fiber_stacks.h"
 
 namespace fsdpsim::sim {
 
@@ -43,6 +45,16 @@ void WorldOptions::validate() const {
   if (simulated_time) cost_model.validate();
   if (!(compute_scale >= 0.0)) throw std::invalid_argument("compute_scale must be >= 0");
   if (fixed_compute_ns < 0) throw std::invalid_argument("fixed_compute_ns must be >= 0");
+  if (compute_time == ComputeTime::OpCosts && (!simulated_time || !op_costs)) {
+    throw std::invalid_argument(
+        "compute_time OpCosts needs simulated_time and an op cost table (WorldOptions::op_costs, recorded by a data "
+        "run "
+        "with record_op_costs)");
+  }
+  if (record_op_costs && (!simulated_time || compute_time != ComputeTime::Measured)) {
+    throw std::invalid_argument(
+        "record_op_costs measures compute on the simulated clock: it needs simulated_time with ComputeTime::Measured");
+  }
   if (fiber_stack_bytes < 64 * 1024) throw std::invalid_argument("fiber_stack_bytes must be >= 64 KiB");
   if (thread_stack_bytes < 256 * 1024) throw std::invalid_argument("thread_stack_bytes must be >= 256 KiB");
 }
@@ -104,6 +116,15 @@ class RankRunner {
         make_group_(make_group),
         rank_main_(rank_main),
         outcome_(outcome) {}
+
+  // Pooled stacks: the canary below this rank's stack was overwritten.
+  void stack_overflowed(size_t stack_bytes) {
+    outcome_.ok = false;
+    outcome_.error = "fiber stack overflow: rank " + std::to_string(rank_) + " used more than its " +
+                     std::to_string(stack_bytes >> 10) +
+                     " KiB stack (and may have corrupted its neighbour's): raise WorldOptions::fiber_stack_bytes";
+    if (fake_state_ != nullptr) fake_state_->abort(outcome_.error);
+  }
 
   void operator()() {
     outcome_.rank = rank_;
@@ -189,6 +210,56 @@ std::function<ProcessGroupPtr(int)> observed(std::function<ProcessGroupPtr(int)>
   };
 }
 
+// All fibers on one fresh OS thread: the caller's thread keeps its own
+// scheduler, and one thread makes the interleaving deterministic.
+void run_on_fibers(const std::vector<std::unique_ptr<RankRunner>>& runners, const WorldOptions& options,
+                   SimClock* sim_clock, FakeWorldState* fake_state, WorldResult& result) {
+  const int n = options.world_size;
+  // Nothing may escape the host thread (std::terminate): a fiber that
+  // cannot get its stack fails its rank and the ranks after it.
+  std::thread host([&] {
+    at::set_num_threads(1);
+    std::unique_ptr<FiberStackPool> pool;  // outlives the fibers
+    std::vector<boost::fibers::fiber> fibers;
+    // Before the scheduler: it hands every fiber the thread-local state of now, callback included.
+    std::optional<detail::OpCostHook> op_costs;
+    if (sim_clock != nullptr && (options.record_op_costs || options.compute_time == ComputeTime::OpCosts)) {
+      op_costs.emplace(*sim_clock, n, options.record_op_costs.get(),
+                       options.compute_time == ComputeTime::OpCosts ? options.op_costs.get() : nullptr);
+    }
+    try {
+      boost::fibers::use_scheduling_algorithm<RankScheduler>(options.schedule, options.seed, sim_clock);
+      fibers.reserve(n);
+      if (options.fiber_stacks == FiberStacks::Pooled) {
+        pool = std::make_unique<FiberStackPool>(n, options.fiber_stack_bytes);
+      }
+      for (int r = 0; r < n; ++r) {
+        auto body = [runner = runners[r].get(), stacks = pool.get(), r] {
+          (*runner)();
+          if (stacks != nullptr && !stacks->canary_intact(r)) runner->stack_overflowed(stacks->stack_bytes());
+          if (auto* scheduler = RankScheduler::current()) scheduler->fiber_finishing();
+        };
+        if (pool) {
+          fibers.emplace_back(std::allocator_arg, FiberStackPool::Allocator(*pool, r), body);
+        } else {
+          fibers.emplace_back(std::allocator_arg, boost::fibers::protected_fixedsize_stack(options.fiber_stack_bytes),
+                              body);
+        }
+      }
+    } catch (const std::exception& e) {
+      const int started = static_cast<int>(fibers.size());
+      fail_unstarted(result, started, "could not start rank fiber " + std::to_string(started) + ": " + e.what(),
+                     fake_state);
+    }
+    for (auto& fiber : fibers) fiber.join();
+    if (pool) {
+      result.fiber_stack_deepest_bytes = static_cast<int64_t>(pool->deepest_stack_bytes());
+      result.fiber_stack_resident_bytes = static_cast<int64_t>(pool->resident_bytes());
+    }
+  });
+  host.join();
+}
+
 }  // namespace
 
 WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
@@ -241,31 +312,7 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
   if (options_.rank_kind == RankKind::Threads) {
     run_on_threads(runners, options_.thread_stack_bytes, result, fake_state_.get());
   } else {
-    // All fibers on one fresh OS thread: the caller's thread keeps its own
-    // scheduler, and one thread makes the interleaving deterministic.
-    // Nothing may escape the host thread (std::terminate): a fiber that
-    // cannot get its stack fails its rank and the ranks after it.
-    std::thread host([&] {
-      at::set_num_threads(1);
-      std::vector<boost::fibers::fiber> fibers;
-      try {
-        boost::fibers::use_scheduling_algorithm<RankScheduler>(options_.schedule, options_.seed, sim_clock_.get());
-        fibers.reserve(n);
-        for (int r = 0; r < n; ++r) {
-          fibers.emplace_back(std::allocator_arg, boost::fibers::protected_fixedsize_stack(options_.fiber_stack_bytes),
-                              [runner = runners[r].get()] {
-                                (*runner)();
-                                if (auto* scheduler = RankScheduler::current()) scheduler->fiber_finishing();
-                              });
-        }
-      } catch (const std::exception& e) {
-        const int started = static_cast<int>(fibers.size());
-        fail_unstarted(result, started, "could not start rank fiber " + std::to_string(started) + ": " + e.what(),
-                       fake_state_.get());
-      }
-      for (auto& fiber : fibers) fiber.join();
-    });
-    host.join();
+    run_on_fibers(runners, options_, sim_clock_.get(), fake_state_.get(), result);
   }
   if (flight && !result.ok()) result.flight_recorder = flight->dump();
   return result;

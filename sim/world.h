@@ -27,6 +27,7 @@
 #include "backends/clock.h"
 #include "backends/process_group.h"
 #include "sim/cost_model.h"
+#include "sim/op_costs.h"
 #include "sim/sim_clock.h"
 
 namespace fsdpsim::observe {
@@ -40,6 +41,17 @@ class FakeWorldState;
 enum class RankKind { Threads, Fibers };
 enum class SchedulePolicy { RoundRobin, SeededRandom };
 enum class CommBackend { Fake, Gloo };
+/// Where fiber ranks' stacks live.
+enum class FiberStacks {
+  /// One mapping per fiber with a guard page: an overflow faults at once.
+  /// Two memory mappings per fiber: Linux's vm.max_map_count (65530 by
+  /// default) stops a world at about 32000 fibers.
+  Guarded,
+  /// Carved from one reserved mapping (sim/fiber_stacks.h), committed as
+  /// touched: any world size. No guard page: a canary at each stack's bottom
+  /// is checked when its fiber ends (the rank then fails naming the fix).
+  Pooled,
+};
 
 const char* to_string(RankKind kind);
 const char* to_string(SchedulePolicy policy);
@@ -60,6 +72,7 @@ struct WorldOptions {
   bool gloo_check_collectives = true;
   /// Stack of each fiber rank (LibTorch ops need more than Boost's default).
   size_t fiber_stack_bytes = 512 * 1024;
+  FiberStacks fiber_stacks = FiberStacks::Guarded;
   /// Stack of each thread rank.
   size_t thread_stack_bytes = 4 * 1024 * 1024;
   /// When set, every collective of every rank is recorded here.
@@ -76,6 +89,12 @@ struct WorldOptions {
   double compute_scale = 1.0;
   /// ComputeTime::Fixed: what each slice of rank code costs.
   int64_t fixed_compute_ns = 0;
+  /// ComputeTime::OpCosts: what each op costs (sim/op_costs.h).
+  std::shared_ptr<const OpCostTable> op_costs;
+  /// Simulated time with ComputeTime::Measured: each rank's outermost ops
+  /// and their measured compute are added here (the calibration a data-free
+  /// run charges from). Fibers only (recorded on their one OS thread).
+  std::shared_ptr<OpCostTable> record_op_costs;
   /// Checks the options; throws std::invalid_argument naming the bad one.
   void validate() const;
 };
@@ -122,6 +141,10 @@ struct WorldResult {
   /// When a rank failed: every rank's recent collectives and where each
   /// rank was (backends/observe/flight_recorder.h), for hang and desync diagnosis.
   std::string flight_recorder;
+  /// FiberStacks::Pooled: the deepest any rank's stack went and every
+  /// stack's resident bytes together (pages touched; 0 for guarded stacks).
+  int64_t fiber_stack_deepest_bytes = 0;
+  int64_t fiber_stack_resident_bytes = 0;
   bool ok() const;
   /// One line per failed rank: "rank 3: <error>".
   std::string error_report() const;

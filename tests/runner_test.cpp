@@ -198,6 +198,43 @@ TEST(Runner, SimulatedFiberRunPredictsStepTimeAndExposedCommunication) {
   EXPECT_THAT(out.str(), HasSubstr("% of the simulated step time"));
 }
 
+// The predicted step-time lines of a run's output (one per step).
+std::vector<std::string> predicted_steps(const std::string& output) {
+  std::vector<std::string> lines;
+  const std::regex step(R"(predicted [0-9.]+ ms, exposed comm [0-9.]+%)");
+  for (auto it = std::sregex_iterator(output.begin(), output.end(), step); it != std::sregex_iterator(); ++it) {
+    lines.push_back(it->str());
+  }
+  return lines;
+}
+
+// fsdpsim run --record-op-costs on a data run, then --op-costs on a data run
+// and on a --data-free run: the same predicted step times, to the printed
+// digit; the data-free run reads no loss and leaves no trace with --no-trace.
+TEST(Runner, DataFreeRunPredictsTheDataRunsStepTimesFromRecordedOpCosts) {
+  const std::string costs = temp_trace("op-costs");
+  const std::vector<std::string> common = {
+      "--ranks", "fibers", "--simulated-time", "--world-size", "3", "--steps", "2", "--mlp-dim", "24"};
+  auto run = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = common;
+    args.insert(args.end(), extra.begin(), extra.end());
+    std::ostringstream out, err;
+    EXPECT_EQ(run_scenario(parse_run_options(args), out, err), 0) << err.str();
+    return out.str();
+  };
+  const std::string recorded = run({"--record-op-costs", costs, "--trace", temp_trace("record")});
+  EXPECT_THAT(recorded, HasSubstr("ops (name and input shapes) recorded to " + costs));
+  const std::string data = run({"--op-costs", costs, "--trace", temp_trace("data")});
+  const std::string data_free = run({"--op-costs", costs, "--data-free", "--no-trace"});
+  EXPECT_EQ(predicted_steps(data).size(), 2u) << data;
+  EXPECT_EQ(predicted_steps(data_free), predicted_steps(data)) << data_free;
+  EXPECT_THAT(data_free, HasSubstr("loss(rank 0) n/a (data-free)"));
+  EXPECT_THAT(data_free, HasSubstr(" 0 by name only"));
+  EXPECT_THAT(data_free, HasSubstr(" 0 unknown"));
+  EXPECT_THAT(data_free, ::testing::Not(HasSubstr("trace:")));
+  std::filesystem::remove(costs);
+}
+
 TEST(Runner, CheckParityComparesWithTheReference) {
   RunOptions options = parse_run_options({"--scenario", "nested_wrapped", "--world-size", "3", "--steps", "2",
                                           "--check-parity", "--trace", temp_trace("parity")});
@@ -404,7 +441,7 @@ TEST(Runner, BadOptionsAreOneLineErrors) {
       {{"--schedule", "seeded-random"}, "--schedule needs --ranks fibers"},
       {{"--delay-rank", "1"}, "--delay-rank needs a delay it restricts"},
       {{"--timeout", "0"}, "--timeout needs seconds in [0.001, 86400], got '0'"},
-      {{"--world-size", "0"}, "--world-size must be in [1, 65536], got 0"},
+      {{"--world-size", "0"}, "--world-size must be in [1, 1048576], got 0"},
       {{"--scenario", "nope"}, "unknown scenario 'nope'"},
       {{"--ranks", "processes"}, "--ranks processes needs --backend gloo"},
       {{"--strategy", "hybrid_shard"}, "hybrid_shard needs --mesh RxS"},
@@ -416,6 +453,25 @@ TEST(Runner, BadOptionsAreOneLineErrors) {
       {{"--delay-after-loss", "-3"}, "--delay-after-loss needs milliseconds"},
       {{"--steps"}, "--steps needs a value"},
       {{"--bogus"}, "unknown option '--bogus'"},
+      {{"--data-free"}, "--data-free predicts the step time on the simulated clock: it needs --ranks fibers"},
+      {{"--data-free", "--ranks", "fibers"}, "it needs --ranks fibers --simulated-time"},
+      {{"--data-free", "--ranks", "fibers", "--simulated-time"}, "measured compute would predict nothing"},
+      {{"--data-free", "--ranks", "fibers", "--simulated-time", "--compute-time", "zero", "--check-parity"},
+       "--data-free has no values to compare"},
+      {{"--data-free", "--ranks", "fibers", "--simulated-time", "--record-op-costs", "x.json"},
+       "drop --data-free to record"},
+      {{"--ranks", "fibers", "--simulated-time", "--compute-time", "zero", "--record-op-costs", "x.json"},
+       "--record-op-costs measures compute on the simulated clock"},
+      {{"--op-costs", "x.json"}, "--op-costs needs --simulated-time"},
+      {{"--ranks", "fibers", "--simulated-time", "--op-costs", "/nonexistent/costs.json"},
+       "--op-costs: cannot read the op cost table '/nonexistent/costs.json'"},
+      {{"--ranks", "fibers", "--simulated-time", "--op-costs", "x.json", "--compute-time", "zero"},
+       "--op-costs sets what compute costs: not with --compute-time"},
+      {{"--world-size", "9000"}, "thread ranks are limited to 8192"},
+      {{"--ranks", "fibers", "--world-size", "70000", "--fiber-stacks", "pooled"},
+       "over the trace's 65536 ranks: add --no-trace"},
+      {{"--ranks", "fibers", "--world-size", "40000"}, "add --fiber-stacks pooled"},
+      {{"--fiber-stacks", "pooled"}, "--fiber-stacks needs --ranks fibers"},
   };
   for (const auto& [args, expected] : cases) {
     try {

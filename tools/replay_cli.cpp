@@ -80,6 +80,7 @@ struct Args {
   std::optional<std::string> preset;
   std::optional<int> parallel_links;
   bool measure = false;
+  bool data_free = false;
 };
 
 // Options of run and predict.
@@ -145,6 +146,10 @@ void bind_predict_only_options(CLI::App& app, Args& a) {
       "of this host, 1 for fibers)",
       [&a](const std::string& v) { a.parallel_links = static_cast<int>(parse_int("--parallel-links", v, 0, 65536)); });
   app.add_flag("--measure", a.measure, "also replay at N and print prediction vs measurement with the error");
+  app.add_flag("--data-free", a.data_free,
+               "also replay at N on fiber ranks with meta tensors (no memory, no data moved) on a simulated clock: "
+               "each rank computes for its recorded gaps and waits for its collectives (the cost model's time); "
+               "prints the makespan of one pass");
 }
 
 // What needs the whole line.
@@ -342,6 +347,24 @@ void print_prediction(const Args& a, const ReplayPlan& target, const sim::CostMo
   }
 }
 
+// The plan replayed data-free at the target world: critical path of the recorded gaps and modelled collectives.
+void print_data_free_replay(const Args& a, const ReplayPlan& target, const sim::CostModelParams& params,
+                            std::ostream& out) {
+  ReplayOptions options = a.options;
+  options.backend = ReplayBackend::FakeFibers;
+  options.data_free = true;
+  options.use_timestamps = true;
+  options.check_data = false;
+  options.cost_model = params;
+  const ReplayResult result = run_replay(target, options);
+  const int iterations = a.options.iterations;
+  out << fmt::format(
+      "data-free replay at world {} (fiber ranks, meta tensors, simulated clock; recorded gaps as compute): "
+      "{:.3f} ms per pass on the slowest rank, of which collectives {:.3f} ms summed; {:.2f} s wall\n",
+      a.world_size, ns_to_ms(result.simulated_end_ns / iterations), ns_to_ms(result.total_latency_ns() / iterations),
+      result.wall_s);
+}
+
 int cmd_predict(const Args& a, std::ostream& out) {
   const ReplayTrace trace = load_replay_trace(a.trace);
   const ReplayPlan target = make_replay_plan(trace, a.world_size, a.options.limits);
@@ -357,6 +380,7 @@ int cmd_predict(const Args& a, std::ostream& out) {
     measured = run_replay(target, options);
   }
   print_prediction(a, target, params, measured, out);
+  if (a.data_free) print_data_free_replay(a, target, params, out);
   return 0;
 }
 

@@ -221,6 +221,13 @@ struct ReplayOptions {
   /// In-process backends: decorates each rank's world group before the
   /// replay builds its sub-groups (tests inject faults through it).
   std::function<ProcessGroupPtr(ProcessGroupPtr group, int rank)> wrap_group;
+  /// Data-free (fake-fibers only): buffers on the meta device (nothing is
+  /// allocated or moved, so no memory limit applies) and a simulated clock:
+  /// each collective lasts `cost_model`'s time from its last arrival and the
+  /// recorded gaps (use_timestamps) are compute that costs no real time.
+  /// Timings are then simulated nanoseconds.
+  bool data_free = false;
+  sim::CostModelParams cost_model;
 };
 
 /// One replayed collective (one iteration of one (group, seq)).
@@ -241,6 +248,9 @@ struct ReplayResult {
   /// check_data: outputs verified, and the first wrong element ("" = none).
   size_t checked_outputs = 0;
   std::string data_error;
+  /// data_free: the slowest rank's simulated clock at the end (the replay's
+  /// makespan: gaps, waits and collectives on its critical path).
+  int64_t simulated_end_ns = 0;
   /// Sum of every collective's latency.
   int64_t total_latency_ns() const;
 };

@@ -182,6 +182,15 @@ std::pair<at::Tensor, at::Tensor> crafted_buffers(const PlannedOp& op, int gr) {
   return {};
 }
 
+// Data-free: shapes and dtypes only; in-place ops share one.
+std::pair<at::Tensor, at::Tensor> meta_buffers(const PlannedOp& op) {
+  if (op.op == CollectiveOp::Barrier) return {};
+  const auto meta = at::TensorOptions().dtype(op.dtype).device(at::kMeta);
+  at::Tensor input = at::empty({op.in_numel}, meta);
+  const bool in_place = op.op == CollectiveOp::AllReduce || op.op == CollectiveOp::Broadcast;
+  return {input, in_place ? input : at::empty({op.out_numel}, meta)};
+}
+
 // Reused uninitialised buffers (timing only); in-place ops share one.
 std::pair<at::Tensor, at::Tensor> pooled_buffers(const PlannedOp& op, BufferPool& pool) {
   if (op.op == CollectiveOp::Barrier) return {};
@@ -246,11 +255,14 @@ void replay_rank(const ReplayPlan& plan, int rank, const ProcessGroupPtr& world,
       const int gr = group->rank();
       const int n = group->size();
       const bool check = options.check_data;
-      auto [input, output] = check ? crafted_buffers(op, gr) : pooled_buffers(op, pool);
+      auto [input, output] =
+          options.data_free ? meta_buffers(op) : (check ? crafted_buffers(op, gr) : pooled_buffers(op, pool));
 
-      const int64_t start = steady_now_ns();
+      // Data-free: the simulated clock (sim::current_rank() is set: fiber ranks of a World).
+      auto now = [&] { return options.data_free ? sim::current_rank()->clock().now_ns() : steady_now_ns(); };
+      const int64_t start = now();
       issue(*group, op, input, output)->wait();
-      const int64_t end = steady_now_ns();
+      const int64_t end = now();
       const size_t slot = static_cast<size_t>(it) * program.size() + k;
       record.start[slot] = start;
       record.end[slot] = end;
@@ -507,12 +519,53 @@ ReplayBackend replay_backend_from_string(const std::string& name) {
                               name + "'");
 }
 
+namespace {
+
+// Fiber ranks on meta buffers and a simulated clock: no memory, no real waits.
+ReplayResult run_data_free(const ReplayPlan& plan, const ReplayOptions& options) {
+  if (options.backend != ReplayBackend::FakeFibers || options.check_data) {
+    throw ReplayPlanError("a data-free replay runs on fake-fibers and checks no data (it has none)");
+  }
+  if (options.iterations < 1) throw ReplayPlanError("iterations must be >= 1");
+  sim::WorldOptions world_options;
+  world_options.world_size = plan.world_size;
+  world_options.rank_kind = sim::RankKind::Fibers;
+  world_options.collective_timeout = options.timeout;
+  world_options.simulated_time = true;
+  world_options.compute_time = sim::ComputeTime::Zero;  // the recorded gaps are the compute
+  world_options.cost_model = options.cost_model;
+  // Any world size (guarded stacks stop at ~32000 fibers); a replayed rank runs no autograd: 128 KiB is ample.
+  world_options.fiber_stacks = sim::FiberStacks::Pooled;
+  world_options.fiber_stack_bytes = 128 * 1024;
+  try {
+    world_options.validate();
+  } catch (const std::invalid_argument& e) {
+    throw ReplayPlanError(std::string("data-free replay: ") + e.what());
+  }
+  sim::World world(world_options);
+  std::vector<RankRecord> records(static_cast<size_t>(plan.world_size));
+  const int64_t started = steady_now_ns();
+  sim::WorldResult outcome = world.run([&](sim::RankContext& ctx) {
+    ProcessGroupPtr group = ctx.world_group();
+    if (options.wrap_group) group = options.wrap_group(group, ctx.rank());
+    replay_rank(plan, ctx.rank(), group, options, records[static_cast<size_t>(ctx.rank())]);
+  });
+  const double wall_s = ns_to_s(steady_now_ns() - started);
+  if (!outcome.ok()) throw ReplayRunError("the data-free replay failed:\n" + outcome.error_report());
+  ReplayResult result = collect(plan, options, records, wall_s);
+  result.simulated_end_ns = world.sim_clock()->now_ns();
+  return result;
+}
+
+}  // namespace
+
 ReplayResult run_replay(const ReplayPlan& plan, const ReplayOptions& options) {
   if (plan.per_rank.size() != static_cast<size_t>(plan.world_size)) {
     throw ReplayPlanError("replay plan: " + std::to_string(plan.per_rank.size()) + " programs for a world of " +
                           std::to_string(plan.world_size));
   }
   const bool processes = options.backend == ReplayBackend::GlooProcesses;
+  if (options.data_free) return run_data_free(plan, options);
   check_limits(plan, options, processes ? 1 : plan.world_size);
   if (processes) {
     if (plan.world_size > 64) {

@@ -71,8 +71,8 @@ void bind_world_options(CLI::App& app, RunParse& p) {
               }
             });
   add_value(
-      app, "--world-size", "N", "ranks (default 4; thread ranks up to 8192, fibers up to 65536)",
-      [&o](const std::string& v) { o.world.world_size = static_cast<int>(parse_int("--world-size", v, 1, 65536)); });
+      app, "--world-size", "N", "ranks (default 4; threads up to 8192, fibers up to 1048576)",
+      [&o](const std::string& v) { o.world.world_size = static_cast<int>(parse_int("--world-size", v, 1, 1 << 20)); });
   add_value(app, "--mesh", "RxS", "hybrid_shard: R replicas of S shards (R*S = world size)",
             [&p](const std::string& v) {
               const size_t x = v.find('x');
@@ -94,6 +94,29 @@ void bind_world_options(CLI::App& app, RunParse& p) {
             "simulated time: what compute costs (default measured); zero or fixed:US (per slice of rank code) make a "
             "seeded run's times and traces reproducible bit for bit",
             [&o](const std::string& v) { parse_compute_time(v, o); });
+  add_value(app, "--op-costs", "FILE",
+            "simulated time: charge each op its cost in FILE (written by --record-op-costs) instead of measuring",
+            [&o](const std::string& v) {
+              o.op_costs_path = v;
+              o.world.compute_time = sim::ComputeTime::OpCosts;
+            });
+  add_value(app, "--record-op-costs", "FILE",
+            "simulated time, measured compute: save every op's measured cost (by name and input shapes) to FILE",
+            [&o](const std::string& v) { o.record_op_costs_path = v; });
+  app.add_flag("--data-free", o.data_free,
+               "params, activations and grads on the meta device (shapes only): predict the step time at scale "
+               "(needs --ranks fibers --simulated-time and --op-costs or --compute-time fixed:US|zero)");
+  app.add_flag("--no-trace", o.no_trace, "keep and write no trace (large worlds)");
+  add_value(app, "--fiber-stack-kib", "N", "stack of each fiber rank in KiB (default 512)", [&o](const std::string& v) {
+    o.world.fiber_stack_bytes = static_cast<size_t>(parse_int("--fiber-stack-kib", v, 64, 1 << 20)) * 1024;
+  });
+  add_value(app, "--fiber-stacks", "guarded|pooled",
+            "fiber stacks: one mapping each with a guard page (default; about 32000 fibers at most), or carved from "
+            "one mapping (any number; an overflow is caught by a canary when the rank ends)",
+            [&o](const std::string& v) {
+              o.world.fiber_stacks = parse_choice<sim::FiberStacks>(
+                  "--fiber-stacks", v, {{"guarded", sim::FiberStacks::Guarded}, {"pooled", sim::FiberStacks::Pooled}});
+            });
   add_value(app, "--timeout", "S",
             "collective timeout in seconds (default 60); process ranks: also the launcher's grace for the other ranks "
             "after one fails",
@@ -188,7 +211,14 @@ void require_companions(const CLI::App& app, const RunOptions& options) {
   };
   require("--cost-model", options.world.simulated_time, "--simulated-time");
   require("--compute-time", options.world.simulated_time, "--simulated-time");
+  require("--op-costs", options.world.simulated_time, "--simulated-time");
+  if (app.count("--op-costs") > 0 && app.count("--compute-time") > 0) {
+    throw UsageError("--op-costs sets what compute costs: not with --compute-time");
+  }
   require("--schedule", !options.processes && options.world.rank_kind == sim::RankKind::Fibers, "--ranks fibers");
+  require("--fiber-stack-kib", !options.processes && options.world.rank_kind == sim::RankKind::Fibers,
+          "--ranks fibers");
+  require("--fiber-stacks", !options.processes && options.world.rank_kind == sim::RankKind::Fibers, "--ranks fibers");
   const sim::DelayOptions& d = options.delays;
   require("--delay-rank",
           d.before_reduce_scatter.count() > 0 || d.before_all_gather.count() > 0 || d.after_all_gather.count() > 0,
@@ -226,7 +256,7 @@ int run_action(const CLI::App& app, RunParse& p, Command& command) {
   auto first = std::find(command.args.begin(), command.args.end(), "run");
   const RunOptions options = finish(app, p, std::vector<std::string>(first + 1, command.args.end()));
   try {
-    check_trace_writable(options.trace_path);
+    if (!options.no_trace) check_trace_writable(options.trace_path);
   } catch (const std::invalid_argument& e) {
     throw UsageError(e.what());
   }

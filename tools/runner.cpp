@@ -33,6 +33,7 @@
 #include "backends/observe/flight_recorder.h"
 #include "backends/observe/jsonl.h"
 #include "backends/observe/observed_process_group.h"
+#include "backends/observe/record.h"
 #include "backends/observe/trace_recorder.h"
 #include "fsdp/distributed_checkpoint.h"
 #include "scenarios/engine_trace.h"
@@ -137,11 +138,12 @@ RankStats train_rank(const RunOptions& options, int rank, ProcessGroupPtr world_
     if (options.delay_before_step_ms > 0) sim::sleep_for(ms_to_ns(options.delay_before_step_ms));
   };
   callbacks.after_step = [&](int step, const at::Tensor& loss) {
-    stats.losses.push_back(loss.item<double>());
+    // The step's times first: reading the loss is the runner's, not the step's (a data-free run has none).
     stats.step_ns.push_back(clock.now_ns() - start);
     stats.wall_step_ns.push_back(
         std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - wall_start).count());
     stats.exposed_ns.push_back(sim_clock ? sim_clock->exposed_comm_ns(rank) - exposed_before : 0);
+    if (!options.data_free) stats.losses.push_back(loss.item<double>());  // a meta loss has no value
     stats.peak_unsharded_bytes = std::max(stats.peak_unsharded_bytes, engine.peak_unsharded_bytes());
     if (on_step) on_step(static_cast<int>(step - stats.first_step), stats);
   };
@@ -172,6 +174,7 @@ std::string compute_time_text(const RunOptions& options) {
     case sim::ComputeTime::Zero: return "zero";
     case sim::ComputeTime::Fixed:
       return fmt::format("{:.3f} us per slice", static_cast<double>(options.world.fixed_compute_ns) / 1000);
+    case sim::ComputeTime::OpCosts: return "per op from " + options.op_costs_path;
   }
   return "?";
 }
@@ -185,7 +188,7 @@ std::string describe(const RunOptions& options) {
     out << " " << options.replicate_size << "x" << options.world.world_size / options.replicate_size;
   }
   out << ", prefetch " << fsdp::to_string(options.backward_prefetch) << (options.forward_prefetch ? " + forward" : "")
-      << ", " << options.steps << " steps, seed " << options.scenario.seed;
+      << ", " << options.steps << " steps, seed " << options.scenario.seed << (options.data_free ? ", data-free" : "");
   if (options.world.simulated_time) {
     out << ", simulated time (" << options.cost_model << ", compute " << compute_time_text(options) << ")";
   }
@@ -193,8 +196,9 @@ std::string describe(const RunOptions& options) {
 }
 
 void print_progress(std::ostream& out, const RunOptions& options, int step, const RankStats& stats, bool simulated) {
-  std::string line = fmt::format("  step {}/{}  loss(rank 0) {:.6g}  {:.2f} ms", step + 1, options.steps,
-                                 stats.losses.back(), ns_to_ms(stats.wall_step_ns.back()));
+  const std::string loss = stats.losses.empty() ? "n/a (data-free)" : fmt::format("{:.6g}", stats.losses.back());
+  std::string line = fmt::format("  step {}/{}  loss(rank 0) {}  {:.2f} ms", step + 1, options.steps, loss,
+                                 ns_to_ms(stats.wall_step_ns.back()));
   if (simulated) {
     const double predicted = static_cast<double>(stats.step_ns.back());
     line += fmt::format("  predicted {:.2f} ms, exposed comm {:.2f}%", ns_to_ms(predicted),
@@ -333,14 +337,15 @@ void report_world_failure(const RunOptions& options, const sim::WorldResult& res
 }
 
 void print_summary(std::ostream& out, const RunOptions& options, const std::vector<RankStats>& ranks,
-                   const observe::TraceRecorder& recorder, bool simulated, double wall_seconds) {
+                   const observe::TraceRecorder* recorder, bool simulated, double wall_seconds) {
   const int n = static_cast<int>(ranks.size());
   out << "\nsummary\n  loss per step (mean over ranks):";
-  for (int step = 0; step < options.steps; ++step) {
+  for (int step = 0; step < options.steps && !options.data_free; ++step) {
     double sum = 0;
     for (const auto& r : ranks) sum += r.losses[step];
     out << fmt::format(" {:.6g}", sum / n);
   }
+  if (options.data_free) out << " none (data-free: tensors have shapes, no values)";
   std::vector<int64_t> wall;
   std::vector<int64_t> predicted;
   int64_t exposed = 0;
@@ -364,11 +369,13 @@ void print_summary(std::ostream& out, const RunOptions& options, const std::vect
   } else {
     out << "\n  exposed communication: measured only with simulated time (--ranks fibers --simulated-time)";
   }
-  // Bytes from each record's own dtype (c10's element size).
-  const observe::CommVolume volume = observe::comm_volume(recorder.events(), 0);
-  out << "\n  per rank (rank 0): gathered " << human_bytes(static_cast<double>(volume.gathered_bytes)) << ", reduced "
-      << human_bytes(static_cast<double>(volume.reduced_bytes)) << " over " << options.steps << " steps;";
-  for (const auto& [op, count] : volume.op_counts) out << " " << op << " x" << count;
+  if (recorder) {
+    // Bytes from each record's own dtype (c10's element size).
+    const observe::CommVolume volume = observe::comm_volume(recorder->events(), 0);
+    out << "\n  per rank (rank 0): gathered " << human_bytes(static_cast<double>(volume.gathered_bytes)) << ", reduced "
+        << human_bytes(static_cast<double>(volume.reduced_bytes)) << " over " << options.steps << " steps;";
+    for (const auto& [op, count] : volume.op_counts) out << " " << op << " x" << count;
+  }
   out << "\n  peak unsharded params (max over ranks): " << human_bytes(static_cast<double>(peak));
   if (!options.resume_dir.empty()) {
     out << "\n  resumed from " << options.resume_dir << " at step " << ranks.front().first_step;
@@ -379,10 +386,13 @@ void print_summary(std::ostream& out, const RunOptions& options, const std::vect
     out << "\n  checkpoint saved to " << options.save_dir << " at step " << ranks.front().first_step + options.steps
         << " (" << human_bytes(static_cast<double>(saved)) << " over " << n << " ranks)";
   }
-  print_memory(out, options, ranks, recorder.size());
-  out << fmt::format("\n  wall time {:.2f} s\n  trace: {} (Perfetto / chrome://tracing), {}.jsonl ({} events)",
-                     wall_seconds, options.trace_path, options.trace_path, recorder.size())
-      << std::endl;
+  print_memory(out, options, ranks, recorder ? recorder->size() : 0);
+  out << fmt::format("\n  wall time {:.2f} s", wall_seconds);
+  if (recorder) {
+    out << fmt::format("\n  trace: {} (Perfetto / chrome://tracing), {}.jsonl ({} events)", options.trace_path,
+                       options.trace_path, recorder->size());
+  }
+  out << std::endl;
 }
 
 // The name alone: building the scenario to check it would allocate the
@@ -400,6 +410,15 @@ sim::WorldOptions world_options(const RunOptions& options, std::shared_ptr<obser
   world.seed = options.scenario.seed;  // --seed seeds the schedule too
   world.trace = std::move(recorder);
   if (world.simulated_time) world.cost_model = sim::cost_model_preset(options.cost_model);
+  if (world.compute_time == sim::ComputeTime::OpCosts && !options.op_costs_path.empty()) {
+    try {
+      world.op_costs = std::make_shared<sim::OpCostTable>(sim::OpCostTable::load(options.op_costs_path));
+    } catch (const std::runtime_error& e) {
+      throw std::invalid_argument(std::string("--op-costs: ") + e.what());
+    }
+  }
+  // No flight recorder where it cannot hold the world (its rank limit); failures still report each rank's error.
+  if (world.world_size > observe::kMaxWorldSize) world.flight_recorder_entries = 0;
   return world;
 }
 
@@ -416,6 +435,54 @@ int run_parity_check(const RunOptions& options, std::ostream& out) {
       << (config.tolerance.exact() ? "bitwise" : "within 1e-5") << ")\n";
   if (!report.ok()) out << report.summary() << "\n";
   return report.ok() ? 0 : 1;
+}
+
+}  // namespace
+
+namespace {
+
+// Guarded stacks map two regions per fiber; vm.max_map_count is 65530 by default.
+constexpr int kMaxGuardedFibers = 30000;
+
+// --data-free and the op cost table: what they need and what they exclude.
+void validate_data_free(const RunOptions& o) {
+  if (o.world.compute_time == sim::ComputeTime::OpCosts && o.op_costs_path.empty()) {
+    throw std::invalid_argument("compute time from op costs needs --op-costs FILE");
+  }
+  if (!o.record_op_costs_path.empty()) {
+    if (o.data_free) {
+      throw std::invalid_argument("--record-op-costs measures the ops of a data run: drop --data-free to record");
+    }
+    if (!o.world.simulated_time || o.world.compute_time != sim::ComputeTime::Measured) {
+      throw std::invalid_argument(
+          "--record-op-costs measures compute on the simulated clock: add --ranks fibers --simulated-time (compute "
+          "time measured)");
+    }
+  }
+  if (o.world.rank_kind == sim::RankKind::Fibers && o.world.fiber_stacks == sim::FiberStacks::Guarded &&
+      o.world.world_size > kMaxGuardedFibers) {
+    throw std::invalid_argument("--world-size " + std::to_string(o.world.world_size) +
+                                ": guarded fiber stacks take two memory mappings each (Linux allows 65530); add "
+                                "--fiber-stacks pooled");
+  }
+  if (o.world.world_size > observe::kMaxWorldSize && !o.no_trace) {
+    throw std::invalid_argument("--world-size " + std::to_string(o.world.world_size) + " is over the trace's " +
+                                std::to_string(observe::kMaxWorldSize) + " ranks: add --no-trace");
+  }
+  if (!o.data_free) return;
+  if (o.processes || o.world.rank_kind != sim::RankKind::Fibers || !o.world.simulated_time) {
+    throw std::invalid_argument(
+        "--data-free predicts the step time on the simulated clock: it needs --ranks fibers --simulated-time");
+  }
+  if (o.world.compute_time == sim::ComputeTime::Measured) {
+    throw std::invalid_argument(
+        "--data-free: ops on meta tensors take no real time, so measured compute would predict nothing; give "
+        "--op-costs FILE (written by --record-op-costs on a small data run) or --compute-time fixed:US|zero");
+  }
+  if (o.check_parity || !o.resume_dir.empty() || !o.save_dir.empty()) {
+    throw std::invalid_argument(
+        "--data-free has no values to compare, load or save: not with --check-parity, --resume or --save");
+  }
 }
 
 }  // namespace
@@ -449,6 +516,7 @@ void RunOptions::validate() const {
     throw std::invalid_argument("--mesh applies to --strategy hybrid_shard only");
   }
   if (world.simulated_time) sim::cost_model_preset(cost_model);  // unknown presets throw, listing the names
+  validate_data_free(*this);
   delays.validate();
   if (delays.straggler_rank >= world_size || delays.only_rank >= world_size) {
     throw std::invalid_argument("a delay names a rank outside the world of " + std::to_string(world_size));
@@ -579,8 +647,27 @@ int run_processes(const RunOptions& options, std::ostream& out, std::ostream& er
   observe::TraceRecorder merged(options.world.world_size);
   for (int r = 0; r < options.world.world_size; ++r) ranks.push_back(read_rank_stats(run.results[r], r, merged));
   write_traces(options, merged);
-  print_summary(out, options, ranks, merged, false, wall);
+  print_summary(out, options, ranks, &merged, false, wall);
   return 0;
+}
+
+}  // namespace
+
+namespace {
+
+// The op cost table recorded (--record-op-costs) or how the charged one served the run (--op-costs).
+void print_op_costs(std::ostream& out, const RunOptions& options, const sim::WorldOptions& world,
+                    const sim::SimClock* clock) {
+  if (world.record_op_costs) {
+    world.record_op_costs->save(options.record_op_costs_path);
+    out << "  op costs: " << world.record_op_costs->size() << " ops (name and input shapes) recorded to "
+        << options.record_op_costs_path << "\n";
+  }
+  if (clock != nullptr && world.compute_time == sim::ComputeTime::OpCosts) {
+    const sim::OpCostUsage used = clock->op_cost_usage();
+    out << "  op costs charged: " << used.exact << " ops by name and shapes, " << used.by_name
+        << " by name only (shapes not recorded: the name's mean), " << used.unknown << " unknown (charged 0)\n";
+  }
 }
 
 }  // namespace
@@ -588,8 +675,10 @@ int run_processes(const RunOptions& options, std::ostream& out, std::ostream& er
 int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err) {
   out << "fsdpsim: " << describe(options) << std::endl;
   if (options.processes) return run_processes(options, out, err);
-  auto recorder = std::make_shared<observe::TraceRecorder>(options.world.world_size);
-  sim::World world(world_options(options, recorder));
+  auto recorder = options.no_trace ? nullptr : std::make_shared<observe::TraceRecorder>(options.world.world_size);
+  sim::WorldOptions world_opts = world_options(options, recorder);
+  if (!options.record_op_costs_path.empty()) world_opts.record_op_costs = std::make_shared<sim::OpCostTable>();
+  sim::World world(world_opts);
   const int n = options.world.world_size;
   std::vector<RankStats> ranks(n);
   std::mutex progress;
@@ -603,12 +692,18 @@ int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err
                                    });
   });
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-  write_traces(options, *recorder);
+  if (recorder) write_traces(options, *recorder);
   if (!result.ok()) {
     report_world_failure(options, result, err);
     throw RunFailedError(world_failure_summary(result));
   }
-  print_summary(out, options, ranks, *recorder, options.world.simulated_time, wall);
+  print_summary(out, options, ranks, recorder.get(), options.world.simulated_time, wall);
+  print_op_costs(out, options, world_opts, world.sim_clock().get());
+  if (result.fiber_stack_resident_bytes > 0) {
+    out << "  fiber stacks (pooled): deepest " << human_bytes(static_cast<double>(result.fiber_stack_deepest_bytes))
+        << " of " << human_bytes(static_cast<double>(options.world.fiber_stack_bytes)) << " reserved per rank; "
+        << human_bytes(static_cast<double>(result.fiber_stack_resident_bytes)) << " resident over all ranks\n";
+  }
   if (options.check_parity) return run_parity_check(options, out);
   return 0;
 }

@@ -49,6 +49,15 @@ struct RunOptions : scenarios::TrainConfig {
   std::string trace_path = "fsdpsim-trace.json";
   /// Also run the unsharded reference and compare every step.
   bool check_parity = false;
+  /// No trace files, no trace records in memory (large data-free worlds);
+  /// the summary then gives no per-rank byte counts.
+  bool no_trace = false;
+  /// ComputeTime::OpCosts: the op cost table charged (sim/op_costs.h), as
+  /// --record-op-costs wrote it.
+  std::string op_costs_path;
+  /// After a simulated-time run with measured compute: save the op cost
+  /// table of every rank's ops here (the calibration for --data-free).
+  std::string record_op_costs_path;
   /// Before training: load this checkpoint (fsdp/distributed_checkpoint.h;
   /// any world size or strategy) and go on from its step. After training:
   /// save one here. Empty: neither.

@@ -428,6 +428,7 @@ class ScenarioBase : public Scenario {
     for (const auto& unit : units_) {
       fsdp::FullyShardOptions options = unit.rank_local ? setup.rank_local_options() : setup.options();
       options.reduce_scatter_unused_params = unit.reduce_scatter_unused_params;
+      if (setup.adjust_unit_options) setup.adjust_unit_options(*unit.module, options);
       engine.fully_shard(unit.module, options);
     }
   }

@@ -20,6 +20,7 @@
 #include <ATen/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <set>
 #include <string>
@@ -52,6 +53,10 @@ struct ShardingSetup {
   fsdp::MixedPrecisionPolicy mp_policy;
   /// Every unit's offload policy (FSDP2's CPUOffloadPolicy when cpu_offload).
   fsdp::OffloadPolicy offload_policy;
+  /// Unset: every unit takes options() as is. Set: called on each unit's
+  /// options (the unit's module first) before fully_shard, e.g. to give
+  /// some units all_gather_extensions (the conformance family `ext`).
+  std::function<void(const torch::nn::Module& unit, fsdp::FullyShardOptions& options)> adjust_unit_options;
 
   /// Options for a unit sharded with the strategy.
   fsdp::FullyShardOptions options() const;

@@ -28,11 +28,13 @@
 #include <torch/csrc/jit/serialization/pickle.h>
 #include <torch/torch.h>
 
+#include <any>
 #include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -40,6 +42,7 @@
 #include <vector>
 
 #include "backends/comm_hooks.h"
+#include "fsdp/all_gather_extension.h"
 #include "fsdp/clip_grad.h"
 #include "fsdp/fully_shard.h"
 #include "scenarios/models.h"
@@ -58,7 +61,7 @@ namespace sim = fsdpsim::sim;
 struct Options {
   std::string out;
   std::string scenario;
-  std::string mode;  // raf_on, raf_off, hsdp, prefetch, accum, mp_*, ckpt, clip, mp_accum
+  std::string mode;  // raf_on, raf_off, hsdp, prefetch, accum, mp_*, ckpt, clip, mp_accum, ext_bf16
   int world = 2;
   int replicate = 1;
   int steps = 3;
@@ -104,8 +107,8 @@ Options parse(int argc, char** argv) {
   if (o.out.empty() || o.scenario.empty() || o.mode.empty()) {
     throw std::invalid_argument("--out, --scenario and --mode are required");
   }
-  static const std::set<std::string> kModes = {"raf_on", "raf_off",  "hsdp", "prefetch", "mp_bf16",  "mp_bf16_bf16",
-                                               "accum",  "mp_accum", "ckpt", "clip",     "hsdp_noar"};
+  static const std::set<std::string> kModes = {"raf_on", "raf_off",  "hsdp", "prefetch", "mp_bf16",   "mp_bf16_bf16",
+                                               "accum",  "mp_accum", "ckpt", "clip",     "hsdp_noar", "ext_bf16"};
   if (kModes.count(o.mode) == 0) throw std::invalid_argument("unknown mode " + o.mode);
   return o;
 }
@@ -151,6 +154,36 @@ fsdp::MixedPrecisionPolicy mp_policy_of(const Options& o) {
     mp.reduce_dtype = o.mode == "mp_bf16_bf16" ? at::kBFloat16 : at::kFloat;
   }
   return mp;
+}
+
+// ext_bf16: gathers a bf16 copy of the padded shard and upcasts it (FSDP2's
+// side: fsdp2_reference.py Bf16GatherTensor). Stateless, so one object may
+// serve every param of a rank.
+class Bf16Gather : public fsdp::AllGatherExtension {
+ public:
+  fsdp::AllGatherInputs pre_all_gather(const at::Tensor&, const fsdp::AllGatherContext& context) override {
+    return {{context.padded_shard.to(at::kBFloat16)}, {}};
+  }
+  at::Tensor post_all_gather(const std::vector<at::Tensor>& gathered, const std::any&, at::ScalarType param_dtype,
+                             const std::optional<at::Tensor>& out) override {
+    if (out) return out->copy_(gathered[0]);  // later gathers: in place
+    return gathered[0].to(param_dtype, /*non_blocking=*/false, /*copy=*/true);
+  }
+};
+
+// ext_bf16: every torch::nn::Linear weight of every unit but the root gets
+// Bf16Gather (cases.py EXT_MODES); other modes leave the options alone.
+void add_bf16_gathers(const Options& o, const torch::nn::Module* root, scenarios::ShardingSetup& setup) {
+  if (o.mode != "ext_bf16") return;
+  auto extension = std::make_shared<Bf16Gather>();
+  setup.adjust_unit_options = [root, extension](const torch::nn::Module& unit, fsdp::FullyShardOptions& options) {
+    if (&unit == root) return;
+    for (const auto& item : unit.named_modules()) {
+      if (dynamic_cast<const torch::nn::LinearImpl*>(item.value().get()) == nullptr) continue;
+      const std::string prefix = item.key().empty() ? "" : item.key() + ".";
+      options.all_gather_extensions[prefix + "weight"] = extension;
+    }
+  };
 }
 
 void write_file(const std::string& path, const std::vector<char>& bytes) {
@@ -242,6 +275,7 @@ void run_rank(const Options& o, sim::RankContext& ctx) {
 
   auto scenario = scenarios::make_scenario(scenario_config(o), rank);
   add_unused_param(o, *scenario->module());
+  add_bf16_gathers(o, scenario->module().get(), setup);
   fsdp::EngineOptions engine_options;
   engine_options.queue_backward_callback = sim::queue_backward_callback;
   engine_options.hooks.push_back(events);

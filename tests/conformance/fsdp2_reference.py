@@ -26,7 +26,7 @@ Usage:
   fsdp2_reference.py --root DIR --case NAME [--case NAME ...]
   fsdp2_reference.py --root DIR --cases-file FILE   (one case name a line)
 Case names: "<scenario>.<mode>.w<W>", modes raf_on, raf_off, hsdp<R>x<S>,
-prefetch, accum, mp_*, ckpt, clip, mp_accum (see cases.py). Normally run
+prefetch, accum, mp_*, ckpt, clip, mp_accum, ext_bf16 (see cases.py). Normally run
 through generate.py, after the driver.
 """
 
@@ -502,6 +502,76 @@ def _checkpoint_forward(module):
     module.forward = lambda *args: checkpoint(inner, *args, use_reentrant=False)
 
 
+# ---------------------------------------------------------------------------
+# All-gather extension (mode ext_bf16): an fp32 param whose FSDP2 all-gather
+# sends a bf16 copy of its padded shard and upcasts what was gathered. A
+# wrapper subclass: every op runs on the wrapped fp32 tensor and rewraps
+# float results, so FSDP2's chunking, the optimiser and full_tensor() keep it.
+
+
+class Bf16GatherTensor(torch.Tensor):
+    @staticmethod
+    def __new__(cls, data):
+        return torch.Tensor._make_wrapper_subclass(cls, data.shape, data.stride(), data.storage_offset(),
+                                                   dtype=data.dtype, device=data.device)
+
+    def __init__(self, data):
+        self._data = data
+
+    def __repr__(self):
+        return f"Bf16GatherTensor({self._data!r})"
+
+    def __tensor_flatten__(self):
+        return ["_data"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
+        return Bf16GatherTensor(inner["_data"])
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        import torch.utils._pytree as pytree
+
+        def unwrap(t):
+            return t._data if isinstance(t, Bf16GatherTensor) else t
+
+        out = func(*pytree.tree_map(unwrap, args), **pytree.tree_map(unwrap, kwargs or {}))
+        return pytree.tree_map_only(torch.Tensor, lambda t: Bf16GatherTensor(t) if t.is_floating_point() else t, out)
+
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        # An uneven shard must gather exactly ceil(dim0 / S) rows (FSDP2
+        # checks): zero rows past the end, as our AllGatherContext::padded_shard.
+        rows = -(-outer_size[0] // mesh.size())
+        data = self._data
+        if data.size(0) < rows:
+            data = F.pad(data, (0, 0) * (data.dim() - 1) + (0, rows - data.size(0)))
+        return (data.to(torch.bfloat16),), None
+
+    def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
+        (gathered,) = outputs
+        if out is not None:  # later gathers: in place (out views the first result's storage)
+            from torch.autograd.grad_mode import _unsafe_preserve_version_counter
+            with torch.no_grad(), _unsafe_preserve_version_counter(out):
+                out.copy_(gathered[:out.size(0)])
+            return None
+        full = gathered.to(param_dtype)
+        return full, (full,)
+
+
+def _plain(tensor):
+    return tensor._data if isinstance(tensor, Bf16GatherTensor) else tensor
+
+
+def _wrap_linear_weights(modules, units):
+    """ext_bf16: every nn.Linear weight of every non-root unit gathers bf16."""
+    for unit in units:
+        if unit == "":
+            continue
+        for sub in modules[unit].modules():
+            if isinstance(sub, nn.Linear):
+                sub.weight = nn.Parameter(Bf16GatherTensor(sub.weight.detach().clone()))
+
+
 def load_cpp_pickle(path):
     """torch.load of a file from torch::pickle_save. LibTorch tags a typed
     Dict with torch.jit._pickle.restore_type_tag, which weights_only loading
@@ -587,6 +657,8 @@ def _train(rank, case, case_dir):
     if case.mode == "ckpt":
         for fqn in case_lib.CKPT_MODULES[case.scenario]:
             _checkpoint_forward(modules[fqn])
+    if case.mode in case_lib.EXT_MODES:
+        _wrap_linear_weights(modules, twin.units)
     raf_children = case.mode != "raf_off"
     mp = {}
     if case.mode in case_lib.MP_DTYPES:
@@ -642,9 +714,9 @@ def _train(rank, case, case_dir):
         events.append(_REC["events"])
         # Gathering full tensors issues collectives: outside the recording.
         for n, p in model.named_parameters():
-            tensors[f"step/{step}/param/{n}"] = p.full_tensor().detach().clone()
+            tensors[f"step/{step}/param/{n}"] = _plain(p.full_tensor()).detach().clone()
             if p.grad is not None:
-                tensors[f"step/{step}/grad/{n}"] = p.grad.full_tensor().detach().clone()
+                tensors[f"step/{step}/grad/{n}"] = _plain(p.grad.full_tensor()).detach().clone()
     torch.save(tensors, os.path.join(case_dir, f"fsdp2_rank{rank}.pt"))
     with open(os.path.join(case_dir, f"fsdp2_rank{rank}.json"), "w") as f:
         json.dump({"case": case.name, "rank": rank, "torch": torch.__version__, "losses": losses, "norms": norms,

@@ -141,7 +141,13 @@ at::Tensor gathered_rows(const at::Tensor& by_rank, const ShardedParam& p) {
         .copy_(blocks.narrow(0, 0, whole));
   }
   const int64_t rest = p.dim0 - whole * p.rows_per_rank;
-  if (rest > 0) rows.narrow(0, whole * p.rows_per_rank, rest).copy_(blocks[whole].narrow(0, 0, rest));
+  // narrow + view, not select: the same op names at every world size (the
+  // data-free mode's op-cost table is keyed by name).
+  if (rest > 0) {
+    rows.narrow(0, whole * p.rows_per_rank, rest)
+        .view({1, rest, p.row_numel})
+        .copy_(blocks.narrow(0, whole, 1).narrow(1, 0, rest));
+  }
   return full;
 }
 
@@ -159,7 +165,11 @@ void scatter_rows(const at::Tensor& by_rank, int64_t offset, const ShardedParam&
         .copy_(flat_rows.narrow(0, 0, whole * p.rows_per_rank).view({whole, p.rows_per_rank, p.row_numel}));
   }
   const int64_t rest = p.dim0 - whole * p.rows_per_rank;
-  if (rest > 0) blocks[whole].narrow(0, 0, rest).copy_(flat_rows.narrow(0, whole * p.rows_per_rank, rest));
+  if (rest > 0) {
+    blocks.narrow(0, whole, 1)
+        .narrow(1, 0, rest)
+        .copy_(flat_rows.narrow(0, whole * p.rows_per_rank, rest).view({1, rest, p.row_numel}));
+  }
 }
 
 // A copy on the CPU (FSDP2's offload device), a real one even when `t` is

@@ -261,8 +261,13 @@ TEST(FsdpEngineMemory, GatheredParamsHoldOnlyTheirOwnRows) {
     options.rank_kind = kind;
     sim::World world(options);
     auto result = world.run([](sim::RankContext& ctx) {
-      torch::manual_seed(0);
-      auto model = std::make_shared<Stack>();
+      static std::mutex seed;  // the seed is process-global: thread ranks build one at a time
+      std::shared_ptr<Stack> model;
+      {
+        std::lock_guard<std::mutex> lock(seed);
+        torch::manual_seed(0);
+        model = std::make_shared<Stack>();
+      }
       std::vector<torch::Tensor> reference;
       for (const auto& param : model->parameters()) reference.push_back(param.detach().clone());
       Engine engine;

@@ -6,8 +6,11 @@
 // Ordering contract (as in c10d): every rank of a group calls the same
 // collectives in the same order. Each call gets the next per-group sequence
 // number (1, 2, ...), so "group G seq N" names one collective on every rank.
-// Every call is asynchronous and returns a Work; the caller must keep the
-// tensors alive and unmodified until wait() returns.
+// Every call is asynchronous and returns a Work. The implementation holds a
+// reference to the call's tensors until the Work completes, so the caller may
+// drop its own handles at once (the engine lets go of a reduce-scatter input
+// as soon as it is issued); it must not modify or read them until wait()
+// returns.
 //
 // Thread-safety: one ProcessGroup object belongs to one rank; calls on it come
 // from that rank's thread or fiber only. Work objects may be waited on from

@@ -124,6 +124,39 @@ struct ShardedParam {
   }
 };
 
+// Which way copy_real_rows moves data.
+enum class RowCopy { FromBlocks, ToBlocks };
+
+// Copies between a param's real rows `rows` (dim0, row_numel) and its padded
+// blocks (world, rows_per_rank, row_numel): the ranks whose rows are all real
+// in one copy, the partly real rank in another, whatever the world size; the
+// padding rows are not touched. narrow + view, not select: the same op names
+// at every world size (the data-free mode's op-cost table is keyed by name).
+void copy_real_rows(const at::Tensor& blocks, const at::Tensor& rows, const ShardedParam& p, RowCopy direction) {
+  const int64_t whole = p.dim0 / p.rows_per_rank;  // ranks whose rows are all real
+  const int64_t rest = p.dim0 - whole * p.rows_per_rank;
+  const auto copy = [direction](const at::Tensor& block_part, const at::Tensor& row_part) {
+    if (direction == RowCopy::ToBlocks) {
+      block_part.copy_(row_part);
+    } else {
+      row_part.copy_(block_part);
+    }
+  };
+  if (whole > 0) {
+    copy(blocks.narrow(0, 0, whole),
+         rows.narrow(0, 0, whole * p.rows_per_rank).view({whole, p.rows_per_rank, p.row_numel}));
+  }
+  if (rest > 0) {
+    copy(blocks.narrow(0, whole, 1).narrow(1, 0, rest),
+         rows.narrow(0, whole * p.rows_per_rank, rest).view({1, rest, p.row_numel}));
+  }
+}
+
+// `p`'s blocks of a buffer viewed as (world, chunk_total), its chunk at `offset`.
+at::Tensor param_blocks(const at::Tensor& by_rank, int64_t offset, const ShardedParam& p) {
+  return by_rank.narrow(1, offset, p.chunk_numel()).view({by_rank.size(0), p.rows_per_rank, p.row_numel});
+}
+
 // The first dim0 rows of `p` out of a gathered buffer viewed as (world,
 // chunk_total), copied once into a contiguous tensor of their own. Only the
 // real rows are copied and kept: at world > dim0 most rows are padding, and a
@@ -131,45 +164,16 @@ struct ShardedParam {
 at::Tensor gathered_rows(const at::Tensor& by_rank, const ShardedParam& p) {
   at::Tensor full = at::empty(p.full_shape, by_rank.options());
   if (p.dim0 == 0 || p.row_numel == 0) return full;
-  const int64_t world = by_rank.size(0);
-  const at::Tensor blocks = by_rank.narrow(1, p.offset, p.chunk_numel()).view({world, p.rows_per_rank, p.row_numel});
-  at::Tensor rows = full.view({p.dim0, p.row_numel});
-  const int64_t whole = p.dim0 / p.rows_per_rank;  // ranks whose rows are all real
-  if (whole > 0) {
-    rows.narrow(0, 0, whole * p.rows_per_rank)
-        .view({whole, p.rows_per_rank, p.row_numel})
-        .copy_(blocks.narrow(0, 0, whole));
-  }
-  const int64_t rest = p.dim0 - whole * p.rows_per_rank;
-  // narrow + view, not select: the same op names at every world size (the
-  // data-free mode's op-cost table is keyed by name).
-  if (rest > 0) {
-    rows.narrow(0, whole * p.rows_per_rank, rest)
-        .view({1, rest, p.row_numel})
-        .copy_(blocks.narrow(0, whole, 1).narrow(1, 0, rest));
-  }
+  copy_real_rows(param_blocks(by_rank, p.offset, p), full.view({p.dim0, p.row_numel}), p, RowCopy::FromBlocks);
   return full;
 }
 
 // The inverse for a reduce-scatter input viewed as (world, total): rank r's
 // rows of `flat_rows` (dim0, row_numel) to its chunk at `offset`, cast to
-// the buffer's dtype; the padding rows stay as they are. Two copies whatever
-// the world size.
+// the buffer's dtype; the padding rows stay as they are.
 void scatter_rows(const at::Tensor& by_rank, int64_t offset, const ShardedParam& p, const at::Tensor& flat_rows) {
   if (p.dim0 == 0 || p.row_numel == 0) return;
-  const int64_t world = by_rank.size(0);
-  at::Tensor blocks = by_rank.narrow(1, offset, p.chunk_numel()).view({world, p.rows_per_rank, p.row_numel});
-  const int64_t whole = p.dim0 / p.rows_per_rank;
-  if (whole > 0) {
-    blocks.narrow(0, 0, whole)
-        .copy_(flat_rows.narrow(0, 0, whole * p.rows_per_rank).view({whole, p.rows_per_rank, p.row_numel}));
-  }
-  const int64_t rest = p.dim0 - whole * p.rows_per_rank;
-  if (rest > 0) {
-    blocks.narrow(0, whole, 1)
-        .narrow(1, 0, rest)
-        .copy_(flat_rows.narrow(0, whole * p.rows_per_rank, rest).view({1, rest, p.row_numel}));
-  }
+  copy_real_rows(param_blocks(by_rank, offset, p), flat_rows, p, RowCopy::ToBlocks);
 }
 
 // A copy on the CPU (FSDP2's offload device), a real one even when `t` is

@@ -11,7 +11,6 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 #include <functional>
@@ -29,6 +28,7 @@
 #include "sim/testing/mock_hooks.h"
 #include "sim/testing/world_fixture.h"
 #include "sim/world.h"
+#include "tests/two_block_net.h"
 
 namespace fsdpsim::fsdp {
 namespace {
@@ -40,36 +40,21 @@ using ::testing::AnyNumber;
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-constexpr int64_t kIn = 5;
-constexpr int64_t kHidden = 7;  // rows that 2 and 3 ranks do not divide: padded shards
-constexpr int64_t kOut = 3;
-constexpr int64_t kBatch = 4;
+using testnet::Data;
+using testnet::kBlock0;
+using testnet::kBlock1;
+using testnet::kHidden;
+using testnet::kIn;
+using testnet::kOut;
+using testnet::kParamNames;
+using testnet::kParamUnit;
+using testnet::kRoot;
+using testnet::UnitIndex;
+using testnet::loss_of;
+using testnet::Net;
+
 constexpr int kSteps = 2;
 constexpr double kLr = 0.1;
-
-struct Block : torch::nn::Module {
-  Block(int64_t in, int64_t out) : lin(register_module("lin", torch::nn::Linear(in, out))) {}
-  torch::Tensor forward(const torch::Tensor& x) { return torch::relu(lin(x)); }
-  torch::nn::Linear lin;
-};
-
-// Units block0, block1 and the root (owning head).
-struct Net : torch::nn::Module {
-  Net()
-      : block0(register_module("block0", std::make_shared<Block>(kIn, kHidden))),
-        block1(register_module("block1", std::make_shared<Block>(kHidden, kHidden))),
-        head(register_module("head", torch::nn::Linear(kHidden, kOut))) {}
-  torch::Tensor forward(const torch::Tensor& x) { return head(fsdp::call(block1, fsdp::call(block0, x))); }
-  std::shared_ptr<Block> block0;
-  std::shared_ptr<Block> block1;
-  torch::nn::Linear head{nullptr};
-};
-
-// Params in Net::named_parameters() order, and the unit each belongs to.
-const std::vector<std::string> kParamNames = {"block0.lin.weight", "block0.lin.bias", "block1.lin.weight",
-                                              "block1.lin.bias",   "head.weight",     "head.bias"};
-enum UnitIndex { kRoot = 0, kBlock0 = 1, kBlock1 = 2 };
-const UnitIndex kParamUnit[] = {kBlock0, kBlock0, kBlock1, kBlock1, kRoot, kRoot};
 
 struct PolicyCase {
   std::string name;
@@ -119,31 +104,7 @@ std::vector<PolicyCase> policy_cases() {
 // gtest prints a failing case's parameters: name the case, not its bytes.
 void PrintTo(const PolicyCase& c, std::ostream* out) { *out << c.name; }
 
-struct Data {
-  std::vector<at::Tensor> init;                    // fp32 params, kParamNames order
-  std::vector<std::vector<at::Tensor>> x, target;  // [step][rank]
-};
-
-Data make_data(int world, int batches = kSteps) {
-  Data data;
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(1234);
-  const std::vector<std::vector<int64_t>> shapes = {{kHidden, kIn}, {kHidden},       {kHidden, kHidden},
-                                                    {kHidden},      {kOut, kHidden}, {kOut}};
-  for (const auto& shape : shapes) data.init.push_back(at::randn(shape, gen) * 0.5);
-  for (int s = 0; s < batches; ++s) {
-    data.x.emplace_back();
-    data.target.emplace_back();
-    for (int r = 0; r < world; ++r) {
-      data.x[s].push_back(at::randn({kBatch, kIn}, gen));
-      data.target[s].push_back(at::randn({kBatch, kOut}, gen));
-    }
-  }
-  return data;
-}
-
-at::Tensor loss_of(const at::Tensor& out, const at::Tensor& target) {
-  return out.to(at::kFloat).sub(target).pow(2).mean();
-}
+Data make_data(int world, int batches = kSteps) { return testnet::make_data(world, batches, /*seed=*/1234); }
 
 at::Tensor cast(const at::Tensor& t, std::optional<at::ScalarType> dtype) {
   return dtype && t.is_floating_point() && t.scalar_type() != *dtype ? t.to(*dtype) : t;

@@ -311,6 +311,22 @@ std::string run_world(const sim::WorldOptions& options, const std::function<void
   return outcome.ok() ? "" : first_line(outcome.error_report());
 }
 
+/// Runs `run(0)` and `run(1)` once each for iteration `i`, the first of the
+/// pair flipping every iteration (neither always runs second, on a warm
+/// cache); past the warm-up, appends each one's time (ms) to ms[which].
+void time_pair(int i, const Iterations& iterations, const std::function<void(int which)>& run,
+               std::vector<double> (&ms)[2]) {
+  int64_t ns[2] = {0, 0};
+  for (int k = 0; k < 2; ++k) {
+    const int which = (i + k) % 2;
+    const int64_t start = steady_now_ns();
+    run(which);
+    ns[which] = steady_now_ns() - start;
+  }
+  if (i < iterations.warmup) return;
+  for (int which = 0; which < 2; ++which) ms[which].push_back(ns_to_ms(ns[which]));
+}
+
 struct SingleResult {
   double plain_ms = 0;
   double engine_ms = 0;
@@ -323,29 +339,20 @@ SingleResult run_single(const ModelSpec& spec, Iterations iterations, sim::World
   SingleResult result;
   options.world_size = 1;
   options.rank_kind = sim::RankKind::Threads;
-  std::vector<double> plain_ms, engine_ms;
+  std::vector<double> ms[2];  // plain, engine
   result.error = run_world(options, [&](sim::RankContext& ctx) {
     Trainer plain(spec, 0);
     Trainer sharded(spec, 0, ctx.world_group(), fsdp::ShardingStrategy::FullShard);
     for (int i = 0; i < iterations.total(); ++i) {
       double loss[2] = {0, 0};
-      int64_t ns[2] = {0, 0};
-      for (int k = 0; k < 2; ++k) {
-        const int which = (i + k) % 2;  // 0 plain, 1 engine; the first of the pair flips every step
-        const int64_t start = steady_now_ns();
-        loss[which] = which == 0 ? plain.step(i) : sharded.step(i);
-        ns[which] = steady_now_ns() - start;
-      }
+      time_pair(
+          i, iterations, [&](int which) { loss[which] = which == 0 ? plain.step(i) : sharded.step(i); }, ms);
       if (loss[0] != loss[1]) result.losses_equal = false;
-      if (i >= iterations.warmup) {
-        plain_ms.push_back(ns_to_ms(ns[0]));
-        engine_ms.push_back(ns_to_ms(ns[1]));
-      }
     }
   });
   if (!result.error.empty()) return result;
-  result.plain_ms = median(plain_ms);
-  result.engine_ms = median(engine_ms);
+  result.plain_ms = median(ms[0]);
+  result.engine_ms = median(ms[1]);
   return result;
 }
 
@@ -949,36 +956,31 @@ void measure_clip_world1(const ModelSpec& spec, Iterations iterations, const sim
   sim::WorldOptions options = base;
   options.world_size = 1;
   options.rank_kind = sim::RankKind::Threads;
-  std::vector<double> plain_ms, engine_ms;
+  std::vector<double> ms[2];  // plain, engine
   out.error = run_world(options, [&](sim::RankContext& ctx) {
     Trainer plain(spec, 0);
     Trainer sharded(spec, 0, ctx.world_group(), fsdp::ShardingStrategy::FullShard);
     for (int i = 0; i < iterations.total(); ++i) {
       double norm[2] = {0, 0};
-      int64_t ns[2] = {0, 0};
       for (Trainer* t : {&plain, &sharded}) {
         t->zero_grad(i);
         t->forward_backward(i);
       }
-      for (int k = 0; k < 2; ++k) {
-        const int which = (i + k) % 2;  // 0 plain, 1 engine
-        const int64_t start = steady_now_ns();
-        norm[which] = which == 0 ? torch::nn::utils::clip_grad_norm_(plain.params(), kClipMaxNorm)
-                                 : fsdp::clip_grad_norm_(*sharded.engine(), kClipMaxNorm);
-        ns[which] = steady_now_ns() - start;
-      }
+      time_pair(
+          i, iterations,
+          [&](int which) {
+            norm[which] = which == 0 ? torch::nn::utils::clip_grad_norm_(plain.params(), kClipMaxNorm)
+                                     : fsdp::clip_grad_norm_(*sharded.engine(), kClipMaxNorm);
+          },
+          ms);
       plain.optimizer_step();
       sharded.optimizer_step();
       if (norm[0] > 0) out.worst_relative = std::max(out.worst_relative, std::abs(norm[1] - norm[0]) / norm[0]);
-      if (i >= iterations.warmup) {
-        plain_ms.push_back(ns_to_ms(ns[0]));
-        engine_ms.push_back(ns_to_ms(ns[1]));
-      }
     }
   });
   if (!out.error.empty()) return;
-  out.plain_clip_ms = median(plain_ms);
-  out.engine_clip_ms = median(engine_ms);
+  out.plain_clip_ms = median(ms[0]);
+  out.engine_clip_ms = median(ms[1]);
 }
 
 /// World N: every rank clips its shards after backward; the clip's time is

@@ -521,6 +521,31 @@ ReplayBackend replay_backend_from_string(const std::string& name) {
 
 namespace {
 
+// Runs every rank's program of `plan` in one in-process world; `what` names
+// the world in errors. The simulated end is the world's simulated clock when
+// it keeps one.
+ReplayResult run_in_world(const ReplayPlan& plan, const ReplayOptions& options, const sim::WorldOptions& world_options,
+                          const std::string& what) {
+  try {
+    world_options.validate();
+  } catch (const std::invalid_argument& e) {
+    throw ReplayPlanError(what + " replay: " + e.what());
+  }
+  sim::World world(world_options);
+  std::vector<RankRecord> records(static_cast<size_t>(plan.world_size));
+  const int64_t started = steady_now_ns();
+  sim::WorldResult outcome = world.run([&](sim::RankContext& ctx) {
+    ProcessGroupPtr group = ctx.world_group();
+    if (options.wrap_group) group = options.wrap_group(group, ctx.rank());
+    replay_rank(plan, ctx.rank(), group, options, records[static_cast<size_t>(ctx.rank())]);
+  });
+  const double wall_s = ns_to_s(steady_now_ns() - started);
+  if (!outcome.ok()) throw ReplayRunError("the " + what + " replay failed:\n" + outcome.error_report());
+  ReplayResult result = collect(plan, options, records, wall_s);
+  if (world_options.simulated_time) result.simulated_end_ns = world.sim_clock()->now_ns();
+  return result;
+}
+
 // Fiber ranks on meta buffers and a simulated clock: no memory, no real waits.
 ReplayResult run_data_free(const ReplayPlan& plan, const ReplayOptions& options) {
   if (options.backend != ReplayBackend::FakeFibers || options.check_data) {
@@ -537,24 +562,7 @@ ReplayResult run_data_free(const ReplayPlan& plan, const ReplayOptions& options)
   // Any world size (guarded stacks stop at ~32000 fibers); a replayed rank runs no autograd: 128 KiB is ample.
   world_options.fiber_stacks = sim::FiberStacks::Pooled;
   world_options.fiber_stack_bytes = 128 * 1024;
-  try {
-    world_options.validate();
-  } catch (const std::invalid_argument& e) {
-    throw ReplayPlanError(std::string("data-free replay: ") + e.what());
-  }
-  sim::World world(world_options);
-  std::vector<RankRecord> records(static_cast<size_t>(plan.world_size));
-  const int64_t started = steady_now_ns();
-  sim::WorldResult outcome = world.run([&](sim::RankContext& ctx) {
-    ProcessGroupPtr group = ctx.world_group();
-    if (options.wrap_group) group = options.wrap_group(group, ctx.rank());
-    replay_rank(plan, ctx.rank(), group, options, records[static_cast<size_t>(ctx.rank())]);
-  });
-  const double wall_s = ns_to_s(steady_now_ns() - started);
-  if (!outcome.ok()) throw ReplayRunError("the data-free replay failed:\n" + outcome.error_report());
-  ReplayResult result = collect(plan, options, records, wall_s);
-  result.simulated_end_ns = world.sim_clock()->now_ns();
-  return result;
+  return run_in_world(plan, options, world_options, "data-free");
 }
 
 }  // namespace
@@ -587,25 +595,7 @@ ReplayResult run_replay(const ReplayPlan& plan, const ReplayOptions& options) {
   world_options.backend =
       options.backend == ReplayBackend::GlooThreads ? sim::CommBackend::Gloo : sim::CommBackend::Fake;
   world_options.collective_timeout = options.timeout;
-  try {
-    world_options.validate();
-  } catch (const std::invalid_argument& e) {
-    throw ReplayPlanError(std::string(to_string(options.backend)) + ": " + e.what());
-  }
-  sim::World world(world_options);
-  std::vector<RankRecord> records(static_cast<size_t>(plan.world_size));
-  const int64_t started = steady_now_ns();
-  sim::WorldResult outcome = world.run([&](sim::RankContext& ctx) {
-    ProcessGroupPtr group = ctx.world_group();
-    if (options.wrap_group) group = options.wrap_group(group, ctx.rank());
-    replay_rank(plan, ctx.rank(), group, options, records[static_cast<size_t>(ctx.rank())]);
-  });
-  const double wall_s = ns_to_s(steady_now_ns() - started);
-  if (!outcome.ok()) {
-    throw ReplayRunError("the replay failed (" + std::string(to_string(options.backend)) + "):\n" +
-                         outcome.error_report());
-  }
-  return collect(plan, options, records, wall_s);
+  return run_in_world(plan, options, world_options, to_string(options.backend));
 }
 
 int replay_worker_main(const WorkerContext& context) {

@@ -110,6 +110,14 @@ TEST(TraceStream, FiberRunStreamReadsBackAsTheInMemoryRecordsAndChromeTrace) {
   std::istringstream in(streamed.streamed);
   observe::write_chrome_trace_from_jsonl(in, from_stream);
   EXPECT_TRUE(from_stream.str() == from_memory.str()) << "Chrome traces differ";
+  // The replay tool reads both files as the same collectives in the same order.
+  std::ostringstream memory_jsonl;
+  memory.recorder->write_jsonl(memory_jsonl);
+  std::istringstream memory_in(memory_jsonl.str()), stream_in(streamed.streamed);
+  const tools::ReplayTrace from_memory_file = tools::parse_replay_trace(memory_in);
+  const tools::ReplayTrace from_stream_file = tools::parse_replay_trace(stream_in);
+  EXPECT_EQ(from_stream_file.collectives, from_memory_file.collectives);
+  EXPECT_EQ(tools::check_trace(from_stream_file).text(), tools::check_trace(from_memory_file).text());
   // Every (group, seq) completed on every member: no Lamport bookkeeping left.
   EXPECT_EQ(streamed.recorder->open_collectives(), 0u);
   EXPECT_EQ(memory.recorder->open_collectives(), 0u);
@@ -173,7 +181,7 @@ TEST(TraceStream, FailedCollectiveIsStreamedWithItsErrorAndInFlightOnesAtTheEnd)
   const size_t b = recorder.record_issue(1, desc, {0, 1, 2}, 11);
   recorder.record_engine_event(1, "post_backward", "layers.0", "BACKWARD_POST", 12, 13);  // waits behind b
   EXPECT_EQ(recorder.size(), 3u);
-  recorder.record_completion(a, WorkTimes{0, 20, 30}, make_exception_ptr(CommError("peer 2 never joined")));
+  recorder.record_completion(a, WorkTimes{0, 20, 30}, std::make_exception_ptr(CommError("peer 2 never joined")));
   EXPECT_EQ(recorder.size(), 2u);  // a went to the stream
   EXPECT_EQ(recorder.open_collectives(), 1u);
   recorder.finish_stream();

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <regex>
 #include <sstream>
 
@@ -21,6 +22,7 @@
 #include "backends/observe/trace_recorder.h"
 #include "scenarios/models.h"
 #include "tools/format_util.h"
+#include "tools/replay_lib.h"
 #include "tools/runner.h"
 
 namespace fsdpsim::tools {
@@ -196,6 +198,26 @@ TEST(Runner, SimulatedFiberRunPredictsStepTimeAndExposedCommunication) {
   EXPECT_THAT(out.str(), HasSubstr("step time predicted (simulated clock, ib-ndr400)"));
   EXPECT_THAT(out.str(), HasSubstr("exposed communication: "));
   EXPECT_THAT(out.str(), HasSubstr("% of the simulated step time"));
+}
+
+// The runner streams the JSONL trace: replay check reads it as clean, and
+// the summary shows the peak of records held, far below the records written.
+TEST(Runner, StreamedTraceOfAFiberRunChecksCleanWithFewRecordsInMemory) {
+  RunOptions options = parse_run_options({"--ranks", "fibers", "--simulated-time", "--world-size", "5", "--steps", "2",
+                                          "--trace", temp_trace("streamed")});
+  std::ostringstream out, err;
+  ASSERT_EQ(run_scenario(options, out, err), 0) << err.str();
+  const tools::ReplayTrace trace = tools::load_replay_trace(options.trace_path + ".jsonl");
+  const tools::CheckReport report = tools::check_trace(trace);
+  EXPECT_TRUE(report.clean()) << report.text();
+  // mlp_stack: 3 units + root, (B+1) + B all-gathers and B+1 reduce-scatters per step, 5 ranks.
+  EXPECT_EQ(trace.collectives.size(), size_t{5 * 2 * 11});
+  std::smatch peak;
+  const std::string text = out.str();
+  ASSERT_TRUE(std::regex_search(text, peak, std::regex("trace records in memory: peak ([0-9]+)"))) << text;
+  EXPECT_LT(std::stoul(peak[1].str()) * 4, trace.collectives.size() + trace.engine_events) << text;
+  const auto chrome = nlohmann::json::parse(read_file(options.trace_path));
+  EXPECT_GT(chrome.at("traceEvents").size(), trace.collectives.size());
 }
 
 // The predicted step-time lines of a run's output (one per step).

@@ -13,6 +13,7 @@
 #include <fstream>
 #include <iomanip>
 #include <limits>
+#include <numeric>
 #include <optional>
 #include <set>
 #include <sstream>
@@ -156,7 +157,13 @@ ReplayTrace parse_replay_trace(std::istream& in) {
   trace.world_size = raw.world_size;
   std::map<std::string, size_t> group_line;                                      // group -> first line
   std::map<std::tuple<int, std::string>, std::pair<uint64_t, size_t>> last_seq;  // (rank, group) -> (seq, line)
-  for (size_t i = 0; i < raw.events.size(); ++i) {
+  // Rank by rank, each rank's records in file order: a streamed trace
+  // interleaves ranks (jsonl.h); a trace written rank by rank keeps its order.
+  std::vector<size_t> order(raw.events.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::stable_sort(order.begin(), order.end(),
+                   [&raw](size_t a, size_t b) { return raw.events[a].rank < raw.events[b].rank; });
+  for (size_t i : order) {
     observe::Record& e = raw.events[i];
     const size_t line = i + 2;  // the header is line 1; the reader refuses blank lines
     if (!e.is_collective()) {

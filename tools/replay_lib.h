@@ -70,7 +70,8 @@ class ReplayRunError : public std::runtime_error {
 // ---------------------------------------------------------------------------
 // Reading
 
-/// A validated trace: its collectives in file order with their line numbers.
+/// A validated trace: its collectives rank by rank, each rank's in file order
+/// (a streamed trace interleaves ranks), with their line numbers.
 struct ReplayTrace {
   int world_size = 0;
   std::vector<observe::Record> collectives;

@@ -156,7 +156,10 @@ void bind_training_options(CLI::App& app, RunOptions& o) {
   });
   add_value(app, "--mlp-dim", "N", "mlp_stack: width (default 64)",
             [&o](const std::string& v) { o.scenario.mlp_dim = parse_int("--mlp-dim", v, 1, 1 << 16); });
-  add_value(app, "--trace", "PATH", "Chrome trace (default fsdpsim-trace.json); PATH.jsonl too",
+  add_value(app, "--trace", "PATH",
+            "Chrome trace (default fsdpsim-trace.json); PATH.jsonl too, streamed as the run goes (each record "
+            "written once final, so memory holds only what is in flight; the summary prints the peak), the "
+            "Chrome trace made from it at the end",
             [&o](const std::string& v) { o.trace_path = v; });
   app.add_flag("--check-parity", o.check_parity, "also run the unsharded reference and compare every step");
   add_value(app, "--resume", "DIR",

@@ -19,6 +19,7 @@
 #include <fstream>
 #include <iomanip>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -30,6 +31,7 @@
 #include "backends/comm_hooks.h"
 #include "backends/errors.h"
 #include "backends/gloo/gloo_process_group.h"
+#include "backends/observe/chrome_trace.h"
 #include "backends/observe/flight_recorder.h"
 #include "backends/observe/jsonl.h"
 #include "backends/observe/observed_process_group.h"
@@ -207,14 +209,36 @@ void print_progress(std::ostream& out, const RunOptions& options, int step, cons
   out << line << std::endl;
 }
 
-void write_traces(const RunOptions& options, observe::TraceRecorder& recorder) {
+// <trace>.jsonl, opened before the first record: the recorder streams each
+// record to it once final, so the run holds only what is in flight.
+std::unique_ptr<std::ofstream> start_trace_stream(const RunOptions& options, observe::TraceRecorder& recorder) {
+  const std::string path = options.trace_path + ".jsonl";
+  auto file = std::make_unique<std::ofstream>(path, std::ios::binary | std::ios::trunc);
+  if (!*file) throw RunFailedError("cannot write the trace to " + path + ": " + std::strerror(errno));
+  recorder.stream_to(*file, path);
+  return file;
+}
+
+// Finishes <trace>.jsonl, then makes the Chrome trace from it.
+void write_traces(const RunOptions& options, observe::TraceRecorder& recorder, std::ofstream& jsonl) {
+  try {
+    recorder.finish_stream();
+  } catch (const std::runtime_error& e) {
+    throw RunFailedError(e.what());
+  }
+  jsonl.close();
+  std::ifstream lines(options.trace_path + ".jsonl", std::ios::binary);
   std::ofstream chrome(options.trace_path);
-  std::ofstream lines(options.trace_path + ".jsonl");
-  if (chrome) recorder.write_chrome_trace(chrome);
-  if (lines) recorder.write_jsonl(lines);
-  if (!chrome.flush() || !lines.flush()) {
-    throw RunFailedError("cannot write the trace to " + options.trace_path + " or " + options.trace_path +
-                         ".jsonl: " + std::strerror(errno));
+  if (!lines || !chrome) {
+    throw RunFailedError("cannot write the trace to " + options.trace_path + ": " + std::strerror(errno));
+  }
+  try {
+    observe::write_chrome_trace_from_jsonl(lines, chrome);
+  } catch (const std::runtime_error& e) {
+    throw RunFailedError("cannot read back " + options.trace_path + ".jsonl: " + e.what());
+  }
+  if (!chrome.flush()) {
+    throw RunFailedError("cannot write the trace to " + options.trace_path + ": " + std::strerror(errno));
   }
 }
 
@@ -240,7 +264,8 @@ int64_t peak_rss_bytes() {
 
 // The process's peak RSS over the ranks it ran and what one rank holds: its
 // model state (sharded params and grads), its peak of gathered params, its
-// stack reservation; and the trace records kept in memory for the run.
+// stack reservation; and the most trace records it held at once (the rest
+// were streamed to the trace file).
 void print_memory(std::ostream& out, const RunOptions& options, const std::vector<RankStats>& ranks,
                   size_t trace_records) {
   const auto n = static_cast<int64_t>(ranks.size());
@@ -261,7 +286,7 @@ void print_memory(std::ostream& out, const RunOptions& options, const std::vecto
   out << "\n  memory: peak RSS " << human_bytes(rss) << " = " << human_bytes(rss / static_cast<double>(n))
       << " per rank; per rank (max): sharded params + grads " << human_bytes(static_cast<double>(model))
       << ", peak gathered params " << human_bytes(static_cast<double>(peak)) << ", " << (fibers ? "fiber" : "thread")
-      << " stack reserved " << human_bytes(stack) << "; trace records in memory: " << trace_records;
+      << " stack reserved " << human_bytes(stack) << "; trace records in memory: peak " << trace_records;
 }
 
 // Most lines of a failure report on the terminal; the rest go to a file.
@@ -371,7 +396,7 @@ void print_summary(std::ostream& out, const RunOptions& options, const std::vect
   }
   if (recorder) {
     // Bytes from each record's own dtype (c10's element size).
-    const observe::CommVolume volume = observe::comm_volume(recorder->events(), 0);
+    const observe::CommVolume volume = recorder->comm_volume(0);
     out << "\n  per rank (rank 0): gathered " << human_bytes(static_cast<double>(volume.gathered_bytes)) << ", reduced "
         << human_bytes(static_cast<double>(volume.reduced_bytes)) << " over " << options.steps << " steps;";
     for (const auto& [op, count] : volume.op_counts) out << " " << op << " x" << count;
@@ -386,11 +411,11 @@ void print_summary(std::ostream& out, const RunOptions& options, const std::vect
     out << "\n  checkpoint saved to " << options.save_dir << " at step " << ranks.front().first_step + options.steps
         << " (" << human_bytes(static_cast<double>(saved)) << " over " << n << " ranks)";
   }
-  print_memory(out, options, ranks, recorder ? recorder->size() : 0);
+  print_memory(out, options, ranks, recorder ? recorder->peak_size() : 0);
   out << fmt::format("\n  wall time {:.2f} s", wall_seconds);
   if (recorder) {
     out << fmt::format("\n  trace: {} (Perfetto / chrome://tracing), {}.jsonl ({} events)", options.trace_path,
-                       options.trace_path, recorder->size());
+                       options.trace_path, recorder->recorded());
   }
   out << std::endl;
 }
@@ -645,8 +670,9 @@ int run_processes(const RunOptions& options, std::ostream& out, std::ostream& er
   }
   std::vector<RankStats> ranks;
   observe::TraceRecorder merged(options.world.world_size);
+  const auto jsonl = start_trace_stream(options, merged);
   for (int r = 0; r < options.world.world_size; ++r) ranks.push_back(read_rank_stats(run.results[r], r, merged));
-  write_traces(options, merged);
+  write_traces(options, merged, *jsonl);
   print_summary(out, options, ranks, &merged, false, wall);
   return 0;
 }
@@ -676,6 +702,7 @@ int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err
   out << "fsdpsim: " << describe(options) << std::endl;
   if (options.processes) return run_processes(options, out, err);
   auto recorder = options.no_trace ? nullptr : std::make_shared<observe::TraceRecorder>(options.world.world_size);
+  const auto jsonl = recorder ? start_trace_stream(options, *recorder) : nullptr;
   sim::WorldOptions world_opts = world_options(options, recorder);
   if (!options.record_op_costs_path.empty()) world_opts.record_op_costs = std::make_shared<sim::OpCostTable>();
   sim::World world(world_opts);
@@ -692,7 +719,7 @@ int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err
                                    });
   });
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-  if (recorder) write_traces(options, *recorder);
+  if (recorder) write_traces(options, *recorder, *jsonl);
   if (!result.ok()) {
     report_world_failure(options, result, err);
     throw RunFailedError(world_failure_summary(result));

@@ -32,6 +32,7 @@
 
 #include "backends/clock.h"
 #include "backends/collective_checks.h"
+#include "backends/observe/jsonl.h"
 
 namespace fsdpsim::observe {
 
@@ -41,12 +42,18 @@ using OrderedJson = nlohmann::ordered_json;
 
 constexpr int64_t kAnchorNs = 1000;  // anchor slice length: 1 us
 
+// nlohmann throws on invalid UTF-8 when dumping; error texts are not ours to
+// vouch for, so replace bad bytes instead.
+std::string dump(const OrderedJson& j) { return j.dump(-1, ' ', false, nlohmann::detail::error_handler_t::replace); }
+
+// Kept as its text: a JSON object costs several times its text (a large
+// world's trace is hundreds of thousands of events).
 struct ChromeEvent {
   int tid;
   int64_t ts_ns;  // relative to the trace's origin
   int order;      // at equal ts: ends, then slices (longest first), then begins, then flows
   int64_t dur_ns;
-  OrderedJson json;
+  std::string json;
 };
 
 // Times relative to the earliest timestamp of the trace.
@@ -164,19 +171,20 @@ class ChromeWriter {
       if (a.order != b.order) return a.order < b.order;
       return a.dur_ns > b.dur_ns;
     });
-    OrderedJson trace_events = metadata();
-    for (ChromeEvent& e : timed_) trace_events.push_back(std::move(e.json));
-    OrderedJson root;
-    root["traceEvents"] = std::move(trace_events);
-    root["displayTimeUnit"] = "ms";
-    // nlohmann throws on invalid UTF-8 when dumping; error texts are not ours
-    // to vouch for, so replace bad bytes instead.
-    out << root.dump(-1, ' ', false, nlohmann::detail::error_handler_t::replace) << "\n";
+    // What dump() of {"traceEvents":[...],"displayTimeUnit":"ms"} writes, an event at a time.
+    out << "{\"traceEvents\":[";
+    bool first = true;
+    for (const OrderedJson& m : metadata()) {
+      out << (first ? "" : ",") << dump(m);
+      first = false;
+    }
+    for (const ChromeEvent& e : timed_) out << "," << e.json;
+    out << "],\"displayTimeUnit\":\"ms\"}\n";
   }
 
  private:
-  void add(int rank, int64_t ts, int order, int64_t dur, OrderedJson json) {
-    timed_.push_back(ChromeEvent{rank, ts, order, dur, std::move(json)});
+  void add(int rank, int64_t ts, int order, int64_t dur, const OrderedJson& json) {
+    timed_.push_back(ChromeEvent{rank, ts, order, dur, dump(json)});
   }
 
   // An anchor slice plus an async span from issue to end per collective.
@@ -196,17 +204,17 @@ class ChromeWriter {
       x["ts"] = ns_to_us(anchor);
       x["dur"] = ns_to_us(kAnchorNs);
       x["args"] = args;
-      add(e.rank, anchor, 1, kAnchorNs, std::move(x));
+      add(e.rank, anchor, 1, kAnchorNs, x);
 
       OrderedJson b = base_json("b", e.name, "collective", e.rank);
       b["id"] = e.id;
       b["ts"] = ns_to_us(issue);
       b["args"] = args;
-      add(e.rank, issue, 2, 0, std::move(b));
+      add(e.rank, issue, 2, 0, b);
       OrderedJson en = base_json("e", e.name, "collective", e.rank);
       en["id"] = e.id;
       en["ts"] = ns_to_us(end);
-      add(e.rank, end, 0, 0, std::move(en));
+      add(e.rank, end, 0, 0, en);
     }
   }
 
@@ -231,7 +239,7 @@ class ChromeWriter {
         f["id"] = flow_id;
         f["ts"] = ns_to_us(ts);
         if (k == n - 1) f["bp"] = "e";
-        add(all_[i].rank, ts, 3, 0, std::move(f));
+        add(all_[i].rank, ts, 3, 0, f);
       }
     }
   }
@@ -294,18 +302,18 @@ class ChromeWriter {
       x["ts"] = ns_to_us(s);
       x["dur"] = ns_to_us(t - s);
       x["args"] = std::move(args);
-      add(e.rank, s, 1, t - s, std::move(x));
+      add(e.rank, s, 1, t - s, x);
       return;
     }
     OrderedJson b = base_json("b", label, "engine", e.rank);
     b["id"] = e.id;
     b["ts"] = ns_to_us(s);
     b["args"] = std::move(args);
-    add(e.rank, s, 2, 0, std::move(b));
+    add(e.rank, s, 2, 0, b);
     OrderedJson en = base_json("e", label, "engine", e.rank);
     en["id"] = e.id;
     en["ts"] = ns_to_us(t);
-    add(e.rank, t, 0, 0, std::move(en));
+    add(e.rank, t, 0, 0, en);
   }
 
   // Process and thread names, ranks in order.
@@ -346,6 +354,12 @@ class ChromeWriter {
 
 void write_chrome_trace(std::ostream& out, const std::vector<Record>& records, int world_size) {
   ChromeWriter(records, world_size).write(out);
+}
+
+void write_chrome_trace_from_jsonl(std::istream& jsonl, std::ostream& out) {
+  JsonlTrace trace = read_jsonl_trace(jsonl);
+  sort_by_rank(trace.events);
+  write_chrome_trace(out, trace.events, trace.world_size);
 }
 
 }  // namespace fsdpsim::observe

@@ -16,10 +16,18 @@
 // its group's name was defined with other ranks). Version 1 (still read)
 // puts group_ranks on every collective record.
 //
-// Thread-safety: pure functions of their arguments.
+// A streamed trace (TraceRecorder::stream_to) is the same format; its
+// records are interleaved across ranks (each rank's in recording order), so a
+// reader that wants them rank by rank stable-sorts by rank (sort_by_rank).
+//
+// Thread-safety: pure functions of their arguments; a JsonlWriter is not
+// thread-safe (its owner serialises calls).
 
 #include <cstddef>
+#include <functional>
 #include <iosfwd>
+#include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "backends/observe/record.h"
@@ -41,6 +49,19 @@ struct JsonlTrace {
   std::vector<Record> events;
 };
 
+/// Writes the format one record at a time: the header on construction, each
+/// group's definition before its first record. write_jsonl and the streaming
+/// TraceRecorder both write through it.
+class JsonlWriter {
+ public:
+  JsonlWriter(std::ostream& out, int world_size);
+  void write(const Record& record);
+
+ private:
+  std::ostream& out_;
+  std::unordered_map<std::string, GroupRanks> defined_;  // group name -> the ranks its line defined
+};
+
 /// Writes the header and `records` in their order.
 void write_jsonl(std::ostream& out, const std::vector<Record>& records, int world_size);
 
@@ -49,5 +70,14 @@ void write_jsonl(std::ostream& out, const std::vector<Record>& records, int worl
 /// input; bounded by kMaxJsonlLineBytes / kMaxJsonlEvents.
 JsonlTrace read_jsonl_trace(std::istream& in);
 std::vector<Record> read_jsonl(std::istream& in);
+/// As read_jsonl_trace, handing each record to `each` instead of keeping it
+/// (memory: the groups and the ids seen). Returns the header's world size
+/// through `header` before the first record.
+void read_jsonl_records(std::istream& in, const std::function<void(const JsonlTrace& header)>& header,
+                        const std::function<void(Record&& record)>& each);
+
+/// Stable-sorts records by rank: a streamed trace in TraceRecorder::events()'s
+/// order (each rank's records keep their file order).
+void sort_by_rank(std::vector<Record>& records);
 
 }  // namespace fsdpsim::observe

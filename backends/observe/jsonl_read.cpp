@@ -322,7 +322,8 @@ void read_header(const std::string& line, size_t line_number, JsonlTrace& trace)
 
 }  // namespace
 
-JsonlTrace read_jsonl_trace(std::istream& in) {
+void read_jsonl_records(std::istream& in, const std::function<void(const JsonlTrace& header)>& header,
+                        const std::function<void(Record&& record)>& each) {
   std::streambuf* buf = in.rdbuf();
   if (buf == nullptr) throw std::runtime_error("trace line 1: the stream has no buffer");
   JsonlTrace trace;
@@ -330,10 +331,11 @@ JsonlTrace read_jsonl_trace(std::istream& in) {
   size_t line_number = 1;
   if (!read_line(buf, kMaxJsonlLineBytes, line_number, line)) fail_line(1, "missing header (empty input)");
   read_header(line, line_number, trace);
+  header(trace);
   std::unordered_set<uint64_t> ids;
   GroupDefinitions groups;
   while (read_line(buf, kMaxJsonlLineBytes, ++line_number, line)) {
-    if (trace.events.size() >= kMaxJsonlEvents) {
+    if (ids.size() >= kMaxJsonlEvents) {
       fail_line(line_number, "more than " + std::to_string(kMaxJsonlEvents) + " events");
     }
     const Json object = parse_object(line, line_number);
@@ -343,12 +345,27 @@ JsonlTrace read_jsonl_trace(std::istream& in) {
     }
     Record e = parse_record(object, line_number, trace.world_size, trace.version >= 2 ? &groups : nullptr);
     if (!ids.insert(e.id).second) fail_field(line_number, "id", std::to_string(e.id) + " appears twice");
-    trace.events.push_back(std::move(e));
+    each(std::move(e));
   }
   if (in.bad()) fail_line(line_number, "read error");
+}
+
+JsonlTrace read_jsonl_trace(std::istream& in) {
+  JsonlTrace trace;
+  read_jsonl_records(
+      in,
+      [&trace](const JsonlTrace& header) {
+        trace.version = header.version;
+        trace.world_size = header.world_size;
+      },
+      [&trace](Record&& e) { trace.events.push_back(std::move(e)); });
   return trace;
 }
 
 std::vector<Record> read_jsonl(std::istream& in) { return read_jsonl_trace(in).events; }
+
+void sort_by_rank(std::vector<Record>& records) {
+  std::stable_sort(records.begin(), records.end(), [](const Record& a, const Record& b) { return a.rank < b.rank; });
+}
 
 }  // namespace fsdpsim::observe

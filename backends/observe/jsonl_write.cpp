@@ -48,30 +48,35 @@ OrderedJson record_json(const Record& e, bool with_ranks) {
 
 }  // namespace
 
-void write_jsonl(std::ostream& out, const std::vector<Record>& records, int world_size) {
+JsonlWriter::JsonlWriter(std::ostream& out, int world_size) : out_(out) {
   OrderedJson header;
   header["schema"] = kJsonlSchema;
   header["version"] = kJsonlVersion;
   header["world_size"] = world_size;
-  out << dump(header) << "\n";
-  // Each group's ranks once, on a line before its first record: a world of N
-  // ranks would otherwise repeat N numbers on every record.
-  std::unordered_map<std::string, const GroupRanks*> defined;
-  for (const Record& e : records) {
-    bool with_ranks = false;
-    if (e.is_collective()) {
-      auto [found, added] = defined.emplace(e.group, &e.group_ranks);
-      if (added) {
-        OrderedJson group;
-        group["kind"] = kGroupKind;
-        group["group"] = e.group;
-        group["group_ranks"] = e.group_ranks.vector();
-        out << dump(group) << "\n";
-      }
-      with_ranks = *found->second != e.group_ranks;  // one name, other ranks: say them here
+  out_ << dump(header) << "\n";
+}
+
+void JsonlWriter::write(const Record& e) {
+  bool with_ranks = false;
+  if (e.is_collective()) {
+    // Each group's ranks once, on a line before its first record: a world of
+    // N ranks would otherwise repeat N numbers on every record.
+    auto [found, added] = defined_.emplace(e.group, e.group_ranks);
+    if (added) {
+      OrderedJson group;
+      group["kind"] = kGroupKind;
+      group["group"] = e.group;
+      group["group_ranks"] = e.group_ranks.vector();
+      out_ << dump(group) << "\n";
     }
-    out << dump(record_json(e, with_ranks)) << "\n";
+    with_ranks = found->second != e.group_ranks;  // one name, other ranks: say them here
   }
+  out_ << dump(record_json(e, with_ranks)) << "\n";
+}
+
+void write_jsonl(std::ostream& out, const std::vector<Record>& records, int world_size) {
+  JsonlWriter writer(out, world_size);
+  for (const Record& e : records) writer.write(e);
 }
 
 }  // namespace fsdpsim::observe

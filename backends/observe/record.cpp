@@ -76,15 +76,19 @@ bool is_engine_kind(const std::string& kind) {
                      [](char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_'; });
 }
 
+void add_to_comm_volume(CommVolume& volume, const Record& record) {
+  if (!record.is_collective()) return;
+  if (record.op == CollectiveOp::AllGather) volume.gathered_bytes += record.out_bytes();
+  if (record.op == CollectiveOp::ReduceScatter || record.op == CollectiveOp::AllReduce) {
+    volume.reduced_bytes += record.in_bytes();
+  }
+  ++volume.op_counts[to_string(record.op)];
+}
+
 CommVolume comm_volume(const std::vector<Record>& records, int rank) {
   CommVolume volume;
   for (const Record& record : records) {
-    if (!record.is_collective() || record.rank != rank) continue;
-    if (record.op == CollectiveOp::AllGather) volume.gathered_bytes += record.out_bytes();
-    if (record.op == CollectiveOp::ReduceScatter || record.op == CollectiveOp::AllReduce) {
-      volume.reduced_bytes += record.in_bytes();
-    }
-    ++volume.op_counts[to_string(record.op)];
+    if (record.rank == rank) add_to_comm_volume(volume, record);
   }
   return volume;
 }

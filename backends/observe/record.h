@@ -129,5 +129,7 @@ struct CommVolume {
   std::map<std::string, int64_t> op_counts;  ///< by to_string(op)
 };
 CommVolume comm_volume(const std::vector<Record>& records, int rank);
+/// Adds one record (of any rank; engine events add nothing) to `volume`.
+void add_to_comm_volume(CommVolume& volume, const Record& record);
 
 }  // namespace fsdpsim::observe

@@ -597,17 +597,35 @@ ScaleResult run_scale_child(sim::RankKind kind, int ranks, int rounds, std::chro
   return result;
 }
 
+// The round against the memory traffic of its data (2 x n^2 floats), both
+// measured in the fiber run's process.
+void print_round_vs_memcpy(const std::vector<int>& ladder,
+                           const std::vector<std::pair<ScaleResult, ScaleResult>>& rows) {
+  for (size_t i = 0; i < ladder.size(); ++i) {
+    const ScaleResult& fibers = rows[i].first;
+    if (!fibers.error.empty() || fibers.memcpy_ns <= 0) continue;
+    std::cout << fmt::format(
+        "fiber round vs memcpy at {} ranks: round {:.3f} ms, memcpy of its {} {:.3f} ms, ratio {:.1f}\n", ladder[i],
+        ns_to_ms(fibers.round_median_ns), tools::human_bytes(2.0 * ladder[i] * ladder[i] * sizeof(float)),
+        ns_to_ms(fibers.memcpy_ns), fibers.round_median_ns / fibers.memcpy_ns);
+    if (fibers.round_cpu_ns > 0 && fibers.memcpy_cpu_ns > 0) {
+      std::cout << fmt::format(
+          "  CPU time (not inflated by other load): round {:.3f} ms, memcpy {:.3f} ms, ratio {:.1f}\n",
+          ns_to_ms(fibers.round_cpu_ns), ns_to_ms(fibers.memcpy_cpu_ns), fibers.round_cpu_ns / fibers.memcpy_cpu_ns);
+    }
+  }
+}
+
 void section_scale(const Config& config) {
   const int target = config.scale_ranks;
   const int rounds = config.quick ? 1 : 3;
   const auto deadline = std::chrono::seconds(60);
   std::vector<int> ladder;
-  if (!config.quick) {
+  if (!config.quick && !config.scale_only) {
     for (int ranks : {256, 512}) {
       if (ranks < target) ladder.push_back(ranks);
     }
   }
-  if (config.scale_only) ladder.clear();
   ladder.push_back(target);
   progress(
       fmt::format("[3/3] {}-rank round (barrier + all_gather of 1 float per rank + reduce_scatter): fibers vs "
@@ -675,21 +693,7 @@ void section_scale(const Config& config) {
     }
   }
   std::cout << (ratio_line.empty() ? "ratio threads/fibers: n/a (no size ran on both kinds)" : ratio_line) << "\n";
-  // The round against the memory traffic of its data (2 x n^2 floats), both
-  // measured in the fiber run's process.
-  for (size_t i = 0; i < ladder.size(); ++i) {
-    const ScaleResult& fibers = rows[i].first;
-    if (!fibers.error.empty() || fibers.memcpy_ns <= 0) continue;
-    std::cout << fmt::format(
-        "fiber round vs memcpy at {} ranks: round {:.3f} ms, memcpy of its {} {:.3f} ms, ratio {:.1f}\n", ladder[i],
-        ns_to_ms(fibers.round_median_ns), tools::human_bytes(2.0 * ladder[i] * ladder[i] * sizeof(float)),
-        ns_to_ms(fibers.memcpy_ns), fibers.round_median_ns / fibers.memcpy_ns);
-    if (fibers.round_cpu_ns > 0 && fibers.memcpy_cpu_ns > 0) {
-      std::cout << fmt::format(
-          "  CPU time (not inflated by other load): round {:.3f} ms, memcpy {:.3f} ms, ratio {:.1f}\n",
-          ns_to_ms(fibers.round_cpu_ns), ns_to_ms(fibers.memcpy_cpu_ns), fibers.round_cpu_ns / fibers.memcpy_cpu_ns);
-    }
-  }
+  print_round_vs_memcpy(ladder, rows);
   std::cout << fmt::format("(section 3 took {:.2f} s)\n", seconds_since(started)) << std::endl;
 }
 

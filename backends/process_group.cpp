@@ -69,19 +69,28 @@ std::string CollectiveDesc::labelled_call_string() const {
   return label.empty() ? call_string() : call_string() + " for " + label;
 }
 
+// Built by appending (each collective's record calls this once per rank); the
+// rare factors keep the stream's %g-style formatting.
 std::string CollectiveDesc::call_string() const {
-  std::ostringstream out;
-  out << fsdpsim::to_string(op);
-  if (op == CollectiveOp::Barrier) return out.str();
-  out << " " << c10::toString(dtype) << " in " << shape_string(input_shape) << " out " << shape_string(output_shape);
+  std::string out = fsdpsim::to_string(op);
+  if (op == CollectiveOp::Barrier) return out;
+  out += " ";
+  out += c10::toString(dtype);
+  out += " in ";
+  out += shape_string(input_shape);
+  out += " out ";
+  out += shape_string(output_shape);
   if (op == CollectiveOp::ReduceScatter || op == CollectiveOp::AllReduce) {
-    out << " op " << fsdpsim::to_string(reduce_op);
+    out += " op ";
+    out += fsdpsim::to_string(reduce_op);
   }
   if (op == CollectiveOp::ReduceScatter && (predivide_factor != 1.0 || postdivide_factor != 1.0)) {
-    out << " predivide " << predivide_factor << " postdivide " << postdivide_factor;
+    std::ostringstream factors;
+    factors << " predivide " << predivide_factor << " postdivide " << postdivide_factor;
+    out += factors.str();
   }
-  if (op == CollectiveOp::Broadcast) out << " root " << root;
-  return out.str();
+  if (op == CollectiveOp::Broadcast) out += " root " + std::to_string(root);
+  return out;
 }
 
 std::string CollectiveDesc::to_string() const {

@@ -182,6 +182,7 @@ struct Arrival {
 
 struct PendingCollective {
   std::string group;
+  const std::string* group_name = nullptr;  // the FakeGroupState's name: lives as long as the world
   uint64_t seq = 0;
   std::vector<int> global_ranks;
   std::vector<std::optional<Arrival>> arrivals;
@@ -239,11 +240,32 @@ class FakeGroupState {
   std::map<int, std::vector<std::vector<int>>> splits;  // split index -> partition
 };
 
+// Where a rank is. The collective's text is built only when a report asks:
+// every issue and wait of every rank updates this.
 struct RankWhere {
   enum class Kind { Running, Waiting, Exited, Failed } kind = Kind::Running;
-  std::string collective;  // "all_gather group world seq 3"
+  const std::string* group = nullptr;  // the last collective's group name (FakeGroupState::name); null: none yet
+  CollectiveOp op = CollectiveOp::Barrier;
+  uint64_t seq = 0;
+  bool collective_failed = false;
   std::string error;
+
+  void set(Kind now, const std::string& group_name, CollectiveOp last_op, uint64_t last_seq, bool failed = false) {
+    kind = now;
+    group = &group_name;
+    op = last_op;
+    seq = last_seq;
+    collective_failed = failed;
+    error.clear();
+  }
+  // "all_gather group world seq 3" ("" before the first collective).
+  std::string collective() const {
+    if (group == nullptr) return "";
+    return std::string(to_string(op)) + " group " + *group + " seq " + std::to_string(seq) +
+           (collective_failed ? " (failed)" : "");
+  }
   std::string describe() const {
+    const std::string collective = this->collective();
     switch (kind) {
       case Kind::Running:
         return collective.empty() ? "running, no collective issued yet" : "running, last issued " + collective;
@@ -575,7 +597,7 @@ class FakeWork final : public Work {
   std::shared_ptr<FakeWorldState> world_;
   std::shared_ptr<PendingCollective> pending_;
   int group_rank_;
-  CollectiveDesc desc_;
+  const CollectiveDesc& desc_;  // the arrival's: kept (never reassigned) while pending_ lives
 };
 
 namespace {
@@ -693,11 +715,10 @@ void FakeWork::wait() {
   auto& impl = *world_->impl_;
   PendingCollective& p = *pending_;
   const int global_rank = p.global_ranks[group_rank_];
-  const std::string label = std::string(to_string(desc_.op)) + " " + p.header();
   BackendScope not_compute(world_->sim_clock_, global_rank);
   Callbacks callbacks;
   Lock lock(impl.mutex);
-  impl.where[global_rank] = RankWhere{RankWhere::Kind::Waiting, label, ""};
+  impl.where[global_rank].set(RankWhere::Kind::Waiting, *p.group_name, desc_.op, p.seq);
   const auto deadline = p.arrivals[group_rank_]->deadline;
   std::exception_ptr error;
   while (true) {
@@ -724,7 +745,7 @@ void FakeWork::wait() {
       callbacks = impl.fail_locked(p, std::make_exception_ptr(CollectiveTimeoutError(msg.str())));
     }
   }
-  impl.where[global_rank] = RankWhere{RankWhere::Kind::Running, label + (error ? " (failed)" : ""), ""};
+  impl.where[global_rank].set(RankWhere::Kind::Running, *p.group_name, desc_.op, p.seq, error != nullptr);
   if (!error && world_->sim_clock_ != nullptr) world_->sim_clock_->wait_until(global_rank, p.end_ns);
   lock.unlock();
   run_callbacks(callbacks);
@@ -889,14 +910,13 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
     }
     seq_ = desc.seq;
     if (!impl.unwritten[global_rank].empty()) callbacks = impl.flush_rank_locked(global_rank, world_->clock().now_ns());
-    const std::string label =
-        std::string(to_string(desc.op)) + " group " + desc.group + " seq " + std::to_string(desc.seq);
-    impl.where[global_rank] = RankWhere{RankWhere::Kind::Running, label, ""};
+    impl.where[global_rank].set(RankWhere::Kind::Running, group_->name, desc.op, desc.seq);
 
     auto& slot = group_->gathering[desc.seq];
     if (!slot) {
       slot = std::make_shared<PendingCollective>(world_->fibers());
       slot->group = group_->name;
+      slot->group_name = &group_->name;
       slot->seq = desc.seq;
       slot->global_ranks = group_->global_ranks;
       slot->arrivals.resize(size());
@@ -910,12 +930,13 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
     const bool data_free_mismatch = !was_failed && p.first >= 0 && meta != p.data_free;
     const bool mismatch = !was_failed && p.first >= 0 && (!desc.matches(p.first_desc()) || data_free_mismatch);
 
-    p.arrivals[rank_] =
-        Arrival{desc, input, output, world_->clock().now_ns(), std::chrono::steady_clock::now() + world_->timeout()};
+    p.arrivals[rank_] = Arrival{std::move(desc), input, output, world_->clock().now_ns(),
+                                std::chrono::steady_clock::now() + world_->timeout()};
+    const CollectiveDesc& arrived = p.arrivals[rank_]->desc;  // `desc` moved into it
     ++p.arrived;
     if (p.first < 0) p.data_free = meta;
     if (p.first < 0) p.first = rank_;
-    if (p.arrived == size()) group_->gathering.erase(desc.seq);
+    if (p.arrived == size()) group_->gathering.erase(arrived.seq);
 
     Callbacks more;
     if (data_free_mismatch) {
@@ -930,7 +951,7 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
       if (p.arrived == size()) {
         more = start_locked(pending);
       } else if (auto why = impl.exited_member_locked(p)) {
-        more = impl.fail_locked(p, std::make_exception_ptr(CommError(p.header() + " " + to_string(desc.op) +
+        more = impl.fail_locked(p, std::make_exception_ptr(CommError(p.header() + " " + to_string(arrived.op) +
                                                                      ": can never complete: " + *why +
                                                                      "; where each rank is: " + impl.where_locked())));
       }

@@ -38,8 +38,7 @@ boost::fibers::context* RankScheduler::pick_next() noexcept {
   if (policy_ == SchedulePolicy::SeededRandom && ready_.size() > 1) {
     index = static_cast<size_t>(random_() % ready_.size());
   }
-  boost::fibers::context* next = ready_[index];
-  ready_.erase(ready_.begin() + static_cast<std::ptrdiff_t>(index));
+  boost::fibers::context* next = ready_.take(index);
   // The dispatcher runs no user code: leave the installed state alone.
   if (!next->is_context(boost::fibers::type::dispatcher_context)) switch_state(next);
   return next;

@@ -19,7 +19,6 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
-#include <deque>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -28,6 +27,7 @@
 
 #include <ATen/ThreadLocalState.h>
 
+#include "sim/ready_queue.h"
 #include "sim/world.h"
 
 namespace fsdpsim::sim {
@@ -68,7 +68,7 @@ class RankScheduler final : public boost::fibers::algo::algorithm_with_propertie
   SchedulePolicy policy_;
   SimClock* clock_;
   std::mt19937_64 random_;
-  std::deque<boost::fibers::context*> ready_;
+  ReadyQueue<boost::fibers::context*> ready_;  // O(log n) pick at any position
   // The fiber whose thread-local state is installed right now.
   boost::fibers::context* installed_ = nullptr;
   at::ThreadLocalState initial_state_;

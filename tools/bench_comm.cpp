@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <exception>
 #include <iostream>
 #include <map>
@@ -73,6 +74,7 @@ struct Config {
   std::vector<int64_t> sizes;  // total bytes S
   std::vector<int> worlds;
   int scale_ranks = 4096;
+  bool scale_only = false;  // section 3 alone, fiber ranks only (profiling the round)
 };
 
 // The sizes and worlds of a quick or a full run; --scale-ranks overrides the default.
@@ -284,25 +286,37 @@ struct ScaleResult {
   double run_s = 0;            // World::run: start ranks, warm-up barrier, rounds, join
   double round_median_ns = 0;  // barrier + all_gather + reduce_scatter
   double memcpy_ns = 0;        // the round's bytes at memcpy speed, measured in the same process
+  // CPU time of the same (fibers only: every rank runs on one OS thread, whose
+  // clock then times the round): unlike wall time, not inflated by a loaded machine.
+  double round_cpu_ns = 0;
+  double memcpy_cpu_ns = 0;
   int rounds = 0;
 };
 
+int64_t thread_cpu_ns() {
+  timespec now{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now);
+  return static_cast<int64_t>(now.tv_sec) * 1'000'000'000 + now.tv_nsec;
+}
+
 // What a round's data costs at memory speed: the all-gather writes n x n
 // floats (every rank's output) and the reduce-scatter reads as many (every
-// rank's input), i.e. two copies of n x n floats; median of 3.
-double round_memcpy_ns(int ranks) {
+// rank's input), i.e. two copies of n x n floats; median of 3 (wall, CPU).
+std::pair<double, double> round_memcpy_ns(int ranks) {
   const size_t count = static_cast<size_t>(ranks) * static_cast<size_t>(ranks);
   std::vector<float> from(count, 1.0F);
   std::vector<float> to(count, 0.0F);
   std::memcpy(to.data(), from.data(), count * sizeof(float));  // fault the pages in first
-  std::vector<double> times;
+  std::vector<double> times, cpu_times;
   for (int i = 0; i < 3; ++i) {
     const int64_t start = steady_now_ns();
+    const int64_t cpu_start = thread_cpu_ns();
     std::memcpy(to.data(), from.data(), count * sizeof(float));
     std::memcpy(from.data(), to.data(), count * sizeof(float));
+    cpu_times.push_back(static_cast<double>(thread_cpu_ns() - cpu_start));
     times.push_back(static_cast<double>(steady_now_ns() - start));
   }
-  return median(times);
+  return {median(times), median(cpu_times)};
 }
 
 ScaleResult run_scale(sim::RankKind kind, int ranks, int rounds) {
@@ -312,6 +326,7 @@ ScaleResult run_scale(sim::RankKind kind, int ranks, int rounds) {
   options.thread_stack_bytes = 256 * 1024;
   options.collective_timeout = 300s;
   std::vector<int64_t> starts(static_cast<size_t>(ranks) * rounds), ends(starts.size());
+  std::vector<int64_t> cpu_starts(starts.size()), cpu_ends(starts.size());
   ScaleResult result;
   result.rounds = rounds;
   const int64_t started = steady_now_ns();
@@ -327,9 +342,11 @@ ScaleResult run_scale(sim::RankKind kind, int ranks, int rounds) {
       pg.barrier()->wait();  // every rank exists before the first round
       for (int i = 0; i < rounds; ++i) {
         starts[static_cast<size_t>(i) * ranks + r] = steady_now_ns();
+        cpu_starts[static_cast<size_t>(i) * ranks + r] = thread_cpu_ns();
         pg.barrier()->wait();
         pg.all_gather_into_tensor(gathered, one)->wait();
         pg.reduce_scatter_tensor(reduced, gathered, ReduceScatterOptions{})->wait();
+        cpu_ends[static_cast<size_t>(i) * ranks + r] = thread_cpu_ns();
         ends[static_cast<size_t>(i) * ranks + r] = steady_now_ns();
       }
     });
@@ -342,15 +359,20 @@ ScaleResult run_scale(sim::RankKind kind, int ranks, int rounds) {
     result.error = first_line(outcome.error_report());
     return result;
   }
-  std::vector<double> durations;
-  for (int i = 0; i < rounds; ++i) {
-    const auto begin = static_cast<size_t>(i) * ranks;
-    const int64_t first = *std::min_element(starts.begin() + begin, starts.begin() + begin + ranks);
-    const int64_t last = *std::max_element(ends.begin() + begin, ends.begin() + begin + ranks);
-    durations.push_back(static_cast<double>(last - first));
-  }
-  result.round_median_ns = median(durations);
-  result.memcpy_ns = round_memcpy_ns(ranks);
+  // Last end minus first start of each round, median over rounds.
+  auto round_median = [&](const std::vector<int64_t>& from, const std::vector<int64_t>& to) {
+    std::vector<double> durations;
+    for (int i = 0; i < rounds; ++i) {
+      const auto begin = static_cast<ptrdiff_t>(i) * ranks;
+      const int64_t first = *std::min_element(from.begin() + begin, from.begin() + begin + ranks);
+      const int64_t last = *std::max_element(to.begin() + begin, to.begin() + begin + ranks);
+      durations.push_back(static_cast<double>(last - first));
+    }
+    return median(durations);
+  };
+  result.round_median_ns = round_median(starts, ends);
+  if (kind == sim::RankKind::Fibers) result.round_cpu_ns = round_median(cpu_starts, cpu_ends);
+  std::tie(result.memcpy_ns, result.memcpy_cpu_ns) = round_memcpy_ns(ranks);
   return result;
 }
 
@@ -569,8 +591,29 @@ ScaleResult run_scale_child(sim::RankKind kind, int ranks, int rounds, std::chro
     result.round_median_ns = run.results[0]->at("round_median_ns").get<double>();
     result.run_s = run.results[0]->at("run_s").get<double>();
     result.memcpy_ns = run.results[0]->at("memcpy_ns").get<double>();
+    result.round_cpu_ns = run.results[0]->at("round_cpu_ns").get<double>();
+    result.memcpy_cpu_ns = run.results[0]->at("memcpy_cpu_ns").get<double>();
   }
   return result;
+}
+
+// The round against the memory traffic of its data (2 x n^2 floats), both
+// measured in the fiber run's process.
+void print_round_vs_memcpy(const std::vector<int>& ladder,
+                           const std::vector<std::pair<ScaleResult, ScaleResult>>& rows) {
+  for (size_t i = 0; i < ladder.size(); ++i) {
+    const ScaleResult& fibers = rows[i].first;
+    if (!fibers.error.empty() || fibers.memcpy_ns <= 0) continue;
+    std::cout << fmt::format(
+        "fiber round vs memcpy at {} ranks: round {:.3f} ms, memcpy of its {} {:.3f} ms, ratio {:.1f}\n", ladder[i],
+        ns_to_ms(fibers.round_median_ns), tools::human_bytes(2.0 * ladder[i] * ladder[i] * sizeof(float)),
+        ns_to_ms(fibers.memcpy_ns), fibers.round_median_ns / fibers.memcpy_ns);
+    if (fibers.round_cpu_ns > 0 && fibers.memcpy_cpu_ns > 0) {
+      std::cout << fmt::format(
+          "  CPU time (not inflated by other load): round {:.3f} ms, memcpy {:.3f} ms, ratio {:.1f}\n",
+          ns_to_ms(fibers.round_cpu_ns), ns_to_ms(fibers.memcpy_cpu_ns), fibers.round_cpu_ns / fibers.memcpy_cpu_ns);
+    }
+  }
 }
 
 void section_scale(const Config& config) {
@@ -578,7 +621,7 @@ void section_scale(const Config& config) {
   const int rounds = config.quick ? 1 : 3;
   const auto deadline = std::chrono::seconds(60);
   std::vector<int> ladder;
-  if (!config.quick) {
+  if (!config.quick && !config.scale_only) {
     for (int ranks : {256, 512}) {
       if (ranks < target) ladder.push_back(ranks);
     }
@@ -595,7 +638,9 @@ void section_scale(const Config& config) {
     bool timed_out = false;
     ScaleResult fibers = run_scale_child(sim::RankKind::Fibers, ranks, rounds, deadline, timed_out);
     ScaleResult threads;
-    if (threads_stopped_at) {
+    if (config.scale_only) {
+      threads.error = "not run (--scale-only)";
+    } else if (threads_stopped_at) {
       threads.error =
           fmt::format("not run ({} thread ranks already took over {} s)", threads_stopped_at, deadline.count());
     } else {
@@ -648,24 +693,17 @@ void section_scale(const Config& config) {
     }
   }
   std::cout << (ratio_line.empty() ? "ratio threads/fibers: n/a (no size ran on both kinds)" : ratio_line) << "\n";
-  // The round against the memory traffic of its data (2 x n^2 floats), both
-  // measured in the fiber run's process.
-  for (size_t i = 0; i < ladder.size(); ++i) {
-    const ScaleResult& fibers = rows[i].first;
-    if (!fibers.error.empty() || fibers.memcpy_ns <= 0) continue;
-    std::cout << fmt::format(
-        "fiber round vs memcpy at {} ranks: round {:.3f} ms, memcpy of its {} {:.3f} ms, ratio {:.1f}\n", ladder[i],
-        ns_to_ms(fibers.round_median_ns), tools::human_bytes(2.0 * ladder[i] * ladder[i] * sizeof(float)),
-        ns_to_ms(fibers.memcpy_ns), fibers.round_median_ns / fibers.memcpy_ns);
-  }
+  print_round_vs_memcpy(ladder, rows);
   std::cout << fmt::format("(section 3 took {:.2f} s)\n", seconds_since(started)) << std::endl;
 }
 
 int bench_comm_main(const Config& config) {
   return run_benchmark(kProgram, config.quick, "ATen intra-op threads 1, float32", [&config] {
     Report report;
-    section_fake(config, report);
-    section_gloo(config, report);
+    if (!config.scale_only) {
+      section_fake(config, report);
+      section_gloo(config, report);
+    }
     section_scale(config);
     return !report.failed;
   });
@@ -689,6 +727,8 @@ void add_bench_comm_command(CLI::App& bench, Command& command) {
       "--no-processes", [config] { config->processes = false; }, "skip the Gloo process measurements");
   comm->add_flag_callback(
       "--no-gloo", [config] { config->gloo = false; }, "skip every Gloo measurement (threads and processes)");
+  comm->add_flag("--scale-only", config->scale_only,
+                 "run only section 3 at --scale-ranks ranks, fiber ranks only (to profile the round)");
   add_value(*comm, "--scale-ranks", "N", "ranks of the fiber/thread scale test (default 4096; 256 with --quick)",
             [scale_ranks](const std::string& v) {
               *scale_ranks = static_cast<int>(parse_integer<UsageError>("--scale-ranks", v, 2, 16384));
@@ -727,7 +767,9 @@ int bench_scale_worker(const WorkerContext& context) {
   context.write_result({{"error", result.error},
                         {"round_median_ns", result.round_median_ns},
                         {"run_s", result.run_s},
-                        {"memcpy_ns", result.memcpy_ns}});
+                        {"memcpy_ns", result.memcpy_ns},
+                        {"round_cpu_ns", result.round_cpu_ns},
+                        {"memcpy_cpu_ns", result.memcpy_cpu_ns}});
   return 0;
 }
 

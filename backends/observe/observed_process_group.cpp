@@ -30,15 +30,28 @@ ObservedProcessGroup::ObservedProcessGroup(ProcessGroupPtr inner, std::vector<Si
   }
 }
 
-WorkPtr ObservedProcessGroup::call(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue) {
-  const Record issued = collective_record(global_rank_, desc, group_ranks_, clock_->now_ns());
+namespace {
+// What a collective's end reports to the sinks, in one allocation: the end
+// observer then holds one pointer (no copies of the record or the sink list
+// per collective, which thousands of fiber ranks pay for every call).
+struct Issued {
+  std::vector<SinkPtr> sinks;
+  Record record;
   std::vector<uint64_t> tokens;
-  tokens.reserve(sinks_.size());
-  for (const auto& sink : sinks_) tokens.push_back(sink->on_issue(issued));
-  return issue_observed(desc, issue, *clock_,
-                        [sinks = sinks_, issued, tokens](const WorkTimes& times, std::exception_ptr error) {
-                          for (size_t i = 0; i < sinks.size(); ++i) sinks[i]->on_end(issued, tokens[i], times, error);
-                        });
+};
+}  // namespace
+
+WorkPtr ObservedProcessGroup::call(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue) {
+  auto issued = std::make_shared<Issued>();
+  issued->sinks = sinks_;
+  issued->record = collective_record(global_rank_, desc, group_ranks_, clock_->now_ns());
+  issued->tokens.reserve(sinks_.size());
+  for (const auto& sink : sinks_) issued->tokens.push_back(sink->on_issue(issued->record));
+  return issue_observed(desc, issue, *clock_, [issued](const WorkTimes& times, std::exception_ptr error) {
+    for (size_t i = 0; i < issued->sinks.size(); ++i) {
+      issued->sinks[i]->on_end(issued->record, issued->tokens[i], times, error);
+    }
+  });
 }
 
 ProcessGroupPtr ObservedProcessGroup::wrap(ProcessGroupPtr sub) {

@@ -234,7 +234,14 @@ class FakeGroupState {
   FakeGroupState(std::string name, std::vector<int> global_ranks)
       : name(std::move(name)), global_ranks(std::move(global_ranks)) {}
   const std::string name;
-  const std::vector<int> global_ranks;
+  const std::vector<int> global_ranks;  // this world's ranks, by member index
+  // Representative ranks (FakeWorldState::play). The world group: member i
+  // plays group rank played[i]. Any group: the global ranks it reports, by
+  // group rank (the played world's [0, N), a subgroup's played ranks).
+  // Empty: none played, global_ranks reported.
+  std::vector<int> played;
+  std::vector<int> shown_ranks;
+  const std::vector<int>& reported() const { return shown_ranks.empty() ? global_ranks : shown_ranks; }
   std::map<uint64_t, std::shared_ptr<PendingCollective>> gathering;
   std::map<int, std::vector<std::vector<int>>> splits;  // split index -> partition
 };
@@ -738,15 +745,16 @@ class FakeProcessGroup final : public ProcessGroup {
   FakeProcessGroup(std::shared_ptr<FakeWorldState> world, std::shared_ptr<FakeGroupState> group, int rank)
       : world_(std::move(world)), group_(std::move(group)), rank_(rank) {}
 
-  int rank() const override { return rank_; }
-  int size() const override { return static_cast<int>(group_->global_ranks.size()); }
+  // Rank and size as played (representative ranks); members(): the ranks present.
+  int rank() const override { return played() ? group_->played[rank_] : rank_; }
+  int size() const override { return static_cast<int>(group_->reported().size()); }
   const std::string& name() const override { return group_->name; }
-  const std::vector<int>& global_ranks() const override { return group_->global_ranks; }
+  const std::vector<int>& global_ranks() const override { return group_->reported(); }
   uint64_t sequence_number() const override { return seq_; }
 
   WorkPtr all_gather_into_tensor(const at::Tensor& output, const at::Tensor& input) override {
     auto desc = check_all_gather(*this, output, input);
-    if (overlaps(input, output) && byte_ptr(input) != byte_ptr(output) + static_cast<size_t>(rank_) * input.nbytes()) {
+    if (overlaps(input, output) && byte_ptr(input) != byte_ptr(output) + static_cast<size_t>(rank()) * input.nbytes()) {
       fail_local(desc, "input overlaps output but is not this rank's chunk of it");
     }
     return issue(std::move(desc), input, output);
@@ -754,7 +762,8 @@ class FakeProcessGroup final : public ProcessGroup {
   WorkPtr reduce_scatter_tensor(const at::Tensor& output, const at::Tensor& input,
                                 const ReduceScatterOptions& options) override {
     auto desc = check_reduce_scatter(*this, output, input, options);
-    if (overlaps(input, output) && byte_ptr(output) != byte_ptr(input) + static_cast<size_t>(rank_) * output.nbytes()) {
+    if (overlaps(input, output) &&
+        byte_ptr(output) != byte_ptr(input) + static_cast<size_t>(rank()) * output.nbytes()) {
       fail_local(desc, "output overlaps input but is not this rank's chunk of it");
     }
     return issue(std::move(desc), input, output);
@@ -770,6 +779,9 @@ class FakeProcessGroup final : public ProcessGroup {
   ProcessGroupPtr split(const std::vector<std::vector<int>>& partition) override;
 
  private:
+  bool played() const { return !group_->played.empty(); }
+  int members() const { return static_cast<int>(group_->global_ranks.size()); }
+  int member_index(int r) const;
   [[noreturn]] void fail_local(const CollectiveDesc& desc, const std::string& what) {
     throw CommError(desc.to_string() + ": " + what);
   }
@@ -785,7 +797,7 @@ class FakeProcessGroup final : public ProcessGroup {
 };
 
 void FakeProcessGroup::setup_tasks_locked(PendingCollective& p) {
-  const int n = size();
+  const int n = members();
   const CollectiveDesc& desc = p.first_desc();
   if (p.data_free) {
     p.phase_ends.clear();  // meta tensors: shapes were checked, there is nothing to move
@@ -837,6 +849,7 @@ Callbacks FakeProcessGroup::start_locked(const std::shared_ptr<PendingCollective
     for (const auto& a : p.arrivals) p.start_ns = std::max(p.start_ns, a->issue_ns);
     const CollectiveDesc& d = p.first_desc();
     const int64_t bytes = total_bytes(d.op, d.input_numel(), d.output_numel(), c10::elementSize(d.dtype));
+    // At the group's (played) size: absent ranks arrived with their representatives.
     p.end_ns = p.start_ns + predict_ns(d.op, bytes, size(), world_->cost_model_);
   }
   if (p.staged) return impl.start_staged_locked(p, world_->clock().now_ns());
@@ -876,6 +889,11 @@ static CollectiveMismatchError data_free_mismatch_error(const PendingCollective&
 
 WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, const at::Tensor& output) {
   const bool meta = is_data_free_call(desc, input, output);
+  if (played() && !meta && desc.op != CollectiveOp::Barrier) {
+    fail_local(desc,
+               "representative ranks stand in for absent ranks whose data does not exist: collectives must be "
+               "data-free (meta tensors; TrainConfig::data_free / --data-free)");
+  }
   auto& impl = *world_->impl_;
   const int global_rank = group_->global_ranks[rank_];
   BackendScope not_compute(world_->sim_clock_, global_rank);
@@ -899,7 +917,7 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
       slot->group = group_->name;
       slot->seq = desc.seq;
       slot->global_ranks = group_->global_ranks;
-      slot->arrivals.resize(size());
+      slot->arrivals.resize(members());
       // Data-free collectives move nothing: never staged.
       slot->staged =
           world_->fibers() && !meta && (desc.op == CollectiveOp::AllGather || desc.op == CollectiveOp::ReduceScatter);
@@ -915,7 +933,7 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
     ++p.arrived;
     if (p.first < 0) p.data_free = meta;
     if (p.first < 0) p.first = rank_;
-    if (p.arrived == size()) group_->gathering.erase(desc.seq);
+    if (p.arrived == members()) group_->gathering.erase(desc.seq);
 
     Callbacks more;
     if (data_free_mismatch) {
@@ -927,7 +945,7 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
         impl.fold_arrivals_locked(p);
         if (p.first_desc().op == CollectiveOp::AllGather) impl.unwritten[global_rank].emplace_back(pending, rank_);
       }
-      if (p.arrived == size()) {
+      if (p.arrived == members()) {
         more = start_locked(pending);
       } else if (auto why = impl.exited_member_locked(p)) {
         more = impl.fail_locked(p, std::make_exception_ptr(CommError(p.header() + " " + to_string(desc.op) +
@@ -954,14 +972,18 @@ ProcessGroupPtr FakeProcessGroup::split(const std::vector<std::vector<int>>& par
     auto [it, inserted] = group_->splits.emplace(index, partition);
     if (!inserted && it->second != partition) {
       throw CommError("split " + std::to_string(index) + " of group " + group_->name + ": rank " +
-                      std::to_string(rank_) + " passed a different partition than an earlier rank");
+                      std::to_string(rank()) + " passed a different partition than an earlier rank");
     }
     for (size_t g = 0; g < partition.size(); ++g) {
       const auto& ranks = partition[g];
-      if (std::find(ranks.begin(), ranks.end(), rank_) == ranks.end()) continue;
-      std::vector<int> global;
-      for (int r : ranks) global.push_back(group_->global_ranks[r]);
+      if (std::find(ranks.begin(), ranks.end(), rank()) == ranks.end()) continue;
+      std::vector<int> global, shown;
+      for (int r : ranks) {
+        global.push_back(group_->global_ranks[member_index(r)]);
+        shown.push_back(group_->reported()[r]);
+      }
       sub = impl.group_locked(group_->name + "/split" + std::to_string(index) + "." + std::to_string(g), global);
+      if (!group_->shown_ranks.empty()) sub->shown_ranks = std::move(shown);
     }
   }
   if (!sub) return nullptr;
@@ -971,13 +993,43 @@ ProcessGroupPtr FakeProcessGroup::split(const std::vector<std::vector<int>>& par
   return std::make_shared<FakeProcessGroup>(world_, std::move(sub), sub_rank);
 }
 
+// Group rank r's member index. Representative ranks: a subgroup holds present
+// ranks only (one rank's self group is fine; a 2-D mesh's rows are not).
+int FakeProcessGroup::member_index(int r) const {
+  if (!played()) return r;
+  const auto& played = group_->played;
+  const auto it = std::find(played.begin(), played.end(), r);
+  if (it == played.end()) {
+    throw CommError("split of group " + group_->name + ": rank " + std::to_string(rank()) + "'s subgroup holds rank " +
+                    std::to_string(r) +
+                    ", which no representative plays; representative ranks play a 1-D world (subgroups of present "
+                    "ranks only: no 2-D mesh or HSDP)");
+  }
+  return static_cast<int>(it - played.begin());
+}
+
+void FakeWorldState::play(std::vector<int> played_ranks, int played_world_size) {
+  if (static_cast<int>(played_ranks.size()) != world_size_) {
+    throw std::invalid_argument("FakeWorldState::play: " + std::to_string(played_ranks.size()) +
+                                " played ranks for a world of " + std::to_string(world_size_) + " ranks");
+  }
+  played_ranks_ = std::move(played_ranks);
+  played_world_size_ = played_world_size;
+}
+
 ProcessGroupPtr FakeWorldState::world_group(int rank) {
   std::shared_ptr<FakeGroupState> group;
   {
     Lock lock(impl_->mutex);
+    const bool created = impl_->groups.count("world") == 0;
     std::vector<int> ranks(world_size_);
     for (int r = 0; r < world_size_; ++r) ranks[r] = r;
     group = impl_->group_locked("world", ranks);
+    if (created && !played_ranks_.empty()) {
+      group->played = played_ranks_;
+      group->shown_ranks.resize(played_world_size_);
+      for (int r = 0; r < played_world_size_; ++r) group->shown_ranks[r] = r;
+    }
   }
   return std::make_shared<FakeProcessGroup>(shared_from_this(), std::move(group), rank);
 }

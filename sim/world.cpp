@@ -150,7 +150,8 @@ class RankRunner {
   }
 
   void operator()() {
-    outcome_.rank = rank_;
+    // Reports name the rank played (traces and the flight recorder do too).
+    outcome_.rank = options_.played_ranks.empty() ? rank_ : options_.played_ranks[rank_];
     std::string error;
     try {
       const bool played = !options_.played_ranks.empty();

@@ -279,6 +279,14 @@ struct FakeWorldState::Impl {
   std::vector<RankWhere> where;
   std::vector<bool> exited;
   int exited_count = 0;  // lets an arrival skip the O(group size) scan below while every rank runs
+  // Representative ranks (FakeWorldState::play): the global rank each rank
+  // plays, which error texts name. Empty: every rank plays itself.
+  std::vector<int> played;
+  int shown(int rank) const { return played.empty() ? rank : played[rank]; }
+  std::vector<int> shown(std::vector<int> ranks) const {
+    for (int& r : ranks) r = shown(r);
+    return ranks;
+  }
   // Per global rank: its staged all-gathers (with its group rank) whose
   // output it may not have waited for yet.
   std::vector<std::vector<std::pair<std::shared_ptr<PendingCollective>, int>>> unwritten;
@@ -291,7 +299,7 @@ struct FakeWorldState::Impl {
 
   std::string where_locked() const {
     std::map<std::string, std::vector<int>> by_state;
-    for (size_t r = 0; r < where.size(); ++r) by_state[where[r].describe()].push_back(static_cast<int>(r));
+    for (size_t r = 0; r < where.size(); ++r) by_state[where[r].describe()].push_back(shown(static_cast<int>(r)));
     std::ostringstream out;
     bool first = true;
     for (const auto& [state, ranks] : by_state) {
@@ -434,7 +442,8 @@ struct FakeWorldState::Impl {
     for (size_t r = 0; r < pending.arrivals.size(); ++r) {
       int global = pending.global_ranks[r];
       if (!pending.arrivals[r] && exited[global]) {
-        return "rank " + std::to_string(global) + " " + where[global].describe() + " without calling this collective";
+        return "rank " + std::to_string(shown(global)) + " " + where[global].describe() +
+               " without calling this collective";
       }
     }
     return std::nullopt;
@@ -726,7 +735,7 @@ void FakeWork::wait() {
     if (!p.cv.wait_until(lock, deadline) && p.state == CollectiveState::Gathering) {
       std::ostringstream msg;
       msg << p.header() << " " << to_string(desc_.op) << ": timed out after " << world_->timeout().count()
-          << " ms waiting for ranks " << rank_set_string(p.missing_global_ranks()) << " ("
+          << " ms waiting for ranks " << rank_set_string(impl.shown(p.missing_global_ranks())) << " ("
           << p.first_desc().labelled_call_string() << "); where each rank is: " << impl.where_locked();
       callbacks = impl.fail_locked(p, std::make_exception_ptr(CollectiveTimeoutError(msg.str())));
     }
@@ -822,17 +831,17 @@ void FakeProcessGroup::setup_tasks_locked(PendingCollective& p) {
 
 // Every rank of a mismatched collective fails with this: who called what
 // under the one sequence number, who has not called yet, where each rank is.
-static CollectiveMismatchError mismatch_error(const PendingCollective& p, const std::string& where) {
+static CollectiveMismatchError mismatch_error(const PendingCollective& p, const FakeWorldState::Impl& impl) {
   std::map<std::string, std::vector<int>> by_call;
   for (size_t r = 0; r < p.arrivals.size(); ++r) {
-    if (p.arrivals[r]) by_call[p.arrivals[r]->desc.labelled_call_string()].push_back(p.global_ranks[r]);
+    if (p.arrivals[r]) by_call[p.arrivals[r]->desc.labelled_call_string()].push_back(impl.shown(p.global_ranks[r]));
   }
   std::ostringstream msg;
   msg << "collective mismatch in " << p.header() << ":";
   for (const auto& [call, ranks] : by_call) msg << " " << ranks_text(ranks) << " called " << call << ";";
-  auto missing = p.missing_global_ranks();
+  auto missing = impl.shown(p.missing_global_ranks());
   if (!missing.empty()) msg << " ranks " << rank_set_string(missing) << " have not called it yet;";
-  msg << " where each rank is: " << where;
+  msg << " where each rank is: " << impl.where_locked();
   return CollectiveMismatchError(msg.str());
 }
 
@@ -880,11 +889,12 @@ static bool is_data_free_call(const CollectiveDesc& desc, const at::Tensor& inpu
 }
 
 // Same call, but some ranks hold data and others meta tensors: nothing could be moved consistently.
-static CollectiveMismatchError data_free_mismatch_error(const PendingCollective& p, int global_rank, bool meta) {
-  return CollectiveMismatchError("collective mismatch in " + p.header() + ": rank " + std::to_string(global_rank) +
-                                 " passed " + (meta ? "meta" : "CPU") + " tensors, rank " +
-                                 std::to_string(p.global_ranks[p.first]) + " " + (p.data_free ? "meta" : "CPU") +
-                                 " ones (data-free and data ranks cannot share a collective)");
+static CollectiveMismatchError data_free_mismatch_error(const PendingCollective& p, const FakeWorldState::Impl& impl,
+                                                        int global_rank, bool meta) {
+  return CollectiveMismatchError(
+      "collective mismatch in " + p.header() + ": rank " + std::to_string(impl.shown(global_rank)) + " passed " +
+      (meta ? "meta" : "CPU") + " tensors, rank " + std::to_string(impl.shown(p.global_ranks[p.first])) + " " +
+      (p.data_free ? "meta" : "CPU") + " ones (data-free and data ranks cannot share a collective)");
 }
 
 WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, const at::Tensor& output) {
@@ -937,9 +947,9 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
 
     Callbacks more;
     if (data_free_mismatch) {
-      more = impl.fail_locked(p, std::make_exception_ptr(data_free_mismatch_error(p, global_rank, meta)));
+      more = impl.fail_locked(p, std::make_exception_ptr(data_free_mismatch_error(p, impl, global_rank, meta)));
     } else if (mismatch) {
-      more = impl.fail_locked(p, std::make_exception_ptr(mismatch_error(p, impl.where_locked())));
+      more = impl.fail_locked(p, std::make_exception_ptr(mismatch_error(p, impl)));
     } else if (!was_failed) {
       if (p.staged) {
         impl.fold_arrivals_locked(p);
@@ -1012,6 +1022,10 @@ void FakeWorldState::play(std::vector<int> played_ranks, int played_world_size) 
   if (static_cast<int>(played_ranks.size()) != world_size_) {
     throw std::invalid_argument("FakeWorldState::play: " + std::to_string(played_ranks.size()) +
                                 " played ranks for a world of " + std::to_string(world_size_) + " ranks");
+  }
+  {
+    Lock lock(impl_->mutex);
+    impl_->played = played_ranks;
   }
   played_ranks_ = std::move(played_ranks);
   played_world_size_ = played_world_size;

@@ -212,6 +212,23 @@ TEST(RepresentativeRanks, DataCollectivesAndSplitsFailClearly) {
   EXPECT_TRUE(result.ok()) << result.error_report();
 }
 
+// Errors name the ranks played, not their index in the World.
+TEST(RepresentativeRanks, MismatchesNameThePlayedRanks) {
+  WorldOptions options;
+  options.world_size = 6;
+  options.rank_kind = RankKind::Fibers;
+  options.played_ranks = {0, 5};
+  World world(options);
+  auto result = world.run([](RankContext& ctx) {
+    auto in = at::empty({ctx.played_rank() == 5 ? 3 : 2}, at::TensorOptions().device(at::kMeta));
+    ctx.world_group()->all_gather_into_tensor(at::empty({6 * in.numel()}, in.options()), in)->wait();
+  });
+  ASSERT_FALSE(result.ok());
+  EXPECT_EQ(result.ranks[1].rank, 5);
+  EXPECT_THAT(result.ranks[1].error, HasSubstr("rank 5 called all_gather"));
+  EXPECT_THAT(result.ranks[1].error, HasSubstr("rank 0 called all_gather"));
+}
+
 }  // namespace
 }  // namespace fsdpsim::sim
 

@@ -235,7 +235,14 @@ class FakeGroupState {
   FakeGroupState(std::string name, std::vector<int> global_ranks)
       : name(std::move(name)), global_ranks(std::move(global_ranks)) {}
   const std::string name;
-  const std::vector<int> global_ranks;
+  const std::vector<int> global_ranks;  // this world's ranks, by member index
+  // Representative ranks (FakeWorldState::play). The world group: member i
+  // plays group rank played[i]. Any group: the global ranks it reports, by
+  // group rank (the played world's [0, N), a subgroup's played ranks).
+  // Empty: none played, global_ranks reported.
+  std::vector<int> played;
+  std::vector<int> shown_ranks;
+  const std::vector<int>& reported() const { return shown_ranks.empty() ? global_ranks : shown_ranks; }
   std::map<uint64_t, std::shared_ptr<PendingCollective>> gathering;
   std::map<int, std::vector<std::vector<int>>> splits;  // split index -> partition
 };
@@ -294,6 +301,14 @@ struct FakeWorldState::Impl {
   std::vector<RankWhere> where;
   std::vector<bool> exited;
   int exited_count = 0;  // lets an arrival skip the O(group size) scan below while every rank runs
+  // Representative ranks (FakeWorldState::play): the global rank each rank
+  // plays, which error texts name. Empty: every rank plays itself.
+  std::vector<int> played;
+  int shown(int rank) const { return played.empty() ? rank : played[rank]; }
+  std::vector<int> shown(std::vector<int> ranks) const {
+    for (int& r : ranks) r = shown(r);
+    return ranks;
+  }
   // Per global rank: its staged all-gathers (with its group rank) whose
   // output it may not have waited for yet.
   std::vector<std::vector<std::pair<std::shared_ptr<PendingCollective>, int>>> unwritten;
@@ -306,7 +321,7 @@ struct FakeWorldState::Impl {
 
   std::string where_locked() const {
     std::map<std::string, std::vector<int>> by_state;
-    for (size_t r = 0; r < where.size(); ++r) by_state[where[r].describe()].push_back(static_cast<int>(r));
+    for (size_t r = 0; r < where.size(); ++r) by_state[where[r].describe()].push_back(shown(static_cast<int>(r)));
     std::ostringstream out;
     bool first = true;
     for (const auto& [state, ranks] : by_state) {
@@ -449,7 +464,8 @@ struct FakeWorldState::Impl {
     for (size_t r = 0; r < pending.arrivals.size(); ++r) {
       int global = pending.global_ranks[r];
       if (!pending.arrivals[r] && exited[global]) {
-        return "rank " + std::to_string(global) + " " + where[global].describe() + " without calling this collective";
+        return "rank " + std::to_string(shown(global)) + " " + where[global].describe() +
+               " without calling this collective";
       }
     }
     return std::nullopt;
@@ -740,7 +756,7 @@ void FakeWork::wait() {
     if (!p.cv.wait_until(lock, deadline) && p.state == CollectiveState::Gathering) {
       std::ostringstream msg;
       msg << p.header() << " " << to_string(desc_.op) << ": timed out after " << world_->timeout().count()
-          << " ms waiting for ranks " << rank_set_string(p.missing_global_ranks()) << " ("
+          << " ms waiting for ranks " << rank_set_string(impl.shown(p.missing_global_ranks())) << " ("
           << p.first_desc().labelled_call_string() << "); where each rank is: " << impl.where_locked();
       callbacks = impl.fail_locked(p, std::make_exception_ptr(CollectiveTimeoutError(msg.str())));
     }
@@ -759,15 +775,16 @@ class FakeProcessGroup final : public ProcessGroup {
   FakeProcessGroup(std::shared_ptr<FakeWorldState> world, std::shared_ptr<FakeGroupState> group, int rank)
       : world_(std::move(world)), group_(std::move(group)), rank_(rank) {}
 
-  int rank() const override { return rank_; }
-  int size() const override { return static_cast<int>(group_->global_ranks.size()); }
+  // Rank and size as played (representative ranks); members(): the ranks present.
+  int rank() const override { return played() ? group_->played[rank_] : rank_; }
+  int size() const override { return static_cast<int>(group_->reported().size()); }
   const std::string& name() const override { return group_->name; }
-  const std::vector<int>& global_ranks() const override { return group_->global_ranks; }
+  const std::vector<int>& global_ranks() const override { return group_->reported(); }
   uint64_t sequence_number() const override { return seq_; }
 
   WorkPtr all_gather_into_tensor(const at::Tensor& output, const at::Tensor& input) override {
     auto desc = check_all_gather(*this, output, input);
-    if (overlaps(input, output) && byte_ptr(input) != byte_ptr(output) + static_cast<size_t>(rank_) * input.nbytes()) {
+    if (overlaps(input, output) && byte_ptr(input) != byte_ptr(output) + static_cast<size_t>(rank()) * input.nbytes()) {
       fail_local(desc, "input overlaps output but is not this rank's chunk of it");
     }
     return issue(std::move(desc), input, output);
@@ -775,7 +792,8 @@ class FakeProcessGroup final : public ProcessGroup {
   WorkPtr reduce_scatter_tensor(const at::Tensor& output, const at::Tensor& input,
                                 const ReduceScatterOptions& options) override {
     auto desc = check_reduce_scatter(*this, output, input, options);
-    if (overlaps(input, output) && byte_ptr(output) != byte_ptr(input) + static_cast<size_t>(rank_) * output.nbytes()) {
+    if (overlaps(input, output) &&
+        byte_ptr(output) != byte_ptr(input) + static_cast<size_t>(rank()) * output.nbytes()) {
       fail_local(desc, "output overlaps input but is not this rank's chunk of it");
     }
     return issue(std::move(desc), input, output);
@@ -791,6 +809,9 @@ class FakeProcessGroup final : public ProcessGroup {
   ProcessGroupPtr split(const std::vector<std::vector<int>>& partition) override;
 
  private:
+  bool played() const { return !group_->played.empty(); }
+  int members() const { return static_cast<int>(group_->global_ranks.size()); }
+  int member_index(int r) const;
   [[noreturn]] void fail_local(const CollectiveDesc& desc, const std::string& what) {
     throw CommError(desc.to_string() + ": " + what);
   }
@@ -806,7 +827,7 @@ class FakeProcessGroup final : public ProcessGroup {
 };
 
 void FakeProcessGroup::setup_tasks_locked(PendingCollective& p) {
-  const int n = size();
+  const int n = members();
   const CollectiveDesc& desc = p.first_desc();
   if (p.data_free) {
     p.phase_ends.clear();  // meta tensors: shapes were checked, there is nothing to move
@@ -831,17 +852,17 @@ void FakeProcessGroup::setup_tasks_locked(PendingCollective& p) {
 
 // Every rank of a mismatched collective fails with this: who called what
 // under the one sequence number, who has not called yet, where each rank is.
-static CollectiveMismatchError mismatch_error(const PendingCollective& p, const std::string& where) {
+static CollectiveMismatchError mismatch_error(const PendingCollective& p, const FakeWorldState::Impl& impl) {
   std::map<std::string, std::vector<int>> by_call;
   for (size_t r = 0; r < p.arrivals.size(); ++r) {
-    if (p.arrivals[r]) by_call[p.arrivals[r]->desc.labelled_call_string()].push_back(p.global_ranks[r]);
+    if (p.arrivals[r]) by_call[p.arrivals[r]->desc.labelled_call_string()].push_back(impl.shown(p.global_ranks[r]));
   }
   std::ostringstream msg;
   msg << "collective mismatch in " << p.header() << ":";
   for (const auto& [call, ranks] : by_call) msg << " " << ranks_text(ranks) << " called " << call << ";";
-  auto missing = p.missing_global_ranks();
+  auto missing = impl.shown(p.missing_global_ranks());
   if (!missing.empty()) msg << " ranks " << rank_set_string(missing) << " have not called it yet;";
-  msg << " where each rank is: " << where;
+  msg << " where each rank is: " << impl.where_locked();
   return CollectiveMismatchError(msg.str());
 }
 
@@ -858,6 +879,7 @@ Callbacks FakeProcessGroup::start_locked(const std::shared_ptr<PendingCollective
     for (const auto& a : p.arrivals) p.start_ns = std::max(p.start_ns, a->issue_ns);
     const CollectiveDesc& d = p.first_desc();
     const int64_t bytes = total_bytes(d.op, d.input_numel(), d.output_numel(), c10::elementSize(d.dtype));
+    // At the group's (played) size: absent ranks arrived with their representatives.
     p.end_ns = p.start_ns + predict_ns(d.op, bytes, size(), world_->cost_model_);
   }
   if (p.staged) return impl.start_staged_locked(p, world_->clock().now_ns());
@@ -888,15 +910,21 @@ static bool is_data_free_call(const CollectiveDesc& desc, const at::Tensor& inpu
 }
 
 // Same call, but some ranks hold data and others meta tensors: nothing could be moved consistently.
-static CollectiveMismatchError data_free_mismatch_error(const PendingCollective& p, int global_rank, bool meta) {
-  return CollectiveMismatchError("collective mismatch in " + p.header() + ": rank " + std::to_string(global_rank) +
-                                 " passed " + (meta ? "meta" : "CPU") + " tensors, rank " +
-                                 std::to_string(p.global_ranks[p.first]) + " " + (p.data_free ? "meta" : "CPU") +
-                                 " ones (data-free and data ranks cannot share a collective)");
+static CollectiveMismatchError data_free_mismatch_error(const PendingCollective& p, const FakeWorldState::Impl& impl,
+                                                        int global_rank, bool meta) {
+  return CollectiveMismatchError(
+      "collective mismatch in " + p.header() + ": rank " + std::to_string(impl.shown(global_rank)) + " passed " +
+      (meta ? "meta" : "CPU") + " tensors, rank " + std::to_string(impl.shown(p.global_ranks[p.first])) + " " +
+      (p.data_free ? "meta" : "CPU") + " ones (data-free and data ranks cannot share a collective)");
 }
 
 WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, const at::Tensor& output) {
   const bool meta = is_data_free_call(desc, input, output);
+  if (played() && !meta && desc.op != CollectiveOp::Barrier) {
+    fail_local(desc,
+               "representative ranks stand in for absent ranks whose data does not exist: collectives must be "
+               "data-free (meta tensors; TrainConfig::data_free / --data-free)");
+  }
   auto& impl = *world_->impl_;
   const int global_rank = group_->global_ranks[rank_];
   BackendScope not_compute(world_->sim_clock_, global_rank);
@@ -919,7 +947,7 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
       slot->group_name = &group_->name;
       slot->seq = desc.seq;
       slot->global_ranks = group_->global_ranks;
-      slot->arrivals.resize(size());
+      slot->arrivals.resize(members());
       // Data-free collectives move nothing: never staged.
       slot->staged =
           world_->fibers() && !meta && (desc.op == CollectiveOp::AllGather || desc.op == CollectiveOp::ReduceScatter);
@@ -936,19 +964,19 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
     ++p.arrived;
     if (p.first < 0) p.data_free = meta;
     if (p.first < 0) p.first = rank_;
-    if (p.arrived == size()) group_->gathering.erase(arrived.seq);
+    if (p.arrived == members()) group_->gathering.erase(arrived.seq);
 
     Callbacks more;
     if (data_free_mismatch) {
-      more = impl.fail_locked(p, std::make_exception_ptr(data_free_mismatch_error(p, global_rank, meta)));
+      more = impl.fail_locked(p, std::make_exception_ptr(data_free_mismatch_error(p, impl, global_rank, meta)));
     } else if (mismatch) {
-      more = impl.fail_locked(p, std::make_exception_ptr(mismatch_error(p, impl.where_locked())));
+      more = impl.fail_locked(p, std::make_exception_ptr(mismatch_error(p, impl)));
     } else if (!was_failed) {
       if (p.staged) {
         impl.fold_arrivals_locked(p);
         if (p.first_desc().op == CollectiveOp::AllGather) impl.unwritten[global_rank].emplace_back(pending, rank_);
       }
-      if (p.arrived == size()) {
+      if (p.arrived == members()) {
         more = start_locked(pending);
       } else if (auto why = impl.exited_member_locked(p)) {
         more = impl.fail_locked(p, std::make_exception_ptr(CommError(p.header() + " " + to_string(arrived.op) +
@@ -975,14 +1003,18 @@ ProcessGroupPtr FakeProcessGroup::split(const std::vector<std::vector<int>>& par
     auto [it, inserted] = group_->splits.emplace(index, partition);
     if (!inserted && it->second != partition) {
       throw CommError("split " + std::to_string(index) + " of group " + group_->name + ": rank " +
-                      std::to_string(rank_) + " passed a different partition than an earlier rank");
+                      std::to_string(rank()) + " passed a different partition than an earlier rank");
     }
     for (size_t g = 0; g < partition.size(); ++g) {
       const auto& ranks = partition[g];
-      if (std::find(ranks.begin(), ranks.end(), rank_) == ranks.end()) continue;
-      std::vector<int> global;
-      for (int r : ranks) global.push_back(group_->global_ranks[r]);
+      if (std::find(ranks.begin(), ranks.end(), rank()) == ranks.end()) continue;
+      std::vector<int> global, shown;
+      for (int r : ranks) {
+        global.push_back(group_->global_ranks[member_index(r)]);
+        shown.push_back(group_->reported()[r]);
+      }
       sub = impl.group_locked(group_->name + "/split" + std::to_string(index) + "." + std::to_string(g), global);
+      if (!group_->shown_ranks.empty()) sub->shown_ranks = std::move(shown);
     }
   }
   if (!sub) return nullptr;
@@ -992,13 +1024,47 @@ ProcessGroupPtr FakeProcessGroup::split(const std::vector<std::vector<int>>& par
   return std::make_shared<FakeProcessGroup>(world_, std::move(sub), sub_rank);
 }
 
+// Group rank r's member index. Representative ranks: a subgroup holds present
+// ranks only (one rank's self group is fine; a 2-D mesh's rows are not).
+int FakeProcessGroup::member_index(int r) const {
+  if (!played()) return r;
+  const auto& played = group_->played;
+  const auto it = std::find(played.begin(), played.end(), r);
+  if (it == played.end()) {
+    throw CommError("split of group " + group_->name + ": rank " + std::to_string(rank()) + "'s subgroup holds rank " +
+                    std::to_string(r) +
+                    ", which no representative plays; representative ranks play a 1-D world (subgroups of present "
+                    "ranks only: no 2-D mesh or HSDP)");
+  }
+  return static_cast<int>(it - played.begin());
+}
+
+void FakeWorldState::play(std::vector<int> played_ranks, int played_world_size) {
+  if (static_cast<int>(played_ranks.size()) != world_size_) {
+    throw std::invalid_argument("FakeWorldState::play: " + std::to_string(played_ranks.size()) +
+                                " played ranks for a world of " + std::to_string(world_size_) + " ranks");
+  }
+  {
+    Lock lock(impl_->mutex);
+    impl_->played = played_ranks;
+  }
+  played_ranks_ = std::move(played_ranks);
+  played_world_size_ = played_world_size;
+}
+
 ProcessGroupPtr FakeWorldState::world_group(int rank) {
   std::shared_ptr<FakeGroupState> group;
   {
     Lock lock(impl_->mutex);
+    const bool created = impl_->groups.count("world") == 0;
     std::vector<int> ranks(world_size_);
     for (int r = 0; r < world_size_; ++r) ranks[r] = r;
     group = impl_->group_locked("world", ranks);
+    if (created && !played_ranks_.empty()) {
+      group->played = played_ranks_;
+      group->shown_ranks.resize(played_world_size_);
+      for (int r = 0; r < played_world_size_; ++r) group->shown_ranks[r] = r;
+    }
   }
   return std::make_shared<FakeProcessGroup>(shared_from_this(), std::move(group), rank);
 }

@@ -68,6 +68,13 @@ class FakeWorldState : public std::enable_shared_from_this<FakeWorldState> {
   /// clocks jump to its end. `clock` must be the clock passed at construction.
   void use_simulated_time(SimClock* clock, const CostModelParams& cost_model);
 
+  /// Representative ranks (sim/world.h): rank i of this state plays global
+  /// rank played_ranks[i] of a world of `played_world_size`. Its world group
+  /// reports that rank and size and accepts data-free (meta) collectives
+  /// only; they complete when the present ranks arrived and are charged at
+  /// the played size. No split. Call before world_group().
+  void play(std::vector<int> played_ranks, int played_world_size);
+
   /// The group over every rank, as seen by `rank`.
   ProcessGroupPtr world_group(int rank);
 
@@ -95,6 +102,8 @@ class FakeWorldState : public std::enable_shared_from_this<FakeWorldState> {
   const Clock& clock_;
   SimClock* sim_clock_ = nullptr;
   CostModelParams cost_model_;
+  std::vector<int> played_ranks_;  // empty: every rank plays itself
+  int played_world_size_ = 0;
   std::shared_ptr<Impl> impl_;  // shared with the progress thread
 };
 

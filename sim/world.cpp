@@ -26,6 +26,28 @@ const char* to_string(SchedulePolicy policy) {
 }
 const char* to_string(CommBackend backend) { return backend == CommBackend::Fake ? "fake" : "gloo"; }
 
+namespace {
+
+void validate_played_ranks(const WorldOptions& o) {
+  const auto& played_ranks = o.played_ranks;
+  const int world_size = o.world_size;
+  if (played_ranks.empty()) return;
+  if (o.backend != CommBackend::Fake) {
+    throw std::invalid_argument("played_ranks (representative ranks) need the fake backend: Gloo runs every rank");
+  }
+  std::vector<char> seen(world_size, 0);
+  for (int r : played_ranks) {
+    if (r < 0 || r >= world_size) {
+      throw std::invalid_argument("played_ranks: rank " + std::to_string(r) + " is outside the world [0, " +
+                                  std::to_string(world_size) + ")");
+    }
+    if (seen[r]) throw std::invalid_argument("played_ranks: rank " + std::to_string(r) + " is listed twice");
+    seen[r] = 1;
+  }
+}
+
+}  // namespace
+
 void WorldOptions::validate() const {
   if (world_size < 1) throw std::invalid_argument("world_size must be >= 1, got " + std::to_string(world_size));
   if (backend == CommBackend::Gloo && rank_kind == RankKind::Fibers) {
@@ -35,9 +57,10 @@ void WorldOptions::validate() const {
     throw std::invalid_argument("Gloo thread ranks open world_size^2 sockets; world_size " +
                                 std::to_string(world_size) + " is over the limit of 64");
   }
-  if (rank_kind == RankKind::Threads && world_size > 8192) {
-    throw std::invalid_argument("thread ranks are limited to 8192, got " + std::to_string(world_size));
+  if (rank_kind == RankKind::Threads && ranks_run() > 8192) {
+    throw std::invalid_argument("thread ranks are limited to 8192, got " + std::to_string(ranks_run()));
   }
+  validate_played_ranks(*this);
   if (collective_timeout.count() <= 0) throw std::invalid_argument("collective_timeout must be positive");
   if (simulated_time && (rank_kind != RankKind::Fibers || backend != CommBackend::Fake)) {
     throw std::invalid_argument("simulated_time needs fiber ranks on the fake backend");
@@ -127,10 +150,13 @@ class RankRunner {
   }
 
   void operator()() {
-    outcome_.rank = rank_;
+    // Reports name the rank played (traces and the flight recorder do too).
+    outcome_.rank = options_.played_ranks.empty() ? rank_ : options_.played_ranks[rank_];
     std::string error;
     try {
-      RankContext context(rank_, options_.world_size, options_.rank_kind, make_group_(rank_), clock_, sim_clock_);
+      const bool played = !options_.played_ranks.empty();
+      RankContext context(rank_, options_.ranks_run(), options_.rank_kind, make_group_(rank_), clock_, sim_clock_,
+                          played ? options_.played_ranks[rank_] : -1, played ? options_.world_size : -1);
       detail::current_rank_slot() = &context;
       if (sim_clock_) sim_clock_->on_switch_in(rank_);
       rank_main_(context);
@@ -196,17 +222,19 @@ void run_on_threads(const std::vector<std::unique_ptr<RankRunner>>& runners, siz
 }
 
 // Each rank's group under one observing decorator feeding the trace (when
-// set), then the flight recorder (when set); `make_group` unchanged without either.
+// set), then the flight recorder (when set), recorded under the rank's played
+// global rank; `make_group` unchanged without either.
 std::function<ProcessGroupPtr(int)> observed(std::function<ProcessGroupPtr(int)> make_group,
                                              const std::shared_ptr<observe::TraceRecorder>& trace,
-                                             const std::shared_ptr<observe::FlightRecorder>& flight,
-                                             const Clock& clock) {
+                                             const std::shared_ptr<observe::FlightRecorder>& flight, const Clock& clock,
+                                             const std::vector<int>& played) {
   std::vector<observe::SinkPtr> sinks;
   if (trace) sinks.push_back(trace);
   if (flight) sinks.push_back(flight);
   if (sinks.empty()) return make_group;
-  return [inner = std::move(make_group), sinks, &clock](int rank) -> ProcessGroupPtr {
-    return std::make_shared<observe::ObservedProcessGroup>(inner(rank), sinks, rank, clock);
+  return [inner = std::move(make_group), sinks, &clock, &played](int rank) -> ProcessGroupPtr {
+    const int global = played.empty() ? rank : played[rank];
+    return std::make_shared<observe::ObservedProcessGroup>(inner(rank), sinks, global, clock);
   };
 }
 
@@ -214,7 +242,7 @@ std::function<ProcessGroupPtr(int)> observed(std::function<ProcessGroupPtr(int)>
 // scheduler, and one thread makes the interleaving deterministic.
 void run_on_fibers(const std::vector<std::unique_ptr<RankRunner>>& runners, const WorldOptions& options,
                    SimClock* sim_clock, FakeWorldState* fake_state, WorldResult& result) {
-  const int n = options.world_size;
+  const int n = options.ranks_run();
   // Nothing may escape the host thread (std::terminate): a fiber that
   // cannot get its stack fails its rank and the ranks after it.
   std::thread host([&] {
@@ -263,7 +291,7 @@ void run_on_fibers(const std::vector<std::unique_ptr<RankRunner>>& runners, cons
 }  // namespace
 
 WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
-  const int n = options_.world_size;
+  const int n = options_.ranks_run();
   WorldResult result;
   result.ranks.resize(n);
 
@@ -281,6 +309,7 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
     fake_state_ = std::make_shared<FakeWorldState>(n, options_.rank_kind == RankKind::Fibers,
                                                    options_.collective_timeout, *clock);
     if (sim_clock_) fake_state_->use_simulated_time(sim_clock_.get(), options_.cost_model);
+    if (!options_.played_ranks.empty()) fake_state_->play(options_.played_ranks, options_.world_size);
     make_group = [this](int rank) { return fake_state_->world_group(rank); };
   } else {
     master_store = make_tcp_store("127.0.0.1", 0, n, /*is_master=*/true, options_.collective_timeout);
@@ -298,9 +327,9 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
   }
   std::shared_ptr<observe::FlightRecorder> flight;
   if (options_.flight_recorder_entries > 0) {
-    flight = std::make_shared<observe::FlightRecorder>(n, options_.flight_recorder_entries);
+    flight = std::make_shared<observe::FlightRecorder>(options_.world_size, options_.flight_recorder_entries);
   }
-  make_group = observed(std::move(make_group), options_.trace, flight, *clock);
+  make_group = observed(std::move(make_group), options_.trace, flight, *clock, options_.played_ranks);
 
   std::vector<std::unique_ptr<RankRunner>> runners;
   runners.reserve(n);

@@ -14,6 +14,17 @@
 // round-robin or seeded-random; the same seed and the same code give the same
 // interleaving, hence the same trace and bitwise-identical results.
 //
+// Representative ranks (WorldOptions::played_ranks, data-free worlds): the
+// World runs K ranks, rank i *playing* global rank played_ranks[i] of a world
+// of world_size N; its world group reports that rank and size N, so an FSDP
+// engine shards as that rank would. A collective completes when the K present
+// ranks arrived, is checked across them and is charged at group size N on the
+// simulated clock. Assumption: the N - K absent ranks are symmetric to a
+// present one (same shard shapes, same code path, same compute costs) and so
+// issue each collective no later than the latest present rank; it holds for
+// a 1-D FSDP world without per-rank delays, not for anything that treats
+// ranks differently (a 2-D mesh, a straggler), which the caller must refuse.
+//
 // Thread-safety: a World runs one run() at a time, from one thread; the rank
 // function runs on every rank at once, each with its own RankContext.
 
@@ -95,6 +106,12 @@ struct WorldOptions {
   /// and their measured compute are added here (the calibration a data-free
   /// run charges from). Fibers only (recorded on their one OS thread).
   std::shared_ptr<OpCostTable> record_op_costs;
+  /// Representative ranks (fake backend, data-free collectives only; see the
+  /// header comment): when not empty, the World runs one rank per entry, rank
+  /// i playing global rank played_ranks[i] of [0, world_size). Distinct.
+  std::vector<int> played_ranks;
+  /// The ranks the World runs: played_ranks.size(), or world_size.
+  int ranks_run() const { return played_ranks.empty() ? world_size : static_cast<int>(played_ranks.size()); }
   /// Checks the options; throws std::invalid_argument naming the bad one.
   void validate() const;
 };
@@ -102,8 +119,16 @@ struct WorldOptions {
 /// What a rank function sees of its world.
 class RankContext {
  public:
+  /// This rank's index among the ranks the World runs, in [0, world_size()):
+  /// what per-rank state (the simulated clock, result vectors) is indexed by.
   int rank() const { return rank_; }
+  /// The ranks the World runs (WorldOptions::ranks_run()).
   int world_size() const { return world_size_; }
+  /// The global rank this rank plays and the world it plays in (what its
+  /// world group reports): rank() and world_size() unless
+  /// WorldOptions::played_ranks is set.
+  int played_rank() const { return played_rank_ < 0 ? rank_ : played_rank_; }
+  int played_world_size() const { return played_world_size_ < 0 ? world_size_ : played_world_size_; }
   RankKind rank_kind() const { return kind_; }
   /// This rank's group over every rank of the world (traced if the world is).
   const ProcessGroupPtr& world_group() const { return world_group_; }
@@ -112,10 +137,13 @@ class RankContext {
   /// The simulated clock, or nullptr in real time.
   SimClock* sim_clock() const { return sim_clock_; }
 
+  /// `played_rank`, `played_world_size`: -1 when the rank plays itself.
   RankContext(int rank, int world_size, RankKind kind, ProcessGroupPtr world_group, const Clock* clock,
-              SimClock* sim_clock)
+              SimClock* sim_clock, int played_rank = -1, int played_world_size = -1)
       : rank_(rank),
         world_size_(world_size),
+        played_rank_(played_rank),
+        played_world_size_(played_world_size),
         kind_(kind),
         world_group_(std::move(world_group)),
         clock_(clock),
@@ -124,6 +152,8 @@ class RankContext {
  private:
   int rank_;
   int world_size_;
+  int played_rank_;
+  int played_world_size_;
   RankKind kind_;
   ProcessGroupPtr world_group_;
   const Clock* clock_;

@@ -8,7 +8,9 @@
 # Usage: tools/bench_scale.sh [FSDPSIM] [N...]   (default: build/tools/fsdpsim 64 256 1024 4096 16384)
 # FSDPSIM_SCALE_STEPS (default 2), FSDPSIM_SCALE_RSS_GIB (default 10: a run whose
 # resident memory passes it is stopped and reported), FSDPSIM_SCALE_ROUND_RANKS
-# (default 4096; 0 skips the round). Exit status 1 when a run failed or was stopped.
+# (default 4096; 0 skips the round), FSDPSIM_SCALE_REPRESENTATIVE (default
+# "4096 16384 131072"; empty skips it: data-free representative-rank runs,
+# op costs recorded by a world-4 data run). Exit status 1 when a run failed or was stopped.
 set -euo pipefail
 bin=${1:-build/tools/fsdpsim}
 shift || true
@@ -57,6 +59,31 @@ for n in "${sizes[@]}"; do
   awk -v n="$n" -v ms="$per_step_ms" -v rss="$rss" \
     'BEGIN {printf "%8d | %12.2f | %12s | %16.1f |\n", n, ms / 1000, rss, ms * 1000 / n}'
 done
+
+representative=${FSDPSIM_SCALE_REPRESENTATIVE-4096 16384 131072}
+if [ -n "$representative" ]; then
+  echo
+  echo "== data-free --representative-ranks auto --steps $steps (mlp_stack d64, op costs from a world-4 data run) =="
+  "$bin" run --ranks fibers --simulated-time --world-size 4 --steps 2 --record-op-costs "$work/costs.json" \
+    --trace "$work/trace.json" >/dev/null
+  printf '%8s | %12s | %12s | %16s | %s\n' ranks "s/step" "peak RSS" "predicted ms" "note"
+  for n in $representative; do
+    verdict=$(guarded "$bin" run --ranks fibers --world-size "$n" --simulated-time --steps "$steps" --data-free \
+      --op-costs "$work/costs.json" --representative-ranks auto --no-trace --fiber-stacks pooled --fiber-stack-kib 64)
+    if [ "$verdict" != ok ]; then
+      status=1
+      printf '%8s | %12s | %12s | %16s | %s\n' "$n" - - - "$verdict: $(tail -1 "$work/err" | cut -c1-80)"
+      continue
+    fi
+    per_step_ms=$(awk '/^  step [0-9]+\/[0-9]+/ {for (i = 1; i < NF; i++) if ($(i + 1) == "ms") {s += $i; k++; break}}
+                       END {if (k) printf "%.1f", s / k}' "$work/out")
+    rss=$(sed -n 's/.*memory: peak RSS \([0-9.]* [KMG]iB\).*/\1/p' "$work/out")
+    predicted=$(sed -n 's/.*step time predicted ([^)]*): \([0-9.]*\) ms.*/\1/p' "$work/out")
+    note=$(sed -n 's/.*representative ranks: \([0-9]*\) ran.*/\1 representatives/p' "$work/out")
+    awk -v n="$n" -v ms="$per_step_ms" -v rss="$rss" -v p="$predicted" -v note="$note" \
+      'BEGIN {printf "%8d | %12.2f | %12s | %16s | %s\n", n, ms / 1000, rss, p, note}'
+  done
+fi
 
 if [ "$round_ranks" -gt 0 ]; then
   echo

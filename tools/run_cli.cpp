@@ -106,6 +106,13 @@ void bind_world_options(CLI::App& app, RunParse& p) {
   app.add_flag("--data-free", o.data_free,
                "params, activations and grads on the meta device (shapes only): predict the step time at scale "
                "(needs --ranks fibers --simulated-time and --op-costs or --compute-time fixed:US|zero)");
+  add_value(app, "--representative-ranks", "auto|R,R,...",
+            "data-free: run one rank per class of shard shapes (auto: where any param's shard size changes, plus 0 "
+            "and N-1) or the listed global ranks, each standing in for the ranks like it",
+            [&o](const std::string& v) {
+              if (v.empty()) throw UsageError("--representative-ranks needs auto or a list of ranks, e.g. 0,5,7");
+              o.representative_ranks = v;
+            });
   app.add_flag("--no-trace", o.no_trace, "keep and write no trace (large worlds)");
   add_value(app, "--fiber-stack-kib", "N", "stack of each fiber rank in KiB (default 512)", [&o](const std::string& v) {
     o.world.fiber_stack_bytes = static_cast<size_t>(parse_int("--fiber-stack-kib", v, 64, 1 << 20)) * 1024;

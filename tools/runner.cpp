@@ -43,6 +43,7 @@
 #include "sim/cost_model.h"
 #include "sim/fake_process_group.h"
 #include "sim/fiber_autograd.h"
+#include "sim/representative_ranks.h"
 #include "tools/process_launcher.h"
 #include "tools/worker.h"
 
@@ -104,8 +105,10 @@ bool has_comm_delays(const sim::DelayOptions& delays) {
 
 // One rank's training loop, the same for every backend: the shared trainer,
 // with the runner's delays, trace hooks and per-step statistics around it.
+// `rank`: the global rank trained; `clock_rank`: its index on `sim_clock`
+// (they differ for representative ranks, sim/world.h).
 RankStats train_rank(const RunOptions& options, int rank, ProcessGroupPtr world_group, const Clock& clock,
-                     sim::SimClock* sim_clock, const std::shared_ptr<observe::TraceRecorder>& trace,
+                     sim::SimClock* sim_clock, int clock_rank, const std::shared_ptr<observe::TraceRecorder>& trace,
                      const std::function<void(int step, const RankStats&)>& on_step) {
   if (has_comm_delays(options.delays)) {
     world_group = std::make_shared<HookedProcessGroup>(std::move(world_group),
@@ -129,7 +132,7 @@ RankStats train_rank(const RunOptions& options, int rank, ProcessGroupPtr world_
   scenarios::StepCallbacks callbacks;
   callbacks.before_forward = [&](int) {
     start = clock.now_ns();
-    exposed_before = sim_clock ? sim_clock->exposed_comm_ns(rank) : 0;
+    exposed_before = sim_clock ? sim_clock->exposed_comm_ns(clock_rank) : 0;
     wall_start = std::chrono::steady_clock::now();
     engine.reset_peak_unsharded_bytes();
   };
@@ -144,7 +147,7 @@ RankStats train_rank(const RunOptions& options, int rank, ProcessGroupPtr world_
     stats.step_ns.push_back(clock.now_ns() - start);
     stats.wall_step_ns.push_back(
         std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - wall_start).count());
-    stats.exposed_ns.push_back(sim_clock ? sim_clock->exposed_comm_ns(rank) - exposed_before : 0);
+    stats.exposed_ns.push_back(sim_clock ? sim_clock->exposed_comm_ns(clock_rank) - exposed_before : 0);
     if (!options.data_free) stats.losses.push_back(loss.item<double>());  // a meta loss has no value
     stats.peak_unsharded_bytes = std::max(stats.peak_unsharded_bytes, engine.peak_unsharded_bytes());
     if (on_step) on_step(static_cast<int>(step - stats.first_step), stats);
@@ -510,6 +513,29 @@ void validate_data_free(const RunOptions& o) {
   }
 }
 
+// --representative-ranks: a rank stands in for the ranks like it, so nothing
+// may hold values or treat ranks differently.
+void validate_representatives(const RunOptions& o) {
+  if (o.representative_ranks.empty()) return;
+  const std::string flag = "--representative-ranks";
+  if (!o.data_free) {
+    throw std::invalid_argument(flag +
+                                " stands absent ranks in by their representatives' shapes and times: it needs "
+                                "--data-free (a data run needs every rank's values; drop the flag)");
+  }
+  if (o.strategy == fsdp::ShardingStrategy::HybridShard || o.replicate_size != 1) {
+    throw std::invalid_argument(flag +
+                                " plays a 1-D FSDP world: not with --strategy hybrid_shard / --mesh (its "
+                                "replica groups would need the absent ranks; drop one of them)");
+  }
+  if (o.delays.only_rank >= 0 || o.delays.straggler_rank >= 0) {
+    throw std::invalid_argument(flag +
+                                ": --delay-rank / --straggler slow one rank, so the ranks are no longer alike; "
+                                "drop them or run every rank");
+  }
+  if (o.representative_ranks != "auto") sim::parse_rank_list(o.representative_ranks, o.world.world_size, flag);
+}
+
 }  // namespace
 
 RunOptions::RunOptions() {
@@ -542,6 +568,7 @@ void RunOptions::validate() const {
   }
   if (world.simulated_time) sim::cost_model_preset(cost_model);  // unknown presets throw, listing the names
   validate_data_free(*this);
+  validate_representatives(*this);
   delays.validate();
   if (delays.straggler_rank >= world_size || delays.only_rank >= world_size) {
     throw std::invalid_argument("a delay names a rank outside the world of " + std::to_string(world_size));
@@ -574,7 +601,7 @@ int run_process_worker(const WorkerContext& context) {
       std::make_shared<observe::ObservedProcessGroup>(group, std::vector<observe::SinkPtr>{trace, flight}, env.rank);
   RankStats stats;
   try {
-    stats = train_rank(options, env.rank, group, SteadyClock::instance(), nullptr, trace,
+    stats = train_rank(options, env.rank, group, SteadyClock::instance(), nullptr, env.rank, trace,
                        [&](int step, const RankStats& s) {
                          if (env.rank == 0) print_progress(std::cout, options, step, s, false);
                        });
@@ -698,6 +725,25 @@ void print_op_costs(std::ostream& out, const RunOptions& options, const sim::Wor
 
 }  // namespace
 
+namespace {
+
+// The global ranks --representative-ranks names; auto: the shard classes of
+// the scenario's params (the model built once on the CPU for their shapes).
+std::vector<int> representative_ranks(const RunOptions& options) {
+  const int n = options.world.world_size;
+  if (options.representative_ranks != "auto") {
+    return sim::parse_rank_list(options.representative_ranks, n, "--representative-ranks");
+  }
+  const auto scenario = scenarios::make_scenario(options.scenario, 0);
+  std::vector<int64_t> dim0s;
+  for (const at::Tensor& param : scenarios::unique_parameters(*scenario->module())) {
+    dim0s.push_back(param.dim() == 0 ? 1 : param.size(0));
+  }
+  return sim::shard_class_ranks(dim0s, n);
+}
+
+}  // namespace
+
 int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err) {
   out << "fsdpsim: " << describe(options) << std::endl;
   if (options.processes) return run_processes(options, out, err);
@@ -705,14 +751,14 @@ int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err
   const auto jsonl = recorder ? start_trace_stream(options, *recorder) : nullptr;
   sim::WorldOptions world_opts = world_options(options, recorder);
   if (!options.record_op_costs_path.empty()) world_opts.record_op_costs = std::make_shared<sim::OpCostTable>();
+  if (!options.representative_ranks.empty()) world_opts.played_ranks = representative_ranks(options);
   sim::World world(world_opts);
-  const int n = options.world.world_size;
-  std::vector<RankStats> ranks(n);
+  std::vector<RankStats> ranks(world_opts.ranks_run());
   std::mutex progress;
   const auto started = std::chrono::steady_clock::now();
   auto result = world.run([&](sim::RankContext& ctx) {
-    ranks[ctx.rank()] = train_rank(options, ctx.rank(), ctx.world_group(), ctx.clock(), ctx.sim_clock(), recorder,
-                                   [&](int step, const RankStats& stats) {
+    ranks[ctx.rank()] = train_rank(options, ctx.played_rank(), ctx.world_group(), ctx.clock(), ctx.sim_clock(),
+                                   ctx.rank(), recorder, [&](int step, const RankStats& stats) {
                                      if (ctx.rank() != 0) return;
                                      std::lock_guard<std::mutex> lock(progress);
                                      print_progress(out, options, step, stats, ctx.sim_clock() != nullptr);
@@ -725,6 +771,11 @@ int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err
     throw RunFailedError(world_failure_summary(result));
   }
   print_summary(out, options, ranks, recorder.get(), options.world.simulated_time, wall);
+  if (!world_opts.played_ranks.empty()) {
+    out << "  representative ranks: " << world_opts.played_ranks.size() << " ran, standing for "
+        << options.world.world_size << " ranks (global ranks " << sim::rank_set_string(world_opts.played_ranks)
+        << "); step times and memory are theirs, each absent rank assumed to run like the one of its shard class\n";
+  }
   print_op_costs(out, options, world_opts, world.sim_clock().get());
   if (result.fiber_stack_resident_bytes > 0) {
     out << "  fiber stacks (pooled): deepest " << human_bytes(static_cast<double>(result.fiber_stack_deepest_bytes))

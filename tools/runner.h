@@ -49,6 +49,11 @@ struct RunOptions : scenarios::TrainConfig {
   std::string trace_path = "fsdpsim-trace.json";
   /// Also run the unsharded reference and compare every step.
   bool check_parity = false;
+  /// Data-free only: "auto" or a comma-separated list of global ranks; the
+  /// world then runs only these ranks, each playing its global rank of
+  /// world.world_size (WorldOptions::played_ranks; auto:
+  /// sim::shard_class_ranks of the model's params). Empty: every rank.
+  std::string representative_ranks;
   /// No trace files, no trace records in memory (large data-free worlds);
   /// the summary then gives no per-rank byte counts.
   bool no_trace = false;

@@ -46,17 +46,7 @@ using ::testing::AllOf;
 using ::testing::AnyNumber;
 using ::testing::HasSubstr;
 
-using testnet::Data;
-using testnet::kBlock0;
-using testnet::kBlock1;
-using testnet::kHidden;
-using testnet::kIn;
-using testnet::kOut;
-using testnet::kParamNames;
-using testnet::kParamUnit;
-using testnet::kRoot;
-using testnet::loss_of;
-using testnet::Net;
+using namespace testnet;  // the shared net (tests/two_block_net.h)
 
 constexpr int kSteps = 2;
 constexpr double kLr = 0.1;

@@ -42,20 +42,28 @@ guarded() {
 }
 
 echo "== fsdpsim run --ranks fibers --simulated-time --steps $steps (mlp_stack d64, real data) =="
-printf '%8s | %12s | %12s | %16s | %s\n' ranks "s/step" "peak RSS" "us/rank-step" "note"
+# Runs `fsdpsim run` at N ranks with the remaining arguments; on success sets
+# per_step_ms and rss from its summary, else prints a failure row, sets
+# status=1 and returns 1.
 status=0
-for n in "${sizes[@]}"; do
-  verdict=$(guarded "$bin" run --ranks fibers --world-size "$n" --simulated-time --steps "$steps" \
-    --timeout 600 --trace "$work/trace.json")
+run_row() {
+  local n=$1
+  shift
+  verdict=$(guarded "$bin" run --ranks fibers --world-size "$n" --simulated-time --steps "$steps" "$@")
   if [ "$verdict" != ok ]; then
     status=1
     printf '%8s | %12s | %12s | %16s | %s\n' "$n" - - - "$verdict: $(tail -1 "$work/err" | cut -c1-80)"
-    continue
+    return 1
   fi
   # "  step 2/2  loss(rank 0) 1.39  24106.72 ms ..." -> mean ms over the steps
   per_step_ms=$(awk '/^  step [0-9]+\/[0-9]+/ {for (i = 1; i < NF; i++) if ($(i + 1) == "ms") {s += $i; k++; break}}
                      END {if (k) printf "%.1f", s / k}' "$work/out")
   rss=$(sed -n 's/.*memory: peak RSS \([0-9.]* [KMG]iB\).*/\1/p' "$work/out")
+}
+
+printf '%8s | %12s | %12s | %16s | %s\n' ranks "s/step" "peak RSS" "us/rank-step" "note"
+for n in "${sizes[@]}"; do
+  run_row "$n" --timeout 600 --trace "$work/trace.json" || continue
   awk -v n="$n" -v ms="$per_step_ms" -v rss="$rss" \
     'BEGIN {printf "%8d | %12.2f | %12s | %16.1f |\n", n, ms / 1000, rss, ms * 1000 / n}'
 done
@@ -68,16 +76,8 @@ if [ -n "$representative" ]; then
     --trace "$work/trace.json" >/dev/null
   printf '%8s | %12s | %12s | %16s | %s\n' ranks "s/step" "peak RSS" "predicted ms" "note"
   for n in $representative; do
-    verdict=$(guarded "$bin" run --ranks fibers --world-size "$n" --simulated-time --steps "$steps" --data-free \
-      --op-costs "$work/costs.json" --representative-ranks auto --no-trace --fiber-stacks pooled --fiber-stack-kib 64)
-    if [ "$verdict" != ok ]; then
-      status=1
-      printf '%8s | %12s | %12s | %16s | %s\n' "$n" - - - "$verdict: $(tail -1 "$work/err" | cut -c1-80)"
-      continue
-    fi
-    per_step_ms=$(awk '/^  step [0-9]+\/[0-9]+/ {for (i = 1; i < NF; i++) if ($(i + 1) == "ms") {s += $i; k++; break}}
-                       END {if (k) printf "%.1f", s / k}' "$work/out")
-    rss=$(sed -n 's/.*memory: peak RSS \([0-9.]* [KMG]iB\).*/\1/p' "$work/out")
+    run_row "$n" --data-free --op-costs "$work/costs.json" --representative-ranks auto --no-trace \
+      --fiber-stacks pooled --fiber-stack-kib 64 || continue
     predicted=$(sed -n 's/.*step time predicted ([^)]*): \([0-9.]*\) ms.*/\1/p' "$work/out")
     note=$(sed -n 's/.*representative ranks: \([0-9]*\) ran.*/\1 representatives/p' "$work/out")
     awk -v n="$n" -v ms="$per_step_ms" -v rss="$rss" -v p="$predicted" -v note="$note" \

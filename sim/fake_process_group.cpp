@@ -181,7 +181,6 @@ struct Arrival {
 };
 
 struct PendingCollective {
-  std::string group;
   const std::string* group_name = nullptr;  // the FakeGroupState's name: lives as long as the world
   uint64_t seq = 0;
   std::vector<int> global_ranks;
@@ -227,7 +226,7 @@ struct PendingCollective {
     }
     return missing;
   }
-  std::string header() const { return "group " + group + " seq " + std::to_string(seq); }
+  std::string header() const { return "group " + *group_name + " seq " + std::to_string(seq); }
 };
 
 class FakeGroupState {
@@ -943,7 +942,6 @@ WorkPtr FakeProcessGroup::issue(CollectiveDesc desc, const at::Tensor& input, co
     auto& slot = group_->gathering[desc.seq];
     if (!slot) {
       slot = std::make_shared<PendingCollective>(world_->fibers());
-      slot->group = group_->name;
       slot->group_name = &group_->name;
       slot->seq = desc.seq;
       slot->global_ranks = group_->global_ranks;

@@ -45,18 +45,6 @@ class ForwardingProcessGroup : public ProcessGroup {
 
   const ProcessGroupPtr& wrapped() const { return inner_; }
 
-  /// How an observed collective ended: its times (an end the backend left at
-  /// 0 is taken from the clock) and its error (nullptr: it completed).
-  using EndObserver = std::function<void(const WorkTimes& times, std::exception_ptr error)>;
-  /// For recorders: runs `issue` and calls `ended` exactly once: at once
-  /// (then rethrows) if issue throws or gives no Work, otherwise when the
-  /// Work completes or fails, possibly on another rank's thread. Until then
-  /// the callback owns the Work, so a caller that drops its Work early (a
-  /// failed wait() unwinding) loses nothing. Errors from `ended` are
-  /// swallowed: observing never breaks a collective's completion path.
-  static WorkPtr issue_observed(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue, const Clock& clock,
-                                EndObserver ended);
-
  private:
   ProcessGroupPtr inner_;
 };

@@ -1,4 +1,5 @@
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -8,6 +9,7 @@
 
 #include <algorithm>
 #include <any>
+#include <cstdlib>
 #include <exception>
 #include <functional>
 #include <mutex>
@@ -267,6 +269,24 @@ at::TensorOptions compute_options(const Unit::Impl& unit) {
 }
 
 at::TensorOptions reduce_options(const Unit::Impl& unit) { return unit.tensor_options.dtype(unit.reduce_dtype); }
+
+// A zero-filled flat buffer (the reduce-scatter input). On the CPU it comes
+// from calloc, which takes a large buffer from fresh pages the OS already
+// zeroed: at world > dim0 FSDP2 pads every param to one row per rank, the
+// buffer is mostly padding, and the padding is then never written, only read
+// back as zeros by the reduction. No dispatched op on either device (meta:
+// empty_meta, values unread), so a data run and a data-free run charge the
+// same op costs.
+at::Tensor zeroed_flat(int64_t numel, const at::TensorOptions& options) {
+  if (options.device().is_meta()) return at::detail::empty_meta({numel}, options);
+  if (!options.device().is_cpu()) return at::zeros({numel}, options);
+  const size_t element = options.dtype().itemsize();
+  void* data = std::calloc(static_cast<size_t>(std::max<int64_t>(numel, 1)), element);
+  TORCH_CHECK_WITH(OutOfMemoryError, data != nullptr, "can't allocate memory: a reduce-scatter input of ", numel,
+                   " elements (", static_cast<size_t>(numel) * element, " bytes)");
+  return at::from_blob(
+      data, {numel}, [](void* ptr) { std::free(ptr); }, options);
+}
 
 // A grad as reduced (reduce_dtype) in the dtype of the sharded param.
 at::Tensor to_param_dtype(const Unit::Impl& unit, const at::Tensor& reduced) {
@@ -990,7 +1010,7 @@ PendingReduction Engine::Impl::issue_reduction(Unit::Impl& unit,
     reduction.offsets.push_back(total);
     total += unit.params[index].chunk_numel();
   }
-  reduction.input = at::zeros({world * total}, reduce_options(unit));
+  reduction.input = zeroed_flat(world * total, reduce_options(unit));
   at::Tensor by_rank = reduction.input.view({world, total});
   for (size_t k = 0; k < grads.size(); ++k) {
     const auto& p = unit.params[grads[k].first];

@@ -13,7 +13,11 @@ thread_local RankScheduler* t_scheduler = nullptr;
 }  // namespace detail
 
 RankScheduler::RankScheduler(SchedulePolicy policy, uint64_t seed, SimClock* clock)
-    : policy_(policy), clock_(clock), random_(seed), installed_(boost::fibers::context::active()) {
+    : policy_(policy),
+      clock_(clock),
+      random_(seed),
+      ready_(policy == SchedulePolicy::SeededRandom),
+      installed_(boost::fibers::context::active()) {
   detail::t_scheduler = this;
 }
 

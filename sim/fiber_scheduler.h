@@ -68,7 +68,7 @@ class RankScheduler final : public boost::fibers::algo::algorithm_with_propertie
   SchedulePolicy policy_;
   SimClock* clock_;
   std::mt19937_64 random_;
-  ReadyQueue<boost::fibers::context*> ready_;  // O(log n) pick at any position
+  ReadyQueue<boost::fibers::context*> ready_;  // seeded-random: O(log n) pick at any position; else FIFO
   // The fiber whose thread-local state is installed right now.
   boost::fibers::context* installed_ = nullptr;
   at::ThreadLocalState initial_state_;

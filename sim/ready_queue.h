@@ -21,6 +21,9 @@ namespace fsdpsim::sim {
 template <typename T>
 class ReadyQueue {
  public:
+  /// `any_position` false: only take(0) (FIFO), and no tree to maintain.
+  explicit ReadyQueue(bool any_position = true) : any_position_(any_position) {}
+
   size_t size() const { return live_; }
   bool empty() const { return live_ == 0; }
 
@@ -29,16 +32,17 @@ class ReadyQueue {
     const size_t slot = slots_.size();
     slots_.push_back(std::move(item));
     alive_.push_back(1);
-    add(slot, 1);
+    if (any_position_) add(slot, 1);
     ++live_;
   }
 
   /// Removes and returns the `k`-th item (0 = the oldest) in push order.
   T take(size_t k) {
     if (k >= live_) throw std::out_of_range("ReadyQueue::take: position past the end");
+    if (k != 0 && !any_position_) throw std::logic_error("ReadyQueue::take: a FIFO-only queue takes position 0 only");
     const size_t slot = k == 0 ? first_live() : find(k);
     alive_[slot] = 0;
-    add(slot, -1);
+    if (any_position_) add(slot, -1);
     --live_;
     if (slot == head_) ++head_;
     return std::move(slots_[slot]);
@@ -94,6 +98,7 @@ class ReadyQueue {
     slots_.reserve(capacity_);
     alive_.reserve(capacity_);
     head_ = 0;
+    if (!any_position_) return;
     top_bit_ = 1;
     while (top_bit_ * 2 <= capacity_) top_bit_ *= 2;
     // O(capacity) build: each node passes its count to its parent.
@@ -106,6 +111,7 @@ class ReadyQueue {
     }
   }
 
+  const bool any_position_;
   std::vector<T> slots_;
   std::vector<char> alive_;
   std::vector<size_t> tree_;  // 1-based Fenwick tree over slots_: live counts

@@ -4,7 +4,9 @@
 #include <pthread.h>
 #include <boost/fiber/all.hpp>
 
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -62,6 +64,10 @@ void WorldOptions::validate() const {
   }
   validate_played_ranks(*this);
   if (collective_timeout.count() <= 0) throw std::invalid_argument("collective_timeout must be positive");
+  if (heartbeat && heartbeat_interval.count() <= 0) {
+    throw std::invalid_argument("heartbeat_interval must be positive, got " +
+                                std::to_string(heartbeat_interval.count()) + " ms");
+  }
   if (simulated_time && (rank_kind != RankKind::Fibers || backend != CommBackend::Fake)) {
     throw std::invalid_argument("simulated_time needs fiber ranks on the fake backend");
   }
@@ -288,6 +294,40 @@ void run_on_fibers(const std::vector<std::unique_ptr<RankRunner>>& runners, cons
   host.join();
 }
 
+// WorldOptions::heartbeat's thread: reports where each rank is every
+// interval until destroyed (the run ended).
+class Heartbeat {
+ public:
+  Heartbeat(const WorldOptions& options, const FakeWorldState* fake_state) {
+    if (!options.heartbeat) return;
+    thread_ = std::thread([this, report = options.heartbeat, interval = options.heartbeat_interval, fake_state] {
+      std::unique_lock<std::mutex> lock(mutex_);
+      while (!stop_cv_.wait_for(lock, interval, [this] { return stopping_; })) {
+        lock.unlock();
+        report(fake_state != nullptr ? fake_state->where_ranks_are() : "not known (the fake backend reports it)");
+        lock.lock();
+      }
+    });
+  }
+  ~Heartbeat() {
+    if (!thread_.joinable()) return;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    stop_cv_.notify_all();
+    thread_.join();
+  }
+  Heartbeat(const Heartbeat&) = delete;
+  Heartbeat& operator=(const Heartbeat&) = delete;
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable stop_cv_;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
 }  // namespace
 
 WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
@@ -338,10 +378,13 @@ WorldResult World::run(const std::function<void(RankContext&)>& rank_main) {
                                                    rank_main, result.ranks[r]));
   }
 
-  if (options_.rank_kind == RankKind::Threads) {
-    run_on_threads(runners, options_.thread_stack_bytes, result, fake_state_.get());
-  } else {
-    run_on_fibers(runners, options_, sim_clock_.get(), fake_state_.get(), result);
+  {
+    const Heartbeat heartbeat(options_, fake_state_.get());
+    if (options_.rank_kind == RankKind::Threads) {
+      run_on_threads(runners, options_.thread_stack_bytes, result, fake_state_.get());
+    } else {
+      run_on_fibers(runners, options_, sim_clock_.get(), fake_state_.get(), result);
+    }
   }
   if (flight && !result.ok()) result.flight_recorder = flight->dump();
   return result;

@@ -110,6 +110,13 @@ struct WorldOptions {
   /// header comment): when not empty, the World runs one rank per entry, rank
   /// i playing global rank played_ranks[i] of [0, world_size). Distinct.
   std::vector<int> played_ranks;
+  /// Long runs: while run() runs, called every heartbeat_interval from a
+  /// helper thread with where each rank is (the fake backend's grouped
+  /// text, e.g. "ranks {0-4095}: waiting in all_gather group world seq 17";
+  /// a screenful at any world size). Not called when the run ends sooner.
+  /// Must be thread-safe. Empty: off.
+  std::function<void(const std::string& where)> heartbeat;
+  std::chrono::milliseconds heartbeat_interval{30000};
   /// The ranks the World runs: played_ranks.size(), or world_size.
   int ranks_run() const { return played_ranks.empty() ? world_size : static_cast<int>(played_ranks.size()); }
   /// Checks the options; throws std::invalid_argument naming the bad one.

@@ -23,6 +23,8 @@
 namespace fsdpsim::sim {
 namespace {
 
+using ::testing::AllOf;
+using ::testing::Contains;
 using ::testing::HasSubstr;
 
 struct WorldKind {
@@ -252,6 +254,33 @@ TEST_P(FakeFailures, TimeoutNamesMissingRanksAndWhereEachRankIs) {
   EXPECT_THAT(result.ranks[2].error, HasSubstr("world aborted"));
 }
 
+// WorldOptions::heartbeat: while rank 2 is late, reports say where each
+// rank is; none come once the run returned.
+TEST_P(FakeFailures, HeartbeatReportsWhereEachRankIsWhileTheRunLasts) {
+  WorldOptions opts = options(3);
+  std::mutex mutex;
+  std::vector<std::string> beats;
+  opts.heartbeat_interval = std::chrono::milliseconds(40);
+  opts.heartbeat = [&](const std::string& where) {
+    std::lock_guard<std::mutex> lock(mutex);
+    beats.push_back(where);
+  };
+  World world(opts);
+  auto result = world.run([](RankContext& ctx) {
+    auto& group = *ctx.world_group();
+    group.barrier()->wait();
+    if (ctx.rank() == 2) sleep_for(std::chrono::milliseconds(400));
+    group.barrier()->wait();
+  });
+  ASSERT_TRUE(result.ok()) << result.error_report();
+  std::lock_guard<std::mutex> lock(mutex);
+  EXPECT_THAT(beats, Contains(AllOf(HasSubstr("ranks {0-1}: waiting in barrier group world seq 2"),
+                                    HasSubstr("rank 2: running, last issued barrier group world seq 1"))));
+  const size_t after_run = beats.size();
+  std::this_thread::sleep_for(std::chrono::milliseconds(120));
+  EXPECT_EQ(beats.size(), after_run);
+}
+
 TEST_P(FakeFailures, LocalArgumentErrorsCarryRankGroupSeqAndShapes) {
   World world(options(2));
   auto result = world.run([](RankContext& ctx) {
@@ -285,6 +314,16 @@ TEST(WorldOptionsTest, BadOptionsAreRejectedWithTheirName) {
   WorldOptions options;
   options.world_size = 0;
   EXPECT_THROW({ World world(options); }, std::invalid_argument);
+  options.world_size = 2;
+  options.heartbeat = [](const std::string&) {};
+  options.heartbeat_interval = std::chrono::milliseconds(0);
+  try {
+    World world(options);
+    FAIL() << "a zero heartbeat interval accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_THAT(e.what(), HasSubstr("heartbeat_interval must be positive, got 0 ms"));
+  }
+  options.heartbeat = nullptr;
   options.world_size = 2;
   options.backend = CommBackend::Gloo;
   options.rank_kind = RankKind::Fibers;

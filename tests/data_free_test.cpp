@@ -102,10 +102,15 @@ RunOutcome train(scenarios::TrainConfig config, WorldOptions world_options, bool
   return outcome;
 }
 
-WorldOptions simulated_fibers(int world_size) {
+WorldOptions fibers(int world_size) {
   WorldOptions options;
   options.world_size = world_size;
   options.rank_kind = RankKind::Fibers;
+  return options;
+}
+
+WorldOptions simulated_fibers(int world_size) {
+  WorldOptions options = fibers(world_size);
   options.simulated_time = true;
   options.cost_model = cost_model_preset("ib-ndr400");
   return options;
@@ -240,9 +245,7 @@ TEST(FiberStackPool, CanaryCatchesAWriteAtTheBottomAndDepthCountsTouchedPages) {
 }
 
 TEST(DataFree, MetaAndDataRanksInOneCollectiveFailEveryRank) {
-  WorldOptions options;
-  options.world_size = 3;
-  options.rank_kind = RankKind::Fibers;
+  const WorldOptions options = fibers(3);
   World world(options);
   auto result = world.run([](RankContext& ctx) {
     const auto device = ctx.rank() == 1 ? at::kMeta : at::kCPU;
@@ -259,9 +262,7 @@ TEST(DataFree, MetaAndDataRanksInOneCollectiveFailEveryRank) {
 }
 
 TEST(DataFree, MetaCollectivesStillCheckShapesAcrossRanks) {
-  WorldOptions options;
-  options.world_size = 2;
-  options.rank_kind = RankKind::Fibers;
+  const WorldOptions options = fibers(2);
   World world(options);
   auto result = world.run([](RankContext& ctx) {
     auto meta = at::TensorOptions().device(at::kMeta);
@@ -284,9 +285,7 @@ TEST(DataFree, MetaCollectivesStillCheckShapesAcrossRanks) {
 TEST(DataFree, ReadingAValueFailsClearly) {
   auto config = config_of("mlp_stack", fsdp::ShardingStrategy::FullShard);
   config.data_free = true;
-  WorldOptions options;
-  options.world_size = 2;
-  options.rank_kind = RankKind::Fibers;
+  const WorldOptions options = fibers(2);
   World world(options);
   std::vector<std::string> train_errors(2), item_errors(2);
   auto result = world.run([&](RankContext& ctx) {

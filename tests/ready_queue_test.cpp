@@ -34,10 +34,10 @@ int queue_pick(ReadyQueue<int>& ready, std::mt19937_64& rng, bool random) {
 
 // A scheduler's life: fibers wake (push) and get picked in bursts, the
 // queue growing to `peak` and draining, several times over.
-void expect_same_picks(uint64_t seed, bool random, int peak) {
+void expect_same_picks(uint64_t seed, bool random, int peak, bool any_position = true) {
   std::mt19937_64 ref_rng(seed), rng(seed), shape(seed ^ 0x5eedULL);
   std::deque<int> reference;
-  ReadyQueue<int> queue;
+  ReadyQueue<int> queue(any_position);
   int next = 0;
   size_t picks = 0;
   for (int wave = 0; wave < 4; ++wave) {
@@ -68,7 +68,23 @@ TEST(ReadyQueue, SeededRandomPicksMatchTheDequeErase) {
   }
 }
 
-TEST(ReadyQueue, RoundRobinIsFifo) { expect_same_picks(3, /*random=*/false, 300); }
+TEST(ReadyQueue, RoundRobinIsFifo) {
+  expect_same_picks(3, /*random=*/false, 300);
+  expect_same_picks(3, /*random=*/false, 300, /*any_position=*/false);
+}
+
+// The round-robin scheduler's queue: FIFO only, O(1) per operation, and a
+// pick anywhere but the front is refused rather than answered wrongly.
+TEST(ReadyQueue, FifoOnlyQueueIsConstantCost) {
+  constexpr int kFibers = 4096;
+  ReadyQueue<int> queue(/*any_position=*/false);
+  for (int i = 0; i < kFibers; ++i) queue.push_back(i);
+  const uint64_t before = queue.steps();
+  for (int i = 0; i < 20 * kFibers; ++i) queue.push_back(queue.take(0));
+  EXPECT_LE(static_cast<double>(queue.steps() - before) / (20 * kFibers), 4.0) << "steps per pick + push";
+  EXPECT_EQ(queue.take(0), 20 * kFibers % kFibers);
+  EXPECT_THROW(queue.take(1), std::logic_error);
+}
 
 TEST(ReadyQueue, TakeFromEveryPositionKeepsTheRestInOrder) {
   for (size_t k = 0; k < 5; ++k) {

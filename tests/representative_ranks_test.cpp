@@ -189,12 +189,17 @@ TEST(RepresentativeRanks, BadPlayedRanksAreRefused) {
 }
 
 // Data (CPU tensors) cannot be stood in for, nor can a subgroup of absent ranks.
-TEST(RepresentativeRanks, DataCollectivesAndSplitsFailClearly) {
+// Fiber ranks 0 and 5 of a world of 6.
+WorldOptions two_of_six() {
   WorldOptions options;
   options.world_size = 6;
   options.rank_kind = RankKind::Fibers;
   options.played_ranks = {0, 5};
-  World world(options);
+  return options;
+}
+
+TEST(RepresentativeRanks, DataCollectivesAndSplitsFailClearly) {
+  World world(two_of_six());
   auto result = world.run([](RankContext& ctx) {
     const auto& group = ctx.world_group();
     EXPECT_EQ(group->global_ranks().size(), 6u);
@@ -214,11 +219,7 @@ TEST(RepresentativeRanks, DataCollectivesAndSplitsFailClearly) {
 
 // Errors name the ranks played, not their index in the World.
 TEST(RepresentativeRanks, MismatchesNameThePlayedRanks) {
-  WorldOptions options;
-  options.world_size = 6;
-  options.rank_kind = RankKind::Fibers;
-  options.played_ranks = {0, 5};
-  World world(options);
+  World world(two_of_six());
   auto result = world.run([](RankContext& ctx) {
     auto in = at::empty({ctx.played_rank() == 5 ? 3 : 2}, at::TensorOptions().device(at::kMeta));
     ctx.world_group()->all_gather_into_tensor(at::empty({6 * in.numel()}, in.options()), in)->wait();

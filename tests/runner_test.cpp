@@ -29,6 +29,7 @@ namespace fsdpsim::tools {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 std::string temp_trace(const std::string& name) {
   return (std::filesystem::temp_directory_path() / ("fsdpsim-runner-" + name + ".json")).string();
@@ -188,6 +189,23 @@ TEST(Runner, ThreadRunPrintsProgressSummaryAndWritesReadableTraces) {
   EXPECT_FALSE(events.empty());
   std::ifstream chrome(options.trace_path);
   EXPECT_TRUE(chrome.good());
+}
+
+// A step longer than --heartbeat prints where each rank is while it runs:
+// both ranks sleep 300 ms before their first optimiser step.
+TEST(Runner, LongStepPrintsHeartbeatLinesSayingWhereEachRankIs) {
+  RunOptions options = parse_run_options(
+      {"--world-size", "2", "--steps", "2", "--heartbeat", "0.05", "--delay-before-step", "300", "--no-trace"});
+  std::ostringstream out, err;
+  ASSERT_EQ(run_scenario(options, out, err), 0) << err.str();
+  EXPECT_THAT(out.str(),
+              HasSubstr(" s, step 1/2 of rank 0 running; where each rank is: ranks {0-1}: running, last issued "));
+  EXPECT_THAT(out.str(), HasSubstr(" s, step 2/2 of rank 0 running; where each rank is: "));
+  // --heartbeat 0: none.
+  options.heartbeat_s = 0;
+  std::ostringstream quiet;
+  ASSERT_EQ(run_scenario(options, quiet, err), 0) << err.str();
+  EXPECT_THAT(quiet.str(), Not(HasSubstr("where each rank is")));
 }
 
 TEST(Runner, SimulatedFiberRunPredictsStepTimeAndExposedCommunication) {
@@ -463,6 +481,7 @@ TEST(Runner, BadOptionsAreOneLineErrors) {
       {{"--schedule", "seeded-random"}, "--schedule needs --ranks fibers"},
       {{"--delay-rank", "1"}, "--delay-rank needs a delay it restricts"},
       {{"--timeout", "0"}, "--timeout needs seconds in [0.001, 86400], got '0'"},
+      {{"--heartbeat", "-1"}, "--heartbeat needs seconds in [0, 86400], got '-1'"},
       {{"--world-size", "0"}, "--world-size must be in [1, 1048576], got 0"},
       {{"--scenario", "nope"}, "unknown scenario 'nope'"},
       {{"--ranks", "processes"}, "--ranks processes needs --backend gloo"},

@@ -6,7 +6,7 @@
 # measured in one process (`fsdpsim bench comm`, section 3).
 #
 # Usage: tools/bench_scale.sh [FSDPSIM] [N...]   (default: build/tools/fsdpsim 64 256 1024 4096 16384)
-# FSDPSIM_SCALE_STEPS (default 2), FSDPSIM_SCALE_RSS_GIB (default 10: a run whose
+# FSDPSIM_SCALE_STEPS (default 2), FSDPSIM_SCALE_RSS_GIB (default 16: a run whose
 # resident memory passes it is stopped and reported), FSDPSIM_SCALE_ROUND_RANKS
 # (default 4096; 0 skips the round), FSDPSIM_SCALE_REPRESENTATIVE (default
 # "4096 16384 131072"; empty skips it: data-free representative-rank runs,
@@ -17,7 +17,7 @@ shift || true
 sizes=("$@")
 [ ${#sizes[@]} -gt 0 ] || sizes=(64 256 1024 4096 16384)
 steps=${FSDPSIM_SCALE_STEPS:-2}
-cap_kib=$(( ${FSDPSIM_SCALE_RSS_GIB:-10} * 1024 * 1024 ))
+cap_kib=$(( ${FSDPSIM_SCALE_RSS_GIB:-16} * 1024 * 1024 ))
 round_ranks=${FSDPSIM_SCALE_ROUND_RANKS:-4096}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

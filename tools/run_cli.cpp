@@ -124,6 +124,11 @@ void bind_world_options(CLI::App& app, RunParse& p) {
               o.world.fiber_stacks = parse_choice<sim::FiberStacks>(
                   "--fiber-stacks", v, {{"guarded", sim::FiberStacks::Guarded}, {"pooled", sim::FiberStacks::Pooled}});
             });
+  add_value(
+      app, "--heartbeat", "S",
+      "fake backend: every S seconds of a run, where each rank is (grouped ranks, a few lines at any world "
+      "size), so a long step shows progress (default 30; 0: off)",
+      [&o](const std::string& v) { o.heartbeat_s = parse_number<UsageError>("--heartbeat", v, 0, 86400, "seconds"); });
   add_value(app, "--timeout", "S",
             "collective timeout in seconds (default 60); process ranks: also the launcher's grace for the other ranks "
             "after one fails",

@@ -9,9 +9,11 @@
 #include <unistd.h>
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cctype>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
@@ -752,14 +754,32 @@ int run_scenario(const RunOptions& options, std::ostream& out, std::ostream& err
   sim::WorldOptions world_opts = world_options(options, recorder);
   if (!options.record_op_costs_path.empty()) world_opts.record_op_costs = std::make_shared<sim::OpCostTable>();
   if (!options.representative_ranks.empty()) world_opts.played_ranks = representative_ranks(options);
+  std::mutex progress;
+  std::atomic<int> steps_done{0};  // rank 0's
+  const auto started = std::chrono::steady_clock::now();
+  if (options.heartbeat_s > 0 && options.world.backend == sim::CommBackend::Fake) {
+    world_opts.heartbeat_interval =
+        std::chrono::milliseconds(std::max<int64_t>(1, std::llround(options.heartbeat_s * 1000)));
+    world_opts.heartbeat = [&out, &progress, &steps_done, &options, started](std::string where) {
+      // One line: ranks in many different places would list many groups.
+      constexpr size_t kMaxWhere = 1000;
+      if (where.size() > kMaxWhere) {
+        where = where.substr(0, kMaxWhere) + fmt::format(" ... ({} more characters)", where.size() - kMaxWhere);
+      }
+      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+      std::lock_guard<std::mutex> lock(progress);
+      out << fmt::format("  ... {:.1f} s, step {}/{} of rank 0 running; where each rank is: {}", elapsed,
+                         std::min(steps_done.load() + 1, options.steps), options.steps, where)
+          << std::endl;
+    };
+  }
   sim::World world(world_opts);
   std::vector<RankStats> ranks(world_opts.ranks_run());
-  std::mutex progress;
-  const auto started = std::chrono::steady_clock::now();
   auto result = world.run([&](sim::RankContext& ctx) {
     ranks[ctx.rank()] = train_rank(options, ctx.played_rank(), ctx.world_group(), ctx.clock(), ctx.sim_clock(),
                                    ctx.rank(), recorder, [&](int step, const RankStats& stats) {
                                      if (ctx.rank() != 0) return;
+                                     steps_done = step + 1;
                                      std::lock_guard<std::mutex> lock(progress);
                                      print_progress(out, options, step, stats, ctx.sim_clock() != nullptr);
                                    });

@@ -45,6 +45,10 @@ struct RunOptions : scenarios::TrainConfig {
   double delay_after_loss_ms = 0;
   double delay_before_step_ms = 0;
   double delay_before_reshard_ms = 0;
+  /// Fake backend: every heartbeat_s seconds of a run, a line saying where
+  /// each rank is (WorldOptions::heartbeat), so a long step shows progress.
+  /// 0: off.
+  double heartbeat_s = 30;
   /// Chrome trace path; PATH.jsonl gets the line-per-event form.
   std::string trace_path = "fsdpsim-trace.json";
   /// Also run the unsharded reference and compare every step.

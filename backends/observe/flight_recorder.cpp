@@ -27,7 +27,7 @@ const char* to_string(FlightState state) {
 
 namespace {
 
-using Rings = std::vector<std::deque<FlightEntry>>;
+using Rings = std::vector<std::vector<FlightEntry>>;  // per rank, oldest first
 
 std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
 
@@ -143,29 +143,44 @@ FlightHandle FlightRecorder::record_scheduled(int rank, const CollectiveDesc& de
   return record_scheduled(collective_record(rank, desc, group_ranks, now_ns));
 }
 
-FlightHandle FlightRecorder::record_scheduled(Record issued) {
+FlightHandle FlightRecorder::record_scheduled(const Record& issued) {
   const int rank = issued.rank;
   if (rank < 0 || rank >= world_size_) {
     throw std::invalid_argument("FlightRecorder: rank " + std::to_string(rank) + " is outside the world of " +
                                 std::to_string(world_size_));
   }
-  issued.status = RecordStatus::InFlight;
   std::lock_guard<std::mutex> lock(mutex_);
-  issued.id = next_id_++;
-  auto& ring = rings_[static_cast<size_t>(rank)];
-  if (ring.size() == capacity_) ring.pop_front();
-  ring.push_back(FlightEntry{std::move(issued), FlightState::Scheduled});
+  Ring& ring = rings_[static_cast<size_t>(rank)];
+  FlightEntry* slot = nullptr;
+  if (ring.slots.size() < capacity_) {
+    slot = &ring.slots.emplace_back();
+  } else {
+    slot = &ring.slots[ring.oldest];
+    ring.oldest = (ring.oldest + 1) % capacity_;
+  }
+  slot->record = issued;  // copy-assigned: the slot's string buffers are reused
+  slot->record.id = next_id_++;
+  slot->record.status = RecordStatus::InFlight;
+  slot->state = FlightState::Scheduled;
   ++recorded_[static_cast<size_t>(rank)];
-  return FlightHandle{rank, ring.back().record.id};
+  return FlightHandle{rank, slot->record.id};
+}
+
+std::vector<FlightEntry> FlightRecorder::Ring::ordered() const {
+  std::vector<FlightEntry> out;
+  out.reserve(slots.size());
+  for (size_t k = 0; k < slots.size(); ++k) out.push_back(slots[(oldest + k) % slots.size()]);
+  return out;
 }
 
 FlightEntry* FlightRecorder::find_locked(FlightHandle handle) {
   if (handle.rank < 0 || handle.rank >= world_size_) return nullptr;
-  auto& ring = rings_[static_cast<size_t>(handle.rank)];
-  // Ids grow along the ring: binary search.
-  auto it = std::lower_bound(ring.begin(), ring.end(), handle.id,
-                             [](const FlightEntry& e, uint64_t id) { return e.record.id < id; });
-  return it != ring.end() && it->record.id == handle.id ? &*it : nullptr;
+  auto& slots = rings_[static_cast<size_t>(handle.rank)].slots;
+  // At most capacity_ slots; the entry that ends is usually a recent one.
+  for (auto& entry : slots) {
+    if (entry.record.id == handle.id) return &entry;
+  }
+  return nullptr;
 }
 
 void FlightRecorder::record_started(FlightHandle handle, int64_t start_ns) {
@@ -210,8 +225,7 @@ std::vector<FlightEntry> FlightRecorder::entries(int rank) const {
     throw std::invalid_argument("FlightRecorder: rank " + std::to_string(rank) + " is outside the world");
   }
   std::lock_guard<std::mutex> lock(mutex_);
-  const auto& ring = rings_[static_cast<size_t>(rank)];
-  return std::vector<FlightEntry>(ring.begin(), ring.end());
+  return rings_[static_cast<size_t>(rank)].ordered();
 }
 
 uint64_t FlightRecorder::recorded(int rank) const {
@@ -227,7 +241,7 @@ std::string FlightRecorder::dump() const {
   std::vector<uint64_t> recorded;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    rings = rings_;
+    for (const Ring& ring : rings_) rings.push_back(ring.ordered());
     recorded = recorded_;
   }
   std::ostringstream out;
@@ -266,7 +280,7 @@ std::unique_ptr<FlightRecorder> FlightRecorder::from_trace(const std::vector<Rec
     scheduled.detail = call_of(*e);
     scheduled.start_ns = scheduled.end_ns = 0;
     scheduled.error.clear();
-    const FlightHandle h = recorder->record_scheduled(std::move(scheduled));
+    const FlightHandle h = recorder->record_scheduled(scheduled);
     if (e->status == RecordStatus::Completed) {
       recorder->record_completed(h, e->start_ns, e->end_ns);
     } else if (e->status == RecordStatus::Failed) {

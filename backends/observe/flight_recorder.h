@@ -20,7 +20,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -61,7 +60,7 @@ class FlightRecorder final : public CollectiveSink {
   FlightHandle record_scheduled(int rank, const CollectiveDesc& desc, const std::vector<int>& group_ranks,
                                 int64_t now_ns);
   /// As above, from a collective's record (its id is replaced).
-  FlightHandle record_scheduled(Record issued);
+  FlightHandle record_scheduled(const Record& issued);
   /// Updates an entry; a no-op once the entry fell out of its ring or
   /// already ended (a completion is final).
   void record_started(FlightHandle handle, int64_t start_ns);
@@ -90,15 +89,24 @@ class FlightRecorder final : public CollectiveSink {
   void on_end(const Record& issued, uint64_t token, const WorkTimes& times, std::exception_ptr error) override;
 
  private:
+  // One rank's last entries. Slots are overwritten in place once the ring
+  // is full, so a record's strings reuse the slot's buffers: no allocation
+  // per collective once warm (thousands of fiber ranks record every call).
+  struct Ring {
+    std::vector<FlightEntry> slots;  // grows to capacity, then wraps
+    size_t oldest = 0;               // slot of the oldest entry once full
+    std::vector<FlightEntry> ordered() const;
+  };
+
   FlightEntry* find_locked(FlightHandle handle);
   void end(FlightHandle handle, FlightState state, int64_t start_ns, int64_t end_ns, const std::string& error);
 
   const int world_size_;
   const size_t capacity_;
   mutable std::mutex mutex_;
-  uint64_t next_id_ = 0;                        // guarded by mutex_
-  std::vector<std::deque<FlightEntry>> rings_;  // per rank, oldest first; guarded by mutex_
-  std::vector<uint64_t> recorded_;              // per rank; guarded by mutex_
+  uint64_t next_id_ = 0;            // guarded by mutex_
+  std::vector<Ring> rings_;         // per rank; guarded by mutex_
+  std::vector<uint64_t> recorded_;  // per rank; guarded by mutex_
 };
 
 }  // namespace fsdpsim::observe

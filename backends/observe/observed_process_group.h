@@ -33,14 +33,15 @@ class ObservedProcessGroup final : public ForwardingProcessGroup {
   ObservedProcessGroup(ProcessGroupPtr inner, std::vector<SinkPtr> sinks, int global_rank,
                        const Clock& clock = SteadyClock::instance());
 
-  const std::vector<SinkPtr>& sinks() const { return sinks_; }
+  const std::vector<SinkPtr>& sinks() const { return *sinks_; }
 
  protected:
   WorkPtr call(const CollectiveDesc& desc, const std::function<WorkPtr()>& issue) override;
   ProcessGroupPtr wrap(ProcessGroupPtr sub) override;
 
  private:
-  std::vector<SinkPtr> sinks_;
+  // Shared with every collective in flight (one reference, not a copy, each).
+  std::shared_ptr<const std::vector<SinkPtr>> sinks_;
   int global_rank_;
   const Clock* clock_;
   const GroupRanks group_ranks_;  // shared by every record of this group

@@ -124,11 +124,6 @@ void bind_world_options(CLI::App& app, RunParse& p) {
               o.world.fiber_stacks = parse_choice<sim::FiberStacks>(
                   "--fiber-stacks", v, {{"guarded", sim::FiberStacks::Guarded}, {"pooled", sim::FiberStacks::Pooled}});
             });
-  add_value(
-      app, "--heartbeat", "S",
-      "fake backend: every S seconds of a run, where each rank is (grouped ranks, a few lines at any world "
-      "size), so a long step shows progress (default 30; 0: off)",
-      [&o](const std::string& v) { o.heartbeat_s = parse_number<UsageError>("--heartbeat", v, 0, 86400, "seconds"); });
   add_value(app, "--timeout", "S",
             "collective timeout in seconds (default 60); process ranks: also the launcher's grace for the other ranks "
             "after one fails",
@@ -173,6 +168,11 @@ void bind_training_options(CLI::App& app, RunOptions& o) {
             "written once final, so memory holds only what is in flight; the summary prints the peak), the "
             "Chrome trace made from it at the end",
             [&o](const std::string& v) { o.trace_path = v; });
+  add_value(
+      app, "--heartbeat", "S",
+      "fake backend: every S seconds of a run, where each rank is (grouped ranks, a few lines at any world "
+      "size), so a long step shows progress (default 30; 0: off)",
+      [&o](const std::string& v) { o.heartbeat_s = parse_number<UsageError>("--heartbeat", v, 0, 86400, "seconds"); });
   app.add_flag("--check-parity", o.check_parity, "also run the unsharded reference and compare every step");
   add_value(app, "--resume", "DIR",
             "load the checkpoint in DIR (torch.distributed.checkpoint format; any world size or strategy) and "
